@@ -1,0 +1,465 @@
+"""AF_PACKET TPACKET_V2 memory-mapped RX and TX rings: the Linux NIC backend.
+
+Theory of operation (Documentation/networking/packet_mmap.rst): one packet
+socket carries two rings of fixed-size slots in one mmap'ed area, RX first,
+then TX. Every slot starts with a `struct tpacket2_hdr` whose `tp_status`
+word is the hand-over flag between the kernel and us:
+
+- RX: the kernel fills a slot and sets TP_STATUS_USER; we read it in place
+  (a memoryview into the ring, no copy) and give it back by writing
+  TP_STATUS_KERNEL (the whole 32-bit word: the kernel compares for
+  equality). `rx_batch` gives back the previous batch before it collects the
+  next, so a batch stays valid until the next call, as the Device contract
+  says. We only block (poll) when a scan found nothing, i.e. after the ring
+  was handed back completely; packet_poll() would otherwise report the
+  still-held slot as readable forever.
+- TX: we copy head and payload straight into the next free slot (the one
+  copy of response bytes), set TP_STATUS_SEND_REQUEST, and after the batch
+  kick the kernel with one `send(fd, b"", MSG_DONTWAIT)`. The kernel walks
+  the ring from its own head while it finds SEND_REQUEST slots, so we fill
+  slots strictly in order and never skip one. A slot stays busy (SENDING)
+  until the skb that maps its pages is freed; a full ring makes us kick and
+  wait for POLLOUT.
+
+PACKET_VNET_HDR puts a 10-byte `struct virtio_net_hdr` in front of every
+frame in both rings. On TX it asks the device (or the kernel's software
+fallback) to complete the TCP checksum (NEEDS_CSUM) and to cut TCPv4
+super-frames of up to 64 KB (GSO); a TX slot is therefore ~64 KB when TSO is
+usable. On RX it is how the kernel tells us a frame from a local sender still
+has a partial checksum (CHECKSUM_PARTIAL, TP_STATUS_CSUMNOTREADY): we finish
+that checksum so the stack can verify every frame the same way.
+PACKET_QDISC_BYPASS sends straight to the driver (no qdisc, no taps).
+TPACKET_V2 is used because the kernel refuses PACKET_VNET_HDR with a V3 TX
+ring. Offloads are read from the interface with the ethtool ioctl (the image
+has no ethtool binary). With `fanout`, several sockets (one per worker
+process) share the interface with PACKET_FANOUT_HASH (a flow hash keeps a TCP
+connection on one worker); ARP is not a flow, so each worker then also has a
+small RX-only ring bound to ETH_P_ARP that sees every ARP frame.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+import select
+import socket
+import struct
+
+from .base import GSO, Offload
+
+__all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
+
+# <linux/if_packet.h>, <linux/if_ether.h>, <linux/sockios.h>, <linux/ethtool.h>
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_LOSS = 14
+PACKET_TX_RING = 13
+PACKET_VNET_HDR = 15
+PACKET_FANOUT = 18
+PACKET_QDISC_BYPASS = 20
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V2 = 1
+PACKET_FANOUT_HASH = 0
+PACKET_OUTGOING = 4
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_ARP = 0x0806
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_LOSING = 4
+TP_STATUS_CSUMNOTREADY = 8
+TP_STATUS_AVAILABLE = 0
+TP_STATUS_SEND_REQUEST = 1
+TP_STATUS_WRONG_FORMAT = 4
+
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VNET_HDR_LEN = 10                 # struct virtio_net_hdr (no num_buffers)
+
+TPACKET2_HDR = struct.Struct("=IIIHH")   # tp_status, tp_len, tp_snaplen, tp_mac, tp_net
+TPACKET2_DATA = 32                # TX data offset: tp_hdrlen - sizeof(sockaddr_ll)
+SLL_PKTTYPE = 32 + 10             # sockaddr_ll.sll_pkttype follows the aligned header
+VNET = struct.Struct("=BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+REQ = struct.Struct("=IIII")      # struct tpacket_req
+STATUS = struct.Struct("=I")
+STATUS_LEN = struct.Struct("=II")
+ZERO_VNET = bytes(VNET_HDR_LEN)
+
+SIOCGIFFLAGS = 0x8913
+SIOCGIFADDR = 0x8915
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927
+SIOCETHTOOL = 0x8946
+IFF_UP = 0x1
+ETHTOOL_GTXCSUM = 0x16
+ETHTOOL_GTSO = 0x1E
+ETHTOOL_GGSO = 0x23
+
+PAGE = mmap.PAGESIZE
+RX_FRAME = 16384                  # holds an MTU frame, and modest GRO/GSO super-frames
+RX_BLOCK = 1 << 18
+TX_FRAME_GSO = 65536 + 512        # a 64 KB GSO super-frame + virtio header + tpacket header
+TX_BLOCK_GSO = 1 << 20            # 15 such frames per MiB block
+TX_FRAME_SMALL = 2048
+TX_BLOCK_SMALL = 1 << 16
+
+
+class TpacketError(OSError):
+    """The interface cannot be opened as a packet ring; the message says why."""
+
+
+class InterfaceInfo:
+    def __init__(self, name, index, mtu, mac, up, ipv4):
+        self.name, self.index, self.mtu, self.mac, self.up, self.ipv4 = name, index, mtu, mac, up, ipv4
+
+
+def _ifreq(name: str, tail: bytes = b"") -> bytes:
+    raw = name.encode()
+    if not raw or len(raw) > 15:
+        raise TpacketError(errno.EINVAL, f"bad interface name {name!r}")
+    return struct.pack("16s", raw) + tail.ljust(24, b"\0")
+
+
+def interface_info(name: str) -> InterfaceInfo:
+    """Index, MTU, MAC, up flag and kernel IPv4 address of an interface (ioctls).
+
+    Raises TpacketError naming the interface if it does not exist.
+    """
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        raise TpacketError(errno.ENODEV, f"interface {name!r} does not exist") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fd = s.fileno()
+        flags = struct.unpack_from("=H", fcntl.ioctl(fd, SIOCGIFFLAGS, _ifreq(name)), 16)[0]
+        mtu = struct.unpack_from("=i", fcntl.ioctl(fd, SIOCGIFMTU, _ifreq(name)), 16)[0]
+        mac = fcntl.ioctl(fd, SIOCGIFHWADDR, _ifreq(name))[18:24]
+        try:
+            addr = fcntl.ioctl(fd, SIOCGIFADDR, _ifreq(name))
+            ipv4 = socket.inet_ntoa(addr[20:24])
+        except OSError:               # EADDRNOTAVAIL: no IPv4 address
+            ipv4 = None
+    return InterfaceInfo(name, index, mtu, bytes(mac), bool(flags & IFF_UP), ipv4)
+
+
+def _ethtool_value(fd: int, name: str, cmd: int) -> bool:
+    # struct ethtool_value {u32 cmd; u32 data}; ifr_data points at it. An
+    # array's buffer_info gives its address without ctypes.
+    buf = array.array("I", [cmd, 0])
+    fcntl.ioctl(fd, SIOCETHTOOL, _ifreq(name, struct.pack("P", buf.buffer_info()[0])))
+    return bool(buf[1])
+
+
+def read_offload(name: str) -> Offload:
+    """What the interface can complete for us: TX checksum, and TSO/GSO.
+
+    tso means "a GSO_TCPV4 super-frame will be segmented": by the device (TSO)
+    or by the kernel's software GSO, which is still far cheaper than
+    segmenting in Python. It needs csum (Linux requires NEEDS_CSUM for GSO).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            csum = _ethtool_value(s.fileno(), name, ETHTOOL_GTXCSUM)
+            tso = _ethtool_value(s.fileno(), name, ETHTOOL_GTSO) or \
+                _ethtool_value(s.fileno(), name, ETHTOOL_GGSO)
+        except OSError:               # EOPNOTSUPP: a driver without ethtool ops
+            return Offload(False, False)
+    return Offload(csum, csum and tso)
+
+
+def _ring(frames: int, frame_size: int, block_size: int) -> tuple:
+    per_block = block_size // frame_size
+    blocks = max(1, -(-frames // per_block))
+    return block_size, blocks, frame_size, blocks * per_block
+
+
+class _RxRing:
+    """One RX ring (slots of `size` bytes at `base` in an mmap)."""
+
+    def __init__(self, mm, base, frame_size, frame_nr):
+        self.mm, self.base, self.size, self.nr = mm, base, frame_size, frame_nr
+        self.mv = memoryview(mm)
+        self.head = 0
+
+
+class TpacketDevice:
+    """A Device (rings.base) on a Linux interface through TPACKET_V2 rings.
+
+    Counters (`counters`, a dict) say what the ring did: frames in and out,
+    frames dropped because truncated (tp_snaplen < tp_len) or our own
+    outgoing ones, kicks, waits for a free TX slot, and kernel drops.
+    """
+
+    def __init__(self, iface: str, *, rx_frames: int = 256, tx_frames: int = 120,
+                 vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
+                 offload: Offload | None = None):
+        info = interface_info(iface)
+        self.iface = iface
+        self.ifindex = info.index
+        self.mac = info.mac
+        self.mtu = info.mtu
+        self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
+                             tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
+                             tx_dropped_full=0, tx_oversize=0)
+        want = read_offload(iface) if offload is None else offload
+        self._socks = []
+        self._rx = []
+        self._mm = []
+        self._epoll = None
+        try:
+            self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- set-up ---------------------------------------------------------
+
+    def _open(self, rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want):
+        proto = ETH_P_ALL if fanout is None else ETH_P_IP
+        try:
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        except PermissionError:
+            raise TpacketError(errno.EPERM, "AF_PACKET sockets need root (CAP_NET_RAW)") from None
+        self._socks.append(s)
+        self.sock = s
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        self.vnet = False
+        if vnet:
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                self.vnet = True
+            except OSError:
+                pass
+        self.offload = want if self.vnet else Offload(False, False)
+        if qdisc_bypass:
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            except OSError:           # before Linux 3.14
+                pass
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        except OSError:               # before 4.20; we also check sll_pkttype
+            pass
+        # A malformed TX slot is skipped (set AVAILABLE) instead of stalling the ring.
+        s.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
+        rx = _ring(rx_frames, RX_FRAME, RX_BLOCK)
+        if self.offload.tso:
+            tx = _ring(tx_frames, TX_FRAME_GSO, TX_BLOCK_GSO)
+        else:
+            tx = _ring(max(tx_frames, 256), TX_FRAME_SMALL, TX_BLOCK_SMALL)
+        s.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*rx))
+        s.setsockopt(SOL_PACKET, PACKET_TX_RING, REQ.pack(*tx))
+        rx_len, tx_len = rx[0] * rx[1], tx[0] * tx[1]
+        mm = mmap.mmap(s.fileno(), rx_len + tx_len, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mm.append(mm)
+        self.mm = mm
+        self._rx.append(_RxRing(mm, 0, rx[2], rx[3]))
+        self.tx_base, self.tx_size, self.tx_nr = rx_len, tx[2], tx[3]
+        self.tx_head = 0
+        # Largest frame (without virtio header) a TX slot holds.
+        self.max_frame = self.tx_size - TPACKET2_DATA - VNET_HDR_LEN
+        s.bind((self.iface, proto))
+        if fanout is not None:
+            # The kernel adds a socket to a fanout group only once it is bound
+            # and running (fanout_add checks PACKET_SOCK_RUNNING), so after bind.
+            s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
+            a = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self._socks.append(a)
+            a.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            if self.vnet:
+                a.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            arx = _ring(32, 4096, 1 << 16)
+            a.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*arx))
+            amm = mmap.mmap(a.fileno(), arx[0] * arx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mm.append(amm)
+            self._rx.append(_RxRing(amm, 0, arx[2], arx[3]))
+            a.bind((self.iface, ETH_P_ARP))
+            self._epoll = select.epoll()
+            self._epoll.register(s.fileno(), select.EPOLLIN)
+            self._epoll.register(a.fileno(), select.EPOLLIN)
+        self._held = []               # RX slot offsets handed out in the last batch
+        self._pollout = select.poll()
+        self._pollout.register(s.fileno(), select.POLLOUT)
+
+    # -- Device ---------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
+
+    def rx_batch(self, max_frames: int = 256) -> list:
+        """Frames in the RX ring(s), as memoryviews into the ring.
+
+        The previous batch's slots are handed back first. Truncated frames
+        (larger than a slot) and our own outgoing ones are counted and dropped;
+        frames with a partial checksum (from a local sender) are completed.
+        """
+        held = self._held
+        if held:
+            for mm, off in held:
+                mm[off:off + 4] = b"\0\0\0\0"
+            held.clear()
+        out = []
+        unpack = TPACKET2_HDR.unpack_from
+        c = self.counters
+        for ring in self._rx:
+            mm, mv, size, nr, base = ring.mm, ring.mv, ring.size, ring.nr, ring.base
+            i = ring.head
+            while len(out) < max_frames:
+                off = base + i * size
+                status, length, snap, mac, _ = unpack(mm, off)
+                if not status & TP_STATUS_USER:
+                    break
+                held.append((mm, off))
+                i = i + 1 if i + 1 < nr else 0
+                if snap < length:
+                    c["rx_truncated"] += 1
+                    continue
+                if mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
+                    c["rx_outgoing"] += 1
+                    continue
+                if status & TP_STATUS_CSUMNOTREADY:
+                    self._complete_csum(mv, off + mac, snap)
+                out.append(mv[off + mac:off + mac + snap])
+            ring.head = i
+        c["rx_frames"] += len(out)
+        return out
+
+    def _complete_csum(self, mv, start, length):
+        """Finish a CHECKSUM_PARTIAL frame: the field holds the folded pseudo
+        sum; store the complement of the sum from csum_start to the end."""
+        if self.vnet:
+            flags, _, _, _, cs, co = VNET.unpack_from(mv, start - VNET_HDR_LEN)
+            if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                return
+        else:                         # IPv4 only: the transport header follows the IP header
+            if length < 34 or mv[start + 12] != 8 or mv[start + 13] != 0:
+                return
+            cs = 14 + (mv[start + 14] & 15) * 4
+            co = 16 if mv[start + 23] == 6 else 6
+        if cs + co + 2 > length:
+            return
+        data = mv[start + cs:start + length]
+        n = int.from_bytes(data, "big") << (8 if len(data) & 1 else 0)
+        s = n % 0xFFFF or (0xFFFF if n else 0)       # RFC 1071 sum, as appliance.content.checksum
+        mv[start + cs + co:start + cs + co + 2] = ((~s) & 0xFFFF).to_bytes(2, "big")
+        self.counters["rx_csum_completed"] += 1
+
+    def tx_batch(self, frames) -> int:
+        """Copy each Frame (head, payload, gso) into the TX ring, then one kick.
+
+        Returns how many were queued; a frame too large for a slot is counted
+        (tx_oversize) and skipped; if the ring stays full the rest is dropped
+        (tx_dropped_full), as a NIC would.
+        """
+        mm = self.mm
+        base, size, nr = self.tx_base, self.tx_size, self.tx_nr
+        i = self.tx_head
+        vnet = self.vnet
+        status_of = STATUS.unpack_from
+        pack_vnet = VNET.pack_into
+        pack_sl = STATUS_LEN.pack_into
+        limit = self.max_frame
+        data0 = TPACKET2_DATA + VNET_HDR_LEN if vnet else TPACKET2_DATA
+        sent = nbytes = 0
+        for head, payload, gso in frames:
+            hl = len(head)
+            total = hl + (len(payload) if payload is not None else 0)
+            if total > limit:
+                self.counters["tx_oversize"] += 1
+                continue
+            off = base + i * size
+            if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
+                if not self._wait_slot(off):
+                    self.counters["tx_dropped_full"] += 1
+                    break
+            d = off + data0
+            mm[d:d + hl] = head
+            if payload is not None:
+                mm[d + hl:d + total] = payload
+            if vnet:
+                if gso is None:
+                    mm[off + TPACKET2_DATA:d] = ZERO_VNET
+                else:
+                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                              VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0, gso[3], gso[2], gso[0], gso[1])
+                pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total + VNET_HDR_LEN)
+            else:
+                pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total)
+            i = i + 1 if i + 1 < nr else 0
+            sent += 1
+            nbytes += total
+        self.tx_head = i
+        if sent:
+            self._kick()
+            c = self.counters
+            c["tx_frames"] += sent
+            c["tx_bytes"] += nbytes
+        return sent
+
+    def _kick(self):
+        self.counters["tx_kicks"] += 1
+        try:
+            self.sock.send(b"", socket.MSG_DONTWAIT)
+        except OSError:               # ENOBUFS and the like: the slots stay queued for the next kick
+            self.counters["tx_kick_errors"] += 1
+
+    def _wait_slot(self, off) -> bool:
+        """The next TX slot is still owned by the kernel: send what is queued
+        and wait (POLLOUT: a slot became free) up to about a second."""
+        self.counters["tx_ring_waits"] += 1
+        self._kick()
+        for _ in range(100):
+            if STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_AVAILABLE:
+                return True
+            self._pollout.poll(10)
+            if STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_WRONG_FORMAT:
+                STATUS.pack_into(self.mm, off, TP_STATUS_AVAILABLE)
+        return STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_AVAILABLE
+
+    # -- the rest -------------------------------------------------------
+
+    def kernel_stats(self) -> dict:
+        """PACKET_STATISTICS (packets seen, dropped for lack of a free RX slot);
+        reading resets them in the kernel."""
+        total = drops = 0
+        for s in self._socks:
+            try:
+                p, d = struct.unpack("=II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            except OSError:
+                continue
+            total += p
+            drops += d
+        return {"kernel_rx_packets": total, "kernel_rx_drops": drops}
+
+    def close(self):
+        self._held = []
+        for r in self._rx:
+            try:
+                r.mv.release()
+            except BufferError:
+                pass
+        self._rx = []
+        for mm in self._mm:
+            try:
+                mm.close()
+            except BufferError:       # a frame view still alive somewhere; the GC will unmap
+                pass
+        self._mm = []
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        for s in self._socks:
+            s.close()
+        self._socks = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
