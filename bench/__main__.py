@@ -1,0 +1,169 @@
+"""`python -m bench`: the appliance against nginx, Sandstorm-style.
+
+Theory of operation: the command builds a Plan from the options, makes a
+work directory (the generated site, the store, nginx's prefix, logs),
+runs the plan (bench/run.py), and writes results.json (everything: plan,
+environment, every run, medians, ratios, the appliance's counters),
+bench.png (bench/plot.py) and table.md (bench/report.py) into --out.
+Namespaces and processes are removed on the way out, also on Ctrl-C or
+SIGTERM (turned into KeyboardInterrupt so every context manager unwinds).
+`python -m bench render FILE` redraws the plot and table from a JSON;
+`python -m bench profile` samples the appliance under load with py-spy.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+
+import click
+
+from . import report, run as runmod
+from .site import DEFAULT_SIZES, QUICK_SIZES, SizeError, parse_size
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NEEDED = ("ip", "wrk", "nginx", "curl", "taskset")
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _csv(ctx, param, value):
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter("empty list")
+    return items
+
+
+def _preflight(servers) -> None:
+    if os.geteuid() != 0:
+        raise click.ClickException("the benchmark needs root (network namespaces, veth); run it as root")
+    missing = [t for t in NEEDED if shutil.which(t) is None and not (t == "nginx" and "nginx" not in servers)]
+    if missing:
+        raise click.ClickException(f"missing tools: {', '.join(missing)} (apt-get install them)")
+
+
+def write_outputs(results: dict, out: str) -> None:
+    from . import plot
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, ".results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(report.table(results))
+    plot.plot(results, os.path.join(out, "bench.png"))
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="Smoke run: 1 repetition of 1 s, sizes 4k and 100k, 1 worker.")
+@click.option("--sizes", callback=_csv, help=f"Comma-separated sizes [default: {','.join(DEFAULT_SIZES)}].")
+@click.option("--modes", callback=_csv, help="keepalive,close [default: both].")
+@click.option("--workers", "workers", callback=_csv, help="Worker counts to compare [default: 1,2; quick: 1].")
+@click.option("--servers", callback=_csv, help="nginx,appliance [default: both].")
+@click.option("--reps", type=click.IntRange(1, 100), help="Repetitions per cell [default: 3; quick: 1].")
+@click.option("--duration", type=click.IntRange(1, 600), help="Seconds per timed pass [default: 5; quick: 1].")
+@click.option("--warmup", type=click.IntRange(0, 600), help="Seconds of warm-up before each [default: 1; quick: 0].")
+@click.option("--check-seconds", type=click.IntRange(0, 600),
+              help="Seconds of the checking pass (status+length of every response) [default: 1].")
+@click.option("--connections", "-c", type=click.IntRange(1, 20000), default=32, show_default=True,
+              help="wrk connections.")
+@click.option("--steer/--no-steer", default=True, show_default=True,
+              help="RPS-steer each veth end's receive work to its own side's cores.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False),
+              help="Use this compiled store instead of compiling the bench site (it must hold the bench files).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: bench/results/DATE].")
+@click.pass_context
+def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, check_seconds, connections, steer,
+         store, out):
+    """Benchmark the Haboob appliance against a tuned nginx, each in a network
+    namespace joined by veth to a client namespace running wrk."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        size_list = [parse_size(s)[1] for s in (sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))]
+    except SizeError as e:
+        raise click.BadParameter(str(e), param_hint="--sizes")
+    modes = modes or ["keepalive", "close"]
+    bad = [m for m in modes if m not in ("keepalive", "close")]
+    if bad:
+        raise click.BadParameter(f"unknown mode(s) {bad}: use keepalive, close", param_hint="--modes")
+    servers = servers or ["nginx", "appliance"]
+    from .servers import SERVERS, Appliance
+    bad = [s for s in servers if s not in SERVERS]
+    if bad:
+        raise click.BadParameter(f"unknown server(s) {bad}: use {', '.join(SERVERS)}", param_hint="--servers")
+    try:
+        worker_list = [int(w) for w in (workers or (["1"] if quick else ["1", "2"]))]
+    except ValueError:
+        raise click.BadParameter(f"not integers: {workers}", param_hint="--workers")
+    if any(w < 1 or w > (os.cpu_count() or 1) for w in worker_list):
+        raise click.BadParameter(f"worker counts must be 1..{os.cpu_count()}", param_hint="--workers")
+    plan = runmod.Plan(sizes=size_list, modes=modes, workers=worker_list, servers=servers,
+                       reps=reps or (1 if quick else 3), duration=duration or (1 if quick else 5),
+                       warmup=warmup if warmup is not None else (0 if quick else 1),
+                       check=check_seconds if check_seconds is not None else 1,
+                       connections=connections, steer=steer)
+    _preflight(servers)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = out or os.path.join(HERE, "results", now.strftime("%Y%m%d-%H%M%S"))
+    signal.signal(signal.SIGTERM, _sigterm)
+    objs = {name: (Appliance(store=store) if name == "appliance" else SERVERS[name]()) for name in servers}
+    workdir = tempfile.mkdtemp(prefix="haboob-bench-")
+    try:
+        results = runmod.run(plan, objs, workdir)
+    except KeyboardInterrupt:
+        click.echo("interrupted: namespaces and processes removed", err=True)
+        sys.exit(130)
+    except Exception as e:  # a server or wrk failure: say what, after cleanup
+        from .servers import ServerError
+        from .wrk import WrkError
+        if isinstance(e, (ServerError, WrkError)):
+            raise click.ClickException(str(e))
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results.update(date=now.strftime("%Y-%m-%d %H:%M UTC"),
+                   command="python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                   environment=runmod.environment())
+    write_outputs(results, out)
+    click.echo(report.table(results))
+    errs = report.errors_text(results)
+    if errs:
+        click.echo("errors counted by wrk:\n" + errs, err=True)
+    click.echo(f"results: {out}/results.json, {out}/bench.png, {out}/table.md", err=True)
+    if not all(r["correct"] for r in results["runs"]) or not all(
+            v["identical"] for s in results["sessions"] for srv in s["servers"].values() for v in srv["fetch"].values()):
+        raise click.ClickException("some responses were wrong (status, length or bytes): see above")
+
+
+@main.command()
+@click.argument("results_json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Directory for bench.png and table.md [default: the JSON's].")
+def render(results_json, out):
+    """Redraw bench.png and table.md from a results.json."""
+    from . import plot
+    try:
+        with open(results_json) as f:
+            results = json.load(f)
+        results["runs"], results["summary"]
+    except (ValueError, KeyError) as e:
+        raise click.ClickException(f"{results_json}: not a bench results file ({e})")
+    out = out or os.path.dirname(os.path.abspath(results_json))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(report.table(results))
+    plot.plot(results, os.path.join(out, "bench.png"))
+    click.echo(report.table(results))
+
+
+if __name__ == "__main__":
+    main(prog_name="python -m bench")

@@ -1,0 +1,290 @@
+"""The benchmark run: topology, the measurement loop, medians and ratios.
+
+Theory of operation: for each worker count, every server under test gets
+its own `vm.netns.pair()` (server namespace <-veth-> client namespace,
+subnets 198.18.50+i.0/24) and is started once. Then, cell by cell (mode x
+size) and repetition by repetition, the servers are loaded one after the
+other, so the two halves of a repetition pair are measured a few seconds
+apart and see the same background load on this shared machine. While one
+server is loaded the other is idle; its CPU time over the window is
+recorded (`idle_other_cpu_s`) to show it does not interfere.
+
+One measurement = a warm-up pass, a checking pass (wrk's response() checks
+status 200 and the body length of every response), and the timed pass
+without the Lua check. During the timed pass the CPU is sampled over the
+middle of the run (from 15% to 85% of it, away from ramp-up and teardown):
+the busy share of every core from /proc/stat and the server's process-tree
+CPU time. CPU per request = busy cores x window / (rps x window).
+
+Placement. With W workers on a machine of C cores and W < C, the server
+is pinned to cores 0..W-1 and wrk to the others. veth delivers a frame in
+the softirq of the *sending* core, so by default the server's receive
+work (the kernel TCP receive path for nginx, AF_PACKET's copy into the
+ring for the appliance) would run on wrk's core and the client's receive
+work on the server's core. With steering on (the default) each veth end's
+receive queue is steered by RPS to its own side's cores, so the server
+cores' busy share is the server's whole cost, kernel work included. With
+W >= C the client and server share all cores; wrk is unpinned, steering
+is off, and the process CPU time is the meaningful per-server figure.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import cpu, wrk
+from .site import File, make_site
+
+SUBNET_BASE = 50
+
+
+@dataclass
+class Plan:
+    sizes: list[int]
+    modes: list[str] = field(default_factory=lambda: ["keepalive", "close"])
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    servers: list[str] = field(default_factory=lambda: ["nginx", "appliance"])
+    reps: int = 3
+    duration: int = 5
+    warmup: int = 1
+    check: int = 1
+    connections: int = 32
+    steer: bool = True
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def placement(workers: int, ncpu: int) -> dict:
+    if workers < ncpu:
+        server = list(range(workers))
+        client = list(range(workers, ncpu))
+        return {"server_cpus": server, "client_cpus": client, "wrk_cpus": ",".join(map(str, client)),
+                "wrk_threads": len(client), "shared": False}
+    every = list(range(ncpu))
+    return {"server_cpus": every, "client_cpus": every, "wrk_cpus": None,
+            "wrk_threads": min(ncpu, 2), "shared": True}
+
+
+def _mask(cpus: list[int]) -> str:
+    return format(sum(1 << c for c in cpus), "x")
+
+
+def setup_link(link, place: dict, steer: bool) -> dict:
+    """Client-side sysctls for many short connections; RPS steering of both veth ends."""
+    link.client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")
+    link.client.sysctl("net.ipv4.tcp_tw_reuse", "1")
+    done = {}
+    if steer and not place["shared"]:
+        for ns, ifname, cpus in ((link.server, link.server_if, place["server_cpus"]),
+                                 (link.client, link.client_if, place["client_cpus"])):
+            ns.run(["sh", "-c", f"echo {_mask(cpus)} > /sys/class/net/{ifname}/queues/rx-0/rps_cpus"])
+            done[ifname] = _mask(cpus)
+    return done
+
+
+def fetch_check(link, base_url: str, f: File, tmpdir: str) -> dict:
+    """One GET with curl from the client namespace; the body must match byte for byte."""
+    path = os.path.join(tmpdir, f"fetch-{f.name}")
+    proc = link.client.run(["curl", "-s", "-o", path, "-w", "%{http_code}", "--max-time", "10",
+                            f"{base_url}/{f.name}"], check=False)
+    status = proc.stdout.strip()
+    try:
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        os.unlink(path)
+    except OSError:
+        digest = None
+    return {"status": status, "identical": status == "200" and digest == f.sha256}
+
+
+def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) -> dict:
+    url = f"{running.base_url}/{f.name}"
+    close = mode == "close"
+    common = dict(url=url, connections=plan.connections, threads=place["wrk_threads"],
+                  expected=f.size, close=close, cpus=place["wrk_cpus"])
+    if plan.warmup:
+        wrk.run(link.client, wrk.job(duration=plan.warmup, check=False, **common))
+    checked = wrk.run(link.client, wrk.job(duration=plan.check, check=True, **common)) if plan.check else None
+
+    job = wrk.job(duration=plan.duration, check=False, **common)
+    lead = 0.15 * job.duration
+    pids = running.pids()
+    other_pids = [p for o in others for p in o.pids()]
+    proc = job.start(link.client)
+    try:
+        time.sleep(lead)
+        c0, p0, o0, t0 = cpu.read_cores(), cpu.process_cpu(pids), cpu.process_cpu(other_pids), time.monotonic()
+        time.sleep(job.duration - 2 * lead)
+        c1, p1, o1, t1 = cpu.read_cores(), cpu.process_cpu(running.pids()), cpu.process_cpu(other_pids), \
+            time.monotonic()
+    finally:
+        res = wrk.collect(proc, job)
+    window = t1 - t0
+    shares = cpu.busy_shares(c0, c1)
+    server_busy = sum(shares[c] for c in place["server_cpus"])      # in cores
+    rps = res["requests"] / res["duration_s"] if res["duration_s"] else 0.0
+    proc_cores = (p1 - p0) / window
+    errors = res["errors"]
+    out = {
+        "rps": rps,
+        "gbps": res["bytes"] * 8 / res["duration_s"] / 1e9 if res["duration_s"] else 0.0,
+        "goodput_gbps": rps * f.size * 8 / 1e9,
+        "requests": res["requests"], "bytes": res["bytes"], "duration_s": res["duration_s"],
+        "latency_us": res["latency_us"],
+        "errors": errors,
+        "socket_errors": errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        "non2xx": errors["status"],
+        "check": checked and {**checked["check"], "requests": checked["requests"],
+                              "non2xx": checked["errors"]["status"],
+                              "socket_errors": sum(checked["errors"][k] for k in ("connect", "read", "write", "timeout"))},
+        "cpu": {
+            "window_s": window,
+            "core_busy": {str(k): v for k, v in sorted(shares.items())},
+            "server_cores_busy": server_busy,                # sum of busy shares of the server's cores
+            "server_busy_share": server_busy / len(place["server_cpus"]),
+            "machine_busy_share": sum(shares.values()) / len(shares),
+            "proc_cores": proc_cores,                        # server process tree CPU s per s
+            "us_per_req_core": server_busy * 1e6 / rps if rps else None,
+            "us_per_req_proc": proc_cores * 1e6 / rps if rps else None,
+            "us_per_req_machine": sum(shares.values()) * 1e6 / rps if rps else None,
+            "idle_other_cpu_s": o1 - o0,
+        },
+    }
+    out["correct"] = bool(checked is None or (checked["check"]["bad_status"] == 0 and checked["check"]["bad_length"] == 0
+                                             and checked["check"]["ok"] > 0 and checked["errors"]["status"] == 0)) \
+        and out["non2xx"] == 0 and res["requests"] > 0
+    return out
+
+
+def run(plan: Plan, servers: dict, workdir: str) -> dict:
+    """Run the plan; servers: name -> Server (already configured, not prepared)."""
+    from vm import netns
+    site_dir = os.path.join(workdir, "site")
+    os.makedirs(site_dir, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    files = make_site(site_dir, plan.sizes)
+    for srv in servers.values():
+        log(f"preparing {srv.name} ...")
+        srv.prepare(site_dir, workdir)
+    ncpu = os.cpu_count() or 1
+    runs, sessions = [], []
+    for w in plan.workers:
+        place = placement(w, ncpu)
+        with contextlib.ExitStack() as stack:
+            live = {}
+            session = {"workers": w, "placement": place, "servers": {}}
+            for i, (name, srv) in enumerate(servers.items()):
+                link = stack.enter_context(netns.pair(subnet=SUBNET_BASE + i))
+                steered = setup_link(link, place, plan.steer)
+                running = stack.enter_context(srv.start(link, w, place["server_cpus"]))
+                live[name] = (link, running)
+                fetched = {f.label: fetch_check(link, running.base_url, f, workdir) for f in files}
+                session["servers"][name] = {"pid": running.pid, "steering": steered, "fetch": fetched,
+                                            "namespaces": [link.server.name, link.client.name]}
+                bad = [k for k, v in fetched.items() if not v["identical"]]
+                log(f"{name} up with {w} worker(s) on cpus {place['server_cpus']}; byte-for-byte fetch "
+                    + ("ok" if not bad else f"WRONG for {bad}"))
+            sessions.append(session)
+            for mode in plan.modes:
+                for f in files:
+                    for rep in range(plan.reps):
+                        for name, (link, running) in live.items():
+                            others = [r for n, (_, r) in live.items() if n != name]
+                            m = measure(link, running, others, f, mode, plan, place)
+                            m.update(server=name, workers=w, mode=mode, size=f.size, label=f.label, rep=rep)
+                            runs.append(m)
+                            log(f"w={w} {mode:9s} {f.label:>5s} rep {rep} {name:9s} {m['rps']:10.0f} req/s "
+                                f"{m['gbps']:6.2f} Gbit/s  server cpu {100 * m['cpu']['server_busy_share']:5.1f}% "
+                                f"{m['cpu']['us_per_req_core'] or 0:7.1f} us/req  p99 "
+                                f"{m['latency_us']['percentiles']['99'] / 1000:7.2f} ms  "
+                                f"non2xx {m['non2xx']} sockerr {m['socket_errors']}"
+                                + ("" if m["correct"] else "  INCORRECT"))
+        # Counters exist only after stop (the ExitStack above).
+        for name, (_, running) in live.items():
+            if running.counters is not None:
+                session["servers"][name]["counters"] = running.counters
+    return {"plan": asdict(plan), "files": [asdict(f) for f in files], "sessions": sessions,
+            "runs": runs, "summary": summarize(runs)}
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians per (workers, mode, size, server); appliance/nginx ratios per repetition pair."""
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in runs:
+        cells.setdefault((r["workers"], r["mode"], r["size"], r["label"]), {}).setdefault(r["server"], []).append(r)
+    out = []
+    order = {"keepalive": 0, "close": 1}
+    for (w, mode, size, label), by_server in sorted(cells.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9),
+                                                                                  kv[0][2])):
+        row = {"workers": w, "mode": mode, "size": size, "label": label}
+        for name, rs in by_server.items():
+            row[name] = {
+                "reps": len(rs),
+                "rps": _median([r["rps"] for r in rs]),
+                "gbps": _median([r["gbps"] for r in rs]),
+                "server_busy_share": _median([r["cpu"]["server_busy_share"] for r in rs]),
+                "proc_cores": _median([r["cpu"]["proc_cores"] for r in rs]),
+                "us_per_req_core": _median([r["cpu"]["us_per_req_core"] for r in rs]),
+                "us_per_req_proc": _median([r["cpu"]["us_per_req_proc"] for r in rs]),
+                "us_per_req_machine": _median([r["cpu"]["us_per_req_machine"] for r in rs]),
+                "p50_ms": _median([r["latency_us"]["percentiles"]["50"] / 1000 for r in rs]),
+                "p99_ms": _median([r["latency_us"]["percentiles"]["99"] / 1000 for r in rs]),
+                "non2xx": sum(r["non2xx"] for r in rs),
+                "socket_errors": sum(r["socket_errors"] for r in rs),
+                "correct": all(r["correct"] for r in rs),
+            }
+        if "nginx" in by_server and "appliance" in by_server:
+            pairs = list(zip(sorted(by_server["appliance"], key=lambda r: r["rep"]),
+                             sorted(by_server["nginx"], key=lambda r: r["rep"])))
+            ratios = [a["rps"] / n["rps"] if n["rps"] else None for a, n in pairs]
+            cpu_ratios = [a["cpu"]["us_per_req_core"] / n["cpu"]["us_per_req_core"]
+                          if a["cpu"]["us_per_req_core"] and n["cpu"]["us_per_req_core"] else None for a, n in pairs]
+            row["ratio_rps"] = ratios
+            row["ratio_rps_median"] = _median(ratios)
+            row["ratio_cpu_per_req"] = cpu_ratios
+            row["ratio_cpu_per_req_median"] = _median(cpu_ratios)
+        out.append(row)
+    return out
+
+
+def environment() -> dict:
+    """Versions and machine, for the JSON."""
+    import platform
+    from .servers import Nginx
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = f"{int(f.readline().split()[1]) // 1024} MiB"
+    virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip() \
+        if shutil_which("systemd-detect-virt") else "?"
+    return {
+        "cpu": model, "cpus": os.cpu_count(), "memory": mem, "virtualization": virt or "none",
+        "kernel": platform.release(), "python": sys.version.split()[0],
+        "nginx": Nginx().version(), "wrk": wrk.version(),
+        "git": subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def shutil_which(name: str):
+    import shutil
+    return shutil.which(name)

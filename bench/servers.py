@@ -1,0 +1,248 @@
+"""The servers under test, behind one interface.
+
+Theory of operation: a Server knows how to prepare itself from the bench
+site once (nginx: render its configuration; the appliance: compile the
+site to a content store) and how to start on a `vm.netns.Link`'s server
+namespace, pinned to given cores with a given worker count. `start` is a
+context manager yielding a Running handle (the pid of the process that
+owns the server, the URL base, the process tree for CPU accounting); on
+exit it stops the server by pid and, for the appliance, collects the
+counters that SIGINT makes `serve` print. Both servers are started as
+`ip netns exec NS taskset -c CPUS prog ...`: ip and taskset exec, so the
+Popen pid is the server's own and the affinity is inherited by its
+workers. Nothing is killed by name: stragglers of the process tree
+(recorded while the server ran) are killed by pid.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import jinja2
+
+from . import cpu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class ServerError(RuntimeError):
+    """A server failed to prepare, start or stop; the message says which and why."""
+
+
+@dataclass
+class Running:
+    name: str
+    proc: subprocess.Popen
+    base_url: str
+    log_path: str
+    tree: dict[int, int] = field(default_factory=dict)   # pid -> start time, as seen while running
+    counters: dict | None = None   # the appliance's counters, after stop
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The live process tree; remembered so stragglers can be killed by pid."""
+        pids = cpu.process_tree(self.pid) if self.proc.poll() is None else []
+        for pid in pids:
+            self.tree.setdefault(pid, cpu.start_time(pid))
+        return pids
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def _log_tail(path: str, n: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def wait_ready(link, running: Running, timeout: float = 60.0) -> None:
+    """Poll GET / from the client namespace until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not running.alive():
+            raise ServerError(f"{running.name} exited with {running.proc.returncode} before it "
+                              f"answered; its log ({running.log_path}):\n{_log_tail(running.log_path)}")
+        probe = link.client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                 "--max-time", "1", running.base_url + "/"], check=False)
+        if probe.stdout.strip() == "200":
+            return
+        if time.monotonic() > deadline:
+            raise ServerError(f"{running.name} did not answer GET / with 200 within {timeout:.0f} s "
+                              f"(last: {probe.stdout.strip() or probe.stderr.strip()}); its log:\n"
+                              f"{_log_tail(running.log_path)}")
+        time.sleep(0.2)
+
+
+def _stop(running: Running, sig: int, grace: float) -> None:
+    """Send sig to the server's pid, wait, then SIGKILL whatever of its tree is left."""
+    running.pids()
+    if running.alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(running.pid, sig)
+        try:
+            running.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(running.pid, signal.SIGKILL)
+            running.proc.wait()
+    for pid, started in running.tree.items():
+        # Only if it is still the same process (same start time), not a reused pid.
+        if pid != running.pid and started is not None and cpu.start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class Server:
+    name = "server"
+
+    def prepare(self, site_dir: str, workdir: str) -> None:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def start(self, link, workers: int, cpus: str):
+        raise NotImplementedError
+
+
+class Nginx(Server):
+    """nginx on the kernel's stack; 198.18.N.1 is added to the server veth end."""
+    name = "nginx"
+
+    def __init__(self, binary: str = "nginx"):
+        self.binary = binary
+
+    def prepare(self, site_dir: str, workdir: str) -> None:
+        self.site_dir = site_dir
+        self.workdir = os.path.join(workdir, "nginx")
+        os.makedirs(self.workdir, exist_ok=True)
+
+    def version(self) -> str:
+        proc = subprocess.run([self.binary, "-v"], capture_output=True, text=True)
+        return (proc.stderr or proc.stdout).strip().split("/", 1)[-1]
+
+    def render(self, ip: str, workers: int, cpu_list: list[int], prefix: str) -> str:
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), undefined=jinja2.StrictUndefined,
+                                 keep_trailing_newline=True)
+        ncpu = os.cpu_count() or 1
+        # worker_cpu_affinity: one bitmask per worker, rightmost bit = CPU 0.
+        masks = ["".join("1" if c == cpu_list[i % len(cpu_list)] else "0" for c in reversed(range(ncpu)))
+                 for i in range(workers)]
+        return env.get_template("nginx.conf.j2").render(
+            workers=workers, affinity=" ".join(masks), prefix=prefix, ip=ip, root=self.site_dir)
+
+    @contextlib.contextmanager
+    def start(self, link, workers: int, cpus: list[int]):
+        from vm import netns
+        prefix = os.path.join(self.workdir, f"w{workers}")
+        os.makedirs(prefix, exist_ok=True)
+        conf = os.path.join(prefix, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(self.render(link.server_ip, workers, cpus, prefix))
+        netns.ip("addr", "add", f"{link.server_ip}/{link.prefix}", "dev", link.server_if, ns=link.server.name)
+        log = os.path.join(prefix, "stderr.log")
+        check = link.server.run([self.binary, "-t", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
+                                check=False)
+        if check.returncode != 0:
+            raise ServerError(f"nginx -t rejected {conf}: {check.stderr.strip()}")
+        with open(log, "wb") as logf:
+            proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)), self.binary,
+                                      "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
+                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        running = Running(self.name, proc, f"http://{link.server_ip}", os.path.join(prefix, "error.log"))
+        try:
+            wait_ready(link, running)
+            running.pids()
+            yield running
+        finally:
+            _stop(running, signal.SIGTERM, 10)  # SIGTERM: nginx's fast shutdown
+            netns.ip("addr", "del", f"{link.server_ip}/{link.prefix}", "dev", link.server_if,
+                     ns=link.server.name, check=False)
+
+
+def parse_counters(text: str) -> dict | None:
+    """The last JSON object printed on a line (optionally after a 'HABOOB-COUNTERS ' prefix)."""
+    found = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("HABOOB-COUNTERS "):
+            line = line[len("HABOOB-COUNTERS "):]
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    found = obj
+    return found
+
+
+class Appliance(Server):
+    """`python -m appliance serve` in host mode on the bare veth end."""
+    name = "appliance"
+
+    def __init__(self, python: str = sys.executable, store: str | None = None):
+        self.python = python
+        self.store = store
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        return env
+
+    def prepare(self, site_dir: str, workdir: str) -> None:
+        self.workdir = os.path.join(workdir, "appliance")
+        os.makedirs(self.workdir, exist_ok=True)
+        if self.store:
+            return
+        self.store = os.path.join(self.workdir, "bench.store")
+        proc = subprocess.run([self.python, "-m", "appliance", "compile", "--site", site_dir, "--out", self.store],
+                              capture_output=True, text=True, cwd=REPO, env=self._env())
+        if proc.returncode != 0:
+            raise ServerError(f"python -m appliance compile failed ({proc.returncode}): "
+                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+
+    def version(self) -> str:
+        proc = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        rev = proc.stdout.strip() or "?"
+        return f"haboob {rev} (python {sys.version.split()[0]})"
+
+    def argv(self, link, workers: int) -> list[str]:
+        return [self.python, "-m", "appliance", "serve", "--store", self.store, "--iface", link.server_if,
+                "--ip", f"{link.server_ip}/{link.prefix}", "--workers", str(workers)]
+
+    @contextlib.contextmanager
+    def start(self, link, workers: int, cpus: list[int]):
+        log = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.log")
+        out = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.out")
+        with open(log, "wb") as logf, open(out, "wb") as outf:
+            proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)), *self.argv(link, workers)],
+                                     stdout=outf, stderr=logf, cwd=REPO, env=self._env(), start_new_session=True)
+        running = Running(self.name, proc, f"http://{link.server_ip}", log)
+        try:
+            wait_ready(link, running)
+            running.pids()
+            yield running
+        finally:
+            # SIGINT makes serve print its counters as JSON and exit.
+            _stop(running, signal.SIGINT, 15)
+            with open(out, errors="replace") as f:
+                text = f.read()
+            running.counters = parse_counters(text) or parse_counters(_log_tail(log, 20000))
+
+
+SERVERS = {"nginx": Nginx, "appliance": Appliance}
