@@ -1,0 +1,379 @@
+"""PID 1 inside the image: make the machine a network appliance, then serve.
+
+Theory of operation: the kernel unpacks the initramfs and runs /init, a
+script run by python3.11 -I -S that calls `main()`. There is no shell and
+no other program, so everything PID 1 needs it does itself through the
+kernel's system calls (ctypes/fcntl/socket), in this order:
+
+1. mount proc, sysfs and devtmpfs (the initramfs holds /dev/console,
+   /dev/null and /dev/urandom already: CPython reads urandom at start-up,
+   before we can mount anything);
+2. load the kernel modules listed in /etc/haboob/modules (dependencies
+   first, as the builder resolved them) with finit_module(2);
+3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
+   /proc/cmdline (defaults: /etc/haboob/config.json, from the build);
+4. pick the NIC (by MAC, else the first non-loopback interface with a
+   driver), bring it up with SIOCSIFFLAGS and no kernel IP address (the
+   kernel would otherwise answer our TCP segments with RSTs), and read the
+   offloads it offers with the legacy ethtool ioctls;
+5. wait for the kernel's random generator (virtio-rng feeds it) with a
+   blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
+   come from a predictable fallback;
+6. open the content store (a corrupt one is fatal: say so and stop), then
+   run `appliance.stack.serve.serve` on the NIC; its on_ready callback
+   prints the HABOOB-READY line.
+
+Stopping: SIGTERM, SIGINT (Ctrl-Alt-Del once reboot(CAD_OFF) is set) and
+the ACPI power button (QMP system_powerdown; the `button` driver reports it
+as KEY_POWER on an evdev input device that a thread watches) set the stop
+event; serve returns, PID 1 prints HABOOB-COUNTERS and powers off. SIGUSR1
+or the key 'c' on the console prints the counters without stopping. Any
+fatal error prints `HABOOB-FATAL <reason>` and powers off: PID 1 never
+hangs and never exits (the kernel would panic).
+"""
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+
+CONFIG = "/etc/haboob/config.json"
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+SYS_finit_module = 313                   # x86_64
+RB_POWER_OFF = 0x4321FEDC
+RB_DISABLE_CAD = 0                       # Ctrl-Alt-Del then sends SIGINT to PID 1
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCETHTOOL = 0x8913, 0x8914, 0x8946
+IFF_UP = 0x1
+ETHTOOL = {"rx_csum": 0x14, "tx_csum": 0x16, "sg": 0x18, "tso": 0x1E, "gso": 0x23, "gro": 0x2B}
+EV_KEY, KEY_POWER = 0x01, 116
+INPUT_EVENT = struct.Struct("llHHi")     # struct input_event on x86_64: timeval, type, code, value
+
+
+class Fatal(Exception):
+    """A reason to stop the appliance, printed as HABOOB-FATAL."""
+
+
+def say(*lines: str) -> None:
+    out = sys.stdout
+    for line in lines:
+        out.write(line + "\n")
+    out.flush()
+
+
+def ms_since_boot() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000)
+
+
+# -- system calls --------------------------------------------------------------------------
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return ret
+
+
+def mount(source: str, target: str, fstype: str, flags: int = 0) -> None:
+    os.makedirs(target, exist_ok=True)
+    ret = libc().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags), None)
+    if ret < 0 and ctypes.get_errno() != errno.EBUSY:     # already mounted (devtmpfs automount)
+        _check(ret, f"mount {fstype} on {target}")
+
+
+def load_module(name: str, path: str) -> bool:
+    """finit_module(2); False if it was already loaded."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        ret = libc().syscall(ctypes.c_long(SYS_finit_module), ctypes.c_int(fd), b"", ctypes.c_int(0))
+        if ret < 0:
+            e = ctypes.get_errno()
+            if e == errno.EEXIST:
+                return False
+            hint = " (built for a different kernel?)" if e in (errno.ENOEXEC, errno.EINVAL) else ""
+            raise Fatal(f"loading module {name}: {os.strerror(e)}{hint}")
+        return True
+    finally:
+        os.close(fd)
+
+
+def power_off() -> None:
+    try:
+        os.sync()
+        libc().reboot(ctypes.c_int(RB_POWER_OFF))
+    finally:
+        os._exit(1)                      # only if reboot(2) failed: the kernel panics, panic=-1 reboots
+
+
+# -- configuration --------------------------------------------------------------------------
+
+def kernel_args(cmdline: str) -> dict:
+    """haboob.KEY=VALUE words of the kernel command line, as {KEY: VALUE}."""
+    out = {}
+    for word in cmdline.split():
+        if word.startswith("haboob.") and "=" in word:
+            k, v = word[len("haboob."):].split("=", 1)
+            out[k] = v
+    return out
+
+
+def settings(config: dict, args: dict) -> dict:
+    import ipaddress
+    s = {"ip": args.get("ip", config.get("ip")), "gateway": args.get("gw", config.get("gateway")),
+         "mac": args.get("mac"), "workers": args.get("workers", "1"), "port": config.get("port", 80),
+         "store": config.get("store", "/haboob/site.store")}
+    try:
+        iface = ipaddress.IPv4Interface(s["ip"])
+    except (ValueError, TypeError):
+        raise Fatal(f"haboob.ip={s['ip']!r} is not an IPv4 address with a prefix (198.18.0.1/24)") from None
+    s["ip"] = str(iface)
+    if s["gateway"]:
+        try:
+            ipaddress.IPv4Address(s["gateway"])
+        except ValueError:
+            raise Fatal(f"haboob.gw={s['gateway']!r} is not an IPv4 address") from None
+    if s["mac"]:
+        s["mac"] = s["mac"].lower()
+        if len(s["mac"].split(":")) != 6:
+            raise Fatal(f"haboob.mac={s['mac']!r} is not a MAC address like 52:54:00:12:34:56")
+    if not s["workers"].isdigit() or not 1 <= int(s["workers"]) <= 256:
+        raise Fatal(f"haboob.workers={s['workers']!r} is not a number of workers (1..256)")
+    s["workers"] = int(s["workers"])
+    return s
+
+
+# -- the NIC ----------------------------------------------------------------------------------
+
+def _read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+def find_nic(mac: str | None, timeout: float = 10.0) -> dict:
+    """The NIC to serve on: {"iface", "mac", "driver", "mtu"}; waits for it to appear."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        seen = []
+        for name in sorted(os.listdir("/sys/class/net")):
+            base = f"/sys/class/net/{name}"
+            if name == "lo" or not os.path.exists(f"{base}/device/driver"):
+                continue
+            addr = _read(f"{base}/address").lower()
+            seen.append(f"{name} ({addr})")
+            if mac and addr != mac:
+                continue
+            return {"iface": name, "mac": addr, "driver": os.path.basename(os.readlink(f"{base}/device/driver")),
+                    "mtu": int(_read(f"{base}/mtu", "1500"))}
+        if time.monotonic() > deadline:
+            if mac:
+                raise Fatal(f"no NIC with MAC {mac} (found: {', '.join(seen) or 'none'})")
+            raise Fatal("no network interface with a driver appeared (is there a virtio-net NIC?)")
+        time.sleep(0.05)
+
+
+def link_up(iface: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", iface.encode(), 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", iface.encode(), flags | IFF_UP))
+
+
+def offloads(iface: str) -> dict:
+    """What the device offers, from the legacy ethtool get ioctls (struct ethtool_value)."""
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name, cmd in ETHTOOL.items():
+            buf = ctypes.create_string_buffer(struct.pack("II", cmd, 0), 8)
+            req = struct.pack("16sP16x", iface.encode(), ctypes.addressof(buf))
+            try:
+                fcntl.ioctl(s, SIOCETHTOOL, req)
+                out[name] = bool(struct.unpack("II", buf.raw)[1])
+            except OSError:
+                out[name] = False
+    return out
+
+
+# -- entropy, signals, power button ----------------------------------------------------------
+
+def wait_for_entropy() -> int:
+    """Block until the kernel's CRNG is ready (getrandom without GRND_NONBLOCK); returns ms waited."""
+    t0 = time.monotonic()
+    done = threading.Event()
+
+    def nag():
+        if not done.wait(10):
+            say("haboob: waiting for the kernel random generator (is there a virtio-rng device?)")
+    threading.Thread(target=nag, daemon=True).start()
+    os.getrandom(16)
+    done.set()
+    return int((time.monotonic() - t0) * 1000)
+
+
+def watch_power_button(stop: threading.Event) -> int:
+    """Threads that set `stop` on KEY_POWER from any input device; returns how many watch."""
+    n = 0
+    try:
+        names = sorted(os.listdir("/sys/class/input"))
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith("event"):
+            continue
+        caps = _read(f"/sys/class/input/{name}/device/capabilities/key", "0").split()
+        # the key bitmap, most significant word first; KEY_POWER = bit 116
+        bits = 0
+        for word in caps:
+            bits = (bits << 64) | int(word, 16)
+        if not (bits >> KEY_POWER) & 1:
+            continue
+        try:
+            fd = os.open(f"/dev/input/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+
+        def watch(fd=fd):
+            while not stop.is_set():
+                try:
+                    data = os.read(fd, INPUT_EVENT.size * 16)
+                except OSError:
+                    return
+                for off in range(0, len(data) - INPUT_EVENT.size + 1, INPUT_EVENT.size):
+                    _s, _us, typ, code, value = INPUT_EVENT.unpack_from(data, off)
+                    if typ == EV_KEY and code == KEY_POWER and value == 1:
+                        say("haboob: power button: stopping")
+                        stop.set()
+        threading.Thread(target=watch, daemon=True, name=f"power-{name}").start()
+        n += 1
+    return n
+
+
+def watch_console(show_counters) -> None:
+    """The key 'c' on the serial console prints the counters."""
+    def watch():
+        while True:
+            try:
+                data = os.read(0, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if b"c" in data or b"C" in data:
+                show_counters()
+    threading.Thread(target=watch, daemon=True, name="console").start()
+
+
+def counters_line(counters) -> str:
+    if counters is None:
+        return "HABOOB-COUNTERS {}"
+    d = counters.as_dict() if hasattr(counters, "as_dict") else dict(counters)
+    return "HABOOB-COUNTERS " + json.dumps(d, sort_keys=True)
+
+
+# -- the boot -------------------------------------------------------------------------------------
+
+def boot() -> None:
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID)
+    libc().reboot(ctypes.c_int(RB_DISABLE_CAD))
+
+    try:
+        with open(CONFIG) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Fatal(f"{CONFIG}: {e}") from None
+    with open("/proc/cmdline") as f:
+        s = settings(config, kernel_args(f.read()))
+
+    with open(config.get("modules", "/etc/haboob/modules")) as f:
+        for line in f:
+            if line.strip():
+                name, path = line.split()
+                load_module(name, path)
+
+    nic = find_nic(s["mac"])
+    link_up(nic["iface"])
+    offered = offloads(nic["iface"])
+    waited = wait_for_entropy()
+
+    stop = threading.Event()
+    try:
+        from appliance.content.store import Store, StoreError
+    except Exception as e:
+        raise Fatal(f"the content store module is not importable: {type(e).__name__}: {e}") from None
+    try:
+        with Store.open(s["store"]) as store:
+            urls = len(store.site.resources)
+    except StoreError as e:
+        raise Fatal(f"content store {s['store']}: {e}") from None
+    except OSError as e:
+        raise Fatal(f"content store {s['store']}: {e.strerror}") from None
+    try:
+        from appliance.stack.serve import serve
+    except Exception as e:
+        raise Fatal(f"the stack is not importable: {type(e).__name__}: {e}") from None
+
+    live = {"counters": None}
+
+    def show_counters():
+        say(counters_line(live["counters"]))
+
+    def on_ready(*args, **kw):
+        for a in list(args) + list(kw.values()):
+            if hasattr(a, "as_dict"):
+                live["counters"] = a
+            elif hasattr(a, "counters"):
+                live["counters"] = a.counters
+        ip = s["ip"].split("/")[0]
+        say("HABOOB-READY " + json.dumps({
+            "ip": ip, "port": s["port"], "urls": urls, "ms_since_boot": ms_since_boot(),
+            "iface": nic["iface"], "driver": nic["driver"], "mac": nic["mac"],
+            "offload": {"csum": offered.get("tx_csum", False), "tso": offered.get("tso", False),
+                        "gso": offered.get("gso", False)},
+            "entropy_wait_ms": waited}))
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGUSR1:
+            show_counters()
+        else:
+            stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    watch_power_button(stop)
+    watch_console(show_counters)
+
+    counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
+                     workers=s["workers"], on_ready=on_ready, stop_event=stop)
+    live["counters"] = counters if counters is not None else live["counters"]
+    show_counters()
+    say("haboob: stopped; powering off")
+
+
+def main() -> None:
+    try:
+        boot()
+    except Fatal as e:
+        say(f"HABOOB-FATAL {e}")
+    except BaseException as e:                # PID 1 must never exit by accident
+        say(f"HABOOB-FATAL {type(e).__name__}: {e}")
+    power_off()

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""build.py: a static site -> a bootable Haboob appliance image.
+
+    ./build.py --site ./www                 # -> images/www/{vmlinuz,initrd.img,cmdline,manifest.json}
+    python -m vm boot images/www            # boot it under QEMU
+
+The work happens in haboob_build/ (a straight list of steps, see
+haboob_build/steps.py). The image is assembled in a temporary folder beside
+the output and renamed into place only when complete, so a failed build
+leaves nothing half-written.
+"""
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from haboob_build.context import Context, Options
+from haboob_build.errors import BuildError
+from haboob_build.steps import STEPS, build, parse_ip
+
+
+def _ip(ctx, param, value):
+    try:
+        parse_ip(value)
+    except BuildError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--site", required=True, type=click.Path(path_type=Path), help="the site folder to serve")
+@click.option("--name", help="image name (default: the site folder's name)")
+@click.option("--out", type=click.Path(path_type=Path), help="output folder (default: images/NAME)")
+@click.option("--ip", default="198.18.0.1/24", show_default=True, callback=_ip,
+              help="the appliance's address (haboob.ip= on the kernel command line overrides)")
+@click.option("--gateway", help="default gateway (haboob.gw=)")
+@click.option("--mss", default=1448, show_default=True, type=int, help="TCP MSS the responses are cut at")
+@click.option("--kernel", type=click.Path(path_type=Path), help="a vmlinuz (bzImage) instead of Debian's")
+@click.option("--modules", type=click.Path(path_type=Path), help="its modules folder (lib/modules/RELEASE)")
+@click.option("--memory", default=256, show_default=True, type=int, help="guest memory in MB (default for vm)")
+@click.option("--compress-level", default=19, show_default=True, type=click.IntRange(1, 19),
+              help="zstd level for the initramfs")
+@click.option("-q", "--quiet", is_flag=True, help="no progress output")
+def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, quiet):
+    """Build a bootable appliance image serving the static site in SITE."""
+    site = Path(site)
+    if name is None:
+        name = site.resolve().name or "site"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
+    out = Path(out) if out else Path("images") / name
+    opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
+                   memory=memory, compress_level=compress_level, quiet=quiet)
+    opts.modules = modules
+    t0 = time.monotonic()
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out}: exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.building-"))
+    scratch = Path(tempfile.mkdtemp(prefix="haboob-build-"))
+    try:
+        ctx = Context(options=opts, work=work, scratch=scratch)
+        build(ctx, STEPS)
+        os.chmod(work, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.old-"))
+            out.rename(old / "x")
+            work.rename(out)
+            shutil.rmtree(old)
+        else:
+            work.rename(out)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not quiet:
+        sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(ctx.sizes.items()))
+        click.echo(f"built {out}/ in {time.monotonic() - t0:.1f}s "
+                   f"(initrd.img {(out / 'initrd.img').stat().st_size / 1e6:.2f} MB; {sizes})", err=True)
+        click.echo(f"boot it: python -m vm boot {out}", err=True)
+
+
+if __name__ == "__main__":
+    main(prog_name="build.py")

@@ -1,0 +1,197 @@
+"""The Python runtime of the image: Debian's python3.11 (libpython linked
+in), exactly the standard-library modules and shared libraries the
+appliance needs, and the appliance package, all stored compiled.
+
+Theory of operation: the interpreter and stdlib come from Debian packages
+(python3.11-minimal, libpython3.11-minimal, libpython3.11-stdlib) fetched
+into the cache, not from the build host, so the image does not depend on
+what the host happens to have installed. The module set is found by
+analysis (_analyze.py, run by that very interpreter); the shared
+libraries by reading DT_NEEDED of the interpreter and of every extension
+module, resolved with ldd, and each library is then taken from the Debian
+package that owns it (dpkg -S, fetched like the others); a host without
+dpkg falls back to the host's file. Modules are compiled to .pyc with
+invalidation_mode=UNCHECKED_HASH (no mtimes: reproducible) and stored
+sourceless, where the .py would be. The `encodings` package goes in whole:
+codecs are looked up by name at run time, which no analysis can see.
+The analysis result is cached, keyed by the interpreter packages and the
+appliance sources.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import py_compile
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import debs, elf
+from .context import Context
+from .errors import BuildError
+
+PY = "python3.11"
+PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib"]
+PREFIX = "/usr"
+STDLIB = f"/usr/lib/{PY}"
+APPDIR = "/haboob/lib"            # holds the `appliance` package inside the image
+ENTRIES = ["appliance.init", "appliance.stack.serve", "appliance.content.store"]
+LIBDIR = "/usr/lib/x86_64-linux-gnu"
+
+
+def merged_root(ctx: Context) -> tuple[Path, dict[str, str]]:
+    """The three packages merged into one cached tree; returns (root, {pkg: version})."""
+    roots, versions = [], {}
+    for pkg in PACKAGES:
+        deb, root, ver = debs.fetch(ctx, pkg)
+        roots.append(root)
+        versions[pkg] = ver
+        ctx.add_input(f"deb:{pkg}", deb)
+    key = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]
+    merged = ctx.cache / "runtime" / key
+    if not merged.is_dir():
+        merged.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=merged.parent, prefix=".m-"))
+        try:
+            for r in roots:
+                shutil.copytree(r, tmp, symlinks=True, dirs_exist_ok=True)
+            tmp.rename(merged)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return merged, versions
+
+
+def _app_source_key(appdir: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted((appdir / "appliance").rglob("*.py")):
+        h.update(str(p.relative_to(appdir)).encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update((Path(__file__).parent / "_analyze.py").read_bytes())
+    return h.hexdigest()
+
+
+def analyze(ctx: Context, merged: Path, versions: dict, appdir: Path) -> dict:
+    key = hashlib.sha256((json.dumps(versions, sort_keys=True) + _app_source_key(appdir)).encode()).hexdigest()[:20]
+    cached = ctx.cache / "analysis" / f"{key}.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    ctx.log("analyzing the appliance's imports with the image's interpreter")
+    py = merged / "usr/bin" / PY
+    proc = ctx.run([py, "-I", "-S", "-B", Path(__file__).parent / "_analyze.py", appdir, *ENTRIES],
+                   what="import analysis")
+    result = json.loads(proc.stdout)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+    tmp.rename(cached)
+    return result
+
+
+def _ldd(ctx: Context, path: Path) -> dict[str, str]:
+    """soname -> resolved host path, for every library the loader would map."""
+    out = ctx.run(["ldd", path], what=f"ldd {path.name}").stdout.decode()
+    libs = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs[parts[0]] = parts[2]
+        elif parts and parts[0].startswith("/"):
+            libs[os.path.basename(parts[0])] = parts[0]      # the dynamic loader itself
+    return libs
+
+
+def _owner(ctx: Context, host_path: str) -> str | None:
+    cands = {host_path, os.path.realpath(host_path)}
+    for c in list(cands):
+        if c.startswith("/usr/"):
+            cands.add(c[4:])
+        else:
+            cands.add("/usr" + c)
+    for c in sorted(cands):
+        try:
+            out = ctx.run(["dpkg", "-S", c], what="dpkg -S").stdout.decode()
+        except BuildError:
+            continue
+        return out.split(":")[0].strip()
+    return None
+
+
+def _from_package(root: Path, host_path: str) -> Path | None:
+    for c in (host_path, os.path.realpath(host_path)):
+        for variant in (c, "/usr" + c if not c.startswith("/usr/") else c[4:]):
+            p = root / variant.lstrip("/")
+            if p.exists():
+                return p.resolve()
+    return None
+
+
+def shared_libraries(ctx: Context, elves: list[Path]) -> dict[str, bytes]:
+    """soname -> bytes, for the loader and every library the ELF files need."""
+    wanted: dict[str, str] = {}
+    for e in elves:
+        if elf.needed(e.read_bytes(), str(e)):
+            wanted.update(_ldd(ctx, e))
+    wanted.pop("linux-vdso.so.1", None)
+    out = {}
+    for soname, host_path in sorted(wanted.items()):
+        pkg = _owner(ctx, host_path)
+        src = None
+        if pkg:
+            deb, root, _ver = debs.fetch(ctx, pkg.split(":")[0])
+            ctx.add_input(f"deb:{pkg.split(':')[0]}", deb)
+            src = _from_package(root, host_path)
+        if src is None:
+            ctx.log(f"note: {soname} taken from the build host ({host_path})")
+            src = Path(host_path)
+        out[soname] = src.read_bytes()
+    return out
+
+
+def compile_pyc(src: Path, name: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "m.pyc"
+        py_compile.compile(str(src), cfile=str(dst), dfile=name, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        return dst.read_bytes()
+
+
+def install(ctx: Context, appdir: Path) -> dict:
+    """Add the interpreter, stdlib subset, libraries and appliance code to ctx.tree."""
+    merged, versions = merged_root(ctx)
+    result = analyze(ctx, merged, versions, appdir)
+    if result["magic"] != importlib.util.MAGIC_NUMBER.hex():
+        raise BuildError(f"the image's Python {result['version']} has bytecode magic {result['magic']}, "
+                         f"the build's {importlib.util.MAGIC_NUMBER.hex()}: run build.py with Python 3.11")
+    for mod, err in result["entry_errors"].items():
+        ctx.log(f"WARNING: {mod} is not importable in the image ({err}); PID 1 will report HABOOB-FATAL")
+    for mod, err in result["host_only"].items():
+        ctx.log(f"note: {mod} is host-only ({err}); left out of the image")
+
+    tree = ctx.tree
+    stdlib = merged / STDLIB.lstrip("/")
+    files = set(result["stdlib"])
+    files |= {str(p.relative_to(stdlib)) for p in (stdlib / "encodings").glob("*.py")}
+    files.add("os.py")                         # getpath's landmark for the prefix
+    elves = [merged / "usr/bin" / PY]
+    tree.file(f"/usr/bin/{PY}", (merged / "usr/bin" / PY).read_bytes(), 0o755, part="python")
+    tree.dir(f"{STDLIB}/lib-dynload")          # getpath's landmark for exec_prefix
+    for rel in sorted(files):
+        src = stdlib / rel
+        if rel.endswith(".py"):
+            name = rel[:-3]
+            tree.file(f"{STDLIB}/{name}.pyc", compile_pyc(src, f"{STDLIB}/{rel}"), part="python")
+        elif rel.endswith(".so"):
+            tree.file(f"{STDLIB}/{rel}", src.read_bytes(), 0o755, part="python")
+            elves.append(src)
+    for soname, data in shared_libraries(ctx, elves).items():
+        if soname.startswith("ld-linux"):
+            tree.file(f"/usr/lib64/{soname}", data, 0o755, part="python")
+        else:
+            tree.file(f"{LIBDIR}/{soname}", data, 0o755, part="python")
+    for rel in result["appliance"]:
+        src = appdir / rel
+        tree.file(f"{APPDIR}/{rel[:-3]}.pyc", compile_pyc(src, f"{APPDIR}/{rel}"), part="appliance")
+    return {"version": result["version"], "packages": versions,
+            "stdlib_modules": len(files), "appliance_modules": len(result["appliance"]),
+            "host_only": sorted(result["host_only"]), "entry_errors": result["entry_errors"]}

@@ -1,0 +1,210 @@
+"""The build, as a straight list of named steps over one Context.
+
+Each step is `def step(ctx) -> None`; `STEPS` is the order. To add a step
+(a deploy format, another driver set) insert a (name, function) pair;
+`formats.py` of a later issue appends its own after "initramfs".
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import kernel as kernel_mod
+from . import runtime
+from .context import Context, sha256_file
+from .errors import BuildError
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository (holds appliance/)
+STORE = "/haboob/site.store"
+CONFIG = "/etc/haboob/config.json"
+MODULES = "/etc/haboob/modules"
+INIT = f"""#!/usr/bin/{runtime.PY} -IS
+# Haboob PID 1: the kernel runs this script (binfmt_script); -I -S: no
+# environment, no site. The appliance code is compiled under {runtime.APPDIR}.
+import sys
+sys.path.insert(0, "{runtime.APPDIR}")
+from appliance.init import main
+main()
+"""
+
+
+def parse_ip(cidr: str) -> ipaddress.IPv4Interface:
+    try:
+        iface = ipaddress.IPv4Interface(cidr)
+    except ValueError:
+        raise BuildError(f"--ip {cidr!r} is not an IPv4 address with a prefix like 198.18.0.1/24") from None
+    if "/" not in cidr:
+        raise BuildError(f"--ip {cidr!r} needs a prefix length, like 198.18.0.1/24")
+    net = iface.network
+    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise BuildError(f"--ip {cidr}: {iface.ip} is the network's "
+                         f"{'network' if iface.ip == net.network_address else 'broadcast'} address")
+    if iface.ip.is_multicast or iface.ip.is_unspecified or iface.ip.is_loopback:
+        raise BuildError(f"--ip {cidr}: {iface.ip} cannot be a host address")
+    return iface
+
+
+def check_inputs(ctx: Context) -> None:
+    o = ctx.options
+    if not o.site.exists():
+        raise BuildError(f"--site {o.site}: no such folder")
+    if not o.site.is_dir():
+        raise BuildError(f"--site {o.site}: not a folder")
+    iface = parse_ip(o.ip)
+    if o.gateway:
+        try:
+            gw = ipaddress.IPv4Address(o.gateway)
+        except ValueError:
+            raise BuildError(f"--gateway {o.gateway!r} is not an IPv4 address") from None
+        if gw not in iface.network or gw == iface.ip:
+            raise BuildError(f"--gateway {gw} is not another host on {iface.network}")
+    if not 536 <= o.mss <= 9000:
+        raise BuildError(f"--mss {o.mss} is out of range (536..9000)")
+    if not 32 <= o.memory <= 1 << 20:
+        raise BuildError(f"--memory {o.memory} MB is out of range (32..1048576)")
+    sde = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if sde:
+        try:
+            ctx.epoch = int(sde)
+        except ValueError:
+            raise BuildError(f"SOURCE_DATE_EPOCH={sde!r} is not an integer") from None
+    else:                                   # the newest input file: same inputs, same epoch
+        mtimes = [int(p.stat().st_mtime) for p in o.site.rglob("*") if p.is_file()]
+        ctx.epoch = max(mtimes, default=0)
+    ctx.facts["source_date_epoch"] = ctx.epoch
+
+
+def kernel(ctx: Context) -> None:
+    k = kernel_mod.locate(ctx, getattr(ctx.options, "modules", None))
+    ctx.add_input("kernel", k.vmlinuz)
+    mods = kernel_mod.resolve(ctx, k)
+    lines = []
+    for name, data in mods:
+        path = f"/usr/lib/modules/{k.release}/{name}.ko"
+        ctx.tree.file(path, data, part="kernel-modules")
+        lines.append(f"{name} {path}")
+    ctx.tree.file(MODULES, ("\n".join(lines) + "\n").encode(), part="base")
+    shutil.copyfile(k.vmlinuz, ctx.work / "vmlinuz")
+    ctx.facts["kernel"] = {"release": k.release, "package": k.package, "package_version": k.package_version,
+                           "modules": [n for n, _ in mods]}
+    ctx.sizes["kernel"] = (ctx.work / "vmlinuz").stat().st_size
+
+
+def python_runtime(ctx: Context) -> None:
+    ctx.facts["python"] = runtime.install(ctx, ROOT)
+
+
+def content(ctx: Context) -> None:
+    from appliance.content.compiler import CompileError, Options, compile_site, quote_path
+    from appliance.content.store import Store
+    out = ctx.scratch / "site.store"
+    ctx.log(f"compiling {ctx.options.site}")
+    try:
+        res = compile_site(ctx.options.site, out, Options(mss=ctx.options.mss, source_date_epoch=ctx.epoch))
+    except CompileError as e:
+        raise BuildError(f"--site {ctx.options.site}: {e}") from None
+    data = out.read_bytes()
+    ctx.tree.file(STORE, data, part="content")
+    urls = {}
+    with Store.open(out) as store:
+        for path in store.site.urls():
+            r = store.site.resources[path]
+            body = bytes(store.blob[r.body_off:r.body_off + r.size])
+            urls[quote_path(path)] = {"file": r.file, "size": r.size,
+                                      "sha256": hashlib.sha256(body).hexdigest(),
+                                      "content_type": r.content_type.decode()}
+    ctx.facts["content"] = {"urls": len(urls), "store_size": len(data),
+                            "store_sha256": hashlib.sha256(data).hexdigest(),
+                            "responses": res.responses, "files": res.files}
+    ctx.facts["urls"] = urls
+
+
+def base(ctx: Context) -> None:
+    t, o = ctx.tree, ctx.options
+    for d in ("/proc", "/sys", "/dev", "/run", "/tmp"):
+        t.dir(d)
+    # Nodes that must exist before devtmpfs is mounted: CPython reads
+    # /dev/urandom while starting, before PID 1 can mount anything.
+    t.chardev("/dev/console", 5, 1)
+    t.chardev("/dev/null", 1, 3, 0o666)
+    t.chardev("/dev/random", 1, 8, 0o444)
+    t.chardev("/dev/urandom", 1, 9, 0o444)
+    t.symlink("/lib", "usr/lib")
+    t.symlink("/lib64", "usr/lib64")
+    t.file("/init", INIT.encode(), 0o755, part="appliance")
+    iface = parse_ip(o.ip)
+    config = {"ip": str(iface), "gateway": o.gateway, "mss": o.mss, "port": 80,
+              "store": STORE, "modules": MODULES, "name": o.name}
+    t.file(CONFIG, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), part="base")
+    ctx.facts["config"] = config
+
+
+def cmdline(ctx: Context) -> None:
+    o = ctx.options
+    parts = ["console=ttyS0", "quiet", "panic=-1", f"haboob.ip={parse_ip(o.ip)}"]
+    if o.gateway:
+        parts.append(f"haboob.gw={o.gateway}")
+    (ctx.work / "cmdline").write_text(" ".join(parts) + "\n")
+
+
+def initramfs(ctx: Context) -> None:
+    raw = ctx.tree.cpio(ctx.epoch)
+    ctx.sizes.update(ctx.tree.sizes())
+    ctx.log(f"compressing the initramfs ({len(raw) / 1e6:.1f} MB, zstd -{ctx.options.compress_level})")
+    out = ctx.work / "initrd.img"
+    raw_path = ctx.scratch / "initrd.cpio"
+    raw_path.write_bytes(raw)
+    # One thread: the frame layout, and so the bytes, never depend on the host's cores.
+    ctx.run(["zstd", "-q", "-f", f"-{ctx.options.compress_level}", "-T1", "--no-progress",
+             raw_path, "-o", out], what="compressing the initramfs")
+    ctx.facts["initramfs"] = {"cpio_size": len(raw), "entries": len(ctx.tree.entries)}
+
+
+def manifest(ctx: Context) -> None:
+    o = ctx.options
+    artifacts = {}
+    for name in ("vmlinuz", "initrd.img", "cmdline"):
+        p = ctx.work / name
+        artifacts[name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    site_files = {}
+    for p in sorted(o.site.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(o.site).as_posix()
+            site_files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    doc = {
+        "format": "haboob-image/1",
+        "name": o.name,
+        "artifacts": artifacts,
+        "inputs": dict(sorted(ctx.inputs.items())),
+        "site_files": site_files,
+        "options": {"ip": o.ip, "gateway": o.gateway, "mss": o.mss, "memory": o.memory,
+                    "kernel": "debian" if o.kernel is None else "custom"},
+        "sizes": dict(sorted(ctx.sizes.items())),
+        **{k: v for k, v in sorted(ctx.facts.items())},
+    }
+    # Host paths differ between machines but are not content: keep them out.
+    for v in doc["inputs"].values():
+        v["path"] = os.path.basename(v["path"])
+    (ctx.work / "manifest.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+STEPS = [
+    ("check-inputs", check_inputs),
+    ("kernel", kernel),
+    ("python-runtime", python_runtime),
+    ("content", content),
+    ("base", base),
+    ("cmdline", cmdline),
+    ("initramfs", initramfs),
+    ("manifest", manifest),
+]
+
+
+def build(ctx: Context, steps=STEPS) -> None:
+    for name, step in steps:
+        ctx.log(f"step {name}")
+        step(ctx)
