@@ -131,11 +131,11 @@ def _parse_range(value: bytes, size: int):
     if not first.isdigit() or (last and not last.isdigit()):
         return None
     a = int(first)
-    b = int(last) if last else size - 1
-    if b < a:
-        return None
+    if last and int(last) < a:
+        return None         # invalid range-spec: ignore the field (§14.1.1)
     if a >= size:
         return "unsat"
+    b = int(last) if last else size - 1
     return a, min(b, size - 1)
 
 
