@@ -24,6 +24,7 @@ import tempfile
 import click
 
 from . import report, run as runmod
+from .run import summarize as run_summarize
 from .site import DEFAULT_SIZES, QUICK_SIZES, SizeError, parse_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -154,7 +155,7 @@ def render(results_json, out):
     try:
         with open(results_json) as f:
             results = json.load(f)
-        results["runs"], results["summary"]
+        results["summary"] = run_summarize(results["runs"])
     except (ValueError, KeyError) as e:
         raise click.ClickException(f"{results_json}: not a bench results file ({e})")
     out = out or os.path.dirname(os.path.abspath(results_json))
@@ -163,6 +164,55 @@ def render(results_json, out):
         f.write(report.table(results))
     plot.plot(results, os.path.join(out, "bench.png"))
     click.echo(report.table(results))
+
+
+@main.command("profile")
+@click.option("--size", default="4k", show_default=True, help="File size to load the appliance with.")
+@click.option("--mode", type=click.Choice(["keepalive", "close"]), default="keepalive", show_default=True)
+@click.option("--seconds", type=click.IntRange(1, 600), default=10, show_default=True, help="Sampling time.")
+@click.option("--rate", type=click.IntRange(1, 10000), default=200, show_default=True, help="py-spy samples/s.")
+@click.option("--connections", "-c", type=click.IntRange(1, 20000), default=32, show_default=True)
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), help="A compiled store holding the bench files.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: bench/results/profile-DATE].")
+def profile_cmd(size, mode, seconds, rate, connections, store, out):
+    """Sample the appliance's hot path with py-spy under wrk load; print
+    where its time goes per request (self and inclusive µs/request)."""
+    from . import profile as prof
+    from .servers import Appliance, ServerError
+    from .site import make_site
+    from .wrk import WrkError
+    try:
+        size_b = parse_size(size)[1]
+    except SizeError as e:
+        raise click.BadParameter(str(e), param_hint="--size")
+    _preflight(["appliance"])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = out or os.path.join(HERE, "results", "profile-" + now.strftime("%Y%m%d-%H%M%S"))
+    signal.signal(signal.SIGTERM, _sigterm)
+    workdir = tempfile.mkdtemp(prefix="haboob-profile-")
+    try:
+        site_dir = os.path.join(workdir, "site")
+        os.makedirs(site_dir)
+        os.chmod(workdir, 0o755)
+        f = make_site(site_dir, [size_b])[0]
+        server = Appliance(store=store)
+        server.prepare(site_dir, workdir)
+        result = prof.profile(server, f, mode, seconds, out, connections=connections, rate=rate)
+    except KeyboardInterrupt:
+        click.echo("interrupted: namespaces and processes removed", err=True)
+        sys.exit(130)
+    except (ServerError, WrkError, RuntimeError) as e:
+        raise click.ClickException(str(e))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["date"] = now.strftime("%Y-%m-%d %H:%M UTC")
+    text = prof.text_report(result)
+    with open(os.path.join(out, "profile.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(os.path.join(out, "profile.md"), "w") as fh:
+        fh.write(text)
+    click.echo(text)
+    click.echo(f"profile: {out}/profile.md, {result['raw']} (py-spy raw stacks)", err=True)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def plot(results: dict, path: str) -> None:
                             color=COLORS.get(server), linestyle="-" if workers == 1 else "--",
                             label=f"{server}, {workers} worker{'s' if workers > 1 else ''}")
             ax.set_xscale("log")
+            sizes_kb = sorted({r["size"] / 1024 for r in runs})
+            ax.set_xticks(sizes_kb)
+            ax.set_xticklabels([f"{s:g}K" if s < 1024 else f"{s / 1024:g}M" for s in sizes_kb])
+            ax.minorticks_off()
             ax.set_xlabel("file size (KB)")
             ax.set_ylabel(label)
             ax.set_ylim(bottom=0)

@@ -172,6 +172,7 @@ def run(plan: Plan, servers: dict, workdir: str) -> dict:
     os.makedirs(site_dir, exist_ok=True)
     os.chmod(workdir, 0o755)
     files = make_site(site_dir, plan.sizes)
+    log(f"work dir {workdir}")
     for srv in servers.values():
         log(f"preparing {srv.name} ...")
         srv.prepare(site_dir, workdir)

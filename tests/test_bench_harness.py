@@ -1,0 +1,133 @@
+"""bench/: the harness's own logic (no namespaces): sizes, the site, the
+nginx configuration, CPU arithmetic, wrk output, medians and ratios."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import cpu, report, servers, site
+from bench.run import placement, summarize
+
+
+def test_parse_size_units_and_errors():
+    assert site.parse_size("4k") == ("4k", 4096)
+    assert site.parse_size("24KB") == ("24k", 24576)
+    assert site.parse_size("1m") == ("1m", 1 << 20)
+    assert site.parse_size("1500") == ("1500b", 1500)
+    for bad in ("", "4x", "k", "-1k", "0", "1g"):
+        with pytest.raises(site.SizeError, match="bad size"):
+            site.parse_size(bad)
+
+
+def test_site_is_deterministic_and_sized(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    files = site.make_site(str(a), [102400, 1024, 4096])
+    site.make_site(str(b), [1024, 4096, 102400])
+    assert [f.name for f in files] == ["1k.bin", "4k.bin", "100k.bin"]
+    for f in files:
+        data = (a / f.name).read_bytes()
+        assert len(data) == f.size
+        assert data == (b / f.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f.sha256
+    assert (a / "1k.bin").read_bytes() != (a / "4k.bin").read_bytes()[:1024]
+
+
+def test_nginx_config_is_tuned_and_valid(tmp_path):
+    ng = servers.Nginx()
+    ng.prepare(str(tmp_path), str(tmp_path))
+    conf = ng.render("198.18.50.1", 2, [0, 1], str(tmp_path))
+    for directive in ("sendfile on;", "tcp_nopush on;", "tcp_nodelay on;", "keepalive_requests 1000000;",
+                      "open_file_cache max=", "access_log off;", "worker_processes 2;", "daemon off;",
+                      f"pid {tmp_path}/nginx.pid;", "reuseport"):
+        assert directive in conf
+    # Rightmost bit is CPU 0: worker 0 on CPU 0, worker 1 on CPU 1.
+    ncpu = os.cpu_count()
+    assert f"worker_cpu_affinity {'0' * (ncpu - 1)}1 {'0' * (ncpu - 2)}10;" in conf
+    path = tmp_path / "nginx.conf"
+    path.write_text(conf)
+    # nginx -t parses it (the bind test that follows needs the namespace's
+    # address, so only the syntax verdict counts here); it writes only under tmp_path.
+    proc = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(path), "-e", str(tmp_path / "e.log")],
+                          capture_output=True, text=True)
+    assert "syntax is ok" in proc.stderr, proc.stderr
+
+
+def test_busy_share_counts_softirq_and_excludes_idle():
+    before = {0: cpu.CoreSample(busy=100, total=1000), 1: cpu.CoreSample(busy=0, total=1000)}
+    after = {0: cpu.CoreSample(busy=175, total=1100), 1: cpu.CoreSample(busy=0, total=1100)}
+    assert cpu.busy_shares(before, after) == {0: 0.75, 1: 0.0}
+    now = cpu.read_cores()
+    assert set(now) == set(range(os.cpu_count()))
+    assert all(s.busy <= s.total for s in now.values())
+
+
+def test_process_cpu_sees_own_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        tree = cpu.process_tree(os.getpid())
+        assert os.getpid() in tree and child.pid in tree
+        assert cpu.process_cpu([os.getpid()]) > 0
+        assert cpu.start_time(child.pid) is not None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_placement_pins_or_shares():
+    p = placement(1, 2)
+    assert p["server_cpus"] == [0] and p["wrk_cpus"] == "1" and not p["shared"]
+    p = placement(2, 2)
+    assert p["server_cpus"] == [0, 1] and p["wrk_cpus"] is None and p["shared"]
+
+
+def test_parse_counters_takes_last_json_line():
+    text = "starting\nHABOOB-READY {\"ip\": \"198.18.0.1\"}\nHABOOB-COUNTERS {\"rx\": 5, \"tx\": 7}\n"
+    assert servers.parse_counters(text) == {"rx": 5, "tx": 7}
+    assert servers.parse_counters("{\"a\": 1}\nnot json {\n") == {"a": 1}
+    assert servers.parse_counters("nothing here") is None
+
+
+def _run(server, rep, rps, us, correct=True):
+    return {"server": server, "workers": 1, "mode": "keepalive", "size": 4096, "label": "4k", "rep": rep,
+            "rps": rps, "gbps": rps * 4096 * 8 / 1e9, "latency_us": {"percentiles": {"50": 100, "99": 900}},
+            "non2xx": 0, "socket_errors": 0, "correct": correct, "errors": {},
+            "cpu": {"server_busy_share": 1.0, "proc_cores": 1.0, "us_per_req_core": us, "us_per_req_proc": us,
+                    "us_per_req_machine": us}}
+
+
+def test_summary_medians_and_ratio_per_repetition_pair():
+    runs = [_run("nginx", 0, 100, 10), _run("appliance", 0, 50, 20), _run("nginx", 1, 200, 5),
+            _run("appliance", 1, 300, 4), _run("nginx", 2, 150, 8), _run("appliance", 2, 150, 8, correct=False)]
+    (row,) = summarize(runs)
+    assert row["nginx"]["rps"] == 150 and row["appliance"]["rps"] == 150
+    assert row["ratio_rps"] == [0.5, 1.5, 1.0]          # paired by repetition, not by rank
+    assert row["ratio_rps_median"] == 1.0
+    assert row["ratio_cpu_per_req"] == [2.0, 0.8, 1.0]
+    assert row["appliance"]["correct"] is False and row["nginx"]["correct"] is True
+    table = report.table({"summary": [row]})
+    assert "| 1 | keep-alive | 4K | 150 |" in table
+    assert "150 ✗" in table                              # an incorrect cell is flagged
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "4x"], "bad size '4x'"),
+    (["--servers", "apache"], "unknown server(s) ['apache']"),
+    (["--modes", "pipeline"], "unknown mode(s) ['pipeline']"),
+    (["--workers", "99"], "worker counts must be"),
+])
+def test_cli_rejects_bad_options_by_name(args, message):
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_render_rejects_a_file_that_is_not_results(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{\"runs\": 1")
+    proc = subprocess.run([sys.executable, "-m", "bench", "render", str(bad)], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 1 and "not a bench results file" in proc.stderr
