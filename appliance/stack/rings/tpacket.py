@@ -178,11 +178,21 @@ def _ring(frames: int, frame_size: int, block_size: int) -> tuple:
     return block_size, blocks, frame_size, blocks * per_block
 
 
+def _slots(base: int, req: tuple) -> list:
+    """Offsets of the ring's slots: a slot never straddles a block, so a
+    block's tail beyond its last whole slot is unused."""
+    block_size, blocks, frame_size, _ = req
+    per_block = block_size // frame_size
+    return [base + b * block_size + k * frame_size for b in range(blocks) for k in range(per_block)]
+
+
 class _RxRing:
     """One RX ring (slots of `size` bytes at `base` in an mmap)."""
 
-    def __init__(self, mm, base, frame_size, frame_nr):
-        self.mm, self.base, self.size, self.nr = mm, base, frame_size, frame_nr
+    def __init__(self, mm, base, req):
+        self.mm = mm
+        self.slots = _slots(base, req)
+        self.nr = len(self.slots)
         self.mv = memoryview(mm)
         self.head = 0
 
@@ -258,8 +268,9 @@ class TpacketDevice:
         mm = mmap.mmap(s.fileno(), rx_len + tx_len, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._mm.append(mm)
         self.mm = mm
-        self._rx.append(_RxRing(mm, 0, rx[2], rx[3]))
-        self.tx_base, self.tx_size, self.tx_nr = rx_len, tx[2], tx[3]
+        self._rx.append(_RxRing(mm, 0, rx))
+        self.tx_slots = _slots(rx_len, tx)
+        self.tx_size, self.tx_nr = tx[2], len(self.tx_slots)
         self.tx_head = 0
         # Largest frame (without virtio header) a TX slot holds.
         self.max_frame = self.tx_size - TPACKET2_DATA - VNET_HDR_LEN
@@ -277,7 +288,7 @@ class TpacketDevice:
             a.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*arx))
             amm = mmap.mmap(a.fileno(), arx[0] * arx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._mm.append(amm)
-            self._rx.append(_RxRing(amm, 0, arx[2], arx[3]))
+            self._rx.append(_RxRing(amm, 0, arx))
             a.bind((self.iface, ETH_P_ARP))
             self._epoll = select.epoll()
             self._epoll.register(s.fileno(), select.EPOLLIN)
@@ -307,10 +318,10 @@ class TpacketDevice:
         unpack = TPACKET2_HDR.unpack_from
         c = self.counters
         for ring in self._rx:
-            mm, mv, size, nr, base = ring.mm, ring.mv, ring.size, ring.nr, ring.base
+            mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
             while len(out) < max_frames:
-                off = base + i * size
+                off = slots[i]
                 status, length, snap, mac, _ = unpack(mm, off)
                 if not status & TP_STATUS_USER:
                     break
@@ -357,7 +368,7 @@ class TpacketDevice:
         (tx_dropped_full), as a NIC would.
         """
         mm = self.mm
-        base, size, nr = self.tx_base, self.tx_size, self.tx_nr
+        slots, nr = self.tx_slots, self.tx_nr
         i = self.tx_head
         vnet = self.vnet
         status_of = STATUS.unpack_from
@@ -372,7 +383,7 @@ class TpacketDevice:
             if total > limit:
                 self.counters["tx_oversize"] += 1
                 continue
-            off = base + i * size
+            off = slots[i]
             if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
                 if not self._wait_slot(off):
                     self.counters["tx_dropped_full"] += 1
