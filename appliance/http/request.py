@@ -161,13 +161,11 @@ def parse_head(head: bytes, limits: Limits) -> Request:
         codings = _tokens(b",".join(te))
         if not codings or codings[-1] != b"chunked":
             raise ProtocolError(400, "Transfer-Encoding does not end with chunked")
+        if codings.count(b"chunked") != 1:
+            raise ProtocolError(400, "chunked applied twice")   # RFC 9112 §7
         for c in codings[:-1]:
             if c not in (b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"):
-                raise ProtocolError(501, "unknown transfer coding")
-            if c == b"chunked":
-                raise ProtocolError(400, "chunked applied twice")
-        if codings.count(b"chunked") != 1:
-            raise ProtocolError(400, "chunked applied twice")
+                raise ProtocolError(501, "unknown transfer coding")   # RFC 9112 §6.1
         chunked = True
     elif cl is not None:
         vals = {v.strip(b" \t") for v in b",".join(cl).split(b",")}
