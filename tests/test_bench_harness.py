@@ -108,7 +108,7 @@ def test_summary_medians_and_ratio_per_repetition_pair():
     assert row["ratio_cpu_per_req"] == [2.0, 0.8, 1.0]
     assert row["appliance"]["correct"] is False and row["nginx"]["correct"] is True
     table = report.table({"summary": [row]})
-    assert "| 1 | keep-alive | 4K | 150 |" in table
+    assert "| 1 | keep-alive | 4K | 150 |" in table and "| 1 | keep-alive | 4K | 100% | 8.0 | 8.0 |" in table
     assert "150 ✗" in table                              # an incorrect cell is flagged
 
 
