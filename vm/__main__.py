@@ -1,0 +1,161 @@
+"""`python -m vm boot|test IMAGE`: run an appliance image under QEMU.
+
+    python -m vm boot images/www [--net user[:PORT] | --net tap[:IFNAME]] [--smp N]
+                                 [--memory MB] [--capture FILE.pcap] [--console]
+    python -m vm test images/www [--net ...] [--site DIR]
+
+`boot` waits for the ready line, prints the URL, and on Ctrl-C stops the
+guest cleanly through QMP (the ACPI power button). `test` boots, fetches
+every URL of the manifest and compares it with the site, checks HEAD and
+404 (and ping on tap), reports boot-to-ready time, powers the guest off
+via QMP, and exits 0 only when everything passed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import check
+from .image import Image, VMError
+from .qemu import BootError, Options, kvm_usable, qemu_binary
+from .session import session
+
+
+def parse_net(value: str) -> dict:
+    kind, _, arg = value.partition(":")
+    if kind == "user":
+        if arg and not (arg.isdigit() and 1 <= int(arg) <= 65535):
+            raise click.BadParameter(f"{value!r}: the host port must be 1..65535", param_hint="--net")
+        return {"net": "user", "hostport": int(arg) if arg else 0}
+    if kind == "tap":
+        if arg and (len(arg) > 15 or "/" in arg):
+            raise click.BadParameter(f"{value!r}: not an interface name", param_hint="--net")
+        return {"net": "tap", "tap": arg or None}
+    raise click.BadParameter(f"{value!r}: use user[:HOSTPORT] or tap[:IFNAME]", param_hint="--net")
+
+
+def make_options(net, smp, memory, capture) -> Options:
+    o = Options(**parse_net(net), smp=smp, memory=memory)
+    if capture:
+        capture = Path(capture).resolve()
+        if not capture.parent.is_dir():
+            raise click.BadParameter(f"{capture.parent}: no such folder", param_hint="--capture")
+        o.capture = capture
+    return o
+
+
+common = [
+    click.argument("image", type=click.Path(path_type=Path)),
+    click.option("--net", default="user", show_default=True, help="user[:HOSTPORT] or tap[:IFNAME]"),
+    click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64)),
+    click.option("--memory", type=click.IntRange(32, 1 << 20), help="MB (default: the image's)"),
+    click.option("--capture", type=click.Path(path_type=Path), help="write a pcap of the guest NIC"),
+    click.option("--timeout", default=300, show_default=True, type=float, help="seconds to wait for ready"),
+]
+
+
+def with_common(f):
+    for deco in reversed(common):
+        f = deco(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Boot and test Haboob appliance images under QEMU."""
+
+
+def _echo_console(line: str) -> None:
+    click.echo(f"| {line}")
+
+
+@cli.command()
+@with_common
+@click.option("--console", is_flag=True, help="show the guest's serial console")
+def boot(image, net, smp, memory, capture, timeout, console):
+    """Boot IMAGE, print its URL, run until Ctrl-C (then stop it cleanly)."""
+    img = Image.load(image)
+    opts = make_options(net, smp, memory, capture)
+    qemu_binary()
+    click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
+    with session(img, opts, echo=_echo_console if console else None) as s:
+        ready = s.machine.wait_ready(timeout)
+        click.echo(f"ready in {ready['ms_since_boot']} ms after kernel start "
+                   f"({ready['host_seconds']:.1f}s wall): {ready['urls']} URLs")
+        if s.ns:
+            click.echo(f"open {s.base_url}/ from the namespace: ip netns exec {s.ns.name} curl {s.base_url}/")
+        else:
+            click.echo(f"open {s.base_url}/")
+        click.echo("Ctrl-C stops it", err=True)
+        try:
+            while s.machine.proc.poll() is None:
+                s.machine.poll_console()
+                time.sleep(0.2)
+            tail = "\n".join(s.machine.tail(5))
+            raise VMError(f"the guest stopped by itself (QEMU exit {s.machine.proc.returncode}):\n{tail}")
+        except KeyboardInterrupt:
+            click.echo("stopping (ACPI power button via QMP) ...", err=True)
+            clean = s.machine.powerdown(60)
+            for line in s.machine.lines:
+                if line.startswith("HABOOB-COUNTERS"):
+                    click.echo(line)
+            click.echo("stopped cleanly" if clean else "the guest did not power off in time; killed it", err=True)
+
+
+@cli.command()
+@with_common
+@click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
+@click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
+def test(image, net, smp, memory, capture, timeout, site, as_json):
+    """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
+    img = Image.load(image)
+    opts = make_options(net, smp, memory, capture)
+    qemu_binary()
+    if site is not None and not site.is_dir():
+        raise click.BadParameter(f"{site}: no such folder", param_hint="--site")
+    results: list[check.Result] = []
+    with session(img, opts) as s:
+        ready = s.machine.wait_ready(timeout)
+        results.append(check.Result("ready line", ready.get("urls") == len(img.urls),
+                                    f"{ready.get('urls')} URLs (manifest: {len(img.urls)})"))
+        results += s.call(check.fetch_all, img, s.host, s.port, site)
+        if opts.net == "tap":
+            results.append(check.ping(s.guest_ip, prefix=s.prefix))
+        clean = s.machine.powerdown(60)
+        results.append(check.Result("clean stop via QMP system_powerdown", clean,
+                                    "counters printed" if any("HABOOB-COUNTERS" in l for l in s.machine.lines)
+                                    else "no counters line"))
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        click.echo(json.dumps({"ready": ready, "results": [r.__dict__ for r in results]}, indent=1))
+    else:
+        for r in results:
+            click.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name}: {r.detail}")
+        click.echo(f"boot to ready: {ready['ms_since_boot']} ms since kernel start, "
+                   f"{ready['host_seconds']:.2f}s wall ({'KVM' if kvm_usable() else 'TCG'})")
+        click.echo(f"{len(results) - len(failed)}/{len(results)} passed")
+    sys.exit(1 if failed else 0)
+
+
+def main():
+    try:
+        cli(prog_name="python -m vm", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BootError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(3)
+    except VMError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""QEMU: the command line, the process, its serial console and QMP.
+
+Theory of operation: `qemu_argv(image, opts)` is a pure function from an
+image and a `Options` value to QEMU's argv, so other modules (deploy
+formats, NIC passthrough: vm/passthrough.py) extend it by adding fields or
+wrapping it. `Machine` is a context manager around one QEMU process:
+
+- the serial console is a unix-socket chardev with `logfile=`: QEMU writes
+  everything the guest prints to the log file even when no one is
+  connected (so nothing is lost before we attach), and we can still type
+  into it (the key 'c' asks PID 1 for its counters);
+- QMP is a second unix socket (qemu.qmp's synchronous client); the clean
+  stop is `system_powerdown` (the ACPI power button, which PID 1 watches)
+  and, if the guest does not stop in time, `quit`, then SIGKILL;
+- `-no-reboot` with the guest's `panic=-1` turns a kernel panic into QEMU
+  exiting, so every failure ends the process instead of hanging.
+
+Waiting reads the log file and watches the process: the ready line, a
+HABOOB-FATAL line, QEMU's exit or a timeout each end the wait, the errors
+with the console's last lines. KVM is used only when the CPU has vmx/svm
+and /dev/kvm opens read-write; otherwise TCG (this never blocks).
+Everything a Machine creates (the process, its temp folder) is removed on
+exit, also on error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .image import Image, VMError
+
+QEMU = "qemu-system-x86_64"
+READY = "HABOOB-READY "
+FATAL = "HABOOB-FATAL "
+COUNTERS = "HABOOB-COUNTERS "
+# slirp's private network, inside 198.18.0.0/15 like every address we use.
+USER_NET = "198.18.0.0/24"
+USER_HOST = "198.18.0.2"
+USER_GUEST = "198.18.0.15"
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+def kvm_usable() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    if " vmx" not in flags and " svm" not in flags:
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise VMError(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
+    return path
+
+
+@dataclass
+class Options:
+    net: str = "user"               # "user" or "tap"
+    hostport: int = 0               # user: host port forwarded to the guest's port 80 (0: pick one)
+    tap: str | None = None          # tap: the tap device (QEMU must run where it exists)
+    smp: int = 1
+    memory: int | None = None       # MB; default from the manifest
+    capture: Path | None = None     # pcap of the guest NIC (filter-dump)
+    mac: str = DEFAULT_MAC
+    guest_ip: str | None = None     # haboob.ip= override (CIDR)
+    gateway: str | None = None      # haboob.gw= override
+    append: list[str] = field(default_factory=list)   # more kernel command line words
+    extra: list[str] = field(default_factory=list)    # more QEMU arguments
+    accel: str | None = None        # None: detect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kernel_cmdline(image: Image, opts: Options) -> str:
+    words = [w for w in image.cmdline.split()]
+    over = {}
+    if opts.net == "user" and opts.guest_ip is None:
+        over["haboob.ip"] = f"{USER_GUEST}/24"
+        over["haboob.gw"] = USER_HOST
+    if opts.guest_ip:
+        over["haboob.ip"] = opts.guest_ip
+    if opts.gateway:
+        over["haboob.gw"] = opts.gateway
+    words = [w for w in words if w.split("=", 1)[0] not in over]
+    words += [f"{k}={v}" for k, v in over.items()] + list(opts.append)
+    return " ".join(words)
+
+
+def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, qmp_sock: Path) -> list[str]:
+    accel = opts.accel or ("kvm" if kvm_usable() else "tcg")
+    argv = [QEMU, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(opts.smp), "-m", str(opts.memory or image.memory),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
+            "-append", kernel_cmdline(image, opts),
+            "-chardev", f"socket,id=ser0,path={serial_sock},server=on,wait=off,logfile={serial_log}",
+            "-serial", "chardev:ser0",
+            "-qmp", f"unix:{qmp_sock},server=on,wait=off",
+            "-object", "rng-random,id=rng0,filename=/dev/urandom",
+            "-device", "virtio-rng-pci,rng=rng0"]
+    if opts.net == "user":
+        port = opts.hostport
+        argv += ["-netdev", f"user,id=n0,net={USER_NET},host={USER_HOST},dhcpstart=198.18.0.9,"
+                            f"hostfwd=tcp:127.0.0.1:{port}-{USER_GUEST}:80"]
+    elif opts.net == "tap":
+        if not opts.tap:
+            raise VMError("--net tap needs a tap device name")
+        argv += ["-netdev", f"tap,id=n0,ifname={opts.tap},script=no,downscript=no"]
+    else:
+        raise VMError(f"--net {opts.net!r}: use user[:PORT] or tap[:IFNAME]")
+    argv += ["-device", f"virtio-net-pci,netdev=n0,mac={opts.mac}"]
+    if opts.capture:
+        argv += ["-object", f"filter-dump,id=cap0,netdev=n0,file={opts.capture}"]
+    return argv + list(opts.extra)
+
+
+class BootError(VMError):
+    """The guest did not become ready (fatal line, QEMU exit, timeout); carries the console tail."""
+
+    def __init__(self, reason: str, tail: list[str]):
+        self.reason, self.tail = reason, tail
+        super().__init__(reason + ("\n  console: " + "\n  console: ".join(tail) if tail else ""))
+
+
+class Machine:
+    def __init__(self, image: Image, opts: Options | None = None, prefix: list[str] | None = None,
+                 echo=None):
+        """prefix: argv to run QEMU under (e.g. `ip netns exec NS`); echo: callable(line) for the console."""
+        self.image, self.opts = image, opts or Options()
+        self.prefix = list(prefix or [])
+        self.echo = echo
+        self.proc: subprocess.Popen | None = None
+        self.tmp: Path | None = None
+        self.ready: dict | None = None
+        self._log_pos = 0
+        self._partial = b""
+        self.lines: list[str] = []
+        self.started = 0.0
+        self._qmp = None
+
+    # -- life cycle --
+    def start(self) -> "Machine":
+        qemu_binary()
+        self.tmp = Path(tempfile.mkdtemp(prefix="haboob-vm-"))
+        self.serial_sock, self.serial_log = self.tmp / "serial.sock", self.tmp / "serial.log"
+        self.qmp_sock = self.tmp / "qmp.sock"
+        if self.opts.net == "user" and not self.opts.hostport:
+            self.opts.hostport = free_port()
+        argv = self.prefix + qemu_argv(self.image, self.opts, self.serial_sock, self.serial_log, self.qmp_sock)
+        self.argv = argv
+        self.stderr = open(self.tmp / "qemu.stderr", "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr,
+                                     start_new_session=True)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.proc and self.proc.poll() is None:
+                try:
+                    self.qmp("quit")
+                except Exception:
+                    pass
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        finally:
+            if self._qmp is not None:
+                try:
+                    self._qmp.close()
+                except Exception:
+                    pass
+                self._qmp = None
+            if getattr(self, "stderr", None):
+                self.stderr.close()
+            if self.tmp:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self.tmp = None
+
+    # -- console --
+    def poll_console(self) -> list[str]:
+        """New complete console lines since the last call (also echoed, and kept in self.lines)."""
+        try:
+            with open(self.serial_log, "rb") as f:
+                f.seek(self._log_pos)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._log_pos += len(data)
+        data = self._partial + data
+        *complete, self._partial = data.split(b"\n")
+        new = [c.decode(errors="replace").rstrip("\r") for c in complete]
+        self.lines += new
+        if self.echo:
+            for line in new:
+                self.echo(line)
+        return new
+
+    def tail(self, n: int = 15) -> list[str]:
+        self.poll_console()
+        lines = self.lines + ([self._partial.decode(errors="replace")] if self._partial else [])
+        return [l for l in lines if l.strip()][-n:]
+
+    def qemu_stderr(self) -> str:
+        try:
+            return (self.tmp / "qemu.stderr").read_text(errors="replace").strip()
+        except (OSError, TypeError):
+            return ""
+
+    def send_console(self, data: bytes) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.serial_sock))
+            s.sendall(data)
+            time.sleep(0.2)          # let QEMU read it before we hang up
+
+    def wait_for(self, prefix: str, timeout: float, fail_on_fatal: bool = True) -> str:
+        """The first console line starting with prefix (the rest of it); BootError otherwise."""
+        deadline = time.monotonic() + timeout
+        scanned = 0
+        while True:
+            self.poll_console()
+            for line in self.lines[scanned:]:
+                # the console may put kernel messages or escapes before our text
+                i = line.find(prefix)
+                if i >= 0:
+                    return line[i + len(prefix):]
+                if fail_on_fatal and FATAL in line:
+                    raise BootError(f"the appliance failed: {line[line.find(FATAL):]}", self.tail())
+                if "Kernel panic" in line:
+                    raise BootError(f"guest kernel panic: {line.strip()}", self.tail())
+            scanned = len(self.lines)
+            if self.proc.poll() is not None:
+                time.sleep(0.1)
+                self.poll_console()
+                if any(prefix in l for l in self.lines[scanned:]):
+                    continue
+                err = self.qemu_stderr().splitlines()
+                why = f"QEMU exited with status {self.proc.returncode}" + (f": {err[-1]}" if err else "")
+                raise BootError(why + f" before {prefix.strip()}", self.tail())
+            if time.monotonic() > deadline:
+                raise BootError(f"no {prefix.strip()} within {timeout:.0f}s", self.tail())
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        rest = self.wait_for(READY, timeout)
+        try:
+            self.ready = json.loads(rest)
+        except ValueError:
+            raise BootError(f"unreadable ready line: {rest!r}", self.tail()) from None
+        self.ready["host_seconds"] = round(time.monotonic() - self.started, 3)
+        return self.ready
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    # -- QMP --
+    def qmp(self, cmd: str, **args):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        if self._qmp is None:
+            deadline = time.monotonic() + 10
+            while not self.qmp_sock.exists():
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise VMError("QMP socket did not appear")
+                time.sleep(0.05)
+            client = QEMUMonitorProtocol(str(self.qmp_sock))
+            client.connect()
+            self._qmp = client
+        return self._qmp.cmd(cmd, **args)
+
+    def powerdown(self, timeout: float = 60) -> bool:
+        """Clean stop: the ACPI power button via QMP; True if the guest powered itself off in time."""
+        if self.proc.poll() is not None:
+            return False
+        self.qmp("system_powerdown")
+        code = self.wait_exit(timeout)
+        self.poll_console()
+        return code is not None
