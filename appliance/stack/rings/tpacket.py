@@ -53,6 +53,8 @@ __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "
 
 # <linux/if_packet.h>, <linux/if_ether.h>, <linux/sockios.h>, <linux/ethtool.h>
 SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
@@ -207,7 +209,7 @@ class TpacketDevice:
 
     def __init__(self, iface: str, *, rx_frames: int = 256, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
-                 offload: Offload | None = None):
+                 offload: Offload | None = None, promisc: bool = False):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
@@ -223,6 +225,11 @@ class TpacketDevice:
         self._epoll = None
         try:
             self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
+            if promisc:
+                # Another MAC than the interface's: the NIC must not filter our
+                # frames away. Dropped by the kernel when the socket closes.
+                self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                                     struct.pack("=iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b""))
         except BaseException:
             self.close()
             raise

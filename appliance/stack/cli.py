@@ -1,0 +1,121 @@
+"""`python -m appliance serve`: serve a site on a Linux interface ("host mode").
+
+Theory of operation: check everything that can be checked before touching
+the network (the interface exists, is up and has no kernel IPv4 address,
+since the kernel would answer our peers' TCP segments with RSTs; the
+addresses parse; the store opens or the site compiles), then hand over to
+`appliance.stack.serve.serve`. Output on stdout is two lines of JSON, the
+same as inside the image:
+
+    HABOOB-READY {"ip": ..., "port": 80, "urls": ..., "iface": ..., ...}
+    HABOOB-COUNTERS {...}          (after SIGINT/SIGTERM)
+
+Every refusal is one line on stderr naming what is wrong, exit status 2.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import click
+
+__all__ = ["serve_cmd", "check_interface"]
+
+
+def check_interface(iface: str) -> str | None:
+    """Why `iface` cannot be served on, or None if it can."""
+    from .rings.tpacket import TpacketError, interface_info
+    try:
+        info = interface_info(iface)
+    except TpacketError as e:
+        return e.strerror if e.strerror else str(e)
+    except OSError as e:
+        return f"interface {iface!r}: {e.strerror or e}"
+    if not info.up:
+        return f"interface {iface!r} is down (ip link set {iface} up)"
+    if info.ipv4:
+        return (f"interface {iface!r} has the kernel IPv4 address {info.ipv4}; the kernel would answer "
+                f"our clients with RSTs. Remove it first (ip addr flush dev {iface})")
+    return None
+
+
+def _fail(msg: str):
+    click.echo(f"haboob serve: {msg}", err=True)
+    sys.exit(2)
+
+
+@click.command("serve")
+@click.option("--site", type=click.Path(file_okay=False), help="Site directory (compiled to a temporary store first).")
+@click.option("--store", type=click.Path(dir_okay=False), help="A compiled content store file.")
+@click.option("--iface", required=True, help="Interface to serve on (up, without an IPv4 address).")
+@click.option("--ip", "ip", required=True, help="Our address with prefix, e.g. 198.18.0.1/24.")
+@click.option("--gateway", default=None, help="IPv4 gateway for clients outside the prefix.")
+@click.option("--mac", default=None, help="Source MAC (default: the interface's).")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Stack instances (processes) sharing the interface via PACKET_FANOUT.")
+@click.option("--pin", is_flag=True, help="Pin worker i to CPU i.")
+@click.option("--capture", type=click.Path(dir_okay=False), default=None,
+              help="Record every frame to this pcap file (one file per worker: FILE.i).")
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
+    """Serve a site on a network interface until SIGINT/SIGTERM, then print the counters."""
+    import ipaddress
+    from .serve import parse_mac, serve
+    if bool(site) == bool(store):
+        _fail("give exactly one of --site DIR or --store FILE")
+    try:
+        itf = ipaddress.IPv4Interface(ip)
+    except ValueError as e:
+        _fail(f"--ip {ip!r} is not an IPv4 address with prefix: {e}")
+    if "/" not in ip:
+        _fail(f"--ip {ip!r} needs a prefix length, e.g. {ip}/24")
+    if gateway:
+        try:
+            gw = ipaddress.IPv4Address(gateway)
+        except ValueError as e:
+            _fail(f"--gateway {gateway!r}: {e}")
+        if gw not in itf.network:
+            _fail(f"--gateway {gateway} is not inside {itf.network}")
+    if mac:
+        try:
+            parse_mac(mac)
+        except ValueError as e:
+            _fail(f"--mac: {e}")
+    if workers < 1:
+        _fail(f"--workers must be at least 1, not {workers}")
+    if os.geteuid() != 0:
+        _fail("serving needs root (AF_PACKET rings, CAP_NET_RAW)")
+    why = check_interface(iface)
+    if why:
+        _fail(why)
+    if capture:
+        d = os.path.dirname(os.path.abspath(capture))
+        if not os.path.isdir(d):
+            _fail(f"--capture: directory {d} does not exist")
+    with tempfile.TemporaryDirectory(prefix="haboob-serve-") as tmp:
+        if site:
+            if not os.path.isdir(site):
+                _fail(f"--site {site}: not a directory")
+            from ..content.compiler import CompileError, compile_site
+            store = os.path.join(tmp, "site.store")
+            try:
+                compile_site(site, store)
+            except CompileError as e:
+                _fail(f"--site {site}: {e}")
+        else:
+            from ..content.store import Store, StoreError
+            try:
+                Store.open(store).close()
+            except (StoreError, OSError) as e:
+                _fail(f"--store {store}: {e}")
+
+        def on_ready(ready):
+            click.echo("HABOOB-READY " + json.dumps(ready.info))
+            sys.stdout.flush()
+
+        try:
+            counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
+                             capture=capture, on_ready=on_ready, pin=pin)
+        except OSError as e:
+            _fail(f"interface {iface}: {e}")
+        click.echo("HABOOB-COUNTERS " + json.dumps(counters.as_dict() if hasattr(counters, "as_dict")
+                                                  else dict(counters)))

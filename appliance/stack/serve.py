@@ -1,0 +1,373 @@
+"""The serve loop: one stack instance per worker, driven in batches from a NIC ring.
+
+Theory of operation. `serve()` opens the content store and the interface's
+TPACKET rings (optionally wrapped by the pcap recorder), builds a `Stack`
+with a fresh secret from the OS (ISNs, SYN cookies; RFC 6528) and runs the
+batch loop until a signal or `stop_event`:
+
+    now = monotonic()
+    frames = rx_batch()            # the previous batch's slots go back to the kernel
+    for f in frames: receive(f, now)
+    deadline = stack.poll(now)     # timers; returns the next deadline
+    tx_batch(txq); txq.clear()     # one copy per frame into the TX ring, one kick
+    if nothing was received: wait on the ring's fd until the deadline
+
+One wake-up serves a whole batch; the loop only sleeps after a scan found
+the RX ring empty (and so handed every slot back; see rings/tpacket.py).
+Timers use time.monotonic(); the wall clock is read once a second for the
+Date header (`stack.set_date`). Signals are delivered through a wake-up
+pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
+
+Workers (`workers=N`): N processes forked after the store is checked, each
+with its own device socket in one PACKET_FANOUT_HASH group (the flow hash
+keeps every TCP connection on one worker), its own Stack, store mapping and
+secret: nothing is shared, no locks. Each worker reports readiness and, at
+exit, its counters as one JSON line on a pipe; the parent sums them. The
+loop is kept flat (locals for every attribute it touches per batch) since
+it runs once per wake-up at full load.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+from .counters import Counters
+
+__all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
+
+BATCH = 256          # frames taken from the RX ring per scan
+MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
+
+
+class Ready:
+    """Passed to on_ready: `info` (what the appliance serves where) and the
+    live `counters` (of this process's stack; None in a multi-worker parent)."""
+
+    def __init__(self, info: dict, counters):
+        self.info = info
+        self.counters = counters
+
+    def __repr__(self):
+        return f"Ready({self.info!r})"
+
+
+def parse_mac(mac: str) -> bytes:
+    parts = mac.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"bad MAC address {mac!r} (want xx:xx:xx:xx:xx:xx)")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad MAC address {mac!r} (want xx:xx:xx:xx:xx:xx)") from None
+
+
+def _parse_ip(ip: str):
+    try:
+        itf = ipaddress.IPv4Interface(ip if "/" in ip else ip + "/24")
+    except ValueError as e:
+        raise ValueError(f"bad IPv4 address {ip!r}: {e}") from None
+    return str(itf.ip), itf.network.prefixlen
+
+
+def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=None):
+    """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
+    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies)."""
+    from .iface import Stack, StackConfig
+    if config is None:
+        config = StackConfig(mtu=dev.mtu)
+    return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+
+
+def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
+    """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
+    an exception out of the stack is counted (loop_stack_errors) and the loop goes on."""
+    rx = dev.rx_batch
+    tx = dev.tx_batch
+    receive = stack.receive
+    spoll = stack.poll
+    set_date = stack.set_date
+    txq = stack.txq
+    counters = stack.counters
+    mono = time.monotonic
+    poller = select.poll()
+    fd = dev.fileno()
+    if fd >= 0:
+        poller.register(fd, select.POLLIN)
+    if wake_fd >= 0:
+        poller.register(wake_fd, select.POLLIN)
+    wait = poller.poll
+    next_date = 0.0
+    errors = 0
+    wakeups = 0
+    while not stop():
+        now = mono()
+        if now >= next_date:
+            wall = time.time()
+            set_date(int(wall))
+            next_date = now + (1.0 - (wall % 1.0)) + 0.0005
+        frames = rx(batch)
+        for f in frames:
+            try:
+                receive(f, now)
+            except Exception:        # a stack bug must not stop the appliance: count, drop
+                errors += 1
+        try:
+            deadline = spoll(now)
+        except Exception:
+            errors += 1
+            deadline = None
+        if txq:
+            tx(txq)
+            txq.clear()
+        if frames:
+            continue
+        # Ring empty and handed back: sleep until the next timer, a frame or a signal.
+        until = next_date if deadline is None or deadline > next_date else deadline
+        timeout = until - mono()
+        if timeout > 0:
+            wakeups += 1
+            if wake_fd >= 0:
+                for rfd, _ in wait(min(timeout, MAX_WAIT) * 1000.0 + 0.5):
+                    if rfd == wake_fd:
+                        _drain(wake_fd)
+            else:
+                wait(min(timeout, MAX_WAIT) * 1000.0 + 0.5)
+    counters["loop_stack_errors"] += errors
+    counters["loop_waits"] += wakeups
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _open_device(iface, capture, fanout=None, promisc=False):
+    from .rings.tpacket import TpacketDevice
+    dev = TpacketDevice(iface, fanout=fanout, promisc=promisc)
+    if capture:
+        from .rings.pcap import PcapDevice
+        dev = PcapDevice(dev, capture)
+    return dev
+
+
+def _collect(stack, dev) -> Counters:
+    total = Counters()
+    total.merge(stack.counters)
+    inner = getattr(dev, "dev", dev)
+    for k, v in getattr(inner, "counters", {}).items():
+        total["ring_" + k] += v
+    stats = getattr(inner, "kernel_stats", None)
+    if stats:
+        for k, v in stats().items():
+            total["ring_" + k] += v
+    return total
+
+
+def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
+            on_stack=None, config=None, cpu=None) -> Counters:
+    from ..content.store import Store
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {cpu})
+        except OSError:
+            pass
+    store = Store.open(store_path)
+    dev = None
+    try:
+        from .rings.tpacket import interface_info
+        hw = interface_info(iface).mac
+        dev = _open_device(iface, capture, fanout, promisc=mac is not None and mac != hw)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config)
+        stack.start(time.monotonic())
+        if stack.txq:
+            dev.tx_batch(stack.txq)
+            stack.txq.clear()
+        if on_stack:
+            on_stack(stack, dev)
+        run_loop(stack, dev, stop, wake_fd)
+        return _collect(stack, dev)
+    finally:
+        if dev is not None:
+            dev.close()
+        try:
+            store.close()
+        except Exception:        # frame views into the blob may still be referenced
+            pass
+
+
+class _Stopper:
+    """stop(): a signal arrived (flag set by the handler) or stop_event is set."""
+
+    def __init__(self, stop_event=None):
+        self.flag = False
+        self.event = stop_event
+
+    def __call__(self):
+        return self.flag or (self.event is not None and self.event.is_set())
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+
+def _install_signals(stopper):
+    """SIGINT/SIGTERM set the stop flag and, through a wake-up pipe, end the
+    loop's wait. Only possible in the main thread; elsewhere the caller
+    stops us with stop_event. Returns (wake_fd, restore)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return -1, lambda: None
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old = {s: signal.signal(s, stopper.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def restore():
+        signal.set_wakeup_fd(old_fd)
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(r)
+        os.close(w)
+    return r, restore
+
+
+def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
+          workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
+          pin: bool = False, config=None) -> Counters:
+    """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted) until
+    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers)."""
+    from ..content.store import Store
+    addr, prefix = _parse_ip(ip)
+    if gateway:
+        gateway = str(ipaddress.IPv4Address(gateway))
+    mac_b = parse_mac(mac) if mac else None
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    with Store.open(store_path) as store:        # check it once before forking
+        urls = len(store.site.resources)
+    from .rings.tpacket import interface_info, read_offload
+    hw = interface_info(iface)
+    info = {"ip": addr, "prefix": prefix, "port": 80, "urls": urls, "iface": iface,
+            "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
+            "offload": read_offload(iface)._asdict(), "workers": workers}
+    stopper = _Stopper(stop_event)
+    wake_fd, restore = _install_signals(stopper)
+    try:
+        if workers == 1:
+            def ready(stack, dev):
+                info["offload"] = dev.offload._asdict()
+                if on_ready:
+                    on_ready(Ready(info, stack.counters))
+            return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
+                           wake_fd, ready, config, 0 if pin else None)
+        return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
+                              stopper, wake_fd, on_ready, info, pin, config)
+    finally:
+        restore()
+
+
+def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
+                   wake_fd, on_ready, info, pin, config) -> Counters:
+    fanout = os.getpid() & 0xFFFF
+    ncpu = os.cpu_count() or 1
+    children = {}                # pid -> read end of its report pipe
+    for i in range(workers):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:             # the worker
+            os.close(r)
+            code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
+                          f"{capture}.{i}" if capture else None, fanout, config,
+                          i % ncpu if pin else None)
+            os._exit(code)
+        os.close(w)
+        children[pid] = os.fdopen(r, "r")
+    total = Counters()
+    ready = 0
+    failed = []
+    try:
+        poller = select.poll()
+        by_fd = {}
+        for pid, f in children.items():
+            poller.register(f.fileno(), select.POLLIN | select.POLLHUP)
+            by_fd[f.fileno()] = pid
+        if wake_fd >= 0:
+            poller.register(wake_fd, select.POLLIN)
+        open_fds = set(by_fd)
+        signalled = False
+        while open_fds:
+            if stopper() and not signalled:
+                signalled = True
+                for pid in children:
+                    _kill(pid, signal.SIGTERM)
+            for fd, _ in poller.poll(200):
+                if fd == wake_fd:
+                    _drain(wake_fd)
+                    continue
+                line = children[by_fd[fd]].readline()
+                if not line:
+                    poller.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                kind, _, data = line.partition(" ")
+                if kind == "READY":
+                    ready += 1
+                    if ready == workers and on_ready:
+                        on_ready(Ready(info, None))
+                elif kind == "COUNTERS":
+                    total.merge(json.loads(data))
+                elif kind == "ERROR":
+                    failed.append(data.strip())
+                    if not signalled:             # one worker failed: stop them all
+                        stopper.flag = True
+    finally:
+        for pid, f in children.items():
+            _kill(pid, signal.SIGTERM)
+            f.close()
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    if failed:
+        raise RuntimeError("worker failed: " + "; ".join(failed))
+    total["workers"] = workers
+    return total
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu) -> int:
+    out = os.fdopen(w, "w", buffering=1)
+    try:
+        stopper = _Stopper(None)
+        wake_fd, _ = _install_signals(stopper)
+
+        def ready(stack, dev):
+            out.write("READY\n")
+        counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
+                           stopper, wake_fd, ready, config, cpu)
+        out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
+        return 0
+    except BaseException as e:
+        try:
+            out.write(f"ERROR worker {i}: {type(e).__name__}: {e}\n")
+        except Exception:
+            pass
+        return 1
+    finally:
+        try:
+            out.close()
+        except Exception:
+            pass
