@@ -1,0 +1,638 @@
+"""One TCP connection of the server (RFC 9293 §3.10), sending from the content store.
+
+Theory of operation. A `Conn` exists from SYN-RECEIVED to LAST-ACK; LISTEN,
+SYN cookies and TIME-WAIT live in the Stack (iface.py), which owns the
+connection table and calls `segment()` for every segment of this connection
+and `on_timer()` when `deadline()` has passed. The peer is a client: we
+never open connections and we only read request bytes.
+
+Send side (the Sandstorm data path). Each HTTP Reply becomes an *item* of
+the send queue, a tuple
+
+    (start, end, length, hdr, hl, body, sums, sum0)
+
+`start`/`end` are sequence numbers; `hdr` is the response's header block
+with Date and Connection patched (cached per second by the Stack), `hl` its
+length, `body` a memoryview of the body in Store.blob, `sums` the stored
+per-MSS segment sums and `sum0` the first segment's sum after patching. Any
+byte range of the reply can be rebuilt from the item: that is how segments
+are sent *and* retransmitted (RFC 9293 allows any resegmentation); there is
+no retransmission queue of bytes. Items leave the queue when fully acked.
+A segment is a Frame (see rings/base.py): a copy of the connection's
+54-byte header template (+ the patched header bytes for the first segment)
+with seq/ack/flags/window/lengths/checksums packed in, and the payload as a
+memoryview slice of the blob. Checksums (mode 0, no offload) are computed
+without touching payload bytes: the TCP sum is congruent mod 0xFFFF to the
+sum of the 32-bit header words, so it is `const + seq + ack + flags/window
++ length + stored payload sum`. When the cut does not match the stored
+sums (peer MSS below the store's, partial acks, window probes, dynamic
+replies) the payload is summed in software and counted
+(`tcp_tx_sw_csum`). Mode 1 (csum offload) sends NEEDS_CSUM frames with the
+pseudo-header sum; mode 2 (TSO) sends GSO super-frames of up to `tso_max`.
+
+Receive side: only in-order data is accepted. Out-of-order segments are
+dropped and answered with an immediate duplicate ACK (RFC 9293 §3.10.7.4
+allows it; RFC 5681 §4.2 asks for the immediate ACK), so the client's fast
+retransmit fills the hole: requests are small, a reassembly queue would
+buy nothing. Data is handed to the HTTPConnection; the ACK rides on the
+response (lazy ACK), or is sent after `delack` when no response results, or
+at once for every second full segment, a FIN or an out-of-order segment.
+
+Congestion control is NewReno (cc.py), the RTO estimator RFC 6298
+(timers.py). RFC 5961: RSTs must match RCV.NXT exactly (else challenge ACK),
+SYNs in synchronized states get a challenge ACK, ACKs older than
+SND.UNA - MAX.SND.WND get a challenge ACK (§5.2).
+
+Timers: `t_rtx` (retransmission, or persist when `persist` is set), `t_ack`
+(delayed ACK), `t_req` (a request started but not complete), and the idle
+limit `last_act + idle_timeout` (no progress in either direction: a quiet
+keep-alive connection is closed with a FIN; one that is stuck with data
+outstanding or in a closing state is aborted with a RST). Setting a timer
+earlier than the Stack's next deadline lowers it (`st._next`).
+"""
+import struct
+
+from .cc import NewReno
+from .tcp import ACK, FIN, PSH, RST, SYN
+from .timers import RttEstimator
+
+__all__ = ["Conn", "SYN_RCVD", "ESTABLISHED", "FIN_WAIT_1", "FIN_WAIT_2", "CLOSE_WAIT", "CLOSING",
+           "LAST_ACK", "TIME_WAIT", "CLOSED", "STATE_NAMES"]
+
+SYN_RCVD, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, CLOSE_WAIT, CLOSING, LAST_ACK, TIME_WAIT, CLOSED = range(1, 10)
+STATE_NAMES = {SYN_RCVD: "SYN-RECEIVED", ESTABLISHED: "ESTABLISHED", FIN_WAIT_1: "FIN-WAIT-1",
+               FIN_WAIT_2: "FIN-WAIT-2", CLOSE_WAIT: "CLOSE-WAIT", CLOSING: "CLOSING", LAST_ACK: "LAST-ACK",
+               TIME_WAIT: "TIME-WAIT", CLOSED: "CLOSED"}
+_RX_DATA = (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2)
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+_EMPTY = memoryview(b"")
+_ip_pack = struct.Struct("!HHHBBH").pack_into        # at 16: total length, id, flags/frag, ttl, proto, csum
+_tcp_pack = struct.Struct("!IIHHH").pack_into        # at 38: seq, ack, offset/flags, window, csum
+_tcp_unpack = struct.Struct("!IIBBH").unpack_from    # at 38: seq, ack, offset, flags, window
+
+
+class Conn:
+    __slots__ = ("st", "key", "state", "peer_mac", "peer_ip", "peer_port",
+                 "tmpl", "ip_const", "pseudo", "tcp_const", "mode", "mss", "aligned", "tso_max", "rwnd",
+                 "iss", "irs", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_ws", "max_snd_wnd",
+                 "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
+                 "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
+                 "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
+                 "retries", "ack_now")
+
+    def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
+                 iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
+        cfg = st.cfg
+        self.st = st
+        self.key = key
+        self.state = state
+        self.peer_mac = peer_mac
+        self.peer_ip = peer_ip
+        self.peer_port = peer_port
+        self.tmpl, self.ip_const, self.pseudo, self.tcp_const = st.template(peer_mac, peer_ip, peer_port)
+        self.mode = st.mode
+        # SMSS: the peer's MSS option, else 536 (RFC 9293 §3.7.1, RFC 6691), within our MTU;
+        # without checksum offload also within the store's MSS (segments must match stored sums)
+        mss = min(peer_mss or 536, cfg.mtu - 40)
+        if self.mode == 0 and st.smss:
+            mss = min(mss, st.smss)
+        self.mss = max(mss, 64)
+        self.aligned = self.mss == st.smss
+        self.tso_max = max(self.mss, (cfg.tso_max // self.mss) * self.mss)
+        self.rwnd = cfg.rcv_wnd
+        self.iss = iss
+        self.irs = irs
+        self.snd_una = iss
+        self.snd_nxt = self.snd_max = (iss + 1) & MASK
+        self.ws_ok = peer_ws is not None
+        self.snd_ws = peer_ws or 0          # RFC 7323 §2.2: only when both sides sent the option
+        self.snd_wnd = peer_wnd             # the window of a SYN is never scaled (RFC 7323 §2.2)
+        self.max_snd_wnd = peer_wnd
+        self.wl1 = irs
+        self.wl2 = iss
+        self.rcv_nxt = (irs + 1) & MASK
+        self.rcv_unacked = 0
+        self.cc = NewReno(self.mss, cfg.iw_segments, iss)
+        self.rtt = RttEstimator(cfg.rto_initial, cfg.rto_min, cfg.rto_max)
+        self.rtt_t = 0.0
+        self.rtt_seq = 0
+        self.q = []
+        self.data_end = self.snd_nxt
+        self.fin_pending = False
+        self.fin_seq = 0
+        self.http = None
+        self.date_gen = -1
+        self.t_rtx = 0.0
+        self.persist = False
+        self.persist_iv = 0.0
+        self.t_ack = 0.0
+        self.t_req = 0.0
+        self.last_act = now
+        self.retries = 0
+        self.ack_now = False
+
+    def __repr__(self):
+        return (f"Conn({STATE_NAMES[self.state]} {'.'.join(map(str, self.peer_ip))}:{self.peer_port} "
+                f"una={self.snd_una} nxt={self.snd_nxt} max={self.snd_max} end={self.data_end} "
+                f"rcv_nxt={self.rcv_nxt} cwnd={self.cc.cwnd} wnd={self.snd_wnd})")
+
+    # ------------------------------------------------------------------ input
+
+    def segment(self, f, end: int, now: float) -> None:
+        """Process one segment (RFC 9293 §3.10.7.4) of a frame whose TCP header is at 34
+        and whose IP datagram ends at `end`; the TCP checksum was verified."""
+        seq, ack, off, flags, win = _tcp_unpack(f, 38)
+        hl = (off >> 4) << 2
+        st = self.st
+        if hl < 20 or 34 + hl > end:
+            st.counters["drop_tcp_bad_offset"] += 1
+            return
+        p = 34 + hl
+        plen = end - p
+        rn = self.rcv_nxt
+        state = self.state
+        # first: sequence number acceptability (RCV.WND > 0 always here)
+        if seq != rn:
+            if state == SYN_RCVD and flags & SYN and seq == self.irs and not flags & (ACK | RST):
+                st.counters["tcp_syn_retransmitted"] += 1       # our SYN-ACK was lost
+                st.send_synack(self)
+                return
+            d = (seq - rn) & MASK
+            slen = plen + (flags & FIN) + ((flags & SYN) >> 1)
+            if not (d < self.rwnd or (slen and ((seq + slen - 1 - rn) & MASK) < self.rwnd)):
+                if d >= HALF:
+                    st.counters["tcp_rx_duplicate"] += 1
+                else:
+                    st.counters["drop_tcp_out_of_window"] += 1
+                if not flags & RST:
+                    self._ctl(self.snd_nxt, ACK)                # RFC 9293: send an ACK, drop
+                return
+        # second: RST (RFC 5961 §3.2)
+        if flags & RST:
+            if seq == rn:
+                st.counters["tcp_rst_received"] += 1
+                st.remove(self)
+            else:
+                st.counters["tcp_rst_in_window"] += 1
+                self._challenge(now)
+            return
+        # fourth: SYN in a synchronized state (RFC 5961 §4.2: challenge ACK)
+        if flags & SYN:
+            st.counters["tcp_syn_in_window"] += 1
+            self._challenge(now)
+            return
+        # fifth: ACK
+        if not flags & ACK:
+            st.counters["drop_tcp_no_ack"] += 1
+            return
+        una = self.snd_una
+        if state == SYN_RCVD:
+            if not (0 < ((ack - una) & MASK) <= ((self.snd_max - una) & MASK)):
+                st.counters["tcp_rst_sent_bad_ack"] += 1
+                self._ctl(ack, RST)
+                return
+            self.state = state = ESTABLISHED
+            self.snd_una = una = (una + 1) & MASK           # our SYN is acknowledged
+            self.snd_wnd = win << self.snd_ws
+            self.wl1, self.wl2 = seq, ack
+            self.t_rtx = 0.0
+            self.retries = 0
+            if self.rtt_t:
+                self.rtt.sample(now - self.rtt_t)
+                self.rtt_t = 0.0
+            st.established(self)
+        wnd = win << self.snd_ws
+        if ack != una:
+            d = (ack - una) & MASK
+            if d <= ((self.snd_max - una) & MASK):
+                self._new_ack(ack, d, now)
+            elif d >= HALF:
+                if ((una - ack) & MASK) > self.max_snd_wnd:
+                    st.counters["tcp_ack_too_old"] += 1         # RFC 5961 §5.2
+                    self._challenge(now)
+                    return
+                # an old duplicate ACK: ignore it, go on with the text
+            else:
+                st.counters["drop_tcp_ack_unsent"] += 1         # acks something not yet sent
+                self._ctl(self.snd_nxt, ACK)
+                return
+        elif (not plen and not flags & FIN and wnd == self.snd_wnd and self.snd_max != una
+              and state != SYN_RCVD):
+            self._dupack(now)                                   # RFC 5681 §2 duplicate ACK
+        # window update (RFC 9293 §3.10.7.4, SND.WL1/WL2 rule)
+        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
+            self.snd_wnd = wnd
+            self.wl1 = seq
+            self.wl2 = ack
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+            if wnd and self.persist:
+                self.persist = False
+                self.t_rtx = 0.0
+        if self.state == CLOSED:
+            return
+        # our FIN acknowledged?
+        if self.fin_pending and self.snd_una == ((self.fin_seq + 1) & MASK):
+            if state == FIN_WAIT_1:
+                self.state = state = FIN_WAIT_2
+            elif state == CLOSING:
+                st.time_wait(self, now)
+                return
+            elif state == LAST_ACK:
+                st.counters["tcp_closed"] += 1
+                st.remove(self)
+                return
+        # seventh: segment text
+        if plen or flags & FIN:
+            if seq != rn:
+                if ((seq - rn) & MASK) < HALF:
+                    st.counters["tcp_rx_out_of_order"] += 1     # dropped; the dup ACK asks for the hole
+                    self.ack_now = True
+                    self.output(now)
+                    return
+                skip = (rn - seq) & MASK
+                p += skip
+                plen -= skip
+                if plen < 0:                                    # only the FIN is new
+                    plen = 0
+            if plen > self.rwnd:                                # beyond the window: cut, FIN with it
+                plen = self.rwnd
+                flags &= ~FIN
+            if plen:
+                self.rcv_nxt = rn = (rn + plen) & MASK
+                self.last_act = now
+                if state in _RX_DATA:
+                    self._deliver(f[p:p + plen], now)
+                else:
+                    st.counters["tcp_rx_data_after_fin"] += 1
+                self.rcv_unacked += plen
+                if self.rcv_unacked >= 2 * self.mss:
+                    self.ack_now = True                         # RFC 9293 §3.8.6.3: every 2nd full segment
+                elif not self.t_ack:
+                    t = self.t_ack = now + st.cfg.delack
+                    if t < st._next:
+                        st._next = t
+            if flags & FIN and self.state not in (CLOSE_WAIT, CLOSING, LAST_ACK):
+                self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+                self.ack_now = True
+                st.counters["tcp_fin_received"] += 1
+                s = self.state
+                if s == ESTABLISHED:
+                    self.state = CLOSE_WAIT
+                    self.close()                                # answer what was asked, then FIN
+                elif s == FIN_WAIT_1:
+                    if self.snd_una == ((self.fin_seq + 1) & MASK):
+                        self._ctl(self.snd_nxt, ACK)
+                        st.time_wait(self, now)
+                        return
+                    self.state = CLOSING
+                elif s == FIN_WAIT_2:
+                    self._ctl(self.snd_nxt, ACK)
+                    st.time_wait(self, now)
+                    return
+            elif flags & FIN:
+                self.ack_now = True                             # a retransmitted FIN: ACK again
+        self.output(now)
+
+    def _deliver(self, data, now: float) -> None:
+        """In-order request bytes to the HTTP layer; queue the replies."""
+        http = self.http
+        if http is None or http.closed:
+            self.st.counters["tcp_rx_data_ignored"] += 1
+            return
+        st = self.st
+        if self.date_gen != st.date_gen and st.date is not None:
+            http.now(st.date)
+            self.date_gen = st.date_gen
+        replies = http.receive(bytes(data))
+        if not replies:
+            if not self.t_req:                                  # a request has started
+                t = self.t_req = now + st.cfg.request_timeout
+                if t < st._next:
+                    st._next = t
+            return
+        self.t_req = 0.0
+        st.counters["http_replies"] += len(replies)
+        q = self.q
+        start = self.data_end
+        for r in replies:
+            resp = r.response
+            n = r.length
+            e = (start + n) & MASK
+            if resp is not None:
+                hdr, sum0, body = st.patched(resp, r.close)
+                q.append((start, e, n, hdr, resp.header_len, body, resp.sums, sum0))
+            else:
+                hdr = r.header
+                q.append((start, e, n, hdr, len(hdr), r.body if r.body is not None else _EMPTY, None, 0))
+            start = e
+            if r.close:
+                self.data_end = start
+                self.close()
+                break
+        self.data_end = start
+
+    def _new_ack(self, ack: int, acked: int, now: float) -> None:
+        st = self.st
+        una = self.snd_una
+        flight = (self.snd_max - una) & MASK
+        self.snd_una = ack
+        if ((self.snd_nxt - ack) & MASK) >= HALF:
+            self.snd_nxt = ack                                  # acked beyond snd_nxt (after go-back)
+        self.retries = 0
+        self.last_act = now
+        if self.rtt_t and ((ack - self.rtt_seq) & MASK) < HALF:
+            self.rtt.sample(now - self.rtt_t)                   # RFC 6298 §3 (Karn: not timing retransmits)
+            self.rtt_t = 0.0
+        q = self.q
+        while q and ((ack - q[0][1]) & MASK) < HALF:
+            del q[0]
+        st.counters["tcp_bytes_acked"] += acked
+        if self.cc.on_ack(acked, flight, ack):
+            st.counters["tcp_newreno_partial_ack"] += 1
+            self._retransmit_first(now)
+        if self.persist:
+            pass                                                # the persist timer keeps running
+        elif ack == self.snd_max:
+            self.t_rtx = 0.0                                    # RFC 6298 (5.2)
+        else:
+            self.t_rtx = now + self.rtt.rto                     # RFC 6298 (5.3)
+
+    def _dupack(self, now: float) -> None:
+        if self.cc.on_dupack((self.snd_max - self.snd_una) & MASK, self.snd_una, self.snd_max):
+            self.st.counters["tcp_fast_retransmit"] += 1
+            self._retransmit_first(now)
+
+    def _retransmit_first(self, now: float) -> None:
+        """Resend the first unacknowledged segment (fast retransmit, partial ACK)."""
+        una = self.snd_una
+        if una == self.data_end:
+            if self.fin_pending and ((self.snd_max - una) & MASK):
+                self._ctl(una, ACK | FIN)
+                self.st.counters["tcp_retransmits"] += 1
+            return
+        it, o = self._find(una)
+        n = min(it[2] - o, self.mss - (o % self.mss if self.aligned else 0))
+        fl = ACK
+        if n == it[2] - o:
+            fl |= PSH
+            if self.fin_pending and ((una + n) & MASK) == self.fin_seq:
+                fl |= FIN
+        self.rtt_t = 0.0
+        self.st.counters["tcp_retransmits"] += 1
+        self.st.counters["tcp_retransmit_bytes"] += n
+        self._xmit(una, fl, it, o, n, 1 if self.mode else 0)
+
+    def _challenge(self, now: float) -> None:
+        """A challenge ACK (RFC 5961 §3.2, §4.2, §5.2), rate-limited per Stack (§7)."""
+        if self.st.challenge_ok(now):
+            self.st.counters["tcp_challenge_acks"] += 1
+            self._ctl(self.snd_nxt, ACK)
+        else:
+            self.st.counters["tcp_challenge_acks_limited"] += 1
+
+    def close(self) -> None:
+        """Send a FIN after everything queued (RFC 9293 §3.10.4 CLOSE)."""
+        if self.fin_pending:
+            return
+        self.fin_pending = True
+        self.fin_seq = self.data_end
+        if self.state == ESTABLISHED or self.state == SYN_RCVD:
+            self.state = FIN_WAIT_1
+        elif self.state == CLOSE_WAIT:
+            self.state = LAST_ACK
+
+    def abort(self, reason: str) -> None:
+        """Send a RST and forget the connection (RFC 9293 §3.10.5 ABORT)."""
+        self.st.counters[reason] += 1
+        if self.state != SYN_RCVD:
+            self._ctl(self.snd_max, RST | ACK)
+        self.st.remove(self)
+
+    # ----------------------------------------------------------------- output
+
+    def _find(self, seq: int):
+        for it in self.q:
+            o = (seq - it[0]) & MASK
+            if o < it[2]:
+                return it, o
+        raise LookupError(f"sequence number {seq} is not in the send queue")
+
+    def output(self, now: float) -> None:
+        """Send what the congestion and receive windows allow, a FIN when due, and a
+        pending immediate ACK if no segment carried it."""
+        nxt = self.snd_nxt
+        end = self.data_end
+        sent = False
+        if 0 < ((end - nxt) & MASK) < HALF and self.state != SYN_RCVD:
+            una = self.snd_una
+            cc = self.cc
+            wnd = cc.cwnd if cc.cwnd < self.snd_wnd else self.snd_wnd
+            smax = self.snd_max
+            mss = self.mss
+            mode = self.mode
+            counters = self.st.counters
+            while nxt != end:
+                inflight = (nxt - una) & MASK
+                avail = wnd - inflight
+                if avail <= 0:
+                    break
+                it, o = self._find(nxt)
+                left = it[2] - o
+                if mode == 2:
+                    want = left if left < self.tso_max else self.tso_max
+                    if want > avail and avail >= mss:
+                        want = avail - avail % mss
+                elif self.aligned:
+                    want = mss - o % mss
+                    if left < want:
+                        want = left
+                else:
+                    want = left if left < mss else mss
+                n = want if want < avail else avail
+                if n < want and inflight:
+                    break                                   # SWS avoidance (RFC 9293 §3.8.6.2.1)
+                fl = ACK
+                e = (nxt + n) & MASK
+                if n == left:
+                    fl = ACK | PSH
+                    if e == end and self.fin_pending:
+                        fl = ACK | PSH | FIN
+                if ((nxt - smax) & MASK) >= HALF:           # below snd_max: a retransmission
+                    counters["tcp_retransmits"] += 1
+                    counters["tcp_retransmit_bytes"] += n
+                    if self.rtt_t and ((self.rtt_seq - nxt) & MASK) < HALF:
+                        self.rtt_t = 0.0                    # Karn
+                elif not self.rtt_t:
+                    self.rtt_t = now
+                    self.rtt_seq = e
+                self._xmit(nxt, fl, it, o, n, mode)
+                if fl & FIN:
+                    e = (e + 1) & MASK
+                nxt = e
+                sent = True
+                if ((smax - nxt) & MASK) >= HALF:
+                    smax = nxt
+            self.snd_nxt = nxt
+            self.snd_max = smax
+            if not sent and nxt == una and self.snd_wnd < mss and not self.t_rtx and end != nxt:
+                # zero (or tiny) window and nothing in flight: persist (RFC 9293 §3.8.6.1)
+                self.persist = True
+                self.persist_iv = self.rtt.rto
+                self.t_rtx = t = now + self.persist_iv
+                if t < self.st._next:
+                    self.st._next = t
+                self.st.counters["tcp_persist_entered"] += 1
+        if self.fin_pending and nxt == end == self.fin_seq and self.state != SYN_RCVD:
+            self._ctl(nxt, ACK | FIN)                       # a bare FIN
+            self.snd_nxt = nxt = (nxt + 1) & MASK
+            if ((self.snd_max - nxt) & MASK) >= HALF:
+                self.snd_max = nxt
+            sent = True
+        if sent:
+            if not self.t_rtx:
+                t = self.t_rtx = now + self.rtt.rto
+                if t < self.st._next:
+                    self.st._next = t
+        elif self.ack_now:
+            self._ctl(nxt, ACK)
+        self.ack_now = False
+        self.t_ack = 0.0 if (sent or not self.rcv_unacked) else self.t_ack
+
+    def _xmit(self, seq: int, flags: int, it, o: int, n: int, mode: int) -> None:
+        """Emit bytes [o, o+n) of queue item `it` at `seq` (the Sandstorm fast path)."""
+        hdr = it[3]
+        hl = it[4]
+        if o < hl:
+            e = o + n
+            if e <= hl:
+                prefix = hdr if (o == 0 and e == hl) else hdr[o:e]
+                rest = None
+            else:
+                prefix = hdr[o:] if o else hdr
+                rest = it[5][:e - hl]
+        else:
+            prefix = b""
+            rest = it[5][o - hl:o - hl + n]
+        h = self.tmpl + prefix
+        tl = 40 + n
+        _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
+        rn = self.rcv_nxt
+        st = self.st
+        if mode == 0:
+            sums = it[6]
+            sm = st.smss
+            if sums is not None and o % sm == 0 and (n == sm or o + n == it[2]):
+                k = o // sm
+                psum = sums[k] if k else it[7]
+            else:
+                st.counters["tcp_tx_sw_csum"] += 1
+                data = bytes(prefix) + (bytes(rest) if rest is not None else b"")
+                psum = int.from_bytes(data, "big") << (8 if n & 1 else 0)
+            ck = (-(self.tcp_const + seq + rn + (((0x5000 | flags) << 16) | self.rwnd) + tl - 20 + psum)) % 0xFFFF
+            gso = None
+        else:
+            ck = (self.pseudo + tl - 20) % 0xFFFF
+            gso = st.gso_csum if (mode == 1 or n <= self.mss) else st.gso_tso(self.mss)
+        _tcp_pack(h, 38, seq, rn, 0x5000 | flags, self.rwnd, ck)
+        st.txq.append((h, rest, gso))
+        self.rcv_unacked = 0
+        c = st.counters
+        c["tcp_out_segments"] += 1
+        c["tcp_out_bytes"] += n
+
+    def _ctl(self, seq: int, flags: int) -> None:
+        """A segment without data (ACK, FIN, RST), full checksum in software."""
+        h = bytearray(self.tmpl)
+        _ip_pack(h, 16, 40, 0, 0x4000, 64, 6, (-(self.ip_const + 40)) % 0xFFFF)
+        rn = self.rcv_nxt if flags & ACK else 0
+        ck = (-(self.tcp_const + seq + rn + (((0x5000 | flags) << 16) | self.rwnd) + 20)) % 0xFFFF
+        _tcp_pack(h, 38, seq & MASK, rn, 0x5000 | flags, self.rwnd, ck)
+        self.st.txq.append((h, None, None))
+        self.st.counters["tcp_out_segments"] += 1
+        if flags & ACK:
+            self.rcv_unacked = 0
+            self.t_ack = 0.0
+
+    # ----------------------------------------------------------------- timers
+
+    def deadline(self) -> float:
+        d = self.last_act + self.st.cfg.idle_timeout
+        t = self.t_rtx
+        if t and t < d:
+            d = t
+        t = self.t_ack
+        if t and t < d:
+            d = t
+        t = self.t_req
+        if t and t < d:
+            d = t
+        return d
+
+    def on_timer(self, now: float) -> None:
+        st = self.st
+        cfg = st.cfg
+        if self.t_ack and self.t_ack <= now:
+            st.counters["tcp_delayed_acks"] += 1
+            self._ctl(self.snd_nxt, ACK)
+        if self.t_rtx and self.t_rtx <= now:
+            self._timeout(now)
+            if self.state == CLOSED:
+                return
+        if self.t_req and self.t_req <= now:
+            self.t_req = 0.0
+            st.counters["tcp_request_timeout"] += 1
+            if self.state in (ESTABLISHED, CLOSE_WAIT):
+                self.close()
+                self.last_act = now
+                self.output(now)
+        if now - self.last_act >= cfg.idle_timeout:
+            if self.state in (ESTABLISHED, CLOSE_WAIT) and self.snd_una == self.data_end:
+                st.counters["tcp_idle_close"] += 1
+                self.close()
+                self.last_act = now
+                self.output(now)
+            else:
+                self.abort("tcp_idle_abort")
+
+    def _timeout(self, now: float) -> None:
+        st = self.st
+        if self.persist:
+            # window probe: one byte of new data (RFC 9293 §3.8.6.1), not counted in
+            # flight; if the peer takes it, its ACK moves SND.UNA past SND.NXT
+            st.counters["tcp_window_probes"] += 1
+            una = self.snd_una
+            if una != self.data_end:
+                it, o = self._find(una)
+                self._xmit(una, ACK, it, o, 1, 0 if self.mode == 0 else 1)
+                e = (una + 1) & MASK
+                if ((self.snd_max - e) & MASK) >= HALF:
+                    self.snd_max = e
+            self.persist_iv = min(self.persist_iv * 2, st.cfg.rto_max)
+            self.t_rtx = now + self.persist_iv
+            return
+        self.retries += 1
+        if self.state == SYN_RCVD:
+            if self.retries > st.cfg.syn_retries:
+                st.counters["tcp_synack_giveup"] += 1
+                st.remove(self)
+                return
+            st.counters["tcp_synack_retransmits"] += 1
+            self.rtt.backoff()
+            self.rtt_t = 0.0
+            st.send_synack(self)
+            self.t_rtx = now + self.rtt.rto
+            return
+        if self.retries > st.cfg.max_retries:
+            self.abort("tcp_rtx_giveup")
+            return
+        st.counters["tcp_rto"] += 1
+        self.cc.on_timeout((self.snd_max - self.snd_una) & MASK, self.snd_max, self.retries == 1)
+        self.rtt.backoff()                                  # RFC 6298 (5.5)
+        self.rtt_t = 0.0
+        self.snd_nxt = self.snd_una                         # go back: resend from the store
+        self.t_rtx = 0.0
+        self.output(now)
+        self.t_rtx = now + self.rtt.rto                     # (5.6) with the backed-off value

@@ -1,0 +1,507 @@
+"""The Stack: one interface, one address, one instance per core; frames in, frames out.
+
+Theory of operation. The serve loop feeds every received frame to
+`receive(frame, now)`, calls `poll(now)` to run timers (it returns the next
+deadline), `set_date()` once a second, and drains `txq` (a list of Frames,
+see rings/base.py) into the device. Nothing here reads a clock or does I/O,
+and nothing raises out of `receive`: a frame is used, answered per the RFCs,
+or counted and dropped under `drop_<reason>` (an unexpected exception is
+counted as `drop_internal_error`, its text kept in `last_error`).
+
+Dispatch. A fast path recognizes, with a handful of byte comparisons, an
+IPv4/TCP frame to our MAC and address without IP options or fragmentation,
+verifies the IP header and TCP checksums (C-speed sums, wire.py) and looks
+the connection up by the raw 12 bytes of addresses and ports sliced from the
+frame. Everything else takes the slow path through the checked parsers of
+ethernet/arp/ipv4/icmp/tcp, which name the reason of every drop.
+
+Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port`: a SYN creates a
+SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
+Window Scale 0 (we take its scaling; our own window stays <= 65535). We never
+offer SACK or timestamps. When `syn_backlog` half-open connections exist (or
+`syncookies="always"`), the SYN-ACK carries a SYN cookie instead (isn.py)
+and no state is kept; a returning ACK that carries a valid cookie creates
+the connection directly. `max_conns` caps the table (SYNs beyond are counted
+and dropped). Segments for other ports, or non-SYNs without a connection,
+get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
+
+TIME-WAIT is a compact table key -> (expiry, snd_nxt, rcv_nxt, peer_mac):
+retransmitted FINs are acknowledged again (and restart 2*MSL), RSTs are
+ignored (RFC 1337), a new SYN with a higher sequence number reopens
+(RFC 9293 §3.10.7.4 / RFC 6191 idea). Insertion order is expiry order, so
+expiring is popping from the front.
+
+ARP (arp.py): we answer for our address, learn senders addressed to us,
+announce ourselves at `start` (gratuitous ARP, RFC 5227 §3) and resolve the
+gateway (retried every second until known). Replies always go to the source
+MAC of the frame that asked, so the cache is not on the hot path.
+
+Dates: `set_date` formats the IMF-fixdate (RFC 9110 §5.6.7) and drops the
+cache of patched response headers (`patched`), which holds, per prebuilt
+response and Connection value, the header bytes with Date and Connection
+written in and the first segment's checksum sum fixed by the difference
+(RFC 1624) -- per request, patching is one dict lookup.
+"""
+import os
+import struct
+import time
+from typing import NamedTuple
+
+from .arp import OP_REPLY, OP_REQUEST, ArpCache, ArpPacket
+from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
+from .counters import Counters
+from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
+from .icmp import ECHO_REQUEST, Icmp
+from .ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header
+from .isn import IsnGenerator
+from .rings.base import GSO, Offload
+from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
+from .wire import Malformed, ip_bytes
+
+__all__ = ["Stack", "StackConfig", "imf_fixdate"]
+
+_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
+_KEEP = b"keep-alive"
+_CLOSE = b"close     "
+_ZERO_MAC = b"\0" * 6
+
+
+def imf_fixdate(unix_seconds: int) -> bytes:
+    """RFC 9110 §5.6.7 IMF-fixdate, 29 bytes, independent of the locale."""
+    t = time.gmtime(unix_seconds)
+    return b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1],
+                                                      t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+class StackConfig(NamedTuple):
+    port: int = 80                  # the listening TCP port
+    mtu: int = 1500                 # the device's IP MTU: our MSS option is mtu - 40
+    max_conns: int = 65536          # connections (all states but TIME-WAIT); SYNs beyond are dropped
+    syn_backlog: int = 1024         # half-open connections before SYN cookies are used
+    syncookies: str = "auto"        # "auto" (when the backlog is full), "always", "never"
+    rcv_wnd: int = 65535            # our advertised window (never scaled)
+    iw_segments: int = 10           # initial window in segments (RFC 6928)
+    rto_initial: float = 1.0        # RFC 6298 (2.1)
+    rto_min: float = 0.2            # Linux's; RFC 6298 (2.4) says 1 s
+    rto_max: float = 60.0
+    max_retries: int = 8            # RTOs in a row without progress before a RST
+    syn_retries: int = 5            # SYN-ACK retransmissions before forgetting a half-open connection
+    delack: float = 0.04            # delayed ACK (RFC 9293 §3.8.6.3: < 0.5 s)
+    idle_timeout: float = 60.0      # no progress for this long: close (or abort if stuck)
+    request_timeout: float = 30.0   # a request started but not complete for this long: close
+    time_wait: float = 60.0         # 2*MSL
+    arp_ttl: float = 300.0
+    arp_cache_size: int = 256
+    challenge_ack_limit: int = 1000  # per second, the whole stack (RFC 5961 §7)
+    tso_max: int = 62000            # payload bytes per GSO super-frame (< 64 KB with headers)
+
+
+class Stack:
+    def __init__(self, store, mac: bytes, ip: str, prefix: int, gateway: str | None, offload: Offload,
+                 config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None):
+        if isinstance(mac, str):
+            mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+        if len(mac) != 6:
+            raise ValueError(f"MAC address must be 6 bytes, got {mac!r}")
+        if not 0 < prefix <= 32:
+            raise ValueError(f"prefix length must be 1..32, got {prefix}")
+        if config.syncookies not in ("auto", "always", "never"):
+            raise ValueError(f"syncookies must be auto, always or never, got {config.syncookies!r}")
+        if not 576 <= config.mtu <= 65535:
+            raise ValueError(f"MTU must be 576..65535, got {config.mtu}")
+        if not 0 < config.rcv_wnd <= 65535:
+            raise ValueError(f"rcv_wnd must be 1..65535, got {config.rcv_wnd}")
+        self.store = store
+        self.mac = bytes(mac)
+        self.ip = ip
+        self.ipb = ip_bytes(ip)
+        self.prefix = prefix
+        self.netmask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
+        self.net = int.from_bytes(self.ipb, "big") & self.netmask
+        self.gateway = ip_bytes(gateway) if gateway else None
+        if self.gateway and not self.on_link(self.gateway):
+            raise ValueError(f"gateway {gateway} is not in {ip}/{prefix}")
+        self.offload = offload
+        self.mode = 2 if offload.tso else (1 if offload.csum else 0)
+        self.cfg = config
+        self.isn = IsnGenerator(secret if secret is not None else os.urandom(32))
+        if store is not None:
+            self.smss = store.mss
+            self.blob = store.blob
+            if http_factory is None:
+                from appliance.http import HTTPConnection
+                site, blob = store.site, store.blob
+                http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
+        else:
+            self.smss = 0
+            self.blob = None
+        self.http_factory = http_factory
+        self.counters = Counters()
+        self.txq = []
+        self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
+        self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
+        self.n_synrcvd = 0
+        self.arp = ArpCache(config.arp_ttl, config.arp_cache_size)
+        self.date = None            # 29 bytes once set_date was called; until then the stored placeholder
+        self.date_gen = 0
+        self._hdr_cache = {}
+        self._next = 0.0            # no deadline before this (a lower bound; poll rescans at it)
+        self._cookies_until = -1.0
+        self._chal_sec = -1
+        self._chal_n = 0
+        self._gw_arp_at = 0.0
+        self.gso_csum = GSO(34, 16, 0, 54)
+        self._gso = {}
+        self.last_error = None
+        self.our_port = config.port
+        # the fast path's constants
+        self._port_b = config.port.to_bytes(2, "big")
+
+    # --------------------------------------------------------------- public API
+
+    def start(self, now: float) -> None:
+        """Announce our address (gratuitous ARP) and start resolving the gateway."""
+        self._arp_out(OP_REQUEST, BROADCAST, self.ipb, _ZERO_MAC)
+        self.counters["arp_announcements"] += 1
+        if self.gateway:
+            self._resolve_gateway(now)
+        self._next = 0.0
+
+    def set_date(self, unix_seconds: int) -> None:
+        d = imf_fixdate(int(unix_seconds))
+        if d != self.date:
+            self.date = d
+            self.date_gen += 1
+            self._hdr_cache.clear()
+
+    @property
+    def gateway_mac(self):
+        return self.arp._e.get(self.gateway, (None,))[0] if self.gateway else None
+
+    def on_link(self, ipb: bytes) -> bool:
+        return int.from_bytes(ipb, "big") & self.netmask == self.net
+
+    def receive(self, f, now: float) -> None:
+        """One received frame (bytes-like). Never raises."""
+        try:
+            self._receive(f, now)
+        except Exception as e:          # a bug must not stop the server: count it, keep the text
+            self.counters["drop_internal_error"] += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+
+    def poll(self, now: float) -> float:
+        """Run the timers that are due; return the next deadline (monotonic seconds)."""
+        if now < self._next:
+            return self._next
+        try:
+            return self._poll(now)
+        except Exception as e:
+            self.counters["drop_internal_error"] += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._next = now + 0.1
+            return self._next
+
+    # ------------------------------------------------------------- the fast path
+
+    def _receive(self, f, now: float) -> None:
+        n = len(f)
+        # Ethernet to us, IPv4, version 4 IHL 5, TCP, not a fragment, our address
+        if (n >= 54 and f[12] == 8 and f[13] == 0 and f[14] == 0x45 and f[23] == 6
+                and not (f[20] & 0x3F or f[21]) and f[0:6] == self.mac and f[30:34] == self.ipb):
+            tl = (f[16] << 8) | f[17]
+            if 40 <= tl <= n - 14 and int.from_bytes(f[14:34], "big") % 0xFFFF == 0:
+                end = 14 + tl
+                c = self.conns.get(bytes(f[26:38]))
+                if c is not None:
+                    tcp = int.from_bytes(f[34:end], "big")
+                    if tl & 1:
+                        tcp <<= 8
+                    if (tcp + int.from_bytes(f[26:34], "big") + 6 + tl - 20) % 0xFFFF:
+                        self.counters["drop_tcp_bad_checksum"] += 1
+                        return
+                    self.counters["tcp_in_segments"] += 1
+                    c.segment(f, end, now)
+                    return
+        self._slow(f, now)
+
+    # ------------------------------------------------------------- the slow path
+
+    def _slow(self, f, now: float) -> None:
+        cnt = self.counters
+        try:
+            eth = EthernetFrame.parse(f)
+            if eth.dst != self.mac and eth.dst != BROADCAST:
+                raise Malformed("eth_not_for_us")
+            if eth.ethertype == ETH_ARP:
+                self._arp_in(eth, now)
+            elif eth.ethertype == ETH_IPV4:
+                self._ipv4_in(eth, f, now)
+            else:
+                raise Malformed("eth_unknown_type", f"{eth.ethertype:#06x}")
+        except Malformed as e:
+            cnt["drop_" + e.reason] += 1
+
+    def _arp_in(self, eth, now: float) -> None:
+        a = ArpPacket.parse(eth.payload)
+        cnt = self.counters
+        if a.spa == self.ipb:
+            if a.sha != self.mac:
+                cnt["arp_address_conflict"] += 1        # someone else claims our address (RFC 5227)
+            raise Malformed("arp_from_our_address")
+        if a.tpa == self.ipb:
+            if self.on_link(a.spa) and a.spa != b"\0\0\0\0":
+                self.arp.learn(a.spa, a.sha, now)       # RFC 826 merge: the asker will talk to us
+            if a.op == OP_REQUEST:
+                self._arp_out(OP_REPLY, eth.src, a.spa, a.sha)
+                cnt["arp_replies"] += 1
+            else:
+                cnt["arp_replies_received"] += 1
+        elif a.spa in self.arp._e:
+            self.arp.learn(a.spa, a.sha, now)           # update an entry we have (RFC 826)
+            cnt["arp_updates"] += 1
+        else:
+            raise Malformed("arp_not_for_us")
+
+    def _arp_out(self, op: int, dst_mac: bytes, tpa: bytes, tha: bytes) -> None:
+        arp = ArpPacket(op, self.mac, self.ipb, tha, tpa).emit()
+        self.txq.append((EthernetFrame(dst_mac, self.mac, ETH_ARP).emit() + arp + bytes(18), None, None))
+
+    def _resolve_gateway(self, now: float) -> None:
+        self._arp_out(OP_REQUEST, BROADCAST, self.gateway, _ZERO_MAC)
+        self.counters["arp_requests"] += 1
+        self._gw_arp_at = now + 1.0
+
+    def _ipv4_in(self, eth, f, now: float) -> None:
+        ip = IPv4Header.parse(eth.payload)
+        if ip.dst != self.ipb:
+            raise Malformed("ip_not_for_us")
+        s = ip.src
+        if s[0] >= 224 or s[0] == 0 or s[0] == 127 or s == self.ipb or \
+                (self.prefix < 31 and self.on_link(s) and (int.from_bytes(s, "big") | self.netmask) == MASK):
+            raise Malformed("ip_bad_source", ".".join(map(str, s)))   # RFC 1122 §3.2.1.3
+        if ip.proto == PROTO_TCP:
+            self._tcp_in(eth, ip, f, now)
+        elif ip.proto == PROTO_ICMP:
+            self._icmp_in(eth, ip)
+        else:
+            raise Malformed("ip_unknown_protocol", str(ip.proto))
+
+    def _icmp_in(self, eth, ip) -> None:
+        m = Icmp.parse(ip.payload)
+        if m.type != ECHO_REQUEST or m.code != 0:
+            self.counters["icmp_ignored"] += 1
+            return
+        out = IPv4Header(self.ipb, ip.src, PROTO_ICMP, m.echo_reply().emit()).emit()
+        self.txq.append((EthernetFrame(eth.src, self.mac, ETH_IPV4).emit() + out, None, None))
+        self.counters["icmp_echo_replies"] += 1
+
+    def _tcp_in(self, eth, ip, f, now: float) -> None:
+        seg = TcpSegment.parse(ip.payload, ip.src, ip.dst)
+        cnt = self.counters
+        key = bytes(ip.src) + bytes(ip.dst) + struct.pack("!HH", seg.sport, seg.dport)
+        c = self.conns.get(key)
+        if c is not None:                      # e.g. broadcast destination MAC: still ours
+            cnt["tcp_in_segments"] += 1
+            c.segment(f, 14 + 20 + len(ip.payload), now)
+            return
+        tw = self.tw.get(key)
+        if tw is not None:
+            if self._tw_segment(key, tw, seg, eth, ip, now):
+                return
+        fl = seg.flags
+        if seg.dport != self.cfg.port or self.store is None:
+            if not fl & RST:
+                self._reset_for(eth, ip, seg)
+            raise Malformed("tcp_closed_port", str(seg.dport))
+        if fl & RST:
+            raise Malformed("tcp_rst_no_connection")
+        if fl & ACK:
+            if not fl & SYN and now < self._cookies_until:
+                mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
+                if mss is not None and len(self.conns) < self.cfg.max_conns:
+                    cnt["tcp_syncookies_accepted"] += 1
+                    c = Conn(self, key, bytes(eth.src), bytes(ip.src), seg.sport, (seg.ack - 1) & MASK,
+                             (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
+                    c.snd_una = c.snd_nxt
+                    c.wl1 = (seg.seq - 1) & MASK
+                    self.conns[key] = c
+                    self.established(c, False)
+                    c.segment(f, 14 + 20 + len(ip.payload), now)
+                    return
+            self._reset_for(eth, ip, seg)
+            raise Malformed("tcp_ack_no_connection")
+        if not fl & SYN:
+            raise Malformed("tcp_no_connection")
+        if fl & FIN:
+            raise Malformed("tcp_syn_fin")
+        if len(self.conns) >= self.cfg.max_conns:
+            raise Malformed("tcp_conn_limit")
+        cookies = self.cfg.syncookies
+        if cookies == "always" or (self.n_synrcvd >= self.cfg.syn_backlog and cookies == "auto"):
+            mss = min(seg.options.mss or 536, self.cfg.mtu - 40)
+            cookie = self.isn.cookie(key, seg.seq, mss, now)
+            self._cookies_until = now + 130.0
+            self._emit_tcp(eth.src, ip.src, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
+                           Options(mss=self.cfg.mtu - 40))
+            cnt["tcp_syncookies_sent"] += 1
+            return
+        if self.n_synrcvd >= self.cfg.syn_backlog:
+            raise Malformed("tcp_syn_backlog_full")
+        iss = self.isn.isn(key, now)
+        c = Conn(self, key, bytes(eth.src), bytes(ip.src), seg.sport, iss, seg.seq, seg.options.mss,
+                 seg.options.wscale, seg.window, now, SYN_RCVD)
+        self.conns[key] = c
+        self.n_synrcvd += 1
+        cnt["tcp_syn_received"] += 1
+        c.rtt_t = now
+        c.t_rtx = t = now + c.rtt.rto
+        if t < self._next:
+            self._next = t
+        self.send_synack(c)
+
+    def _tw_segment(self, key, tw, seg, eth, ip, now) -> bool:
+        """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""
+        expiry, snd_nxt, rcv_nxt, mac = tw
+        fl = seg.flags
+        cnt = self.counters
+        if fl & RST:
+            cnt["tcp_time_wait_rst_ignored"] += 1       # RFC 1337
+            return True
+        if fl & SYN and not fl & ACK and 0 < ((seg.seq - rcv_nxt) & MASK) < HALF:
+            del self.tw[key]
+            cnt["tcp_time_wait_reopened"] += 1
+            return False
+        if fl & FIN:
+            del self.tw[key]                            # restart 2*MSL (keeps the table in expiry order)
+            self.tw[key] = (now + self.cfg.time_wait, snd_nxt, rcv_nxt, mac)
+        cnt["tcp_time_wait_acks"] += 1
+        self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, snd_nxt, rcv_nxt, ACK)
+        return True
+
+    def _reset_for(self, eth, ip, seg) -> None:
+        """RFC 9293 §3.10.7.1: a RST answering a segment that has no connection."""
+        if seg.flags & ACK:
+            self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, seg.ack, 0, RST)
+        else:
+            self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK)
+        self.counters["tcp_rst_sent"] += 1
+
+    def _emit_tcp(self, dmac, dst, sport, dport, seq, ack, flags, options=Options(), window=None) -> None:
+        win = self.cfg.rcv_wnd if window is None else window
+        tcp = TcpSegment(sport, dport, seq, ack, flags, win if not flags & RST else 0, options).emit(self.ipb, dst)
+        ip = IPv4Header(self.ipb, bytes(dst), PROTO_TCP, tcp).emit()
+        self.txq.append((EthernetFrame(bytes(dmac), self.mac, ETH_IPV4).emit() + ip, None, None))
+        self.counters["tcp_out_segments"] += 1
+
+    # ------------------------------------------------------ services for Conn
+
+    def send_synack(self, c: Conn) -> None:
+        opts = Options(mss=self.cfg.mtu - 40, wscale=0 if c.ws_ok else None)
+        self._emit_tcp(c.peer_mac, c.peer_ip, self.cfg.port, c.peer_port, c.iss, c.rcv_nxt, SYN | ACK, opts)
+
+    def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
+        if from_syn_rcvd:
+            self.n_synrcvd -= 1
+        c.http = self.http_factory()
+        self.counters["tcp_established"] += 1
+
+    def remove(self, c: Conn) -> None:
+        if self.conns.get(c.key) is c:
+            del self.conns[c.key]
+        if c.state == SYN_RCVD:
+            self.n_synrcvd -= 1
+        c.state = CLOSED
+
+    def time_wait(self, c: Conn, now: float) -> None:
+        self.remove(c)
+        self.counters["tcp_time_wait"] += 1
+        tw = self.tw
+        if len(tw) >= self.cfg.max_conns:
+            del tw[next(iter(tw))]
+            self.counters["tcp_time_wait_evicted"] += 1
+        tw[c.key] = (now + self.cfg.time_wait, c.snd_max, c.rcv_nxt, c.peer_mac)
+        if now + self.cfg.time_wait < self._next:
+            self._next = now + self.cfg.time_wait
+
+    def challenge_ok(self, now: float) -> bool:
+        s = int(now)
+        if s != self._chal_sec:
+            self._chal_sec = s
+            self._chal_n = 0
+        self._chal_n += 1
+        return self._chal_n <= self.cfg.challenge_ack_limit
+
+    def gso_tso(self, mss: int) -> GSO:
+        g = self._gso.get(mss)
+        if g is None:
+            g = self._gso[mss] = GSO(34, 16, mss, 54)
+        return g
+
+    def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
+        """A connection's Ethernet+IPv4+TCP header template and its checksum constants:
+        (template, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF."""
+        t = bytearray(EthernetFrame(peer_mac, self.mac, ETH_IPV4).emit())
+        t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
+        t += struct.pack("!HHIIBBHHH", self.cfg.port, peer_port, 0, 0, 0x50, 0, 0, 0, 0)
+        ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
+        pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
+        tcp_const = (pseudo + (self.cfg.port << 16 | peer_port)) % 0xFFFF
+        return t, ip_const, pseudo, tcp_const
+
+    def patched(self, resp, close: bool):
+        """(header bytes with Date and Connection written, first segment's sum, body view)."""
+        k = resp.off * 2 + close
+        v = self._hdr_cache.get(k)
+        if v is None:
+            off, hl = resp.off, resp.header_len
+            old = self.blob[off:off + hl]
+            hdr = bytearray(old)
+            if resp.date_off >= 0 and self.date is not None:
+                hdr[resp.date_off:resp.date_off + 29] = self.date
+            if resp.conn_off >= 0:
+                hdr[resp.conn_off:resp.conn_off + 10] = _CLOSE if close else _KEEP
+            hdr = bytes(hdr)
+            # the header block starts the first segment: its contribution to the
+            # segment's sum is its big-endian value, shifted by 8 bits when an odd
+            # number of bytes follows it in the (zero-padded, even) segment
+            delta = int.from_bytes(hdr, "big") - int.from_bytes(old, "big")
+            if hl & 1:
+                delta <<= 8
+            sum0 = (resp.sums[0] + delta) % 0xFFFF
+            if len(self._hdr_cache) >= 8192:
+                self._hdr_cache.clear()
+            v = self._hdr_cache[k] = (hdr, sum0, self.blob[off + hl:off + resp.length])
+        return v
+
+    # ------------------------------------------------------------------ timers
+
+    def _poll(self, now: float) -> float:
+        nxt = now + 3600.0
+        for c in list(self.conns.values()):
+            d = c.deadline()
+            if d <= now:
+                c.on_timer(now)
+                if c.state == CLOSED:
+                    continue
+                d = c.deadline()
+                if d <= now:                 # nothing moved it (should not happen): do not spin
+                    d = now + 0.01
+            if d < nxt:
+                nxt = d
+        tw = self.tw
+        while tw:
+            k = next(iter(tw))
+            e = tw[k][0]
+            if e > now:
+                if e < nxt:
+                    nxt = e
+                break
+            del tw[k]
+        if self.gateway and self.gateway_mac is None:
+            if now >= self._gw_arp_at:
+                self._resolve_gateway(now)
+            if self._gw_arp_at < nxt:
+                nxt = self._gw_arp_at
+        self._next = nxt
+        return nxt
