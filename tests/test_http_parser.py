@@ -162,3 +162,9 @@ def test_parse_head_fields():
 ])
 def test_decode_target(target, path):
     assert decode_target(target) == path
+
+
+def test_cache_respects_limits(store):
+    raw = b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+    assert statuses(store, raw)[0] == [404]                     # default limits: cached 404
+    assert statuses(store, raw, limits=Limits(max_request_line=64))[0] == [414]

@@ -57,7 +57,7 @@ class Site:
         self.server = server
         self.responses = responses        # every Response of the store, by index
         self.date = date                  # the placeholder Date value stored in every response
-        self.cache = None                 # owned by appliance.http: raw request -> Reply
+        self.cache = None                 # owned by appliance.http: {Limits: {raw request: Reply}}
 
     def urls(self):
         """All URL paths that answer 200, sorted."""

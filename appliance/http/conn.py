@@ -148,18 +148,24 @@ class HTTPConnection:
         self.limits = limits or _DEFAULT_LIMITS
         self.closed = False
         self._buf = b""
+        self._pos = 0               # parsed up to here; compacted once per receive()
         self._state = _HEAD
         self._remaining = 0
         self._pending = None        # (Request) whose body is being discarded
         self._body_total = 0
         self._date = getattr(site, "date", b"Thu, 01 Jan 1970 00:00:00 GMT")
-        cache = getattr(site, "cache", None)
-        if cache is None:
-            cache = {}
+        # One cache per (site, limits): a reply is a pure function of the bytes only
+        # under the same limits.
+        caches = getattr(site, "cache", None)
+        if caches is None:
+            caches = {}
             try:
-                site.cache = cache
+                site.cache = caches
             except AttributeError:
                 pass
+        cache = caches.get(self.limits)
+        if cache is None:
+            cache = caches[self.limits] = {}
         self._cache = cache
 
     def now(self, date: bytes):
@@ -192,7 +198,7 @@ class HTTPConnection:
             fresh = False
         replies = []
         try:
-            while not self.closed and self._buf:
+            while not self.closed and self._pos < len(self._buf):
                 if self._state == _HEAD:
                     r = self._next_request(fresh)
                 else:
@@ -205,38 +211,47 @@ class HTTPConnection:
                     self.closed = True
         except ProtocolError as e:
             pending = self._pending
-            head = pending.method == b"HEAD" if pending is not None else self._buf[:5] == b"HEAD "
+            p = self._pos
+            head = pending.method == b"HEAD" if pending is not None else self._buf[p:p + 5] == b"HEAD "
             replies.append(self._error(e.status, head))
             self.closed = True
         if self.closed:
             self._buf = b""
+            self._pos = 0
+        elif self._pos:
+            self._buf = self._buf[self._pos:]
+            self._pos = 0
         return replies
 
     def _next_request(self, fresh):
         buf = self._buf
+        p = self._pos
+        n = len(buf)
         # RFC 9112 §2.2: ignore empty lines before the request-line.
-        if buf[:1] in (b"\r", b"\n"):
-            buf = buf.lstrip(b"\r\n")
-            self._buf = buf
+        if buf[p] in (13, 10):
+            while p < n and buf[p] in (13, 10):
+                p += 1
+            self._pos = p
             fresh = False
-            if not buf:
+            if p == n:
                 return None
         # The head ends at the first empty line: CRLF CRLF, or a bare LF on either side.
-        pos = buf.find(b"\n\r\n")
-        lf = buf.find(b"\n\n", 0, pos + 1 if pos >= 0 else len(buf))
+        # Offsets, not slices, so a long pipeline is parsed in linear time.
+        pos = buf.find(b"\n\r\n", p)
+        lf = buf.find(b"\n\n", p, pos + 1 if pos >= 0 else n)
         if lf >= 0:
-            head, rest = buf[:lf], buf[lf + 2:]
+            head, end = buf[p:lf], lf + 2
         elif pos >= 0:
-            head, rest = buf[:pos], buf[pos + 3:]
+            head, end = buf[p:pos], pos + 3
         else:
-            self._check_incomplete(buf)
+            self._check_incomplete(buf[p:])
             return None
         lim = self.limits
         if len(head) > lim.max_head:
             nl = head.find(b"\n")
             raise ProtocolError(414 if nl < 0 or nl > lim.max_request_line else 431, "request head too large")
         req = parse_head(head, lim)
-        self._buf = rest
+        self._pos = end
         if req.chunked or req.content_length:
             if req.method not in (b"GET", b"HEAD"):
                 # We answer without reading the content, so the connection cannot continue.
@@ -252,10 +267,11 @@ class HTTPConnection:
                 self._remaining = req.content_length
             return self._discard_body()
         reply = self._reply_for(req)
-        if fresh and not rest and reply.response is not None and len(head) <= lim.cache_key_max:
+        if fresh and end == n and reply.response is not None and len(head) <= lim.cache_key_max \
+                and lim.cache_entries:
             cache = self._cache
             if len(cache) >= lim.cache_entries:
-                cache.clear()
+                cache.clear()       # bounded; junk requests cannot grow it
             cache[buf] = reply
         return reply
 
@@ -273,6 +289,9 @@ class HTTPConnection:
     def _discard_body(self):
         """Consume body bytes of the pending request; its reply once the body is complete."""
         lim = self.limits
+        if self._pos:
+            self._buf = self._buf[self._pos:]
+            self._pos = 0
         while True:
             st = self._state
             buf = self._buf
