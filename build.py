@@ -9,11 +9,7 @@ haboob_build/steps.py). The image is assembled in a temporary folder beside
 the output and renamed into place only when complete, so a failed build
 leaves nothing half-written.
 """
-import os
 import re
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import click
 
 from haboob_build.context import Context, Options
 from haboob_build.errors import BuildError
-from haboob_build.steps import STEPS, build, parse_ip
+from haboob_build.steps import STEPS, build_image, parse_ip
 
 
 def _ip(ctx, param, value):
@@ -55,30 +51,12 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
     out = Path(out) if out else Path("images") / name
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
-                   memory=memory, compress_level=compress_level, quiet=quiet)
-    opts.modules = modules
+                   memory=memory, compress_level=compress_level, quiet=quiet, modules=modules)
     t0 = time.monotonic()
-    if out.exists() and not out.is_dir():
-        raise click.ClickException(f"--out {out}: exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.building-"))
-    scratch = Path(tempfile.mkdtemp(prefix="haboob-build-"))
     try:
-        ctx = Context(options=opts, work=work, scratch=scratch)
-        build(ctx, STEPS)
-        os.chmod(work, 0o755)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}.old-"))
-            out.rename(old / "x")
-            work.rename(out)
-            shutil.rmtree(old)
-        else:
-            work.rename(out)
+        ctx = build_image(opts, STEPS)
     except BuildError as e:
         raise click.ClickException(str(e)) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
     if not quiet:
         sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(ctx.sizes.items()))
         click.echo(f"built {out}/ in {time.monotonic() - t0:.1f}s "

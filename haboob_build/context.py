@@ -43,6 +43,7 @@ class Options:
     kernel: Path | None          # a vmlinuz with its modules directory, or None for Debian's
     memory: int                  # MB the guest should get by default
     compress_level: int = 19
+    modules: Path | None = None  # the modules folder of --kernel (else found beside it)
     quiet: bool = False
 
 

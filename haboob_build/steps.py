@@ -79,7 +79,7 @@ def check_inputs(ctx: Context) -> None:
 
 
 def kernel(ctx: Context) -> None:
-    k = kernel_mod.locate(ctx, getattr(ctx.options, "modules", None))
+    k = kernel_mod.locate(ctx, ctx.options.modules)
     ctx.add_input("kernel", k.vmlinuz)
     mods = kernel_mod.resolve(ctx, k)
     lines = []
@@ -208,3 +208,31 @@ def build(ctx: Context, steps=STEPS) -> None:
     for name, step in steps:
         ctx.log(f"step {name}")
         step(ctx)
+
+
+def build_image(opts, steps=STEPS, scratch_dir: str | None = None) -> Context:
+    """Run the steps into a temporary folder beside opts.out, then rename it
+    into place (replacing an older image). Nothing is left behind on error."""
+    import tempfile
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out}: exists and is not a folder")
+    check_inputs(Context(options=opts, work=None, scratch=None))   # bad input: fail before creating anything
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{opts.name}.building-"))
+    scratch = Path(tempfile.mkdtemp(prefix="haboob-build-", dir=scratch_dir))
+    try:
+        ctx = Context(options=opts, work=work, scratch=scratch)
+        build(ctx, steps)
+        os.chmod(work, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{opts.name}.old-"))
+            out.rename(old / "x")
+            work.rename(out)
+            shutil.rmtree(old)
+        else:
+            work.rename(out)
+        return ctx
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)

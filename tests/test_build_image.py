@@ -1,0 +1,163 @@
+"""The image builder: artifacts, manifest, initramfs contents, reproducibility."""
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.content.store import Store
+from haboob_build import elf, kernel
+from haboob_build.tree import Tree
+from tests import image_support as sup
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return sup.build()
+
+
+@pytest.fixture(scope="module")
+def files(image):
+    return sup.read_cpio(image / "initrd.img")
+
+
+def test_artifacts_and_manifest_match(image):
+    m = json.loads((image / "manifest.json").read_text())
+    assert sorted(p.name for p in image.iterdir()) == ["cmdline", "initrd.img", "manifest.json", "vmlinuz"]
+    for name, rec in m["artifacts"].items():
+        assert rec == {"size": (image / name).stat().st_size, "sha256": sha(image / name)}
+    assert m["python"]["version"].startswith("3.11.")
+    assert m["kernel"]["release"] and "virtio_net" in m["kernel"]["modules"]
+    assert set(m["sizes"]) >= {"kernel", "kernel-modules", "python", "appliance", "content"}
+    for rec in m["inputs"].values():
+        assert len(rec["sha256"]) == 64 and rec["size"] > 0 and "/" not in rec["path"]
+    cmdline = (image / "cmdline").read_text().split()
+    assert "console=ttyS0" in cmdline and "haboob.ip=198.18.0.1/24" in cmdline and "panic=-1" in cmdline
+
+
+def test_manifest_urls_are_the_stores(image, files, tmp_path):
+    m = json.loads((image / "manifest.json").read_text())
+    store_bytes = files["/haboob/site.store"]["data"]
+    (tmp_path / "s.store").write_bytes(store_bytes)
+    with Store.open(tmp_path / "s.store") as st:
+        assert m["content"]["urls"] == len(st.site.resources) == len(m["urls"])
+    assert m["content"]["store_sha256"] == hashlib.sha256(store_bytes).hexdigest()
+    # every URL's body is byte-for-byte its site file
+    for url, rec in m["urls"].items():
+        assert rec["sha256"] == sha(sup.EXAMPLE / rec["file"]), url
+    assert m["content"]["store_size"] == m["sizes"]["content"]
+
+
+def test_initramfs_holds_only_the_appliance(files):
+    names = set(files)
+    assert {"/init", "/usr/bin/python3.11", "/haboob/site.store", "/etc/haboob/modules",
+            "/etc/haboob/config.json", "/haboob/lib/appliance/init.pyc"} <= names
+    # no shell, no package manager, no login, no sources
+    for bad in ("/bin/sh", "/usr/bin/sh", "/bin/busybox", "/usr/bin/dpkg", "/usr/bin/apt", "/sbin/getty",
+                "/usr/bin/login"):
+        assert bad not in names
+    assert not [n for n in names if n.endswith(".py")]
+    assert "/haboob/lib/appliance/__main__.pyc" not in names      # host-only (click)
+    init = files["/init"]
+    assert init["data"].startswith(b"#!/usr/bin/python3.11 -IS\n") and init["mode"] & 0o111
+
+
+def test_device_nodes_exist_before_devtmpfs(files):
+    for path, rdev in (("/dev/console", (5, 1)), ("/dev/null", (1, 3)), ("/dev/urandom", (1, 9)),
+                       ("/dev/random", (1, 8))):
+        assert stat.S_ISCHR(files[path]["mode"]) and files[path]["rdev"] == rdev, path
+
+
+def test_entries_owned_by_root_at_source_date_epoch(image, files):
+    epoch = json.loads((image / "manifest.json").read_text())["source_date_epoch"]
+    assert {(f["uid"], f["gid"], f["mtime"]) for f in files.values()} == {(0, 0, epoch)}
+
+
+def test_modules_listed_in_dependency_order(files):
+    lines = [l.split() for l in files["/etc/haboob/modules"]["data"].decode().splitlines()]
+    names = [n for n, _ in lines]
+    for n, path in lines:
+        assert path in files
+    assert names.index("virtio") < names.index("virtio_net")
+    assert names.index("failover") < names.index("net_failover") < names.index("virtio_net")
+    assert names.index("virtio_ring") < names.index("virtio")
+    assert {"virtio_pci", "virtio_rng", "button", "evdev"} <= set(names)
+
+
+def test_pycs_are_unchecked_hash(files):
+    pycs = [f for n, f in files.items() if n.endswith(".pyc")]
+    assert len(pycs) > 50
+    for f in pycs:
+        flags = int.from_bytes(f["data"][4:8], "little")
+        assert flags == 0b01, "expected a hash-based pyc that is never checked against a source"
+
+
+def test_shared_libraries_resolve_inside_the_image(files):
+    have = {os.path.basename(n) for n in files}
+    for n, f in files.items():
+        if (n.endswith(".so") or n == "/usr/bin/python3.11") and f["data"][:4] == b"\x7fELF":
+            for lib in elf.needed(f["data"], n):
+                assert lib in have, f"{n} needs {lib}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+def test_runtime_runs_alone_in_a_chroot(files, tmp_path):
+    """The image's Python, with only the image's files, imports everything PID 1 uses."""
+    root = tmp_path / "root"
+    for name, f in sorted(files.items()):
+        p = root / name.lstrip("/")
+        if stat.S_ISDIR(f["mode"]):
+            p.mkdir(parents=True, exist_ok=True)
+        elif stat.S_ISLNK(f["mode"]):
+            p.symlink_to(f["data"].decode())
+        elif stat.S_ISREG(f["mode"]):
+            p.write_bytes(f["data"])
+            p.chmod(stat.S_IMODE(f["mode"]))
+    (root / "dev/urandom").unlink(missing_ok=True)
+    (root / "dev/urandom").write_bytes(os.urandom(4096))   # a file stands in for the device
+    code = ("import sys; sys.path.insert(0, '/haboob/lib'); import appliance.init as i, "
+            "appliance.content.store as s, ctypes, json, mmap, socket, fcntl; "
+            "st = s.Store.open('/haboob/site.store'); print(len(st.site.resources), sys.version.split()[0])")
+    proc = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-I", "-S", "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[1].startswith("3.11.")
+
+
+def test_reproducible_byte_identical(tmp_path, monkeypatch):
+    """Two builds from the same inputs into different folders: identical artifacts."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = sup.options(out=tmp_path / "a" / "img", name="repro")
+    b = sup.options(out=tmp_path / "b" / "img", name="repro")
+    from haboob_build.steps import build_image
+    build_image(a)
+    build_image(b)
+    for name in ("vmlinuz", "initrd.img", "manifest.json", "cmdline"):
+        assert sha(a.out / name) == sha(b.out / name), name
+    assert json.loads((a.out / "manifest.json").read_text())["source_date_epoch"] == 1700000000
+
+
+def test_cpio_is_read_by_gnu_cpio(tmp_path):
+    t = Tree()
+    t.file("/a/b.txt", b"hello", part="x")
+    t.symlink("/lib", "usr/lib")
+    t.chardev("/dev/null", 1, 3)
+    raw = t.cpio(1234)
+    assert len(raw) % 512 == 0
+    proc = subprocess.run(["cpio", "-itv", "--quiet"], input=raw, capture_output=True, check=True)
+    listing = proc.stdout.decode().splitlines()
+    assert [l.split()[-1] if "->" not in l else l.split()[-3] for l in listing] == ["a", "a/b.txt", "dev", "dev/null", "lib"]
+    assert t.sizes() == {"x": 5}
+
+
+def test_kernel_release_read_from_bzimage_header(image):
+    m = json.loads((image / "manifest.json").read_text())
+    assert kernel.release_of(image / "vmlinuz") == m["kernel"]["release"]
