@@ -262,6 +262,9 @@ def watch_power_button(stop: threading.Event) -> int:
                     if typ == EV_KEY and code == KEY_POWER and value == 1:
                         say("haboob: power button: stopping")
                         stop.set()
+                        # serve() waits on its ring and a signal wake-up pipe: a
+                        # signal to ourselves ends that wait at once.
+                        os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=watch, daemon=True, name=f"power-{name}").start()
         n += 1
     return n
@@ -338,19 +341,15 @@ def boot() -> None:
     def show_counters():
         say(counters_line(live["counters"]))
 
-    def on_ready(*args, **kw):
-        for a in list(args) + list(kw.values()):
-            if hasattr(a, "as_dict"):
-                live["counters"] = a
-            elif hasattr(a, "counters"):
-                live["counters"] = a.counters
-        ip = s["ip"].split("/")[0]
+    def on_ready(ready=None, *rest):
+        info = getattr(ready, "info", None) or {}
+        live["counters"] = getattr(ready, "counters", None)
+        off = info.get("offload") or {"csum": offered.get("tx_csum", False), "tso": offered.get("tso", False)}
         say("HABOOB-READY " + json.dumps({
-            "ip": ip, "port": s["port"], "urls": urls, "ms_since_boot": ms_since_boot(),
-            "iface": nic["iface"], "driver": nic["driver"], "mac": nic["mac"],
-            "offload": {"csum": offered.get("tx_csum", False), "tso": offered.get("tso", False),
-                        "gso": offered.get("gso", False)},
-            "entropy_wait_ms": waited}))
+            "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
+            "urls": info.get("urls", urls), "ms_since_boot": ms_since_boot(),
+            "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
+            "offload": off, "workers": s["workers"], "entropy_wait_ms": waited}))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:
