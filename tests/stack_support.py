@@ -103,6 +103,7 @@ class Client:
         return self.collect()
 
     def collect(self):
+        assert self.st.counters["drop_internal_error"] == 0, self.st.last_error
         out = []
         off = self.st.offload
         for fr in self.st.txq:
@@ -191,6 +192,7 @@ class Client:
         """ACK every data segment as it arrives until the stack stops sending; returns
         the in-order byte stream received (by sequence number) and all frames."""
         stream = {}
+        start = self.ack
         out = list(frames_in)
         pending = list(frames_in)
         for _ in range(limit):
@@ -201,7 +203,12 @@ class Client:
                     stream[p[TCP].seq] = bytes(p[TCP].payload)
             pending = self.ack_all(pending)
             out += pending
-        return assemble(stream, (self.server_isn + 1) & 0xFFFFFFFF), out
+        return assemble(stream, start), out
+
+    def get(self, path="/", headers=b"", method=b"GET"):
+        """Send one request and fetch the whole reply, ACKing as data arrives."""
+        out = self.send("PA", data=self.request(path, headers, method))
+        return self.fetch(out)
 
 
 def assemble(stream: dict, start: int) -> bytes:

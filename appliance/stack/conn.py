@@ -469,10 +469,13 @@ class Conn:
                     self.rtt_t = now
                     self.rtt_seq = e
                 self._xmit(nxt, fl, it, o, n, mode)
-                if fl & FIN:
-                    e = (e + 1) & MASK
-                nxt = e
                 sent = True
+                if fl & FIN:
+                    nxt = (e + 1) & MASK
+                    if ((smax - nxt) & MASK) >= HALF:
+                        smax = nxt
+                    break
+                nxt = e
                 if ((smax - nxt) & MASK) >= HALF:
                     smax = nxt
             self.snd_nxt = nxt

@@ -1,0 +1,555 @@
+"""TCP server behaviour, grouped by state (smoltcp style), in-memory with a fake clock.
+
+Every frame the stack sends is checked by scapy (checksums recomputed) in
+tests.stack_support.Client.collect; the tests assert on sequence numbers,
+flags, bytes and state. Each test names the RFC section it checks.
+"""
+import pytest
+from scapy.layers.inet import TCP
+
+from appliance.stack.conn import CLOSE_WAIT, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, LAST_ACK, SYN_RCVD
+from appliance.stack.iface import imf_fixdate
+from appliance.stack.rings.base import Offload
+from tests.stack_support import SITE, Client, expected, make_stack, make_store
+
+M = 0xFFFFFFFF
+MODES = {"sw": Offload(), "csum": Offload(True, False), "tso": Offload(True, True)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("tcp"))
+
+
+@pytest.fixture
+def stack(store):
+    return make_stack(store)
+
+
+@pytest.fixture
+def client(stack):
+    c = Client(stack)
+    c.connect()
+    return c
+
+
+def conn_of(c):
+    (conn,) = [x for x in c.st.conns.values() if x.peer_port == c.port]
+    return conn
+
+
+def tcp(frames, flags=None):
+    return [p for p in frames if TCP in p and (flags is None or str(p[TCP].flags) == flags)]
+
+
+def payload_len(p):
+    return len(p[TCP].payload)
+
+
+# =========================================================================== LISTEN
+
+class TestListen:
+    def test_syn_gets_synack_with_mss_and_window_scale(self, stack):
+        """RFC 9293 §3.10.7.2; RFC 7323 §2: Window Scale only when the SYN had it."""
+        c = Client(stack)
+        (sa,) = c.syn()
+        assert sa[TCP].flags == "SA" and sa[TCP].ack == 1001 and sa[TCP].sport == 80 and sa[TCP].dport == 40000
+        assert dict(sa[TCP].options) == {"MSS": 1460, "NOP": None, "WScale": 0}
+        assert conn_of(c).state == SYN_RCVD
+
+    def test_no_window_scale_sack_or_timestamps_unless_offered(self, stack):
+        """RFC 7323 §2.2/§3.2, RFC 2018 §2: we never offer SACK-permitted or timestamps."""
+        c = Client(stack)
+        (sa,) = c.syn(options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (5, 0))])
+        names = [o[0] for o in sa[TCP].options]
+        assert names == ["MSS"]
+
+    def test_isn_is_keyed_hash_plus_4us_clock(self, stack):
+        """RFC 6528 §3: ISN = M + F(4-tuple, secret); M ticks every 4 µs."""
+        key = bytes(16)[:12]
+        a = stack.isn.isn(key, 100.0)
+        assert (stack.isn.isn(key, 101.0) - a) & M == 250000
+        assert stack.isn.isn(b"\1" * 12, 100.0) != a
+        c1, c2 = Client(stack, port=1111), Client(stack, port=2222)
+        s1, s2 = c1.syn()[0][TCP].seq, c2.syn()[0][TCP].seq
+        assert s1 != s2
+
+    def test_data_on_syn_is_not_acknowledged(self, stack):
+        """RFC 9293 §3.10.7.2: data on a SYN may be queued; we drop it (the client resends)."""
+        c = Client(stack)
+        (sa,) = c.send("S", data=b"GET / HTTP/1.1\r\n\r\n", options=[("MSS", 1460)])
+        assert sa[TCP].ack == 1001
+
+    def test_connection_cap(self, store):
+        st = make_stack(store, max_conns=1)
+        Client(st, port=1).connect()
+        assert Client(st, port=2).syn() == []
+        assert st.counters["drop_tcp_conn_limit"] == 1
+
+
+# =========================================================================== SYN-RECEIVED
+
+class TestSynReceived:
+    def test_lost_synack_is_retransmitted_with_backoff_then_forgotten(self, store):
+        """RFC 6298 (2.1) initial RTO 1 s, (5.5) backoff; no RST when giving up."""
+        stack = make_stack(store, idle_timeout=600)
+        c = Client(stack)
+        (sa,) = c.syn()
+        times = []
+        out = []
+        for _ in range(8):
+            d = stack.poll(c.now)
+            c.now = d
+            new = c.advance(0)
+            if not new and not stack.conns:
+                break
+            times.append(c.now)
+            out += new
+        assert [p[TCP].flags for p in out] == ["SA"] * 5
+        assert all(p[TCP].seq == sa[TCP].seq for p in out)
+        gaps = [round(b - a, 3) for a, b in zip([1000.0] + times, times)]
+        assert gaps[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
+        assert not stack.conns and stack.n_synrcvd == 0 and stack.counters["tcp_synack_giveup"] == 1
+
+    def test_retransmitted_syn_gets_the_synack_again(self, stack):
+        c = Client(stack)
+        (sa,) = c.syn()
+        (sa2,) = c.send("S", seq=1000, options=[("MSS", 1460)])
+        assert sa2[TCP].flags == "SA" and sa2[TCP].seq == sa[TCP].seq
+
+    def test_unacceptable_ack_gets_reset(self, stack):
+        """RFC 9293 §3.10.7.4 SYN-RECEIVED: bad ACK -> <SEQ=SEG.ACK><CTL=RST>."""
+        c = Client(stack)
+        (sa,) = c.syn()
+        (r,) = c.send("A", ack=(sa[TCP].seq + 5) & M, advance=False)
+        assert r[TCP].flags == "R" and r[TCP].seq == (sa[TCP].seq + 5) & M
+        assert conn_of(c).state == SYN_RCVD
+
+    def test_rst_in_syn_received_removes_the_connection(self, stack):
+        c = Client(stack)
+        c.syn()
+        c.send("R", ack=0)
+        assert not stack.conns and stack.n_synrcvd == 0
+
+    def test_handshake_ack_carrying_the_request(self, stack, store):
+        """The third segment of the handshake may carry data (RFC 9293 §3.5)."""
+        c = Client(stack)
+        (sa,) = c.syn()
+        c.server_isn = sa[TCP].seq
+        c.ack = (sa[TCP].seq + 1) & M
+        out = c.send("PA", data=c.request("/"))
+        data, _ = c.fetch(out)
+        assert data == expected(store, "/")
+        assert conn_of(c).state == ESTABLISHED and stack.n_synrcvd == 0
+
+
+# =========================================================================== ESTABLISHED
+
+class TestEstablishedData:
+    @pytest.mark.parametrize("mode", sorted(MODES))
+    @pytest.mark.parametrize("path", ["/", "/big.bin", "/odd.txt", "/empty.txt", "/missing"])
+    def test_get_returns_the_exact_bytes(self, store, mode, path):
+        """The Sandstorm data path: prebuilt bytes, Date and Connection patched, checksums
+        fixed from stored sums (RFC 1624) or offloaded; scapy checks every frame."""
+        st = make_stack(store, MODES[mode])
+        c = Client(st)
+        c.connect()
+        data, frames = c.get(path)
+        assert data == expected(store, path)
+        assert imf_fixdate(1764150000) in data
+        assert st.counters["tcp_tx_sw_csum"] == 0
+        if mode == "tso" and path == "/big.bin":
+            assert any(f[2] is not None and f[2].gso_size == 1460 for f in c.raw_frames)
+        if mode == "sw":
+            assert all(f[2] is None for f in c.raw_frames)
+            for p in tcp(frames):
+                assert payload_len(p) <= 1460
+
+    def test_payload_is_not_copied_in_python(self, store):
+        """Principle 2: the body of a data segment is a memoryview of the store's blob."""
+        st = make_stack(store)
+        c = Client(st)
+        c.connect()
+        c.send("PA", data=c.request("/big.bin"))
+        views = [f[1] for f in c.raw_frames if f[1] is not None]
+        assert views and all(isinstance(v, memoryview) and v.obj is store.blob.obj for v in views)
+
+    def test_first_flight_is_iw10_then_slow_start(self, client, store):
+        """RFC 6928: initial window 10 segments; RFC 5681 §3.1 slow start grows it per ACK."""
+        out = client.send("PA", data=client.request("/big.bin"))
+        segs = tcp(out)
+        assert len(segs) == 10 and sum(map(payload_len, segs)) == 14600
+        assert segs[-1][TCP].ack == client.seq
+        # one ACK for two segments: cwnd grows by min(acked, SMSS) = 1 SMSS (RFC 5681 (2)):
+        # the 2 freed segments + 1 more go out
+        client.ack = (segs[1][TCP].seq + 1460) & M
+        more = tcp(client.send("A"))
+        assert len(more) == 3
+
+    def test_peer_receive_window_is_respected(self, store):
+        """RFC 9293 §3.8.6: never send beyond SND.UNA + SND.WND."""
+        st = make_stack(store)
+        c = Client(st, wscale=None, window=2920)
+        c.connect(options=[("MSS", 1460)])
+        out = tcp(c.send("PA", data=c.request("/big.bin")))
+        assert sum(map(payload_len, out)) == 2920
+
+    def test_window_scale_of_the_peer_is_applied(self, store):
+        """RFC 7323 §2.3: SEG.WND << Snd.Wind.Shift on every non-SYN segment."""
+        st = make_stack(store)
+        c = Client(st, wscale=2, window=1000)          # 4000 bytes after scaling
+        c.connect()
+        out = tcp(c.send("PA", data=c.request("/big.bin")))
+        assert sum(map(payload_len, out)) == 2 * 1460  # 4000 -> two full segments (SWS avoidance)
+
+    def test_pipelined_requests_get_replies_in_order(self, client, store):
+        """RFC 9112 §9.3.2: pipelining; each reply starts a new segment run."""
+        reqs = client.request("/") + client.request("/odd.txt") + client.request("/missing")
+        out = client.send("PA", data=reqs)
+        data, _ = client.fetch(out)
+        assert data == expected(store, "/") + expected(store, "/odd.txt") + expected(store, "/missing")
+        assert client.st.counters["http_replies"] == 3
+
+    def test_partial_request_is_acked_after_the_delayed_ack_timeout(self, client, store):
+        """RFC 9293 §3.8.6.3 delayed ACK (< 0.5 s); the ACK rides on the response otherwise."""
+        req = client.request("/")
+        assert client.send("PA", data=req[:10]) == []
+        (a,) = client.advance(0.05)
+        assert a[TCP].flags == "A" and a[TCP].ack == client.seq
+        out = client.send("PA", data=req[10:])
+        data, _ = client.fetch(out)
+        assert data == expected(store, "/")
+
+    def test_duplicate_request_segment_is_acked_not_answered_twice(self, client):
+        """RFC 9293 §3.10.7.4: an old segment gets an ACK and is dropped."""
+        req = client.request("/")
+        out = client.send("PA", data=req)
+        client.ack_all(out)
+        (a,) = client.send("PA", data=req, seq=client.seq - len(req))
+        assert a[TCP].flags == "A" and a[TCP].ack == client.seq and payload_len(a) == 0
+        assert client.st.counters["http_replies"] == 1
+
+    def test_out_of_order_data_is_dropped_with_an_immediate_dup_ack(self, client, store):
+        """RFC 5681 §4.2: an out-of-order segment gets an immediate ACK; we keep no
+        reassembly queue: the client's fast retransmit or RTO resends the hole."""
+        req = client.request("/")
+        (a,) = client.send("PA", data=req[10:], seq=client.seq + 10, advance=False)
+        assert a[TCP].ack == client.seq and payload_len(a) == 0
+        assert client.st.counters["tcp_rx_out_of_order"] == 1
+        out = client.send("PA", data=req)
+        data, _ = client.fetch(out)
+        assert data == expected(store, "/")
+
+    def test_segment_overlapping_received_data_is_trimmed(self, client, store):
+        """RFC 9293 §3.10.7.4: only the new part of a partly old segment is used."""
+        req = client.request("/")
+        client.send("PA", data=req[:10])
+        out = client.send("PA", data=req, seq=client.seq - 10, advance=False)
+        client.seq += len(req) - 10
+        data, _ = client.fetch(out)
+        assert data == expected(store, "/")
+
+    def test_small_peer_mss_cuts_smaller_with_software_sums(self, store):
+        """Peer MSS below the store's: segments of 536 bytes, sums computed in software."""
+        st = make_stack(store)
+        c = Client(st, mss=536)
+        c.connect()
+        data, frames = c.get("/odd.txt")
+        assert data == expected(store, "/odd.txt")
+        assert max(map(payload_len, tcp(frames))) == 536
+        assert st.counters["tcp_tx_sw_csum"] > 0
+
+    def test_no_mss_option_means_536(self, store):
+        """RFC 9293 §3.7.1 / RFC 6691: without the option, SMSS is 536."""
+        st = make_stack(store)
+        c = Client(st)
+        c.connect(options=[])
+        data, frames = c.get("/odd.txt")
+        assert data == expected(store, "/odd.txt") and max(map(payload_len, tcp(frames))) == 536
+
+    def test_date_follows_set_date(self, client, store):
+        client.st.set_date(1764150001)
+        data, _ = client.get("/")
+        assert data == expected(store, "/", date=imf_fixdate(1764150001))
+
+    def test_keep_alive_many_requests(self, client, store):
+        for path in ["/", "/odd.txt", "/big.bin", "/"] * 3:
+            data, _ = client.get(path)
+            assert data == expected(store, path)
+        assert conn_of(client).q == []
+
+
+class TestEstablishedLoss:
+    def test_rto_retransmits_from_the_store_with_backoff(self, client, store):
+        """RFC 6298 (5.4)-(5.6): retransmit the earliest segment, double the RTO; RFC 5681
+        §3.1: cwnd falls to one segment (loss window)."""
+        out = client.send("PA", data=client.request("/"))   # lost
+        (orig,) = tcp(out)
+        c = conn_of(client)
+        rto = c.rtt.rto
+        assert rto == pytest.approx(0.2)
+        d = client.st.poll(client.now)
+        assert d == pytest.approx(client.now + rto)
+        client.now = d
+        (again,) = client.advance(0)
+        assert bytes(again[TCP].payload) == bytes(orig[TCP].payload) and again[TCP].seq == orig[TCP].seq
+        assert c.rtt.rto == pytest.approx(0.4) and c.cc.cwnd == 1460
+        assert client.st.counters["tcp_rto"] == 1 and client.st.counters["tcp_retransmits"] == 1
+        data, _ = client.fetch([again])
+        assert data == expected(store, "/")
+
+    def test_fast_retransmit_after_three_dup_acks_and_newreno(self, client, store):
+        """RFC 5681 §3.2: 3 dup ACKs -> retransmit, ssthresh = flight/2, cwnd = ssthresh + 3 SMSS;
+        RFC 6582 §3.2: a partial ACK retransmits the next hole at once."""
+        out = tcp(client.send("PA", data=client.request("/big.bin")))
+        assert len(out) == 10
+        first = out[0][TCP].seq
+        stream = {p[TCP].seq: bytes(p[TCP].payload) for p in out}
+        # segments 2 and 5 are lost; ACK segments 0-1 (cum), then dup ACKs for 3, 4
+        client.ack = (first + 2 * 1460) & M
+        new = tcp(client.send("A"))
+        for p in new:
+            stream[p[TCP].seq] = bytes(p[TCP].payload)
+        c = conn_of(client)
+        flight = (c.snd_max - c.snd_una) & M
+        rx = []
+        for _ in range(3):
+            rx += tcp(client.send("A"))
+        retx = [p for p in rx if p[TCP].seq == (first + 2 * 1460) & M]
+        assert retx and bytes(retx[0][TCP].payload) == stream[(first + 2 * 1460) & M]
+        assert c.cc.in_recovery and c.cc.ssthresh == max(flight // 2, 2 * 1460)
+        assert client.st.counters["tcp_fast_retransmit"] == 1
+        # partial ACK up to the second hole: it is retransmitted immediately
+        client.ack = (first + 5 * 1460) & M
+        part = tcp(client.send("A"))
+        assert any(p[TCP].seq == client.ack for p in part)
+        assert client.st.counters["tcp_newreno_partial_ack"] == 1
+        data, _ = client.fetch(part + rx + new + out[5:])
+        full = expected(store, "/big.bin")
+        assert data == full[5 * 1460:]
+
+    def test_transfer_survives_random_loss(self, store):
+        """Loss of data segments and ACKs: RTO and fast retransmit rebuild from the store."""
+        import random
+        rnd = random.Random(7)
+        st = make_stack(store)
+        c = Client(st)
+        c.connect()
+        stream = {}
+        start = c.ack
+        pending = tcp(c.send("PA", data=c.request("/big.bin")))
+        for _ in range(400):
+            for p in pending:
+                if rnd.random() < 0.2:
+                    continue
+                if payload_len(p):
+                    stream[p[TCP].seq] = bytes(p[TCP].payload)
+            got = b"" if not stream else None
+            from tests.stack_support import assemble
+            data = assemble(stream, start)
+            c.ack = (start + len(data)) & M
+            pending = tcp(c.send("A")) if rnd.random() > 0.1 else []
+            if not pending:
+                pending = tcp(c.run_until(c.st.poll(c.now) + 0.001))
+            if len(data) == len(expected(store, "/big.bin")):
+                break
+        assert data == expected(store, "/big.bin")
+        assert st.counters["tcp_retransmits"] > 0
+
+
+class TestZeroWindow:
+    def test_zero_window_persist_probe_then_resume(self, store):
+        """RFC 9293 §3.8.6.1: with a zero window, probe periodically (backing off);
+        resume when the window opens. RFC 1122 §4.2.2.17."""
+        st = make_stack(store)
+        c = Client(st, window=0, wscale=None)
+        c.connect(options=[("MSS", 1460)])
+        assert tcp(c.send("PA", data=c.request("/odd.txt"))) == []
+        conn = conn_of(c)
+        assert conn.persist
+        probes = []
+        for _ in range(3):
+            c.now = st.poll(c.now)
+            new = tcp(c.advance(0))
+            probes += new
+            for p in new:            # still zero window: ACK without taking the byte
+                c.send("A", window=0)
+        probes = [p for p in probes if payload_len(p)]       # (the first is the delayed ACK)
+        assert [payload_len(p) for p in probes] == [1, 1]
+        c.now = st.poll(c.now)
+        probes = tcp(c.advance(0))
+        assert [payload_len(p) for p in probes] == [1]
+        assert st.counters["tcp_window_probes"] == 3 and conn.state == ESTABLISHED
+        assert conn.persist_iv == pytest.approx(8 * conn.rtt.rto)
+        out = tcp(c.send("A", window=64000))
+        data, _ = c.fetch(out)
+        assert data == expected(store, "/odd.txt")
+
+
+class TestEstablishedSecurity:
+    def test_rst_with_exact_sequence_number_resets(self, client):
+        """RFC 5961 §3.2: RST with SEG.SEQ == RCV.NXT resets the connection."""
+        client.send("R")
+        assert not client.st.conns and client.st.counters["tcp_rst_received"] == 1
+
+    def test_in_window_rst_gets_challenge_ack(self, client):
+        """RFC 5961 §3.2: in window but not exact -> challenge ACK, connection stays."""
+        (a,) = client.send("R", seq=client.seq + 100, advance=False)
+        assert a[TCP].flags == "A" and a[TCP].ack == client.seq
+        assert conn_of(client).state == ESTABLISHED and client.st.counters["tcp_challenge_acks"] == 1
+
+    def test_out_of_window_rst_is_dropped_silently(self, client):
+        assert client.send("R", seq=client.seq + 200000, advance=False) == []
+        assert conn_of(client).state == ESTABLISHED
+
+    def test_syn_in_established_gets_challenge_ack(self, client):
+        """RFC 5961 §4.2: any SYN in a synchronized state -> challenge ACK."""
+        (a,) = client.send("S", seq=client.seq, advance=False)
+        assert a[TCP].flags == "A" and a[TCP].ack == client.seq
+        assert conn_of(client).state == ESTABLISHED
+
+    def test_ack_of_unsent_data_is_answered_and_dropped(self, client):
+        """RFC 9293 §3.10.7.4: SEG.ACK > SND.NXT -> send ACK, drop the segment."""
+        (a,) = client.send("PA", data=client.request("/"), ack=(client.ack + 5000) & M, advance=False)
+        assert a[TCP].flags == "A" and payload_len(a) == 0
+        assert client.st.counters["http_replies"] == 0
+
+    def test_too_old_ack_gets_challenge_ack(self, client):
+        """RFC 5961 §5.2: SEG.ACK < SND.UNA - MAX.SND.WND -> challenge ACK, drop."""
+        (a,) = client.send("PA", data=client.request("/"), ack=(client.ack - 100000000) & M, advance=False)
+        assert a[TCP].flags == "A" and client.st.counters["tcp_ack_too_old"] == 1
+        assert client.st.counters["http_replies"] == 0
+
+    def test_challenge_acks_are_rate_limited(self, store):
+        """RFC 5961 §7: a limit on challenge ACKs."""
+        st = make_stack(store, challenge_ack_limit=3)
+        c = Client(st)
+        c.connect()
+        sent = [len(c.send("R", seq=c.seq + 10 + i, advance=False)) for i in range(6)]
+        assert sent == [1, 1, 1, 0, 0, 0] and st.counters["tcp_challenge_acks_limited"] == 3
+
+
+# =========================================================================== closing
+
+class TestClose:
+    def test_connection_close_then_fin_wait_and_time_wait(self, client, store):
+        """RFC 9293 §3.6: FIN-WAIT-1 -> FIN-WAIT-2 -> TIME-WAIT; 2*MSL expiry; RFC 1337:
+        RSTs in TIME-WAIT are ignored; a retransmitted FIN is acknowledged again."""
+        out = client.send("PA", data=client.request("/", b"Connection: close\r\n"))
+        segs = tcp(out)
+        assert "F" in segs[-1][TCP].flags
+        data, _ = client.fetch([p for p in segs])
+        assert data == expected(store, "/", close=True)
+        conn = conn_of(client)
+        assert conn.state == FIN_WAIT_2
+        client.send("FA")
+        assert not client.st.conns and len(client.st.tw) == 1
+        (a,) = client.send("FA", seq=client.seq - 1, advance=False)
+        assert a[TCP].flags == "A" and a[TCP].ack == client.seq
+        assert client.send("R", seq=client.seq, advance=False) == []
+        assert len(client.st.tw) == 1
+        client.run_until(client.now + 61)
+        assert not client.st.tw
+
+    def test_client_closes_first_close_wait_last_ack(self, client):
+        """RFC 9293 §3.6: CLOSE-WAIT -> LAST-ACK -> CLOSED, no TIME-WAIT for us."""
+        out = tcp(client.send("FA"))
+        (f,) = out
+        assert f[TCP].flags == "FA" and f[TCP].ack == client.seq
+        assert conn_of(client).state == LAST_ACK
+        client.ack = (client.ack + 1) & M
+        client.send("A")
+        assert not client.st.conns and not client.st.tw
+        assert client.st.counters["tcp_closed"] == 1
+
+    def test_half_close_after_request_still_answers(self, client, store):
+        """RFC 9112 §9.6: a client may half-close after its request; the reply is sent, then FIN."""
+        out = client.send("PA", data=client.request("/"))
+        out += client.send("FA")
+        data, _ = client.fetch(out)
+        assert data == expected(store, "/")
+        assert any("F" in p[TCP].flags for p in tcp(client.frames))
+
+    def test_simultaneous_close_closing_state(self, client):
+        """RFC 9293 §3.6: FIN received in FIN-WAIT-1 before our FIN is acked -> CLOSING."""
+        out = client.send("PA", data=client.request("/", b"Connection: close\r\n"))
+        assert conn_of(client).state == FIN_WAIT_1
+        fin_end = max((p[TCP].seq + payload_len(p) + 1) & M for p in tcp(out))
+        client.send("FA")
+        conn = conn_of(client)
+        assert conn.state == 6  # CLOSING
+        client.ack = fin_end
+        client.send("A", seq=client.seq)
+        assert not client.st.conns and len(client.st.tw) == 1
+
+    def test_bad_request_gets_400_and_close(self, client):
+        out = client.send("PA", data=b"BLAH\r\n\r\n")
+        data, _ = client.fetch(out)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in data
+        assert conn_of(client).state == FIN_WAIT_2
+
+    def test_idle_connection_is_closed_with_fin(self, client):
+        """Idle limit: a keep-alive connection without activity for idle_timeout gets a FIN."""
+        out = client.run_until(client.now + 61)
+        assert str(tcp(out)[0][TCP].flags) == "FA"
+        assert conn_of(client).state == FIN_WAIT_1
+
+    def test_incomplete_request_times_out(self, client):
+        """Request timeout: a started request that never completes (slowloris) is closed."""
+        client.send("PA", data=b"GET / HTTP/1.1\r\n")
+        for i in range(5):
+            client.run_until(client.now + 5)
+            client.send("PA", data=b"X-a: b\r\n")
+        out = client.run_until(client.now + 6)
+        assert any("F" in p[TCP].flags for p in tcp(out))
+        assert client.st.counters["tcp_request_timeout"] == 1
+
+    def test_silent_peer_is_aborted_after_max_retries(self, store):
+        """RFC 9293 §3.8.3 (R2): give up after retransmitting for long enough; send a RST."""
+        client = Client(make_stack(store, idle_timeout=1000))
+        client.connect()
+        client.send("PA", data=client.request("/"))
+        out = client.run_until(client.now + 400)
+        assert str(tcp(out)[-1][TCP].flags) == "RA"
+        assert not client.st.conns and client.st.counters["tcp_rtx_giveup"] == 1
+        assert client.st.counters["tcp_rto"] == 8
+
+
+# =========================================================================== SYN cookies
+
+class TestSynCookies:
+    def test_cookie_handshake_keeps_no_state_and_serves(self, store):
+        """RFC 4987 §3.6: SYN cookies; no Window Scale without timestamps (RFC 7323 §2.2)."""
+        st = make_stack(store, syncookies="always")
+        c = Client(st)
+        (sa,) = c.syn()
+        assert not st.conns and [o[0] for o in sa[TCP].options] == ["MSS"]
+        c.server_isn = sa[TCP].seq
+        c.ack = (sa[TCP].seq + 1) & M
+        out = c.send("PA", data=c.request("/odd.txt"))
+        assert st.counters["tcp_syncookies_accepted"] == 1
+        data, _ = c.fetch(out)
+        assert data == expected(store, "/odd.txt")
+
+    def test_forged_cookie_gets_reset(self, store):
+        st = make_stack(store, syncookies="always")
+        c = Client(st)
+        (sa,) = c.syn()
+        (r,) = c.send("A", ack=(sa[TCP].seq + 2) & M, advance=False)
+        assert r[TCP].flags == "R" and not st.conns
+
+    def test_syn_flood_does_not_stop_a_legitimate_client(self, store):
+        """Issue 3: a SYN flood fills the backlog; cookies let new clients in, established
+        ones keep being served."""
+        st = make_stack(store, syn_backlog=8)
+        old = Client(st, port=50000)
+        old.connect()
+        for i in range(200):
+            Client(st, port=10000 + i, ip=f"198.18.1.{i % 250 + 1}").syn()
+        assert st.n_synrcvd == 8 and st.counters["tcp_syncookies_sent"] == 192
+        new = Client(st, port=50001)
+        new.connect()
+        data, _ = new.get("/")
+        assert data == expected(store, "/")
+        data, _ = old.get("/odd.txt")
+        assert data == expected(store, "/odd.txt")
