@@ -17,22 +17,14 @@ import click
 
 from haboob_build.context import Context, Options
 from haboob_build.errors import BuildError
-from haboob_build.steps import STEPS, build_image, parse_ip
-
-
-def _ip(ctx, param, value):
-    try:
-        parse_ip(value)
-    except BuildError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
-    return value
+from haboob_build.steps import STEPS, build_image
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--site", required=True, type=click.Path(path_type=Path), help="the site folder to serve")
 @click.option("--name", help="image name (default: the site folder's name)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default: images/NAME)")
-@click.option("--ip", default="198.18.0.1/24", show_default=True, callback=_ip,
+@click.option("--ip", default="198.18.0.1/24", show_default=True,
               help="the appliance's address (haboob.ip= on the kernel command line overrides)")
 @click.option("--gateway", help="default gateway (haboob.gw=)")
 @click.option("--mss", default=1448, show_default=True, type=int, help="TCP MSS the responses are cut at")
@@ -48,7 +40,7 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
     if name is None:
         name = site.resolve().name or "site"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
-        raise click.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-'", param_hint="--name")
+        raise click.ClickException(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     out = Path(out) if out else Path("images") / name
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
                    memory=memory, compress_level=compress_level, quiet=quiet, modules=modules)
