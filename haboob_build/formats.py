@@ -142,8 +142,10 @@ def _run(argv, *, what: str, env: dict | None = None, cwd=None) -> subprocess.Co
     except FileNotFoundError:
         raise FormatError(f"{what}: the tool {str(argv[0])!r} is not installed") from None
     if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        tail = err[-1] if err else f"exit status {proc.returncode}"
+        err = [l for l in proc.stderr.decode(errors="replace").splitlines() if l.strip()]
+        # xorriso ends with a generic "aborting" line; the cause is the FAILURE/SORRY before it
+        causes = [l for l in err if any(k in l for k in ("FAILURE", "SORRY", "rror")) and "aborting" not in l]
+        tail = (causes or err or [f"exit status {proc.returncode}"])[-1].strip()
         raise FormatError(f"{what} failed ({shlex.join(str(a) for a in argv[:3])} ...): {tail}")
     return proc
 
@@ -551,6 +553,7 @@ def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, 
     "formats" entry: {fmt: {"files": {relpath: {"size", "sha256"}}, "reproducible"}}."""
     folder = Path(folder)
     check_tools(formats)
+    folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[Path]] = {}
     if "iso" in formats:
         log(f"format iso: {name}.iso")

@@ -1,0 +1,93 @@
+"""Firmware and boot medium for `vm boot --firmware bios|uefi --boot kernel|disk|iso`.
+
+Theory of operation: `--boot kernel` hands QEMU the image's vmlinuz,
+initrd.img and cmdline directly (-kernel, fast, for development). `disk`
+and `iso` boot NAME.img / NAME.iso as a machine would: the firmware
+(SeaBIOS, QEMU's default, or OVMF for UEFI) finds the boot loader on the
+medium, and GRUB loads the kernel with the command line from its grub.cfg.
+The medium is attached read-only in spirit (snapshot=on: guest writes go
+to a temporary overlay), so booting never changes the image. For UEFI,
+OVMF's code is mapped read-only and a private copy of its variable store
+is made per boot (OVMF writes boot entries into it).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+BOOTS = ("kernel", "disk", "iso")
+FIRMWARES = ("bios", "uefi")
+
+# Debian's ovmf package: 4 MiB flash layout first (bookworm's default), then the 2 MiB one.
+OVMF_PAIRS = [
+    (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+]
+
+
+class MediaError(Exception):
+    """A boot medium or firmware is missing; the message says what to do."""
+
+
+def find_ovmf(pairs=OVMF_PAIRS) -> tuple[Path, Path]:
+    for code, vars_ in pairs:
+        if code.is_file() and vars_.is_file():
+            return code, vars_
+    raise MediaError("--firmware uefi: OVMF is not installed (looked for "
+                     + ", ".join(str(c) for c, _ in pairs) + "); `apt-get install ovmf`")
+
+
+def firmware_args(firmware: str, workdir: Path, pairs=OVMF_PAIRS) -> list[str]:
+    """QEMU argv for the firmware; workdir receives the UEFI variable store copy."""
+    if firmware == "bios":
+        return []                                  # SeaBIOS is QEMU's built-in default
+    if firmware != "uefi":
+        raise MediaError(f"--firmware {firmware}: unknown; known: {', '.join(FIRMWARES)}")
+    code, vars_ = find_ovmf(pairs)
+    copy = Path(workdir) / "OVMF_VARS.fd"
+    shutil.copyfile(vars_, copy)
+    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={copy}"]
+
+
+def image_name(image_dir: Path) -> str:
+    """NAME of images/NAME (the builder names the formats NAME.iso, NAME.img)."""
+    return Path(image_dir).resolve().name
+
+
+def boot_args(boot: str, image_dir: Path, cmdline: str | None = None) -> list[str]:
+    """QEMU argv that attaches the boot medium of an image folder."""
+    image_dir = Path(image_dir)
+    name = image_name(image_dir)
+    if boot == "kernel":
+        need = [image_dir / "vmlinuz", image_dir / "initrd.img"]
+        missing = [str(p) for p in need if not p.is_file()]
+        if missing:
+            raise MediaError(f"--boot kernel: {', '.join(missing)} missing; is {image_dir} an image "
+                             f"folder made by ./build.py?")
+        if cmdline is None:
+            f = image_dir / "cmdline"
+            cmdline = f.read_text().strip() if f.is_file() else ""
+        return ["-kernel", str(need[0]), "-initrd", str(need[1]), "-append", cmdline]
+    if boot == "disk":
+        for f in (image_dir / f"{name}.img", image_dir / f"{name}.qcow2"):
+            if f.is_file():
+                fmt = "raw" if f.suffix == ".img" else "qcow2"
+                return ["-drive", f"if=none,id=hbdisk,format={fmt},file={f},snapshot=on",
+                        "-device", "ide-hd,drive=hbdisk,bootindex=1"]
+        raise MediaError(f"--boot disk: {image_dir}/{name}.img missing; build it with "
+                         f"`./build.py ... --formats img` (or all)")
+    if boot == "iso":
+        f = image_dir / f"{name}.iso"
+        if not f.is_file():
+            raise MediaError(f"--boot iso: {f} missing; build it with `./build.py ... --formats iso` (or all)")
+        return ["-drive", f"if=none,id=hbcd,format=raw,media=cdrom,readonly=on,file={f}",
+                "-device", "ide-cd,drive=hbcd,bootindex=1"]
+    raise MediaError(f"--boot {boot}: unknown; known: {', '.join(BOOTS)}")
+
+
+def check_cmdline_override(boot: str, cmdline: str | None) -> None:
+    """A disk or ISO boots with the command line in its grub.cfg."""
+    if cmdline and boot != "kernel":
+        raise MediaError(f"--boot {boot} uses the command line in the medium's grub.cfg; "
+                         f"a different one needs --boot kernel (or edit it at the GRUB menu)")
