@@ -315,7 +315,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                     poller.unregister(fd)
                     open_fds.discard(fd)
                     continue
-                kind, _, data = line.partition(" ")
+                kind, _, data = line.rstrip("\n").partition(" ")
                 if kind == "READY":
                     ready += 1
                     if ready == workers and on_ready:

@@ -1,0 +1,316 @@
+"""`python -m appliance serve` on a veth pair, checked with real clients.
+
+The server is the real CLI process in its own namespace (interface without
+an IPv4 address), the clients are curl, wget, wrk, ping and Python's
+http.client / raw sockets in the peer namespace. Every namespace and
+process is removed at the end of its fixture or test, also on failure
+(vm.netns context managers; server processes are stopped by pid).
+"""
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vm import netns
+
+pytestmark = pytest.mark.netns
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = os.path.join(ROOT, "examples", "www")
+
+
+def site_files() -> dict:
+    """relative path -> bytes of every file of the example site."""
+    out = {}
+    for d, _, files in os.walk(SITE):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, SITE)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    from appliance.content.compiler import compile_site
+    path = str(tmp_path_factory.mktemp("store") / "www.store")
+    compile_site(SITE, path)
+    return path
+
+
+class Server:
+    """A running `python -m appliance serve` inside `ns`; stop() returns its counters."""
+
+    def __init__(self, proc, ready: dict):
+        self.proc = proc
+        self.ready = ready
+        self.counters = None
+        self.stderr = ""
+
+    def stop(self, timeout: float = 15) -> dict:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        self.stderr = err
+        for line in out.splitlines():
+            if line.startswith("HABOOB-COUNTERS "):
+                self.counters = json.loads(line.split(" ", 1)[1])
+        return self.counters
+
+
+@contextlib.contextmanager
+def running_server(ns, iface, ip, store, *extra, timeout: float = 30):
+    """Start the server CLI in `ns` and wait for its HABOOB-READY line; always stop it."""
+    argv = [sys.executable, "-m", "appliance", "serve", "--store", store, "--iface", iface,
+            "--ip", f"{ip}/24", *extra]
+    proc = ns.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    srv = Server(proc, {})
+    try:
+        deadline = time.monotonic() + timeout
+        line = ""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if r:
+                line = proc.stdout.readline()
+                if line.startswith("HABOOB-READY ") or not line:
+                    break
+            if proc.poll() is not None:
+                break
+        if not line.startswith("HABOOB-READY "):
+            srv.stop(5)
+            raise AssertionError(f"server did not start: {srv.stderr}")
+        srv.ready = json.loads(line.split(" ", 1)[1])
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def served(store):
+    """One server for the read-only client tests of this module."""
+    with netns.pair(subnet=100) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store) as srv:
+            yield link, srv
+        assert srv.counters is not None, srv.stderr
+        assert srv.counters.get("drop_internal_error", 0) == 0, srv.counters
+        assert srv.counters.get("loop_stack_errors", 0) == 0, srv.counters
+
+
+def mirror(link, dest, files=None):
+    """wget --mirror of the site into `dest`, plus every file the links do not
+    reach; returns {relpath: bytes} of what was downloaded."""
+    files = files or site_files()
+    link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=3", "--timeout=20",
+                     "-P", dest, f"http://{link.server_ip}/"], timeout=180, check=False)
+    got = {}
+    for d, _, fs in os.walk(dest):
+        for f in fs:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                got[os.path.relpath(p, dest)] = fh.read()
+    rest = [k for k in files if k not in got and not k.endswith("404.html")]
+    if rest:
+        urls = "\n".join(f"http://{link.server_ip}/{k}" for k in rest)
+        lst = os.path.join(dest, "..", "rest.txt")
+        with open(lst, "w") as fh:
+            fh.write(urls + "\n")
+        link.client.run(["wget", "-q", "-x", "-nH", "--tries=3", "--timeout=20", "-P", dest, "-i", lst],
+                        timeout=180)
+        for k in rest:
+            with open(os.path.join(dest, k), "rb") as fh:
+                got[k] = fh.read()
+    return got
+
+
+def assert_mirror_exact(got: dict):
+    files = site_files()
+    for k, data in got.items():
+        assert k in files, f"wget saved {k}, which is not a site file"
+        assert hashlib.sha256(data).hexdigest() == hashlib.sha256(files[k]).hexdigest(), \
+            f"{k}: {len(data)} bytes differ from the site's {len(files[k])}"
+    missing = set(files) - set(got) - {"404.html"}
+    assert not missing, f"not fetched: {missing}"
+
+
+# -- tests ---------------------------------------------------------------------
+
+def test_ready_line_names_address_and_offloads(served):
+    link, srv = served
+    assert srv.ready["ip"] == link.server_ip
+    assert srv.ready["urls"] > 10
+    assert srv.ready["offload"] == {"csum": True, "tso": True}
+
+
+def test_curl_gets_index_and_404(served):
+    link, _ = served
+    r = link.client.run(["curl", "-sS", "--max-time", "10", "-D", "-", f"http://{link.server_ip}/"],
+                        text=False)
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == site_files()["index.html"]
+    r = link.client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                         f"http://{link.server_ip}/no/such/page"])
+    assert r.stdout == "404"
+
+
+def test_ping(served):
+    link, _ = served
+    r = link.client.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", link.server_ip], check=False)
+    assert " 0% packet loss" in r.stdout, r.stdout
+
+
+def test_wget_mirror_byte_exact(served, tmp_path):
+    link, _ = served
+    assert_mirror_exact(mirror(link, str(tmp_path / "m")))
+
+
+CLIENT_KEEPALIVE = r"""
+import http.client, json, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
+out = []
+for path in sys.argv[2:]:
+    c.request("GET", path)
+    r = c.getresponse()
+    body = r.read()
+    out.append([path, r.status, len(body), __import__("hashlib").sha256(body).hexdigest()])
+# the same TCP connection served all of them
+out.append(["sock", c.sock.getsockname()[1]])
+print(json.dumps(out))
+"""
+
+
+def test_http_client_keepalive(served):
+    link, _ = served
+    files = site_files()
+    paths = ["/index.html", "/css/site.css", "/img/logo.png", "/downloads/data.txt", "/about.html"]
+    r = link.client.run([sys.executable, "-c", CLIENT_KEEPALIVE, link.server_ip, *paths], timeout=60)
+    out = json.loads(r.stdout)
+    for (path, status, n, digest) in out[:-1]:
+        assert status == 200
+        assert digest == hashlib.sha256(files[path[1:]]).hexdigest(), path
+
+
+CLIENT_PIPELINE = r"""
+import socket, sys, json
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+paths = sys.argv[2:]
+reqs = b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths[:-1])
+reqs += b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % paths[-1].encode()
+s.sendall(reqs)                       # all requests in one write: one segment
+data = b""
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    data += b
+sys.stdout.buffer.write(data)
+"""
+
+
+def _split_responses(data: bytes) -> list:
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, f"incomplete response: {data[:200]!r}"
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in lines[1:])}
+        n = int(fields.get(b"content-length", b"0"))
+        out.append((status, fields, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def test_pipelined_requests_in_one_segment(served):
+    link, _ = served
+    files = site_files()
+    paths = ["/css/site.css", "/robots.txt", "/nope", "/index.html", "/img/haboob.svg"]
+    r = link.client.run([sys.executable, "-c", CLIENT_PIPELINE, link.server_ip, *paths],
+                        timeout=30, text=False)
+    resps = _split_responses(r.stdout)
+    assert [s for s, _, _ in resps] == [200, 200, 404, 200, 200]
+    for path, (status, fields, body) in zip(paths, resps):
+        if status == 200:
+            assert body == files[path[1:]], path
+    assert resps[-1][1][b"connection"] == b"close"
+    assert resps[0][1][b"connection"] == b"keep-alive"
+
+
+def test_wrk_short_run_has_no_errors(served):
+    link, _ = served
+    r = link.client.run(["wrk", "-t1", "-c8", "-d2s", "--timeout", "5s", f"http://{link.server_ip}/index.html"],
+                        timeout=60)
+    out = r.stdout
+    assert "Non-2xx" not in out, out
+    assert "Socket errors" not in out, out
+    reqs = int(out.split(" requests in ")[0].split()[-1])
+    assert reqs > 0, out
+
+
+def test_wget_mirror_with_server_tx_offloads_off(store, tmp_path):
+    """Software checksums from the stored sums, end to end (no NEEDS_CSUM, no GSO)."""
+    with netns.pair(subnet=101) as link:
+        netns.set_offloads(link.server, link.server_if, tx=False, tso=False, gso=False)
+        with running_server(link.server, link.server_if, link.server_ip, store) as srv:
+            assert srv.ready["offload"] == {"csum": False, "tso": False}
+            got = mirror(link, str(tmp_path / "m"))
+        assert_mirror_exact(got)
+        c = srv.counters
+        assert c["ring_tx_frames"] > 0 and c.get("drop_internal_error", 0) == 0
+
+
+def test_two_workers_serve_the_site(store, tmp_path):
+    with netns.pair(subnet=102) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store, "--workers", "2") as srv:
+            assert srv.ready["workers"] == 2
+            got = mirror(link, str(tmp_path / "m"))
+            r = link.client.run(["wrk", "-t1", "-c16", "-d1s", f"http://{link.server_ip}/robots.txt"],
+                                timeout=60)
+            assert "Non-2xx" not in r.stdout and "Socket errors" not in r.stdout, r.stdout
+        assert_mirror_exact(got)
+        c = srv.counters
+        assert c["workers"] == 2
+        assert c["http_replies"] >= len(got)
+
+
+def test_capture_records_the_http_exchange(store, tmp_path):
+    from scapy.all import IP, TCP, Raw, rdpcap
+    pcap = str(tmp_path / "cap.pcap")
+    with netns.pair(subnet=103) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store, "--capture", pcap):
+            link.client.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
+                             f"http://{link.server_ip}/css/site.css"])
+    pkts = rdpcap(pcap)
+    tcp = [p for p in pkts if TCP in p]
+    assert any(p[TCP].flags.S and not p[TCP].flags.A for p in tcp), "no SYN recorded"
+    assert any(p[TCP].flags.S and p[TCP].flags.A and p[IP].src == link.server_ip for p in tcp)
+    req = b"".join(bytes(p[Raw].load) for p in tcp if Raw in p and p[IP].dst == link.server_ip)
+    assert req.startswith(b"GET /css/site.css HTTP/1.1\r\n")
+    resp = b"".join(bytes(p[Raw].load) for p in sorted(
+        (p for p in tcp if Raw in p and p[IP].src == link.server_ip), key=lambda p: p[TCP].seq))
+    with open(os.path.join(SITE, "css", "site.css"), "rb") as fh:
+        css = fh.read()
+    assert resp.startswith(b"HTTP/1.1 200 OK\r\n") and resp.endswith(css)
+    # every frame we sent has valid checksums as recorded (GSO frames were segmented)
+    for p in tcp:
+        if p[IP].src == link.server_ip:
+            assert len(p) <= 1514
+            ip_sum, tcp_sum = p[IP].chksum, p[TCP].chksum
+            q = p[IP].copy()
+            del q.chksum
+            del q[TCP].chksum
+            q = IP(bytes(q))
+            assert (q.chksum, q[TCP].chksum) == (ip_sum, tcp_sum)
