@@ -168,3 +168,10 @@ def test_cache_respects_limits(store):
     raw = b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: t\r\n\r\n"
     assert statuses(store, raw)[0] == [404]                     # default limits: cached 404
     assert statuses(store, raw, limits=Limits(max_request_line=64))[0] == [414]
+
+
+def test_bad_target_on_head_gets_head_form(store):
+    data, conn = exchange(store, b"HEAD /%zz HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert conn.closed and data.startswith(b"HTTP/1.1 400 ") and data.endswith(b"\r\n\r\n")
+    status, h, body = httpclient_parse(data, method="HEAD")
+    assert status == 400 and body == b"" and data.count(b"HTTP/1.1") == 1

@@ -378,6 +378,8 @@ class HTTPConnection:
             path = decode_target(req.target)
         except NotFound:
             return self._error(404, head, close)
+        except ProtocolError as e:
+            return self._error(e.status, head)
         res = site.resources.get(path)
         if res is None:
             red = (site.redirects_head if head else site.redirects).get(path)
