@@ -12,7 +12,9 @@ side's receive work to its own core (see bench/run.py).
 The second figure is the CPU time of the server's processes themselves
 (/proc/PID/stat utime+stime, summed over the process tree): it excludes
 softirq work, which the kernel bills to whatever core it ran on, not to a
-process.
+process. On a machine shared with other work, the core's busy share also
+counts everyone else's processes on that core; process time plus the
+irq+softirq time of the server's cores ("attributed") leaves them out.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ _BUSY = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal; 3 idle, 4 iowa
 class CoreSample:
     busy: int
     total: int
+    irq: int = 0        # irq + softirq: kernel packet work, billed to no process
 
 
 def read_cores() -> dict[int, CoreSample]:
@@ -37,7 +40,7 @@ def read_cores() -> dict[int, CoreSample]:
                 continue
             name, *vals = line.split()
             v = [int(x) for x in vals[:8]] + [0] * (8 - len(vals[:8]))
-            cores[int(name[3:])] = CoreSample(sum(v[i] for i in _BUSY), sum(v[:8]))
+            cores[int(name[3:])] = CoreSample(sum(v[i] for i in _BUSY), sum(v[:8]), v[5] + v[6])
     return cores
 
 
@@ -50,6 +53,17 @@ def busy_shares(before: dict[int, CoreSample], after: dict[int, CoreSample]) -> 
             continue
         total = a.total - b.total
         out[core] = (a.busy - b.busy) / total if total > 0 else 0.0
+    return out
+
+
+def irq_shares(before: dict[int, CoreSample], after: dict[int, CoreSample]) -> dict[int, float]:
+    """irq+softirq fraction (0..1) of every core between two samples."""
+    out = {}
+    for core, a in after.items():
+        b = before.get(core)
+        if b is not None:
+            total = a.total - b.total
+            out[core] = (a.irq - b.irq) / total if total > 0 else 0.0
     return out
 
 

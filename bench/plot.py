@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"nginx": "#1f77b4", "appliance": "#d62728"}
 MODE_TITLE = {"keepalive": "persistent connections (keep-alive)", "close": "a new connection per request"}
 METRICS = (("rps", "requests/s", 1.0), ("gbps", "Gbit/s", 1.0),
-           ("us_per_req_core", "server CPU per request (µs)", 1.0))
+           ("us_per_req", "server CPU per request (µs)", 1.0))
 
 
 def _value(run: dict, key: str):

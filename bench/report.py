@@ -4,10 +4,11 @@ Theory of operation: two tables, one line per (workers, mode, size), each
 cell the median over the repetitions. Throughput: requests/s, Gbit/s, p99
 latency, and the median of the per-repetition appliance/nginx ratios.
 CPU: the busy share of the server's cores (/proc/stat, softirq included),
-CPU per request from that busy share ("core") and from the server's own
-process time ("proc"; the meaningful one when client and server share the
-cores), and the appliance/nginx ratio of the core figure (below 1: the
-appliance spends less). Incorrect cells (a wrong status or length, non-2xx)
+CPU per request "attributed" to the server (its process time plus the
+irq+softirq time of its cores; see bench/run.py) and from the whole busy
+share of its cores ("core", which on a shared machine includes other
+users' work), and the appliance/nginx ratio of the attributed figure
+(below 1: the appliance spends less). Incorrect cells (a wrong status or length, non-2xx)
 are flagged with ✗ in the table itself, so a fast but wrong number cannot
 pass unnoticed.
 """
@@ -57,7 +58,7 @@ def cpu_table(results: dict) -> str:
     servers = _servers(results)
     head = ["workers", "mode", "size"]
     for s in servers:
-        head += [f"{s} CPU busy", f"{s} µs/req core", f"{s} µs/req proc"]
+        head += [f"{s} CPU busy", f"{s} µs/req", f"{s} µs/req core"]
     if len(servers) == 2:
         head += ["appliance/nginx µs/req"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -69,8 +70,8 @@ def cpu_table(results: dict) -> str:
                 cells += ["–"] * 3
                 continue
             busy = m["server_busy_share"]
-            cells += [_f(busy and 100 * busy, ".0f") + "%", _f(m["us_per_req_core"], ".1f"),
-                      _f(m["us_per_req_proc"], ".1f")]
+            cells += [_f(busy and 100 * busy, ".0f") + "%", _f(m["us_per_req"], ".1f"),
+                      _f(m["us_per_req_core"], ".1f")]
         if len(servers) == 2:
             cells.append(_f(row.get("ratio_cpu_per_req_median"), ".2f"))
         lines.append("| " + " | ".join(cells) + " |")

@@ -14,7 +14,11 @@ status 200 and the body length of every response), and the timed pass
 without the Lua check. During the timed pass the CPU is sampled over the
 middle of the run (from 15% to 85% of it, away from ramp-up and teardown):
 the busy share of every core from /proc/stat and the server's process-tree
-CPU time. CPU per request = busy cores x window / (rps x window).
+CPU time. CPU per request = cores used / rps, for three notions of "used":
+the busy share of the server's cores ("core"), the server's process time
+("proc"), and process time plus the irq+softirq time of the server's cores
+("attributed", the headline: it counts the kernel's packet work done for
+the server but not other users' processes on a shared machine).
 
 Placement. With W workers on a machine of C cores and W < C, the server
 is pinned to cores 0..W-1 and wrk to the others. veth delivers a frame in
@@ -130,9 +134,12 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
         res = wrk.collect(proc, job)
     window = t1 - t0
     shares = cpu.busy_shares(c0, c1)
+    irqs = cpu.irq_shares(c0, c1)
     server_busy = sum(shares[c] for c in place["server_cpus"])      # in cores
+    server_irq = sum(irqs[c] for c in place["server_cpus"])
     rps = res["requests"] / res["duration_s"] if res["duration_s"] else 0.0
     proc_cores = (p1 - p0) / window
+    attributed = proc_cores + server_irq
     errors = res["errors"]
     out = {
         "rps": rps,
@@ -153,6 +160,11 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
             "server_busy_share": server_busy / len(place["server_cpus"]),
             "machine_busy_share": sum(shares.values()) / len(shares),
             "proc_cores": proc_cores,                        # server process tree CPU s per s
+            "server_irq_cores": server_irq,                  # irq+softirq on the server's cores
+            "attributed_cores": attributed,                  # process + irq/softirq of the server cores
+            # busy time on the server cores that was neither the server nor interrupts: other work
+            "foreign_cores": max(0.0, server_busy - attributed) if not place["shared"] else None,
+            "us_per_req": attributed * 1e6 / rps if rps else None,
             "us_per_req_core": server_busy * 1e6 / rps if rps else None,
             "us_per_req_proc": proc_cores * 1e6 / rps if rps else None,
             "us_per_req_machine": sum(shares.values()) * 1e6 / rps if rps else None,
@@ -239,7 +251,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "gbps": _median([r["gbps"] for r in rs]),
                 "server_busy_share": _median([r["cpu"]["server_busy_share"] for r in rs]),
                 "proc_cores": _median([r["cpu"]["proc_cores"] for r in rs]),
+                "us_per_req": _median([r["cpu"]["us_per_req"] for r in rs]),
                 "us_per_req_core": _median([r["cpu"]["us_per_req_core"] for r in rs]),
+                "foreign_cores": _median([r["cpu"]["foreign_cores"] for r in rs]),
                 "us_per_req_proc": _median([r["cpu"]["us_per_req_proc"] for r in rs]),
                 "us_per_req_machine": _median([r["cpu"]["us_per_req_machine"] for r in rs]),
                 "p50_ms": _median([r["latency_us"]["percentiles"]["50"] / 1000 for r in rs]),
@@ -252,8 +266,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             pairs = list(zip(sorted(by_server["appliance"], key=lambda r: r["rep"]),
                              sorted(by_server["nginx"], key=lambda r: r["rep"])))
             ratios = [a["rps"] / n["rps"] if n["rps"] else None for a, n in pairs]
-            cpu_ratios = [a["cpu"]["us_per_req_core"] / n["cpu"]["us_per_req_core"]
-                          if a["cpu"]["us_per_req_core"] and n["cpu"]["us_per_req_core"] else None for a, n in pairs]
+            cpu_ratios = [a["cpu"]["us_per_req"] / n["cpu"]["us_per_req"]
+                          if a["cpu"]["us_per_req"] and n["cpu"]["us_per_req"] else None for a, n in pairs]
             row["ratio_rps"] = ratios
             row["ratio_rps_median"] = _median(ratios)
             row["ratio_cpu_per_req"] = cpu_ratios

@@ -223,7 +223,7 @@ class Appliance(Server):
 
     def argv(self, link, workers: int) -> list[str]:
         return [self.python, "-m", "appliance", "serve", "--store", self.store, "--iface", link.server_if,
-                "--ip", f"{link.server_ip}/{link.prefix}", "--workers", str(workers)]
+                "--ip", f"{link.server_ip}/{link.prefix}", "--workers", str(workers), "--pin"]
 
     @contextlib.contextmanager
     def start(self, link, workers: int, cpus: list[int]):

@@ -94,8 +94,8 @@ def _run(server, rep, rps, us, correct=True):
     return {"server": server, "workers": 1, "mode": "keepalive", "size": 4096, "label": "4k", "rep": rep,
             "rps": rps, "gbps": rps * 4096 * 8 / 1e9, "latency_us": {"percentiles": {"50": 100, "99": 900}},
             "non2xx": 0, "socket_errors": 0, "correct": correct, "errors": {},
-            "cpu": {"server_busy_share": 1.0, "proc_cores": 1.0, "us_per_req_core": us, "us_per_req_proc": us,
-                    "us_per_req_machine": us}}
+            "cpu": {"server_busy_share": 1.0, "proc_cores": 1.0, "us_per_req_core": us + 1, "us_per_req_proc": us,
+                    "us_per_req_machine": us, "us_per_req": us, "foreign_cores": 0.0}}
 
 
 def test_summary_medians_and_ratio_per_repetition_pair():
@@ -108,7 +108,7 @@ def test_summary_medians_and_ratio_per_repetition_pair():
     assert row["ratio_cpu_per_req"] == [2.0, 0.8, 1.0]
     assert row["appliance"]["correct"] is False and row["nginx"]["correct"] is True
     table = report.table({"summary": [row]})
-    assert "| 1 | keep-alive | 4K | 150 |" in table and "| 1 | keep-alive | 4K | 100% | 8.0 | 8.0 |" in table
+    assert "| 1 | keep-alive | 4K | 150 |" in table and "| 1 | keep-alive | 4K | 100% | 8.0 | 9.0 |" in table
     assert "150 ✗" in table                              # an incorrect cell is flagged
 
 
