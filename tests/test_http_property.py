@@ -12,7 +12,7 @@ from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
 from appliance.http import HTTPConnection, Limits
 from appliance.http.cli import respond_cmd
-from appliance.http.request import NotFound, ProtocolError, decode_target, parse_head
+from appliance.http.request import ProtocolError, decode_target, parse_head
 
 from .content_support import EXAMPLE, SDE, h11_parse
 
@@ -39,9 +39,29 @@ def test_parse_head_raises_only_protocol_error(data):
         assert e.status in (400, 413, 414, 431, 501, 505)
         return
     try:
-        decode_target(req.target)
-    except (ProtocolError, NotFound):
-        pass
+        path = decode_target(req.target)
+    except ProtocolError as e:          # NotFound is one, with status 404
+        assert e.status in (400, 404)
+        return
+    _normal(path)
+
+
+def _normal(path):
+    assert path.startswith("/") and "//" not in path
+    assert not {".", ".."} & set(path.split("/"))
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "%2e", "%2E%2e", "a", "b%2Fc", "%2f..", "x?y", "%41"]),
+                max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_decode_target_never_rises_above_root(segs):
+    target = ("/" + "/".join(segs)).encode()
+    try:
+        path = decode_target(target)
+    except ProtocolError as e:
+        assert e.status in (400, 404)
+        return
+    _normal(path)
 
 
 _METHODS = st.sampled_from([b"GET", b"HEAD", b"POST", b"get", b"BREW", b"", b"G ET"])

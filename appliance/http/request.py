@@ -30,8 +30,11 @@ class ProtocolError(Exception):
         self.status = status
 
 
-class NotFound(Exception):
-    """The target is well-formed but names nothing this site can have (e.g. not UTF-8)."""
+class NotFound(ProtocolError):
+    """The target is well-formed but names nothing a site can have (not UTF-8, NUL): 404."""
+
+    def __init__(self, message: str):
+        super().__init__(404, message)
 
 
 class Limits:
