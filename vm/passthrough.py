@@ -37,7 +37,7 @@ NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e"}
 MODES = ("user", "tap", "socket", "vfio", "netmap")
 NETDEV_ID = "hbnet0"
 
-_PCI_RE = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+_PCI_RE = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{1,2}):([0-1]?[0-9a-fA-F])\.([0-7])$")
 _HOSTPORT_RE = re.compile(r"^([0-9A-Za-z.\-]*|\[[0-9a-fA-F:]+\]):(\d{1,5})$")
 
 
@@ -69,7 +69,7 @@ def normalize_pci(addr: str) -> str:
         raise NetError(f"--net vfio:{addr}: not a PCI address; give DOMAIN:BUS:SLOT.FUNCTION as "
                        f"`lspci -D` prints it, e.g. vfio:0000:03:00.0")
     dom, bus, slot, fn = m.groups()
-    return f"{(dom or '0000').lower()}:{bus.lower()}:{slot.lower()}.{fn}"
+    return f"{(dom or '0000').lower()}:{int(bus, 16):02x}:{int(slot, 16):02x}.{fn}"
 
 
 def _hostport(text: str, what: str) -> tuple[str, int]:
