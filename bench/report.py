@@ -1,8 +1,11 @@
 """The README-ready Markdown tables of a results JSON.
 
 Theory of operation: two tables, one line per (workers, mode, size), each
-cell the median over the repetitions. Throughput: requests/s, Gbit/s, p99
-latency, and the median of the per-repetition appliance/nginx ratios.
+cell the median over the repetitions. Throughput: requests/s, requests/s per
+server core, Gbit/s, p99 latency, and the median of the per-repetition appliance/nginx ratios.
+"req/s per core" is requests/s divided by the server cores actually used
+(process time plus the softirq time of its cores), the figure that stays
+meaningful when the load generator, not the server, is the bottleneck.
 CPU: the busy share of the server's cores (/proc/stat, softirq included),
 CPU per request "attributed" to the server (its process time plus the
 irq+softirq time of its cores; see bench/run.py) and from the whole busy
@@ -35,21 +38,22 @@ def throughput_table(results: dict) -> str:
     servers = _servers(results)
     head = ["workers", "mode", "size"]
     for s in servers:
-        head += [f"{s} req/s", f"{s} Gbit/s", f"{s} p99 ms"]
+        head += [f"{s} req/s", f"{s} req/s per core", f"{s} Gbit/s", f"{s} p99 ms"]
     if len(servers) == 2:
-        head += ["appliance/nginx req/s"]
+        head += ["appliance/nginx req/s", "appliance/nginx per core"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in results["summary"]:
         cells = _key(row)
         for s in servers:
             m = row.get(s)
             if not m:
-                cells += ["–"] * 3
+                cells += ["–"] * 4
                 continue
             flag = "" if m["correct"] else " ✗"
-            cells += [_f(m["rps"], ",.0f") + flag, _f(m["gbps"], ".2f"), _f(m["p99_ms"], ".2f")]
+            cells += [_f(m["rps"], ",.0f") + flag, _f(m.get("rps_per_core"), ",.0f"), _f(m["gbps"], ".2f"),
+                      _f(m["p99_ms"], ".2f")]
         if len(servers) == 2:
-            cells.append(_f(row.get("ratio_rps_median"), ".2f"))
+            cells += [_f(row.get("ratio_rps_median"), ".2f"), _f(row.get("ratio_rps_per_core_median"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -252,6 +252,9 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "server_busy_share": _median([r["cpu"]["server_busy_share"] for r in rs]),
                 "proc_cores": _median([r["cpu"]["proc_cores"] for r in rs]),
                 "us_per_req": _median([r["cpu"]["us_per_req"] for r in rs]),
+                # requests/s per server core actually used (process + its softirq): 1e6 / µs per request
+                "rps_per_core": _median([1e6 / r["cpu"]["us_per_req"] if r["cpu"]["us_per_req"] else None
+                                         for r in rs]),
                 "us_per_req_core": _median([r["cpu"]["us_per_req_core"] for r in rs]),
                 "foreign_cores": _median([r["cpu"]["foreign_cores"] for r in rs]),
                 "us_per_req_proc": _median([r["cpu"]["us_per_req_proc"] for r in rs]),
@@ -268,6 +271,10 @@ def summarize(runs: list[dict]) -> list[dict]:
             ratios = [a["rps"] / n["rps"] if n["rps"] else None for a, n in pairs]
             cpu_ratios = [a["cpu"]["us_per_req"] / n["cpu"]["us_per_req"]
                           if a["cpu"]["us_per_req"] and n["cpu"]["us_per_req"] else None for a, n in pairs]
+            per_core = [(1 / a["cpu"]["us_per_req"]) / (1 / n["cpu"]["us_per_req"])
+                        if a["cpu"]["us_per_req"] and n["cpu"]["us_per_req"] else None for a, n in pairs]
+            row["ratio_rps_per_core"] = per_core
+            row["ratio_rps_per_core_median"] = _median(per_core)
             row["ratio_rps"] = ratios
             row["ratio_rps_median"] = _median(ratios)
             row["ratio_cpu_per_req"] = cpu_ratios

@@ -106,9 +106,10 @@ def test_summary_medians_and_ratio_per_repetition_pair():
     assert row["ratio_rps"] == [0.5, 1.5, 1.0]          # paired by repetition, not by rank
     assert row["ratio_rps_median"] == 1.0
     assert row["ratio_cpu_per_req"] == [2.0, 0.8, 1.0]
+    assert row["ratio_rps_per_core"] == [0.5, 1.25, 1.0]
     assert row["appliance"]["correct"] is False and row["nginx"]["correct"] is True
     table = report.table({"summary": [row]})
-    assert "| 1 | keep-alive | 4K | 150 |" in table and "| 1 | keep-alive | 4K | 100% | 8.0 | 9.0 |" in table
+    assert "| 1 | keep-alive | 4K | 150 | 125,000 |" in table and "| 1 | keep-alive | 4K | 100% | 8.0 | 9.0 |" in table
     assert "150 ✗" in table                              # an incorrect cell is flagged
 
 
@@ -131,3 +132,16 @@ def test_render_rejects_a_file_that_is_not_results(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "render", str(bad)], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1 and "not a bench results file" in proc.stderr
+
+
+def test_profile_parses_raw_stacks_by_function_and_line():
+    from bench.profile import parse_raw
+    raw = ("process 1:\"python\";main (a.py:3);loop (a.py:10);recv (b.py:5) 6\n"
+           "main (a.py:3);loop (a.py:12) 3\n"
+           "main (a.py:3);loop (a.py:10);send (b.py:9) 1\n"
+           "garbage line\n")
+    total, own, incl, lines = parse_raw(raw)
+    assert total == 10
+    assert own == {"recv (b.py)": 6, "loop (a.py)": 3, "send (b.py)": 1}
+    assert incl["main (a.py)"] == 10 and incl["loop (a.py)"] == 10 and incl["recv (b.py)"] == 6
+    assert lines["loop (a.py:12)"] == 3 and lines["recv (b.py:5)"] == 6
