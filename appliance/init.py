@@ -272,6 +272,15 @@ def watch_power_button(stop: threading.Event) -> int:
 
 def watch_console(show_counters) -> None:
     """The key 'c' on the serial console prints the counters."""
+    try:                                   # keys one by one, not lines; no echo
+        import termios
+        attrs = termios.tcgetattr(0)
+        attrs[3] &= ~(termios.ICANON | termios.ECHO)
+        attrs[6][termios.VMIN], attrs[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(0, termios.TCSANOW, attrs)
+    except Exception:
+        pass                               # not a tty: lines still work
+
     def watch():
         while True:
             try:
