@@ -425,6 +425,8 @@ class Conn:
         pending immediate ACK if no segment carried it."""
         nxt = self.snd_nxt
         end = self.data_end
+        if nxt == end and not self.ack_now and not self.fin_pending:
+            return                                          # the common ACK: nothing to do
         sent = False
         if 0 < ((end - nxt) & MASK) < HALF and self.state != SYN_RCVD:
             una = self.snd_una
@@ -542,6 +544,7 @@ class Conn:
         _tcp_pack(h, 38, seq, rn, 0x5000 | flags, self.rwnd, ck)
         st.txq.append((h, rest, gso))
         self.rcv_unacked = 0
+        self.t_ack = 0.0
         c = st.counters
         c["tcp_out_segments"] += 1
         c["tcp_out_bytes"] += n

@@ -24,7 +24,10 @@ def csum(data, extra: int = 0) -> int:
     n = int.from_bytes(data, "big")
     if len(data) & 1:
         n <<= 8
-    return (-(n + extra)) % 0xFFFF
+    n += extra
+    # all-zero data sums to +0 (RFC 1071), whose complement is 0xFFFF; any other
+    # multiple of 0xFFFF sums to -0 (0xFFFF), whose complement is 0
+    return (-n) % 0xFFFF if n else 0xFFFF
 
 
 def sum_ok(data, extra: int = 0) -> bool:
