@@ -1,6 +1,8 @@
 """`python -m appliance serve` refuses what it cannot serve on, with a clear
 message on stderr and exit status 2, before touching the network."""
+import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -70,3 +72,28 @@ def test_refuses_corrupt_store(link, tmp_path):
     r = serve(link.server, "--store", str(bad), "--iface", link.server_if, "--ip", "198.18.120.1/24")
     assert r.returncode == 2
     assert f"--store {bad}:" in r.stderr
+
+
+def test_site_is_compiled_to_a_temporary_store_and_served(link):
+    import json
+    import signal
+    before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")}
+    proc = link.server.popen([sys.executable, "-m", "appliance", "serve", "--site", SITE, "--iface",
+                              link.server_if, "--ip", "198.18.120.1/24"], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("HABOOB-READY "), proc.stderr.read() if proc.poll() is not None else line
+        tmp_dirs = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")} - before
+        r = link.client.run(["curl", "-sS", "--max-time", "10", "http://198.18.120.1/robots.txt"], text=False)
+        with open(os.path.join(SITE, "robots.txt"), "rb") as fh:
+            assert r.stdout == fh.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    counters = json.loads(out.strip().splitlines()[-1].split(" ", 1)[1])
+    assert counters["http_replies"] == 1
+    assert proc.returncode == 0
+    assert tmp_dirs                            # the temporary store existed while serving...
+    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")]
+    assert not tmp_dirs & set(left)            # ...and is gone after

@@ -314,3 +314,15 @@ def test_capture_records_the_http_exchange(store, tmp_path):
             del q[TCP].chksum
             q = IP(bytes(q))
             assert (q.chksum, q[TCP].chksum) == (ip_sum, tcp_sum)
+
+
+def test_frames_larger_than_a_ring_slot_are_counted_and_dropped(store):
+    """A 20 KB ping on a jumbo veth does not fit a 16 KB RX slot (tp_snaplen <
+    tp_len): counted as ring_rx_truncated, no reply; a small ping still works."""
+    with netns.pair(subnet=104, mtu=65000) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store) as srv:
+            big = link.client.run(["ping", "-c", "1", "-W", "1", "-s", "20000", link.server_ip], check=False)
+            small = link.client.run(["ping", "-c", "1", "-W", "2", link.server_ip], check=False)
+        assert " 0 received" in big.stdout, big.stdout
+        assert " 1 received" in small.stdout, small.stdout
+        assert srv.counters["ring_rx_truncated"] >= 1, srv.counters

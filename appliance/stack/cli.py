@@ -12,6 +12,7 @@ same as inside the image:
 
 Every refusal is one line on stderr naming what is wrong, exit status 2.
 """
+import contextlib
 import json
 import os
 import sys
@@ -37,6 +38,11 @@ def check_interface(iface: str) -> str | None:
         return (f"interface {iface!r} has the kernel IPv4 address {info.ipv4}; the kernel would answer "
                 f"our clients with RSTs. Remove it first (ip addr flush dev {iface})")
     return None
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 def _fail(msg: str):
@@ -91,7 +97,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
         d = os.path.dirname(os.path.abspath(capture))
         if not os.path.isdir(d):
             _fail(f"--capture: directory {d} does not exist")
-    with tempfile.TemporaryDirectory(prefix="haboob-serve-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="haboob-serve-") if site else _nothing()) as tmp:
         if site:
             if not os.path.isdir(site):
                 _fail(f"--site {site}: not a directory")
