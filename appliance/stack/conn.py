@@ -80,7 +80,7 @@ class Conn:
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
-                 "retries", "ack_now")
+                 "retries", "ack_now", "gso")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
                  iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
@@ -101,6 +101,7 @@ class Conn:
         self.mss = max(mss, 64)
         self.aligned = self.mss == st.smss
         self.tso_max = max(self.mss, (cfg.tso_max // self.mss) * self.mss)
+        self.gso = st.gso_tso(self.mss)
         self.rwnd = cfg.rcv_wnd
         self.iss = iss
         self.irs = irs
@@ -142,8 +143,49 @@ class Conn:
 
     def segment(self, f, end: int, now: float) -> None:
         """Process one segment (RFC 9293 §3.10.7.4) of a frame whose TCP header is at 34
-        and whose IP datagram ends at `end`; the TCP checksum was verified."""
+        and whose IP datagram ends at `end`; the TCP checksum was verified.
+
+        The hot path first: ESTABLISHED, SEG.SEQ == RCV.NXT, flags ACK (+PSH) only, no
+        options, and an ACK that is new or changes nothing. Every other segment, and
+        duplicate ACKs, take the general path (`_segment`), which follows the RFC's
+        order of checks step by step."""
         seq, ack, off, flags, win = _tcp_unpack(f, 38)
+        if seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED:
+            una = self.snd_una
+            d = (ack - una) & MASK
+            wnd = win << self.snd_ws
+            if d and d <= ((self.snd_max - una) & MASK):
+                self._new_ack(ack, d, now)
+            elif d or (end == 54 and wnd == self.snd_wnd and self.snd_max != una):
+                self._segment(seq, ack, off, flags, win, f, end, now)
+                return
+            if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
+                self.snd_wnd = wnd
+                self.wl1 = seq
+                self.wl2 = ack
+                if wnd > self.max_snd_wnd:
+                    self.max_snd_wnd = wnd
+                if wnd and self.persist:
+                    self.persist = False
+                    self.t_rtx = 0.0
+            if end > 54:
+                plen = end - 54
+                self.rcv_nxt = (seq + plen) & MASK
+                self.last_act = now
+                self._deliver(f[54:end], now)
+                self.rcv_unacked += plen
+                if self.rcv_unacked >= 2 * self.mss:
+                    self.ack_now = True
+                elif not self.t_ack:
+                    st = self.st
+                    t = self.t_ack = now + st.cfg.delack
+                    if t < st._next:
+                        st._next = t
+            self.output(now)
+            return
+        self._segment(seq, ack, off, flags, win, f, end, now)
+
+    def _segment(self, seq, ack, off, flags, win, f, end, now):
         hl = (off >> 4) << 2
         st = self.st
         if hl < 20 or 34 + hl > end:
@@ -436,12 +478,16 @@ class Conn:
             mss = self.mss
             mode = self.mode
             counters = self.st.counters
+            q = self.q
             while nxt != end:
                 inflight = (nxt - una) & MASK
                 avail = wnd - inflight
                 if avail <= 0:
                     break
-                it, o = self._find(nxt)
+                it = q[0]
+                o = (nxt - it[0]) & MASK
+                if o >= it[2]:
+                    it, o = self._find(nxt)
                 left = it[2] - o
                 if mode == 2:
                     want = left if left < self.tso_max else self.tso_max
@@ -540,7 +586,7 @@ class Conn:
             gso = None
         else:
             ck = (self.pseudo + tl - 20) % 0xFFFF
-            gso = st.gso_csum if (mode == 1 or n <= self.mss) else st.gso_tso(self.mss)
+            gso = st.gso_csum if (mode == 1 or n <= self.mss) else self.gso
         _tcp_pack(h, 38, seq, rn, 0x5000 | flags, self.rwnd, ck)
         st.txq.append((h, rest, gso))
         self.rcv_unacked = 0
