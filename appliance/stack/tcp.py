@@ -93,7 +93,7 @@ class TcpSegment(NamedTuple):
     urgent: int = 0
 
     @classmethod
-    def parse(cls, buf, src: bytes, dst: bytes) -> "TcpSegment":
+    def parse(cls, buf, src: bytes, dst: bytes, verify: bool = True) -> "TcpSegment":
         n = len(buf)
         if n < 20:
             raise Malformed("tcp_short", f"{n} bytes")
@@ -101,7 +101,7 @@ class TcpSegment(NamedTuple):
         hl = (off >> 4) * 4
         if hl < 20 or hl > n:
             raise Malformed("tcp_bad_offset", str(hl))
-        if not sum_ok(buf, pseudo_sum(src, dst, n)):
+        if verify and not sum_ok(buf, pseudo_sum(src, dst, n)):
             raise Malformed("tcp_bad_checksum")
         opts = Options.parse(buf[20:hl]) if hl > 20 else Options()
         return cls(sport, dport, seq, ack, flags, win, opts, buf[hl:], urg)
