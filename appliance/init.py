@@ -106,7 +106,10 @@ def load_module(name: str, path: str) -> bool:
             e = ctypes.get_errno()
             if e == errno.EEXIST:
                 return False
-            hint = " (built for a different kernel?)" if e in (errno.ENOEXEC, errno.EINVAL) else ""
+            # wrong version magic: ENOEXEC/EINVAL; a signature this kernel's keys do not
+            # accept (another kernel build): EKEYREJECTED/ENOKEY/EBADMSG
+            hint = " (built for a different kernel?)" if e in (
+                errno.ENOEXEC, errno.EINVAL, errno.EKEYREJECTED, errno.ENOKEY, errno.EBADMSG) else ""
             raise Fatal(f"loading module {name}: {os.strerror(e)}{hint}")
         return True
     finally:
