@@ -29,6 +29,14 @@ def test_reproducible(built, tmp_path):
     assert out.read_bytes() == out2.read_bytes()
 
 
+def test_jobs_do_not_change_the_store(built, tmp_path):
+    d, out = built
+    for jobs in (1, 3):
+        o = tmp_path / f"j{jobs}.store"
+        compile_site(EXAMPLE, str(o), Options(source_date_epoch=SDE, jobs=jobs))
+        assert o.read_bytes() == out.read_bytes()
+
+
 def test_reproducible_without_source_date_epoch(tmp_path, monkeypatch):
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     site = tmp_path / "s"

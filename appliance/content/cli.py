@@ -44,11 +44,14 @@ class SizeType(click.ParamType):
 @click.option("--source-date-epoch", type=int, default=None,
               help="Placeholder Date and Last-Modified clamp (default: $SOURCE_DATE_EPOCH, "
                    "else the newest file's mtime).")
+@click.option("-j", "--jobs", default=0, type=click.IntRange(0),
+              help="Threads reading, hashing and gzipping files (default: one per CPU). "
+                   "The store does not depend on it.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
-def compile_cmd(site, out, mss, max_file_size, cache_control, gzip_level, source_date_epoch, quiet):
+def compile_cmd(site, out, mss, max_file_size, cache_control, gzip_level, source_date_epoch, jobs, quiet):
     """Compile a site directory into a content store of prebuilt responses."""
     opts = Options(mss=mss, max_file_size=max_file_size, cache_control=cache_control,
-                   gzip_level=gzip_level, source_date_epoch=source_date_epoch)
+                   gzip_level=gzip_level, source_date_epoch=source_date_epoch, jobs=jobs)
     try:
         r = compile_site(site, out, opts)
     except CompileError as e:

@@ -14,6 +14,9 @@ Theory of operation: a straight list of steps over one context.
    ETag and "Vary: Accept-Encoding" -- then the 301 redirects "/dir" ->
    "/dir/" for directories with an index.html, then the error pages (404
    from the site's 404.html if it has one, else jinja2-rendered defaults).
+   Files are read, hashed and gzipped by a thread pool a bounded distance
+   ahead of the writer (zlib and hashlib release the GIL); the writer
+   consumes them in order, so the output does not depend on --jobs.
 3. write: each response is streamed into the store with the RFC 1071 sum of
    every MSS-sized segment; `StoreWriter` writes to a temp file in the
    output folder and renames it into place only when complete.
@@ -26,12 +29,14 @@ store; the placeholder Date is SOURCE_DATE_EPOCH if set, else the newest
 file mtime; Last-Modified is the file's mtime, clamped to SOURCE_DATE_EPOCH
 when that is set (the reproducible-builds convention).
 """
+import collections
 import gzip
 import hashlib
 import os
 import stat
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import mime
@@ -100,6 +105,7 @@ class Options:
     gzip_level: int = 9
     source_date_epoch: int | None = None      # None: from the environment, else the newest mtime
     server: str = SERVER
+    jobs: int = 0                             # threads reading/hashing/gzipping; 0: one per CPU
 
 
 @dataclass
@@ -257,6 +263,49 @@ def _gzip(data: bytes, level: int) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
+def _prepare(f: SourceFile, site: str, opts: Options):
+    """Read, hash and gzip one file (a worker thread: zlib and hashlib release the GIL)."""
+    body = _read(f, site)
+    if len(body) > opts.max_file_size:
+        raise CompileError(f"{os.path.join(site, _display(f.rel))}: file grew over the size limit "
+                           f"while compiling")
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    gz = None
+    if body and mime.compressible(f.rel):
+        z = _gzip(body, opts.gzip_level)
+        if len(z) < len(body):
+            gz = z
+    return body, digest, gz
+
+
+def _prepared(files, site, opts: Options):
+    """(file, (body, digest, gzip-or-None)) in the files' order, prepared by a thread pool
+    a bounded distance ahead (in files and bytes) of the writer. The order of the output
+    never depends on the number of jobs: the store stays reproducible."""
+    jobs = max(1, opts.jobs or os.cpu_count() or 1)
+    if jobs == 1:
+        for f in files:
+            yield f, _prepare(f, site, opts)
+        return
+    budget = 256 << 20
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="haboob-compile")
+    try:
+        queue = collections.deque()
+        inflight = 0
+        it = iter(files)
+        nxt = next(it, None)
+        while nxt is not None or queue:
+            while nxt is not None and len(queue) < 2 * jobs and (not queue or inflight + nxt.size <= budget):
+                queue.append((nxt, pool.submit(_prepare, nxt, site, opts)))
+                inflight += nxt.size
+                nxt = next(it, None)
+            f, fut = queue.popleft()
+            inflight -= f.size
+            yield f, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def compile_site(site, out, options: Options | None = None, log=None) -> Result:
     """Compile directory `site` into store file `out`. Raises CompileError on bad input."""
     t0 = time.monotonic()
@@ -312,20 +361,11 @@ def compile_site(site, out, options: Options | None = None, log=None) -> Result:
     with StoreWriter(out, opts.mss) as w:
         b = _Builder(w, opts, date)
         by_rel = {}
-        for f in files:
+        for f, (body, digest, gz) in _prepared(files, site, opts):
             shown = os.path.join(site, f.rel)
-            body = _read(f, site)
-            if len(body) != f.size and len(body) > opts.max_file_size:
-                raise CompileError(f"{shown}: file grew over the size limit while compiling")
-            digest = hashlib.sha256(body).hexdigest()[:32]
             etag = f'"{digest}"'.encode()
             ctype = mime.content_type(f.rel).encode()
             lm = format_date(f.mtime)
-            gz = None
-            if mime.compressible(f.rel) and body:
-                z = _gzip(body, opts.gzip_level)
-                if len(z) < len(body):
-                    gz = z
             vary = [(b"Vary", b"Accept-Encoding")] if gz is not None else []
             common = [(b"Content-Type", ctype)]
             val = [(b"Last-Modified", lm), (b"ETag", etag), (b"Cache-Control", cc)]
