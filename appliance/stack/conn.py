@@ -302,13 +302,14 @@ class Conn:
             if plen > self.rwnd:                                # beyond the window: cut, FIN with it
                 plen = self.rwnd
                 flags &= ~FIN
+            if plen and state not in _RX_DATA:
+                st.counters["tcp_rx_data_after_fin"] += 1       # after the peer's FIN: not data
+                self.ack_now = True
+                plen = 0
             if plen:
                 self.rcv_nxt = rn = (rn + plen) & MASK
                 self.last_act = now
-                if state in _RX_DATA:
-                    self._deliver(f[p:p + plen], now)
-                else:
-                    st.counters["tcp_rx_data_after_fin"] += 1
+                self._deliver(f[p:p + plen], now)
                 self.rcv_unacked += plen
                 if self.rcv_unacked >= 2 * self.mss:
                     self.ack_now = True                         # RFC 9293 §3.8.6.3: every 2nd full segment
