@@ -18,8 +18,10 @@ word is the hand-over flag between the kernel and us:
   kick the kernel with one `send(fd, b"", MSG_DONTWAIT)`. The kernel walks
   the ring from its own head while it finds SEND_REQUEST slots, so we fill
   slots strictly in order and never skip one. A slot stays busy (SENDING)
-  until the skb that maps its pages is freed; a full ring makes us kick and
-  wait for POLLOUT.
+  until the skb that maps its pages is freed (zero copy: the skb's fragments
+  are the ring's pages); when the head slot is still busy the rest of the
+  batch goes through a ring-less packet socket (copied by the kernel)
+  instead of stalling the loop.
 
 PACKET_VNET_HDR puts a 10-byte `struct virtio_net_hdr` in front of every
 frame in both rings. On TX it asks the device (or the kernel's software
@@ -103,8 +105,8 @@ ETHTOOL_GTSO = 0x1E
 ETHTOOL_GGSO = 0x23
 
 PAGE = mmap.PAGESIZE
-RX_FRAME = 16384                  # holds an MTU frame, and modest GRO/GSO super-frames
-RX_BLOCK = 1 << 18
+RX_FRAME = 8192                   # an MTU frame, and GRO/GSO aggregates of up to 5 segments
+RX_BLOCK = 1 << 17
 TX_FRAME_GSO = 65536 + 512        # a 64 KB GSO super-frame + virtio header + tpacket header
 TX_BLOCK_GSO = 1 << 20            # 15 such frames per MiB block
 TX_FRAME_SMALL = 2048
@@ -207,7 +209,7 @@ class TpacketDevice:
     outgoing ones, kicks, waits for a free TX slot, and kernel drops.
     """
 
-    def __init__(self, iface: str, *, rx_frames: int = 256, tx_frames: int = 120,
+    def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
                  offload: Offload | None = None, promisc: bool = False):
         info = interface_info(iface)
@@ -217,12 +219,13 @@ class TpacketDevice:
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
-                             tx_dropped_full=0, tx_oversize=0)
+                             tx_copied=0, tx_dropped_full=0, tx_oversize=0)
         want = read_offload(iface) if offload is None else offload
         self._socks = []
         self._rx = []
         self._mm = []
         self._epoll = None
+        self._csock = None
         try:
             self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
             if promisc:
@@ -264,7 +267,11 @@ class TpacketDevice:
             pass
         # A malformed TX slot is skipped (set AVAILABLE) instead of stalling the ring.
         s.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
-        rx = _ring(rx_frames, RX_FRAME, RX_BLOCK)
+        # RX slots: room for 5 MTU-sized segments (a jumbo MTU gets bigger slots)
+        frame = RX_FRAME
+        while frame < 5 * (self.mtu + 18) + 128 and frame < 65536 + 4096:
+            frame *= 2
+        rx = _ring(rx_frames, frame, max(RX_BLOCK, frame))
         if self.offload.tso:
             tx = _ring(tx_frames, TX_FRAME_GSO, TX_BLOCK_GSO)
         else:
@@ -301,8 +308,6 @@ class TpacketDevice:
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
         self._held = []               # RX slot offsets handed out in the last batch
-        self._pollout = select.poll()
-        self._pollout.register(s.fileno(), select.POLLOUT)
 
     # -- Device ---------------------------------------------------------
 
@@ -370,9 +375,13 @@ class TpacketDevice:
     def tx_batch(self, frames) -> int:
         """Copy each Frame (head, payload, gso) into the TX ring, then one kick.
 
-        Returns how many were queued; a frame too large for a slot is counted
-        (tx_oversize) and skipped; if the ring stays full the rest is dropped
-        (tx_dropped_full), as a NIC would.
+        Returns how many were sent. A frame too large for a slot is counted
+        (tx_oversize) and skipped. The kernel frees a slot only when the skb
+        that maps its pages is freed; on veth that is when the receiving
+        application has read the data, so a slow reader can hold the slot at
+        the ring's head. Rather than stall every connection behind it, the
+        rest of the batch is then sent through an ordinary packet socket
+        (one copy and one system call per frame, counted as tx_copied).
         """
         mm = self.mm
         slots, nr = self.tx_slots, self.tx_nr
@@ -384,7 +393,8 @@ class TpacketDevice:
         limit = self.max_frame
         data0 = TPACKET2_DATA + VNET_HDR_LEN if vnet else TPACKET2_DATA
         sent = nbytes = 0
-        for head, payload, gso in frames:
+        rest = None
+        for k, (head, payload, gso) in enumerate(frames):
             hl = len(head)
             total = hl + (len(payload) if payload is not None else 0)
             if total > limit:
@@ -392,8 +402,13 @@ class TpacketDevice:
                 continue
             off = slots[i]
             if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
-                if not self._wait_slot(off):
-                    self.counters["tx_dropped_full"] += 1
+                self.counters["tx_ring_waits"] += 1
+                if sent:                  # completions may be due to what we queued
+                    self._kick()
+                if status_of(mm, off)[0] == TP_STATUS_WRONG_FORMAT:
+                    STATUS.pack_into(mm, off, TP_STATUS_AVAILABLE)
+                if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
+                    rest = k
                     break
             d = off + data0
             mm[d:d + hl] = head
@@ -412,12 +427,46 @@ class TpacketDevice:
             sent += 1
             nbytes += total
         self.tx_head = i
+        c = self.counters
         if sent:
             self._kick()
-            c = self.counters
             c["tx_frames"] += sent
             c["tx_bytes"] += nbytes
+        if rest is not None:
+            sent += self._copy_send(frames[rest:])
         return sent
+
+    def _copy_send(self, frames) -> int:
+        """Send frames through a ring-less packet socket (the kernel copies them)."""
+        s = self._csock
+        if s is None:
+            s = self._csock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self._socks.append(s)
+            if self.vnet:
+                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            except OSError:
+                pass
+            s.bind((self.iface, 0))   # protocol 0: this socket receives nothing
+        c = self.counters
+        n = 0
+        vnet = self.vnet
+        for head, payload, gso in frames:
+            parts = [head] if payload is None else [head, payload]
+            if vnet:
+                parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
+                    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
+                    gso[3], gso[2], gso[0], gso[1]))
+            try:
+                c["tx_bytes"] += s.sendmsg(parts, [], socket.MSG_DONTWAIT)
+            except OSError:           # ENOBUFS, EMSGSIZE...: dropped like on a full NIC queue
+                c["tx_dropped_full"] += 1
+                continue
+            n += 1
+        c["tx_copied"] += n
+        c["tx_frames"] += n
+        return n
 
     def _kick(self):
         self.counters["tx_kicks"] += 1
@@ -425,19 +474,6 @@ class TpacketDevice:
             self.sock.send(b"", socket.MSG_DONTWAIT)
         except OSError:               # ENOBUFS and the like: the slots stay queued for the next kick
             self.counters["tx_kick_errors"] += 1
-
-    def _wait_slot(self, off) -> bool:
-        """The next TX slot is still owned by the kernel: send what is queued
-        and wait (POLLOUT: a slot became free) up to about a second."""
-        self.counters["tx_ring_waits"] += 1
-        self._kick()
-        for _ in range(100):
-            if STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_AVAILABLE:
-                return True
-            self._pollout.poll(10)
-            if STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_WRONG_FORMAT:
-                STATUS.pack_into(self.mm, off, TP_STATUS_AVAILABLE)
-        return STATUS.unpack_from(self.mm, off)[0] == TP_STATUS_AVAILABLE
 
     # -- the rest -------------------------------------------------------
 
