@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from appliance.content.checksum import ones_sum_reference
 from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
-from appliance.http import HTTPConnection, Limits
+from appliance.http import HTTPConnection, Limits, reply_bytes
 from appliance.http.cli import respond_cmd
 from appliance.http.request import ProtocolError, decode_target, parse_head
 
@@ -101,6 +101,7 @@ def test_connection_never_raises(stream, step):
     assert whole.closed == pieces.closed
     for r in replies:
         assert (r.response is None) != (r.header is None)
+        assert len(reply_bytes(r, s.blob)) == r.length
         if r.close:
             assert r is replies[-1]
 
