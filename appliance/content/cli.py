@@ -29,9 +29,9 @@ class SizeType(click.ParamType):
 
 
 @click.command("compile")
-@click.option("--site", "site", required=True, type=click.Path(file_okay=True, dir_okay=True),
+@click.option("--site", "site", required=True, metavar="DIR", type=click.Path(file_okay=True, dir_okay=True),
               help="The site directory to compile.")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "out", required=True, metavar="FILE.store", type=click.Path(dir_okay=False),
               help="The store file to write (written to a temp file, renamed when complete).")
 @click.option("--mss", default=DEFAULT_MSS, show_default=True, type=int,
               help="TCP MSS the responses are cut at (536..65495).")
