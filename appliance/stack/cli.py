@@ -123,5 +123,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
                              capture=capture, on_ready=on_ready, pin=pin)
         except OSError as e:
             _fail(f"interface {iface}: {e}")
+        except RuntimeError as e:               # a worker failed to start
+            _fail(str(e))
         click.echo("HABOOB-COUNTERS " + json.dumps(counters.as_dict() if hasattr(counters, "as_dict")
                                                   else dict(counters)))

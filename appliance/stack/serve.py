@@ -348,8 +348,19 @@ def _kill(pid, sig):
         pass
 
 
+def _die_with_parent():
+    """PR_SET_PDEATHSIG: a worker gets SIGTERM if the parent dies without
+    stopping it (SIGKILL), so no worker outlives its server. Best effort."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)    # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu) -> int:
     out = os.fdopen(w, "w", buffering=1)
+    _die_with_parent()
     try:
         stopper = _Stopper(None)
         wake_fd, _ = _install_signals(stopper)

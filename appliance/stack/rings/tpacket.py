@@ -93,6 +93,8 @@ REQ = struct.Struct("=IIII")      # struct tpacket_req
 STATUS = struct.Struct("=I")
 STATUS_LEN = struct.Struct("=II")
 ZERO_VNET = bytes(VNET_HDR_LEN)
+ZERO4 = bytes(4)
+BE16 = struct.Struct("!H")
 
 SIOCGIFFLAGS = 0x8913
 SIOCGIFADDR = 0x8915
@@ -198,7 +200,9 @@ class _RxRing:
         self.slots = _slots(base, req)
         self.nr = len(self.slots)
         self.mv = memoryview(mm)
-        self.head = 0
+        self.head = 0                 # next slot to look at
+        self.given = 0                # first slot of the batch handed out
+        self.taken = 0                # slots in that batch (given back at the next rx_batch)
 
 
 class TpacketDevice:
@@ -307,7 +311,6 @@ class TpacketDevice:
             self._epoll = select.epoll()
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
-        self._held = []               # RX slot offsets handed out in the last batch
 
     # -- Device ---------------------------------------------------------
 
@@ -320,57 +323,83 @@ class TpacketDevice:
         The previous batch's slots are handed back first. Truncated frames
         (larger than a slot) and our own outgoing ones are counted and dropped;
         frames with a partial checksum (from a local sender) are completed.
+        This runs once per wake-up: locals only, no per-frame allocation but
+        the frame's memoryview.
         """
-        held = self._held
-        if held:
-            for mm, off in held:
-                mm[off:off + 4] = b"\0\0\0\0"
-            held.clear()
+        zero = ZERO4
+        for ring in self._rx:         # hand back the previous batch
+            n = ring.taken
+            if n:
+                mm, slots, nr, k = ring.mm, ring.slots, ring.nr, ring.given
+                for _ in range(n):
+                    off = slots[k]
+                    mm[off:off + 4] = zero
+                    k = k + 1 if k + 1 < nr else 0
+                ring.taken = 0
         out = []
+        append = out.append
         unpack = TPACKET2_HDR.unpack_from
-        c = self.counters
+        vunpack = VNET.unpack_from
+        pack16 = BE16.pack_into
+        from_bytes = int.from_bytes
+        vnet = self.vnet
+        left = max_frames
+        ncsum = 0
         for ring in self._rx:
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
-            i = ring.head
-            while len(out) < max_frames:
+            i = ring.given = ring.head
+            taken = 0
+            while taken < left:
                 off = slots[i]
                 status, length, snap, mac, _ = unpack(mm, off)
                 if not status & TP_STATUS_USER:
                     break
-                held.append((mm, off))
+                taken += 1
                 i = i + 1 if i + 1 < nr else 0
-                if snap < length:
-                    c["rx_truncated"] += 1
+                if snap < length or mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
+                    self._odd_frame(snap < length)
                     continue
-                if mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
-                    c["rx_outgoing"] += 1
-                    continue
+                st = off + mac
                 if status & TP_STATUS_CSUMNOTREADY:
-                    self._complete_csum(mv, off + mac, snap)
-                out.append(mv[off + mac:off + mac + snap])
+                    # CHECKSUM_PARTIAL (a local sender): the field holds the
+                    # folded pseudo sum; store ~sum(csum_start..end) (RFC 1071).
+                    if vnet:
+                        fl, _, _, _, cs, co = vunpack(mm, st - VNET_HDR_LEN)
+                        if fl & VIRTIO_NET_HDR_F_NEEDS_CSUM and cs + co + 2 <= snap:
+                            n = from_bytes(mv[st + cs:st + snap], "big")
+                            if (snap - cs) & 1:
+                                n <<= 8
+                            pack16(mm, st + cs + co, ~(n % 0xFFFF or (0xFFFF if n else 0)) & 0xFFFF)
+                            ncsum += 1
+                    else:
+                        ncsum += self._complete_csum(mv, st, snap)
+                append(mv[st:st + snap])
             ring.head = i
+            ring.taken = taken
+            left -= taken
+        c = self.counters
         c["rx_frames"] += len(out)
+        if ncsum:
+            c["rx_csum_completed"] += ncsum
         return out
 
-    def _complete_csum(self, mv, start, length):
-        """Finish a CHECKSUM_PARTIAL frame: the field holds the folded pseudo
-        sum; store the complement of the sum from csum_start to the end."""
-        if self.vnet:
-            flags, _, _, _, cs, co = VNET.unpack_from(mv, start - VNET_HDR_LEN)
-            if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
-                return
-        else:                         # IPv4 only: the transport header follows the IP header
-            if length < 34 or mv[start + 12] != 8 or mv[start + 13] != 0:
-                return
-            cs = 14 + (mv[start + 14] & 15) * 4
-            co = 16 if mv[start + 23] == 6 else 6
+    def _odd_frame(self, truncated: bool):
+        self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
+
+    def _complete_csum(self, mv, start, length) -> int:
+        """Without a virtio header: finish the TCP/UDP checksum of an IPv4 frame
+        whose transport header follows the IP header. Returns 1 if done."""
+        if length < 34 or mv[start + 12] != 8 or mv[start + 13] != 0:
+            return 0
+        cs = 14 + (mv[start + 14] & 15) * 4
+        co = 16 if mv[start + 23] == 6 else 6
         if cs + co + 2 > length:
-            return
-        data = mv[start + cs:start + length]
-        n = int.from_bytes(data, "big") << (8 if len(data) & 1 else 0)
-        s = n % 0xFFFF or (0xFFFF if n else 0)       # RFC 1071 sum, as appliance.content.checksum
-        mv[start + cs + co:start + cs + co + 2] = ((~s) & 0xFFFF).to_bytes(2, "big")
-        self.counters["rx_csum_completed"] += 1
+            return 0
+        n = int.from_bytes(mv[start + cs:start + length], "big")
+        if (length - cs) & 1:
+            n <<= 8
+        BE16.pack_into(mv, start + cs + co, ~(n % 0xFFFF or (0xFFFF if n else 0)) & 0xFFFF)
+        return 1
 
     def tx_batch(self, frames) -> int:
         """Copy each Frame (head, payload, gso) into the TX ring, then one kick.
@@ -491,7 +520,6 @@ class TpacketDevice:
         return {"kernel_rx_packets": total, "kernel_rx_drops": drops}
 
     def close(self):
-        self._held = []
         for r in self._rx:
             try:
                 r.mv.release()
