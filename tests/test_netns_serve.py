@@ -283,6 +283,7 @@ def test_two_workers_serve_the_site(store, tmp_path):
         assert_mirror_exact(got)
         c = srv.counters
         assert c["workers"] == 2
+        assert c["workers_serving"] == 2          # the flow hash spread the connections
         assert c["http_replies"] >= len(got)
 
 

@@ -321,7 +321,10 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                     if ready == workers and on_ready:
                         on_ready(Ready(info, None))
                 elif kind == "COUNTERS":
-                    total.merge(json.loads(data))
+                    part = json.loads(data)
+                    total.merge(part)
+                    if part.get("http_replies"):
+                        total["workers_serving"] += 1
                 elif kind == "ERROR":
                     failed.append(data.strip())
                     if not signalled:             # one worker failed: stop them all
