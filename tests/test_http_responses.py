@@ -294,3 +294,20 @@ def test_cache_returns_same_answer(store):
     assert c.receive(raw)[0].close and c.closed
     c = HTTPConnection(store.site, store.blob)
     assert c.receive(raw)[0].close and c.closed
+
+
+def test_if_match_and_if_unmodified_since_412(store):
+    h = one(store, "/about.html")[1]
+    etag, lm = h["etag"], h["last-modified"]
+    for v in (etag, "*", f'"x", {etag}'):
+        assert one(store, "/about.html", f"If-Match: {v}")[0] == 200
+    for v in ('"x"', f"W/{etag}"):                       # strong comparison (RFC 9110 §13.1.1)
+        status, h2, body, conn = one(store, "/about.html", f"If-Match: {v}")
+        assert status == 412 and not conn.closed and b"412" in body
+    status, _, body, _ = one(store, "/about.html", 'If-Match: "x"', method="HEAD")
+    assert status == 412 and body == b""
+    assert one(store, "/about.html", f"If-Unmodified-Since: {lm}")[0] == 200
+    assert one(store, "/about.html", "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT")[0] == 412
+    # If-Match wins over If-Unmodified-Since; a 412 comes before a 304 (§13.2.2)
+    assert one(store, "/about.html", f"If-Match: {etag}", "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT")[0] == 200
+    assert one(store, "/about.html", 'If-Match: "x"', f"If-None-Match: {etag}")[0] == 412

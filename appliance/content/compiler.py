@@ -58,16 +58,17 @@ SERVER = "haboob"
 REASONS = {
     200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
     400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-    413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
+    412: "Precondition Failed", 413: "Content Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
     505: "HTTP Version Not Supported",
 }
-ERROR_STATUSES = (400, 404, 405, 408, 413, 414, 431, 500, 501, 505)
+ERROR_STATUSES = (400, 404, 405, 408, 412, 413, 414, 431, 500, 501, 505)
 _MESSAGES = {
     400: "The request could not be understood.",
     404: "The requested page does not exist on this site.",
     405: "This server only answers GET and HEAD.",
     408: "The request took too long to arrive.",
+    412: "The page has changed since the version the request refers to.",
     413: "The request carried more content than this server accepts.",
     414: "The request target is too long.",
     431: "The request header fields are too large.",

@@ -22,9 +22,10 @@ pure function of those bytes (the Date is the stack's business), so the
 common keep-alive GET costs one dict lookup.
 
 Selection (RFC 9110): path lookup -> 301 for "/dir" -> content coding by
-Accept-Encoding (§12.5.3) -> If-None-Match (weak comparison, §13.1.2), else
-If-Modified-Since (§13.1.3) -> 304 -> Range with If-Range for GET (§14) ->
-206 / 416 -> the full 200 (or its HEAD twin).
+Accept-Encoding (§12.5.3) -> preconditions in the order of §13.2.2:
+If-Match / If-Unmodified-Since -> 412, If-None-Match (weak comparison) /
+If-Modified-Since -> 304 -> Range with If-Range for GET (§14) -> 206 / 416
+-> the full 200 (or its HEAD twin).
 """
 from .dates import parse_date, format_date
 from .request import Limits, ProtocolError, NotFound, parse_head, decode_target, KNOWN_METHODS
@@ -107,6 +108,18 @@ def _etag_matches(value: bytes, etags) -> bytes | None:
             if e is not None and tag == e:
                 return e
     return None
+
+
+def _strong_match(value: bytes, etags) -> bool:
+    """If-Match with strong comparison (RFC 9110 §13.1.1): "*" or a listed strong etag."""
+    v = value.strip(b" \t")
+    if v == b"*":
+        return True
+    for tag in v.split(b","):
+        tag = tag.strip(b" \t")
+        if tag[:2] != b"W/" and any(e is not None and tag == e for e in etags):
+            return True
+    return False
 
 
 def _parse_range(value: bytes, size: int):
@@ -395,6 +408,18 @@ class HTTPConnection:
                 gz = _accepts_gzip(b",".join(ae))
         etag = res.gzip_etag if gz else res.etag
 
+        # RFC 9110 §13.2.2: If-Match, else If-Unmodified-Since, then If-None-Match,
+        # else If-Modified-Since, then If-Range.
+        im = fields.get(b"if-match")
+        if im is not None:
+            if not _strong_match(b",".join(im), (etag, res.gzip_etag if not gz else res.etag)):
+                return self._error(412, head, close)
+        else:
+            ius = fields.get(b"if-unmodified-since")
+            if ius is not None and len(ius) == 1:
+                t = parse_date(ius[0])
+                if t is not None and res.last_modified > t:
+                    return self._error(412, head, close)
         inm = fields.get(b"if-none-match")
         if inm is not None:
             m = _etag_matches(b",".join(inm), (etag, res.gzip_etag if not gz else res.etag))
