@@ -56,9 +56,9 @@ class Server:
         self.counters = None
         self.stderr = ""
 
-    def stop(self, timeout: float = 15) -> dict:
+    def stop(self, timeout: float = 15, sig=signal.SIGTERM) -> dict:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -291,9 +291,11 @@ def test_capture_records_the_http_exchange(store, tmp_path):
     from scapy.all import IP, TCP, Raw, rdpcap
     pcap = str(tmp_path / "cap.pcap")
     with netns.pair(subnet=103) as link:
-        with running_server(link.server, link.server_if, link.server_ip, store, "--capture", pcap):
+        with running_server(link.server, link.server_if, link.server_ip, store, "--capture", pcap) as srv:
             link.client.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null",
                              f"http://{link.server_ip}/css/site.css"])
+            srv.stop(sig=signal.SIGINT)           # SIGINT stops it like SIGTERM: counters printed
+        assert srv.proc.returncode == 0 and srv.counters["http_replies"] == 1, srv.stderr
     pkts = rdpcap(pcap)
     tcp = [p for p in pkts if TCP in p]
     assert any(p[TCP].flags.S and not p[TCP].flags.A for p in tcp), "no SYN recorded"
