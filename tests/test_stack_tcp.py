@@ -367,20 +367,21 @@ class TestZeroWindow:
         assert tcp(c.send("PA", data=c.request("/odd.txt"))) == []
         conn = conn_of(c)
         assert conn.persist
-        probes = []
-        for _ in range(3):
+        probes, times = [], []
+        for _ in range(50):                      # follow the deadlines the stack reports
             c.now = st.poll(c.now)
-            new = tcp(c.advance(0))
-            probes += new
-            for p in new:            # still zero window: ACK without taking the byte
-                c.send("A", window=0)
-        probes = [p for p in probes if payload_len(p)]       # (the first is the delayed ACK)
-        assert [payload_len(p) for p in probes] == [1, 1]
-        c.now = st.poll(c.now)
-        probes = tcp(c.advance(0))
-        assert [payload_len(p) for p in probes] == [1]
+            for p in tcp(c.advance(0)):
+                if payload_len(p):
+                    probes.append(p)
+                    times.append(c.now)
+                    c.send("A", window=0)        # still zero window: ACK without taking the byte
+            if len(probes) == 3:
+                break
+        assert [payload_len(p) for p in probes] == [1, 1, 1]
+        assert all(p[TCP].seq == probes[0][TCP].seq for p in probes)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert gaps[1] == pytest.approx(2 * gaps[0])   # backing off
         assert st.counters["tcp_window_probes"] == 3 and conn.state == ESTABLISHED
-        assert conn.persist_iv == pytest.approx(8 * conn.rtt.rto)
         out = tcp(c.send("A", window=64000))
         data, _ = c.fetch(out)
         assert data == expected(store, "/odd.txt")
@@ -653,3 +654,20 @@ def test_virtio_gso_segmentation_like_linux():
     assert [s[TCP].seq for s in segs] == [100, 1100, 2100]
     assert [s[IP].id for s in segs] == [10, 11, 12]
     assert [str(s[TCP].flags) for s in segs] == ["A", "A", "FPA"]
+
+
+def test_timers_touch_only_due_connections(store, monkeypatch):
+    """The timer heap: a poll wakes only the connections whose deadline came, not all."""
+    from appliance.stack import conn as conn_mod
+    st = make_stack(store)
+    clients = [Client(st, port=20000 + i) for i in range(200)]
+    for c in clients:
+        c.connect()
+    busy = clients[0]
+    busy.send("PA", data=busy.request("/")[:5])          # a partial request: delayed ACK due in 40 ms
+    calls = []
+    real = conn_mod.Conn.on_timer
+    monkeypatch.setattr(conn_mod.Conn, "on_timer", lambda self, now: (calls.append(self), real(self, now)))
+    st.poll(busy.now + 0.05)
+    assert calls == [conn_of(busy)]
+    assert len(st._heap) < 1000

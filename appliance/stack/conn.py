@@ -47,8 +47,10 @@ Timers: `t_rtx` (retransmission, or persist when `persist` is set), `t_ack`
 (delayed ACK), `t_req` (a request started but not complete), and the idle
 limit `last_act + idle_timeout` (no progress in either direction: a quiet
 keep-alive connection is closed with a FIN; one that is stuck with data
-outstanding or in a closing state is aborted with a RST). Setting a timer
-earlier than the Stack's next deadline lowers it (`st._next`).
+outstanding or in a closing state is aborted with a RST). Arming a timer
+earlier than the connection's entry in the Stack's timer heap (`sched`)
+adds an entry (`st.arm`); later deadlines need none: when the entry comes
+due, the Stack asks `deadline()` again.
 """
 import struct
 
@@ -80,7 +82,7 @@ class Conn:
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
-                 "retries", "ack_now", "gso")
+                 "retries", "ack_now", "gso", "sched")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
                  iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
@@ -133,6 +135,7 @@ class Conn:
         self.last_act = now
         self.retries = 0
         self.ack_now = False
+        self.sched = 0.0                    # time of our live entry in the Stack's timer heap (0: none)
 
     def __repr__(self):
         return (f"Conn({STATE_NAMES[self.state]} {'.'.join(map(str, self.peer_ip))}:{self.peer_port} "
@@ -172,15 +175,16 @@ class Conn:
                 plen = end - 54
                 self.rcv_nxt = (seq + plen) & MASK
                 self.last_act = now
-                self._deliver(f[54:end], now)
                 self.rcv_unacked += plen
-                if self.rcv_unacked >= 2 * self.mss:
+                if self._deliver(f[54:end], now):
+                    pass                                    # the ACK rides on the reply
+                elif self.rcv_unacked >= 2 * self.mss:
                     self.ack_now = True
                 elif not self.t_ack:
                     st = self.st
                     t = self.t_ack = now + st.cfg.delack
-                    if t < st._next:
-                        st._next = t
+                    if t < self.sched or not self.sched:
+                        st.arm(self, t)
             self.output(now)
             return
         self._segment(seq, ack, off, flags, win, f, end, now)
@@ -309,14 +313,15 @@ class Conn:
             if plen:
                 self.rcv_nxt = rn = (rn + plen) & MASK
                 self.last_act = now
-                self._deliver(f[p:p + plen], now)
                 self.rcv_unacked += plen
-                if self.rcv_unacked >= 2 * self.mss:
+                if self._deliver(f[p:p + plen], now):
+                    pass                                        # the ACK rides on the reply
+                elif self.rcv_unacked >= 2 * self.mss:
                     self.ack_now = True                         # RFC 9293 §3.8.6.3: every 2nd full segment
                 elif not self.t_ack:
                     t = self.t_ack = now + st.cfg.delack
-                    if t < st._next:
-                        st._next = t
+                    if t < self.sched or not self.sched:
+                        st.arm(self, t)
             if flags & FIN and self.state not in (CLOSE_WAIT, CLOSING, LAST_ACK):
                 self.rcv_nxt = (self.rcv_nxt + 1) & MASK
                 self.ack_now = True
@@ -339,12 +344,12 @@ class Conn:
                 self.ack_now = True                             # a retransmitted FIN: ACK again
         self.output(now)
 
-    def _deliver(self, data, now: float) -> None:
-        """In-order request bytes to the HTTP layer; queue the replies."""
+    def _deliver(self, data, now: float) -> bool:
+        """In-order request bytes to the HTTP layer; queue the replies (True if any)."""
         http = self.http
         if http is None or http.closed:
             self.st.counters["tcp_rx_data_ignored"] += 1
-            return
+            return False
         st = self.st
         if self.date_gen != st.date_gen and st.date is not None:
             http.now(st.date)
@@ -353,9 +358,9 @@ class Conn:
         if not replies:
             if not self.t_req:                                  # a request has started
                 t = self.t_req = now + st.cfg.request_timeout
-                if t < st._next:
-                    st._next = t
-            return
+                if t < self.sched or not self.sched:
+                    st.arm(self, t)
+            return False
         self.t_req = 0.0
         st.counters["http_replies"] += len(replies)
         q = self.q
@@ -376,6 +381,7 @@ class Conn:
                 self.close()
                 break
         self.data_end = start
+        return True
 
     def _new_ack(self, ack: int, acked: int, now: float) -> None:
         st = self.st
@@ -534,8 +540,8 @@ class Conn:
                 self.persist = True
                 self.persist_iv = self.rtt.rto
                 self.t_rtx = t = now + self.persist_iv
-                if t < self.st._next:
-                    self.st._next = t
+                if t < self.sched or not self.sched:
+                    self.st.arm(self, t)
                 self.st.counters["tcp_persist_entered"] += 1
         if self.fin_pending and nxt == end == self.fin_seq and self.state != SYN_RCVD:
             self._ctl(nxt, ACK | FIN)                       # a bare FIN
@@ -546,12 +552,16 @@ class Conn:
         if sent:
             if not self.t_rtx:
                 t = self.t_rtx = now + self.rtt.rto
-                if t < self.st._next:
-                    self.st._next = t
+                if t < self.sched or not self.sched:
+                    self.st.arm(self, t)
         elif self.ack_now:
             self._ctl(nxt, ACK)
+        elif self.rcv_unacked and not self.t_ack:
+            # data received, a reply queued but not sendable (window): delayed ACK
+            t = self.t_ack = now + self.st.cfg.delack
+            if t < self.sched or not self.sched:
+                self.st.arm(self, t)
         self.ack_now = False
-        self.t_ack = 0.0 if (sent or not self.rcv_unacked) else self.t_ack
 
     def _xmit(self, seq: int, flags: int, it, o: int, n: int, mode: int) -> None:
         """Emit bytes [o, o+n) of queue item `it` at `seq` (the Sandstorm fast path)."""

@@ -42,6 +42,8 @@ response and Connection value, the header bytes with Date and Connection
 written in and the first segment's checksum sum fixed by the difference
 (RFC 1624) -- per request, patching is one dict lookup.
 """
+import heapq
+import itertools
 import os
 import struct
 import time
@@ -146,7 +148,9 @@ class Stack:
         self.date = None            # 29 bytes once set_date was called; until then the stored placeholder
         self.date_gen = 0
         self._hdr_cache = {}
-        self._next = 0.0            # no deadline before this (a lower bound; poll rescans at it)
+        self._next = 0.0            # no deadline before this (a lower bound)
+        self._heap = []             # (time, tie, conn): each Conn's entry at its `sched` time; stale ones skipped
+        self._tie = itertools.count()
         self._cookies_until = -1.0
         self._chal_sec = -1
         self._chal_n = 0
@@ -338,6 +342,7 @@ class Stack:
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
                     self.conns[key] = c
+                    self.arm(c, c.deadline())
                     self.established(c, False)
                     c.segment(f, 14 + 20 + len(ip.payload), now)
                     return
@@ -368,8 +373,7 @@ class Stack:
         cnt["tcp_syn_received"] += 1
         c.rtt_t = now
         c.t_rtx = t = now + c.rtt.rto
-        if t < self._next:
-            self._next = t
+        self.arm(c, t)
         self.send_synack(c)
 
     def _tw_segment(self, key, tw, seg, eth, ip, now) -> bool:
@@ -436,6 +440,13 @@ class Stack:
         if now + self.cfg.time_wait < self._next:
             self._next = now + self.cfg.time_wait
 
+    def arm(self, c: Conn, t: float) -> None:
+        """Give `c` an entry in the timer heap at `t` (it has none earlier)."""
+        c.sched = t
+        heapq.heappush(self._heap, (t, next(self._tie), c))
+        if t < self._next:
+            self._next = t
+
     def challenge_ok(self, now: float) -> bool:
         s = int(now)
         if s != self._chal_sec:
@@ -489,8 +500,13 @@ class Stack:
     # ------------------------------------------------------------------ timers
 
     def _poll(self, now: float) -> float:
-        nxt = now + 3600.0
-        for c in list(self.conns.values()):
+        heap = self._heap
+        pop = heapq.heappop
+        while heap and heap[0][0] <= now:
+            t, _, c = pop(heap)
+            if c.state == CLOSED or c.sched != t:
+                continue                     # stale: superseded by an earlier entry, or gone
+            c.sched = 0.0
             d = c.deadline()
             if d <= now:
                 c.on_timer(now)
@@ -499,8 +515,9 @@ class Stack:
                 d = c.deadline()
                 if d <= now:                 # nothing moved it (should not happen): do not spin
                     d = now + 0.01
-            if d < nxt:
-                nxt = d
+            if not c.sched or d < c.sched:
+                self.arm(c, d)
+        nxt = heap[0][0] if heap else now + 3600.0
         tw = self.tw
         while tw:
             k = next(iter(tw))
