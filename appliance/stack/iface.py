@@ -25,6 +25,11 @@ the connection directly. `max_conns` caps the table (SYNs beyond are counted
 and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
+Timers: every Conn has one live entry in a heap at the earliest of its
+deadlines (`arm`); `poll` pops only the entries that are due, asks the
+connection for its deadline again and re-arms it, so idle connections cost
+nothing per poll. Entries superseded by an earlier one are skipped.
+
 TIME-WAIT is a compact table key -> (expiry, snd_nxt, rcv_nxt, peer_mac):
 retransmitted FINs are acknowledged again (and restart 2*MSL), RSTs are
 ignored (RFC 1337), a new SYN with a higher sequence number reopens
