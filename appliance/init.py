@@ -19,9 +19,9 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
    come from a predictable fallback;
-6. open the content store (a corrupt one is fatal: say so and stop), then
-   run `appliance.stack.serve.serve` on the NIC; its on_ready callback
-   prints the HABOOB-READY line.
+6. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
+   content store (a corrupt one is fatal: say so and stop), and its
+   on_ready callback prints the HABOOB-READY line.
 
 Stopping: SIGTERM, SIGINT (Ctrl-Alt-Del once reboot(CAD_OFF) is set) and
 the ACPI power button (QMP system_powerdown; the `button` driver reports it
@@ -54,6 +54,9 @@ IFF_UP = 0x1
 ETHTOOL = {"rx_csum": 0x14, "tx_csum": 0x16, "sg": 0x18, "tso": 0x1E, "gso": 0x23, "gro": 0x2B}
 EV_KEY, KEY_POWER = 0x01, 116
 INPUT_EVENT = struct.Struct("llHHi")     # struct input_event on x86_64: timeval, type, code, value
+
+
+phases: dict = {}                        # milestone -> ms since kernel start, for the ready line
 
 
 class Fatal(Exception):
@@ -307,6 +310,7 @@ def counters_line(counters) -> str:
 # -- the boot -------------------------------------------------------------------------------------
 
 def boot() -> None:
+    phases["python_started"] = ms_since_boot()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID)
@@ -326,27 +330,21 @@ def boot() -> None:
                 name, path = line.split()
                 load_module(name, path)
 
+    phases["modules_loaded"] = ms_since_boot()
     nic = find_nic(s["mac"])
     link_up(nic["iface"])
     offered = offloads(nic["iface"])
     waited = wait_for_entropy()
+    phases["nic_up_entropy_ready"] = ms_since_boot()
 
     stop = threading.Event()
     try:
-        from appliance.content.store import Store, StoreError
-    except Exception as e:
-        raise Fatal(f"the content store module is not importable: {type(e).__name__}: {e}") from None
-    try:
-        with Store.open(s["store"]) as store:
-            urls = len(store.site.resources)
-    except StoreError as e:
-        raise Fatal(f"content store {s['store']}: {e}") from None
-    except OSError as e:
-        raise Fatal(f"content store {s['store']}: {e.strerror}") from None
-    try:
+        from appliance.content.store import StoreError
         from appliance.stack.serve import serve
     except Exception as e:
         raise Fatal(f"the stack is not importable: {type(e).__name__}: {e}") from None
+    if not os.path.exists(s["store"]):
+        raise Fatal(f"content store {s['store']}: missing from the image")
 
     live = {"counters": None}
 
@@ -359,9 +357,9 @@ def boot() -> None:
         off = info.get("offload") or {"csum": offered.get("tx_csum", False), "tso": offered.get("tso", False)}
         say("HABOOB-READY " + json.dumps({
             "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
-            "urls": info.get("urls", urls), "ms_since_boot": ms_since_boot(),
+            "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
-            "offload": off, "workers": s["workers"], "entropy_wait_ms": waited}))
+            "offload": off, "workers": s["workers"], "entropy_wait_ms": waited, "phases_ms": phases}))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:
@@ -373,8 +371,11 @@ def boot() -> None:
     watch_power_button(stop)
     watch_console(show_counters)
 
-    counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
-                     workers=s["workers"], on_ready=on_ready, stop_event=stop)
+    try:                                   # serve() opens and verifies the store itself
+        counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
+                         workers=s["workers"], on_ready=on_ready, stop_event=stop)
+    except StoreError as e:
+        raise Fatal(f"content store {s['store']}: {e}") from None
     live["counters"] = counters if counters is not None else live["counters"]
     show_counters()
     say("haboob: stopped; powering off")
