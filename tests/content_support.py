@@ -3,9 +3,12 @@
 h11 (and http.client) are the independent parsers: every reply the appliance
 produces is checked by parsing its bytes with them, never with our own code.
 """
+import atexit
 import io
 import os
 import http.client
+import shutil
+import tempfile
 
 import h11
 
@@ -16,6 +19,21 @@ from appliance.http import HTTPConnection, reply_bytes
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "www")
 DATE = b"Sun, 06 Nov 1994 08:49:37 GMT"
 SDE = 1700000000
+
+
+_EXAMPLE_STORES = {}
+
+
+def example_store_path(mss=1448) -> str:
+    """The example site compiled once per test session (per MSS); removed at exit.
+    Tests must not modify it (open it read-only, copy it to corrupt it)."""
+    if mss not in _EXAMPLE_STORES:
+        d = tempfile.mkdtemp(prefix="hb-example-store-")
+        atexit.register(shutil.rmtree, d, True)
+        out = os.path.join(d, "www.store")
+        compile_site(EXAMPLE, out, Options(source_date_epoch=SDE, mss=mss))
+        _EXAMPLE_STORES[mss] = out
+    return _EXAMPLE_STORES[mss]
 
 
 def compile_tree(tmp_path, files, name="site", **opts):

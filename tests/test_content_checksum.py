@@ -9,10 +9,9 @@ from scapy.packet import Raw
 
 from appliance.content.checksum import (checksum, field_delta, fold, ones_sum, ones_sum_reference,
                                         pseudo_header_sum, swap16)
-from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
 
-from .content_support import EXAMPLE, SDE
+from .content_support import example_store_path
 
 
 @given(st.binary(max_size=3000))
@@ -59,9 +58,7 @@ def test_swap16_is_odd_offset_sum():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck") / "www.store"
-    compile_site(EXAMPLE, str(out), Options(source_date_epoch=SDE, mss=1000))
-    s = Store.open(str(out))
+    s = Store.open(example_store_path(mss=1000))
     yield s
     s.close()
 

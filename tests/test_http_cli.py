@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from appliance.content.compiler import Options, compile_site
 
-from .content_support import EXAMPLE, SDE, h11_parse, httpclient_parse
+from .content_support import EXAMPLE, SDE, h11_parse, httpclient_parse, example_store_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATE = "Tue, 15 Nov 1994 12:45:26 GMT"
@@ -15,9 +14,7 @@ DATE = "Tue, 15 Nov 1994 12:45:26 GMT"
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "www.store"
-    compile_site(EXAMPLE, str(out), Options(source_date_epoch=SDE))
-    return str(out)
+    return example_store_path()
 
 
 def respond(store_path, raw, *args):

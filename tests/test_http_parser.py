@@ -2,19 +2,16 @@
 discarded without mis-framing (RFC 9112 §2-§7, RFC 9110 §8.6, RFC 6585)."""
 import pytest
 
-from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
 from appliance.http import HTTPConnection, Limits
 from appliance.http.request import ProtocolError, decode_target, parse_head
 
-from .content_support import EXAMPLE, SDE, exchange, h11_parse, httpclient_parse
+from .content_support import exchange, h11_parse, httpclient_parse, example_store_path
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("www") / "www.store"
-    compile_site(EXAMPLE, str(out), Options(source_date_epoch=SDE))
-    s = Store.open(str(out))
+    s = Store.open(example_store_path())
     yield s
     s.close()
 

@@ -14,19 +14,14 @@ from appliance.http import HTTPConnection, Limits, reply_bytes
 from appliance.http.cli import respond_cmd
 from appliance.http.request import ProtocolError, decode_target, parse_head
 
-from .content_support import EXAMPLE, SDE, h11_parse
+from .content_support import SDE, h11_parse, example_store_path
 
 _STORE = {}
 
 
 def example_store():
     if "s" not in _STORE:
-        d = tempfile.mkdtemp(prefix="hbprop")
-        out = os.path.join(d, "www.store")
-        compile_site(EXAMPLE, out, Options(source_date_epoch=SDE))
-        _STORE["s"] = Store.open(out)
-        os.unlink(out)          # the map stays valid; nothing left behind
-        os.rmdir(d)
+        _STORE["s"] = Store.open(example_store_path())
     return _STORE["s"]
 
 

@@ -5,18 +5,15 @@ import os
 
 import pytest
 
-from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
 from appliance.http.dates import format_date
 
-from .content_support import DATE, EXAMPLE, SDE, exchange, h11_parse, httpclient_parse
+from .content_support import DATE, EXAMPLE, SDE, exchange, h11_parse, httpclient_parse, example_store_path
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("www") / "www.store"
-    compile_site(EXAMPLE, str(out), Options(source_date_epoch=SDE))
-    s = Store.open(str(out))
+    s = Store.open(example_store_path())
     yield s
     s.close()
 
