@@ -307,7 +307,7 @@ def _prepared(files, site, opts: Options):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def compile_site(site, out, options: Options | None = None, log=None) -> Result:
+def compile_site(site, out, options: Options | None = None) -> Result:
     """Compile directory `site` into store file `out`. Raises CompileError on bad input."""
     t0 = time.monotonic()
     opts = options or Options()
