@@ -150,3 +150,22 @@ def test_empty_file_and_odd_sizes(tmp_path):
         assert res.size == len(body)
         assert bytes(s.blob[res.body_off:res.body_off + res.size]) == body
     s.close()
+
+
+def test_runtime_modules_use_only_the_standard_library():
+    """What runs in the image (store, site, checksum, http) imports nothing outside the
+    standard library: run it with site-packages disabled (-S) and isolated (-I)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from appliance.content.store import Store\n"
+            "from appliance.http import HTTPConnection, reply_bytes\n"
+            "s = Store.open(%r)\n"
+            "[r] = HTTPConnection(s.site, s.blob).receive(b'GET /robots.txt HTTP/1.1\\r\\nHost: t\\r\\n\\r\\n')\n"
+            "sys.stdout.buffer.write(reply_bytes(r, s.blob))\n"
+            "assert not {'click', 'jinja2', 'h11', 'scapy'} & set(sys.modules), sys.modules.keys()\n"
+            % (root, example_store_path()))
+    p = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(b"HTTP/1.1 200 OK\r\n") and p.stdout.endswith(b"\r\n\r\nUser-agent: *\nAllow: /\n")
