@@ -432,8 +432,9 @@ class TpacketDevice:
             off = slots[i]
             if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
                 self.counters["tx_ring_waits"] += 1
-                if sent:                  # completions may be due to what we queued
-                    self._kick()
+                # Kick: frames queued earlier (also by a kick that failed) go
+                # out, and completions they allow free the slot.
+                self._kick()
                 if status_of(mm, off)[0] == TP_STATUS_WRONG_FORMAT:
                     STATUS.pack_into(mm, off, TP_STATUS_AVAILABLE)
                 if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
