@@ -570,11 +570,22 @@ class TestTimeWaitReopen:
         data, _ = client.get("/")
         assert data == expected(store, "/")
 
-    def test_old_syn_in_time_wait_gets_an_ack(self, client):
+    def test_syn_with_lower_sequence_also_reopens_time_wait(self, client, store):
+        """Port reuse by a client while we hold TIME-WAIT: served at once (no 1 s stall)."""
         out = client.send("PA", data=client.request("/", b"Connection: close\r\n"))
         client.fetch(out)
         client.send("FA")
-        (a,) = client.send("S", seq=client.seq - 10, advance=False, options=[("MSS", 1460)])
+        client.seq = (client.seq - 5000) & M
+        client.connect()
+        assert not client.st.tw and client.st.counters["tcp_time_wait_reopened_lower_seq"] == 1
+        data, _ = client.get("/")
+        assert data == expected(store, "/")
+
+    def test_ack_in_time_wait_is_answered_with_an_ack(self, client):
+        out = client.send("PA", data=client.request("/", b"Connection: close\r\n"))
+        client.fetch(out)
+        client.send("FA")
+        (a,) = client.send("A", seq=client.seq - 1, advance=False)
         assert a[TCP].flags == "A" and a[TCP].ack == client.seq and len(client.st.tw) == 1
 
 

@@ -32,8 +32,8 @@ nothing per poll. Entries superseded by an earlier one are skipped.
 
 TIME-WAIT is a compact table key -> (expiry, snd_nxt, rcv_nxt, peer_mac):
 retransmitted FINs are acknowledged again (and restart 2*MSL), RSTs are
-ignored (RFC 1337), a new SYN with a higher sequence number reopens
-(RFC 9293 §3.10.7.4 / RFC 6191 idea). Insertion order is expiry order, so
+ignored (RFC 1337), a new SYN reopens (see _tw_segment for why even one
+with a lower sequence number). Insertion order is expiry order, so
 expiring is popping from the front.
 
 ARP (arp.py): we answer for our address, learn senders addressed to us,
@@ -389,9 +389,18 @@ class Stack:
         if fl & RST:
             cnt["tcp_time_wait_rst_ignored"] += 1       # RFC 1337
             return True
-        if fl & SYN and not fl & ACK and 0 < ((seg.seq - rcv_nxt) & MASK) < HALF:
+        if fl & SYN and not fl & ACK:
+            # a new connection on the same 4-tuple (clients reuse ports fast when the
+            # server closes first). RFC 9293 §3.10.7.4 / RFC 6191 allow it when the
+            # SYN's sequence number is above RCV.NXT; without timestamps Linux would
+            # answer a lower one with an ACK, the client would RST (ignored here,
+            # RFC 1337) and retry after 1 s. We accept it at once: our new ISN
+            # is fresh, and old duplicates still face the new connection's checks.
             del self.tw[key]
-            cnt["tcp_time_wait_reopened"] += 1
+            if 0 < ((seg.seq - rcv_nxt) & MASK) < HALF:
+                cnt["tcp_time_wait_reopened"] += 1
+            else:
+                cnt["tcp_time_wait_reopened_lower_seq"] += 1
             return False
         if fl & FIN:
             del self.tw[key]                            # restart 2*MSL (keeps the table in expiry order)
