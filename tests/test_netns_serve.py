@@ -274,8 +274,18 @@ def test_wget_mirror_with_server_tx_offloads_off(store, tmp_path):
 
 def test_two_workers_serve_the_site(store, tmp_path):
     with netns.pair(subnet=102) as link:
-        with running_server(link.server, link.server_if, link.server_ip, store, "--workers", "2") as srv:
+        with running_server(link.server, link.server_if, link.server_ip, store, "--workers", "2",
+                            "--pin") as srv:
             assert srv.ready["workers"] == 2
+            pid = srv.proc.pid
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                kids = fh.read().split()
+            pinned = []
+            for k in kids:
+                with open(f"/proc/{k}/status") as fh:
+                    pinned += [ln.split()[1] for ln in fh if ln.startswith("Cpus_allowed_list")]
+            cpus = sorted(os.sched_getaffinity(0))
+            assert sorted(pinned) == sorted(str(cpus[i % len(cpus)]) for i in range(2))
             got = mirror(link, str(tmp_path / "m"))
             r = link.client.run(["wrk", "-t1", "-c16", "-d1s", f"http://{link.server_ip}/robots.txt"],
                                 timeout=60)

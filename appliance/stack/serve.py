@@ -265,17 +265,22 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
                 if on_ready:
                     on_ready(Ready(info, stack.counters))
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
-                           wake_fd, ready, config, 0 if pin else None)
+                           wake_fd, ready, config, _cpu_for(0) if pin else None)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config)
     finally:
         restore()
 
 
+def _cpu_for(i: int) -> int:
+    """Worker i's CPU: the i-th of the CPUs we may run on (respects taskset)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[i % len(cpus)]
+
+
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
                    wake_fd, on_ready, info, pin, config) -> Counters:
     fanout = os.getpid() & 0xFFFF
-    ncpu = os.cpu_count() or 1
     children = {}                # pid -> read end of its report pipe
     for i in range(workers):
         r, w = os.pipe()
@@ -284,7 +289,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
             os.close(r)
             code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
                           f"{capture}.{i}" if capture else None, fanout, config,
-                          i % ncpu if pin else None)
+                          _cpu_for(i) if pin else None)
             os._exit(code)
         os.close(w)
         children[pid] = os.fdopen(r, "r")
