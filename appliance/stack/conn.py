@@ -606,13 +606,23 @@ class Conn:
         c["tcp_out_segments"] += 1
         c["tcp_out_bytes"] += n
 
-    def _ctl(self, seq: int, flags: int) -> None:
-        """A segment without data (ACK, FIN, RST), full checksum in software."""
-        h = bytearray(self.tmpl)
-        _ip_pack(h, 16, 40, 0, 0x4000, 64, 6, (-(self.ip_const + 40)) % 0xFFFF)
+    def _ctl(self, seq: int, flags: int, opts: bytes = b"") -> None:
+        """A segment without data (ACK, FIN, RST; SYN-ACK with `opts`, a multiple of
+        4 bytes), full checksum in software."""
+        if opts:
+            h = self.tmpl + opts
+            hl = 20 + len(opts)
+            osum = int.from_bytes(opts, "big")
+        else:
+            h = bytearray(self.tmpl)
+            hl = 20
+            osum = 0
+        tl = 20 + hl
+        _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
         rn = self.rcv_nxt if flags & ACK else 0
-        ck = (-(self.tcp_const + seq + rn + (((0x5000 | flags) << 16) | self.rwnd) + 20)) % 0xFFFF
-        _tcp_pack(h, 38, seq & MASK, rn, 0x5000 | flags, self.rwnd, ck)
+        offflags = (hl << 10) | flags                   # data offset (hl / 4) in the top 4 bits
+        ck = (-(self.tcp_const + seq + rn + ((offflags << 16) | self.rwnd) + hl + osum)) % 0xFFFF
+        _tcp_pack(h, 38, seq & MASK, rn, offflags, self.rwnd, ck)
         self.st.txq.append((h, None, None))
         self.st.counters["tcp_out_segments"] += 1
         if flags & ACK:

@@ -63,7 +63,7 @@ from .ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
-from .wire import Malformed, ip_bytes
+from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
 
@@ -72,6 +72,8 @@ _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep
 _KEEP = b"keep-alive"
 _CLOSE = b"close     "
 _ZERO_MAC = b"\0" * 6
+_TCPH = struct.Struct("!HHIIBBH")
+_NO_OPTIONS = Options()
 
 
 def imf_fixdate(unix_seconds: int) -> bytes:
@@ -161,6 +163,10 @@ class Stack:
         self._chal_n = 0
         self._gw_arp_at = 0.0
         self.gso_csum = GSO(34, 16, 0, 54)
+        self._tmpl_cache = {}
+        self._tcp_tmpl = struct.Struct("!HHIIBBHHH").pack
+        self._synack_opts = Options(mss=config.mtu - 40).emit()
+        self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
         self._gso = {}
         self.last_error = None
         self.our_port = config.port
@@ -244,6 +250,22 @@ class Stack:
                     self.counters["tcp_in_segments"] += 1
                     c.segment(b, end, now)
                     return
+                # no connection: LISTEN / TIME-WAIT / reset, from the raw header
+                if not csum_ok and not sum_ok(b[26:end], 6 + tl - 20):
+                    self.counters["drop_tcp_bad_checksum"] += 1
+                    return
+                try:
+                    self._check_source(b[26:30])
+                    hl = (b[46] >> 4) << 2
+                    if hl < 20 or 34 + hl > end:
+                        raise Malformed("tcp_bad_offset", str(hl))
+                    sport, dport, seq, ack, _, fl, win = _TCPH.unpack_from(b, 34)
+                    opts = Options.parse(b[54:34 + hl]) if hl > 20 else _NO_OPTIONS
+                    self._tcp_in(b[6:12], b[26:30], TcpSegment(sport, dport, seq, ack, fl, win, opts,
+                                                               b[34 + hl:end]), b, end, now)
+                except Malformed as e:
+                    self.counters["drop_" + e.reason] += 1
+                return
         self._slow(b, now, csum_ok)
 
     # ------------------------------------------------------------- the slow path
@@ -297,16 +319,20 @@ class Stack:
         ip = IPv4Header.parse(eth.payload)
         if ip.dst != self.ipb:
             raise Malformed("ip_not_for_us")
-        s = ip.src
-        if s[0] >= 224 or s[0] == 0 or s[0] == 127 or s == self.ipb or \
-                (self.prefix < 31 and self.on_link(s) and (int.from_bytes(s, "big") | self.netmask) == MASK):
-            raise Malformed("ip_bad_source", ".".join(map(str, s)))   # RFC 1122 §3.2.1.3
+        self._check_source(ip.src)
         if ip.proto == PROTO_TCP:
-            self._tcp_in(eth, ip, f, now, csum_ok)
+            seg = TcpSegment.parse(ip.payload, ip.src, ip.dst, verify=not csum_ok)
+            self._tcp_in(bytes(eth.src), bytes(ip.src), seg, f, 14 + 20 + len(ip.payload), now)
         elif ip.proto == PROTO_ICMP:
             self._icmp_in(eth, ip)
         else:
             raise Malformed("ip_unknown_protocol", str(ip.proto))
+
+    def _check_source(self, s: bytes) -> None:
+        """RFC 1122 §3.2.1.3: no multicast, broadcast, loopback, "this network" or our own source."""
+        if s[0] >= 224 or s[0] == 0 or s[0] == 127 or s == self.ipb or \
+                (self.prefix < 31 and self.on_link(s) and (int.from_bytes(s, "big") | self.netmask) == MASK):
+            raise Malformed("ip_bad_source", ".".join(map(str, s)))
 
     def _icmp_in(self, eth, ip) -> None:
         m = Icmp.parse(ip.payload)
@@ -317,23 +343,23 @@ class Stack:
         self.txq.append((EthernetFrame(eth.src, self.mac, ETH_IPV4).emit() + out, None, None))
         self.counters["icmp_echo_replies"] += 1
 
-    def _tcp_in(self, eth, ip, f, now: float, csum_ok: bool = False) -> None:
-        seg = TcpSegment.parse(ip.payload, ip.src, ip.dst, verify=not csum_ok)
+    def _tcp_in(self, src_mac: bytes, src_ip: bytes, seg, f, end: int, now: float) -> None:
+        """A checked TCP segment (IPv4 header at 14, no options) of frame `f` ending at `end`."""
         cnt = self.counters
-        key = bytes(ip.src) + bytes(ip.dst) + struct.pack("!HH", seg.sport, seg.dport)
+        key = src_ip + self.ipb + struct.pack("!HH", seg.sport, seg.dport)
         c = self.conns.get(key)
         if c is not None:                      # e.g. broadcast destination MAC: still ours
             cnt["tcp_in_segments"] += 1
-            c.segment(f, 14 + 20 + len(ip.payload), now)
+            c.segment(f, end, now)
             return
         tw = self.tw.get(key)
         if tw is not None:
-            if self._tw_segment(key, tw, seg, eth, ip, now):
+            if self._tw_segment(key, tw, seg, src_mac, src_ip, now):
                 return
         fl = seg.flags
         if seg.dport != self.cfg.port or self.store is None:
             if not fl & RST:
-                self._reset_for(eth, ip, seg)
+                self._reset_for(src_mac, src_ip, seg)
             raise Malformed("tcp_closed_port", str(seg.dport))
         if fl & RST:
             raise Malformed("tcp_rst_no_connection")
@@ -342,16 +368,16 @@ class Stack:
                 mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
                 if mss is not None and len(self.conns) < self.cfg.max_conns:
                     cnt["tcp_syncookies_accepted"] += 1
-                    c = Conn(self, key, bytes(eth.src), bytes(ip.src), seg.sport, (seg.ack - 1) & MASK,
+                    c = Conn(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
                              (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
                     self.conns[key] = c
                     self.arm(c, c.deadline())
                     self.established(c, False)
-                    c.segment(f, 14 + 20 + len(ip.payload), now)
+                    c.segment(f, end, now)
                     return
-            self._reset_for(eth, ip, seg)
+            self._reset_for(src_mac, src_ip, seg)
             raise Malformed("tcp_ack_no_connection")
         if not fl & SYN:
             raise Malformed("tcp_no_connection")
@@ -364,14 +390,14 @@ class Stack:
             mss = min(seg.options.mss or 536, self.cfg.mtu - 40)
             cookie = self.isn.cookie(key, seg.seq, mss, now)
             self._cookies_until = now + 130.0
-            self._emit_tcp(eth.src, ip.src, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
+            self._emit_tcp(src_mac, src_ip, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
                            Options(mss=self.cfg.mtu - 40))
             cnt["tcp_syncookies_sent"] += 1
             return
         if self.n_synrcvd >= self.cfg.syn_backlog:
             raise Malformed("tcp_syn_backlog_full")
         iss = self.isn.isn(key, now)
-        c = Conn(self, key, bytes(eth.src), bytes(ip.src), seg.sport, iss, seg.seq, seg.options.mss,
+        c = Conn(self, key, src_mac, src_ip, seg.sport, iss, seg.seq, seg.options.mss,
                  seg.options.wscale, seg.window, now, SYN_RCVD)
         self.conns[key] = c
         self.n_synrcvd += 1
@@ -381,7 +407,7 @@ class Stack:
         self.arm(c, t)
         self.send_synack(c)
 
-    def _tw_segment(self, key, tw, seg, eth, ip, now) -> bool:
+    def _tw_segment(self, key, tw, seg, src_mac, src_ip, now) -> bool:
         """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""
         expiry, snd_nxt, rcv_nxt, mac = tw
         fl = seg.flags
@@ -406,15 +432,15 @@ class Stack:
             del self.tw[key]                            # restart 2*MSL (keeps the table in expiry order)
             self.tw[key] = (now + self.cfg.time_wait, snd_nxt, rcv_nxt, mac)
         cnt["tcp_time_wait_acks"] += 1
-        self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, snd_nxt, rcv_nxt, ACK)
+        self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, snd_nxt, rcv_nxt, ACK)
         return True
 
-    def _reset_for(self, eth, ip, seg) -> None:
+    def _reset_for(self, src_mac, src_ip, seg) -> None:
         """RFC 9293 §3.10.7.1: a RST answering a segment that has no connection."""
         if seg.flags & ACK:
-            self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, seg.ack, 0, RST)
+            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, seg.ack, 0, RST)
         else:
-            self._emit_tcp(eth.src, ip.src, seg.dport, seg.sport, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK)
+            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK)
         self.counters["tcp_rst_sent"] += 1
 
     def _emit_tcp(self, dmac, dst, sport, dport, seq, ack, flags, options=Options(), window=None) -> None:
@@ -427,8 +453,8 @@ class Stack:
     # ------------------------------------------------------ services for Conn
 
     def send_synack(self, c: Conn) -> None:
-        opts = Options(mss=self.cfg.mtu - 40, wscale=0 if c.ws_ok else None)
-        self._emit_tcp(c.peer_mac, c.peer_ip, self.cfg.port, c.peer_port, c.iss, c.rcv_nxt, SYN | ACK, opts)
+        """Our SYN-ACK: MSS, and Window Scale 0 when the peer offered the option."""
+        c._ctl(c.iss, SYN | ACK, self._synack_ws if c.ws_ok else self._synack_opts)
 
     def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
         if from_syn_rcvd:
@@ -477,14 +503,21 @@ class Stack:
 
     def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
         """A connection's Ethernet+IPv4+TCP header template and its checksum constants:
-        (template, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF."""
-        t = bytearray(EthernetFrame(peer_mac, self.mac, ETH_IPV4).emit())
-        t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
-        t += struct.pack("!HHIIBBHHH", self.cfg.port, peer_port, 0, 0, 0x50, 0, 0, 0, 0)
-        ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
-        pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
-        tcp_const = (pseudo + (self.cfg.port << 16 | peer_port)) % 0xFFFF
-        return t, ip_const, pseudo, tcp_const
+        (template, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF. The
+        Ethernet+IP part is cached per peer (a client opens many connections)."""
+        k = peer_mac + peer_ip
+        v = self._tmpl_cache.get(k)
+        if v is None:
+            t = EthernetFrame(peer_mac, self.mac, ETH_IPV4).emit()
+            t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
+            ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
+            pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
+            if len(self._tmpl_cache) >= 4096:
+                self._tmpl_cache.clear()
+            v = self._tmpl_cache[k] = (t, ip_const, pseudo)
+        t, ip_const, pseudo = v
+        tcp = self._tcp_tmpl(self.cfg.port, peer_port, 0, 0, 0x50, 0, 0, 0, 0)
+        return bytearray(t + tcp), ip_const, pseudo, (pseudo + (self.cfg.port << 16 | peer_port)) % 0xFFFF
 
     def patched(self, resp, close: bool):
         """(header bytes with Date and Connection written, first segment's sum, body view)."""

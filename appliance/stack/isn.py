@@ -33,11 +33,13 @@ class IsnGenerator:
             raise ValueError("the ISN secret must be at least 16 random bytes (os.urandom)")
         self._key = bytes(secret[:32])
         self._ckey = hashlib.blake2s(b"syncookie", key=self._key).digest()
+        self._f = hashlib.blake2s(key=self._key, digest_size=4)     # keyed once; copied per ISN
 
     def isn(self, tuple4: bytes, now: float) -> int:
         m = int(now * 250000)                      # 4 µs ticks (RFC 6528 §3)
-        f = int.from_bytes(hashlib.blake2s(tuple4, key=self._key, digest_size=4).digest(), "big")
-        return (m + f) & 0xFFFFFFFF
+        h = self._f.copy()
+        h.update(tuple4)
+        return (m + int.from_bytes(h.digest(), "big")) & 0xFFFFFFFF
 
     def _hash(self, tuple4: bytes, peer_isn: int, t: int, idx: int) -> int:
         h = hashlib.blake2s(tuple4 + peer_isn.to_bytes(4, "big") + bytes((t, idx)), key=self._ckey,
