@@ -109,3 +109,16 @@ def test_image_load_refuses_missing_artifact(tmp_path):
     (img / "vmlinuz").unlink()
     with pytest.raises(VMError, match="vmlinuz: missing"):
         Image.load(img)
+
+
+def test_pvh_extraction_of_the_debian_kernel(tmp_path, monkeypatch):
+    from vm import pvh
+    monkeypatch.setenv("HABOOB_CACHE", str(tmp_path))
+    img = Image.load(sup.build())
+    direct = pvh.direct_kernel(img.vmlinuz)
+    assert direct != img.vmlinuz and direct.read_bytes()[:4] == b"\x7fELF"
+    assert pvh.has_pvh_note(direct.read_bytes())
+    assert pvh.direct_kernel(img.vmlinuz) == direct           # cached
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a kernel" * 100)
+    assert pvh.direct_kernel(junk) == junk                    # falls back to the file itself

@@ -38,8 +38,8 @@ def parse_net(value: str) -> dict:
     raise click.BadParameter(f"{value!r}: use user[:HOSTPORT] or tap[:IFNAME]", param_hint="--net")
 
 
-def make_options(net, smp, memory, capture) -> Options:
-    o = Options(**parse_net(net), smp=smp, memory=memory)
+def make_options(net, smp, memory, capture, bzimage=False) -> Options:
+    o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage)
     if capture:
         capture = Path(capture).resolve()
         if not capture.parent.is_dir():
@@ -55,6 +55,8 @@ common = [
     click.option("--memory", type=click.IntRange(32, 1 << 20), help="MB (default: the image's)"),
     click.option("--capture", type=click.Path(path_type=Path), help="write a pcap of the guest NIC"),
     click.option("--timeout", default=300, show_default=True, type=float, help="seconds to wait for ready"),
+    click.option("--bzimage", is_flag=True, help="boot vmlinuz with its decompressor, not the extracted "
+                                                 "kernel via PVH (slower under TCG)"),
 ]
 
 
@@ -76,10 +78,10 @@ def _echo_console(line: str) -> None:
 @cli.command()
 @with_common
 @click.option("--console", is_flag=True, help="show the guest's serial console")
-def boot(image, net, smp, memory, capture, timeout, console):
+def boot(image, net, smp, memory, capture, timeout, bzimage, console):
     """Boot IMAGE, print its URL, run until Ctrl-C (then stop it cleanly)."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture)
+    opts = make_options(net, smp, memory, capture, bzimage)
     qemu_binary()
     click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
     with session(img, opts, echo=_echo_console if console else None) as s:
@@ -110,10 +112,10 @@ def boot(image, net, smp, memory, capture, timeout, console):
 @with_common
 @click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def test(image, net, smp, memory, capture, timeout, site, as_json):
+def test(image, net, smp, memory, capture, timeout, bzimage, site, as_json):
     """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture)
+    opts = make_options(net, smp, memory, capture, bzimage)
     qemu_binary()
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")
