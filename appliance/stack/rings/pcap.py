@@ -72,6 +72,14 @@ class PcapDevice:
     def mac(self):
         return self.dev.mac
 
+    @property
+    def trust_csum(self):
+        return self.dev.trust_csum
+
+    @trust_csum.setter
+    def trust_csum(self, on):
+        self.dev.trust_csum = on
+
     def fileno(self) -> int:
         return self.dev.fileno()
 

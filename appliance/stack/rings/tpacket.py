@@ -28,8 +28,11 @@ frame in both rings. On TX it asks the device (or the kernel's software
 fallback) to complete the TCP checksum (NEEDS_CSUM) and to cut TCPv4
 super-frames of up to 64 KB (GSO); a TX slot is therefore ~64 KB when TSO is
 usable. On RX it is how the kernel tells us a frame from a local sender still
-has a partial checksum (CHECKSUM_PARTIAL, TP_STATUS_CSUMNOTREADY): we finish
-that checksum so the stack can verify every frame the same way.
+has a partial checksum (CHECKSUM_PARTIAL, TP_STATUS_CSUMNOTREADY). Such a
+frame never crossed a wire, and one with TP_STATUS_CSUM_VALID was checked by
+the NIC or kernel: with `trust_csum` the ring reports both per frame
+(`rx_csum_ok`) so the stack skips summing them; otherwise it finishes partial
+checksums so the stack can verify every frame the same way.
 PACKET_QDISC_BYPASS sends straight to the driver (no qdisc, no taps).
 TPACKET_V2 is used because the kernel refuses PACKET_VNET_HDR with a V3 TX
 ring. Offloads are read from the interface with the ethtool ioctl (the image
@@ -77,6 +80,7 @@ TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 TP_STATUS_LOSING = 4
 TP_STATUS_CSUMNOTREADY = 8
+TP_STATUS_CSUM_VALID = 0x80
 TP_STATUS_AVAILABLE = 0
 TP_STATUS_SEND_REQUEST = 1
 TP_STATUS_WRONG_FORMAT = 4
@@ -230,6 +234,11 @@ class TpacketDevice:
         self._mm = []
         self._epoll = None
         self._csock = None
+        # trust_csum: instead of completing partial checksums, report per frame
+        # in rx_csum_ok (parallel to the last rx_batch) whether the kernel
+        # vouches for it, for a stack whose receive() takes csum_ok.
+        self.trust_csum = False
+        self.rx_csum_ok = []
         try:
             self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
             if promisc:
@@ -338,6 +347,10 @@ class TpacketDevice:
                 ring.taken = 0
         out = []
         append = out.append
+        oks = self.rx_csum_ok
+        oks.clear()
+        ok_append = oks.append
+        trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
         vunpack = VNET.unpack_from
         pack16 = BE16.pack_into
@@ -360,7 +373,11 @@ class TpacketDevice:
                     self._odd_frame(snap < length)
                     continue
                 st = off + mac
-                if status & TP_STATUS_CSUMNOTREADY:
+                if trust:
+                    # The kernel vouches for the checksum: validated (CSUM_VALID),
+                    # or partial from a local sender that never crossed a wire.
+                    ok_append(status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0)
+                elif status & TP_STATUS_CSUMNOTREADY:
                     # CHECKSUM_PARTIAL (a local sender): the field holds the
                     # folded pseudo sum; store ~sum(csum_start..end) (RFC 1071).
                     if vnet:
