@@ -7,10 +7,10 @@ flags, bytes and state. Each test names the RFC section it checks.
 import pytest
 from scapy.layers.inet import TCP
 
-from appliance.stack.conn import CLOSE_WAIT, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, LAST_ACK, SYN_RCVD
+from appliance.stack.conn import CLOSING, ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2, LAST_ACK, SYN_RCVD
 from appliance.stack.iface import imf_fixdate
 from appliance.stack.rings.base import Offload
-from tests.stack_support import SITE, Client, expected, make_stack, make_store
+from tests.stack_support import Client, expected, make_stack, make_store
 
 M = 0xFFFFFFFF
 MODES = {"sw": Offload(), "csum": Offload(True, False), "tso": Offload(True, True)}
@@ -458,10 +458,11 @@ class TestClose:
         (f,) = out
         assert f[TCP].flags == "FA" and f[TCP].ack == client.seq
         assert conn_of(client).state == LAST_ACK
+        assert client.st.counters["tcp_conns_open"] == 1
         client.ack = (client.ack + 1) & M
         client.send("A")
         assert not client.st.conns and not client.st.tw
-        assert client.st.counters["tcp_closed"] == 1
+        assert client.st.counters["tcp_closed"] == 1 and client.st.counters["tcp_conns_open"] == 0
 
     def test_half_close_after_request_still_answers(self, client, store):
         """RFC 9112 §9.6: a client may half-close after its request; the reply is sent, then FIN."""
@@ -478,7 +479,7 @@ class TestClose:
         fin_end = max((p[TCP].seq + payload_len(p) + 1) & M for p in tcp(out))
         client.send("FA")
         conn = conn_of(client)
-        assert conn.state == 6  # CLOSING
+        assert conn.state == CLOSING
         client.ack = fin_end
         client.send("A", seq=client.seq)
         assert not client.st.conns and len(client.st.tw) == 1

@@ -3,7 +3,8 @@
 Theory of operation: a dict of name -> int that reads 0 for unknown names,
 so every layer counts with `c["name"] += 1` and no list of names has to be
 kept in sync. Names are `<layer>_<what>`; drops are `drop_<layer>_<reason>`
-(e.g. `drop_ip_bad_checksum`), so `drops()` can sum them. `as_dict()` is
+(e.g. `drop_ip_bad_checksum`), so `drops()` can sum them. One gauge:
+`tcp_conns_open` (connections in the table now; it sums across workers). `as_dict()` is
 what the serve loop prints as HABOOB-COUNTERS.
 """
 

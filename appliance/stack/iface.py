@@ -373,6 +373,7 @@ class Stack:
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
                     self.conns[key] = c
+                    cnt["tcp_conns_open"] += 1
                     self.arm(c, c.deadline())
                     self.established(c, False)
                     c.segment(f, end, now)
@@ -400,6 +401,7 @@ class Stack:
         c = Conn(self, key, src_mac, src_ip, seg.sport, iss, seg.seq, seg.options.mss,
                  seg.options.wscale, seg.window, now, SYN_RCVD)
         self.conns[key] = c
+        cnt["tcp_conns_open"] += 1
         self.n_synrcvd += 1
         cnt["tcp_syn_received"] += 1
         c.rtt_t = now
@@ -465,6 +467,7 @@ class Stack:
     def remove(self, c: Conn) -> None:
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
+            self.counters["tcp_conns_open"] -= 1        # a gauge: connections in the table now
         if c.state == SYN_RCVD:
             self.n_synrcvd -= 1
         c.state = CLOSED

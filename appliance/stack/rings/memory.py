@@ -14,7 +14,7 @@ to the device.
 import struct
 from collections import deque
 
-from .base import GSO, Offload, frame_bytes
+from .base import Offload, frame_bytes
 
 __all__ = ["MemoryLink", "MemoryDevice", "virtio_complete"]
 
