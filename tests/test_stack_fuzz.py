@@ -42,6 +42,7 @@ def consistent(stack):
             assert ((c.q[0][1] - c.snd_una) & MASK) < HALF and c.q[0][1] != c.snd_una
         n_syn += c.state == 1
     assert n_syn == stack.n_synrcvd
+    assert stack.counters["tcp_conns_open"] == len(stack.conns)
     assert stack.counters["drop_internal_error"] == 0, stack.last_error
 
 
