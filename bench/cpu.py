@@ -108,3 +108,30 @@ def start_time(pid: int) -> int | None:
     """Start time of pid in clock ticks since boot (identifies a process across pid reuse)."""
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None
+
+
+def snapshot() -> dict[int, tuple[str, float]]:
+    """Every process's (comm, utime+stime seconds), for a who-used-the-CPU breakdown."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        comm = data[data.index("(") + 1:data.rindex(")")]
+        fields = data[data.rindex(")") + 2:].split()
+        out[int(entry)] = (comm, (int(fields[11]) + int(fields[12])) / HZ)
+    return out
+
+
+def snapshot_delta(before: dict, after: dict) -> dict[int, tuple[str, float]]:
+    """CPU seconds each process used between two snapshots (new processes count from 0)."""
+    out = {}
+    for pid, (comm, t) in after.items():
+        d = t - before.get(pid, (comm, 0.0))[1]
+        if d > 0:
+            out[pid] = (comm, d)
+    return out

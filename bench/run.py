@@ -18,7 +18,9 @@ CPU time. CPU per request = cores used / rps, for three notions of "used":
 the busy share of the server's cores ("core"), the server's process time
 ("proc"), and process time plus the irq+softirq time of the server's cores
 ("attributed", the headline: it counts the kernel's packet work done for
-the server but not other users' processes on a shared machine).
+the server, including softirq work deferred to ksoftirqd of the server's
+cores, but not other users' processes on a shared machine; the five
+busiest other processes of the window are recorded to show that load).
 
 Placement. With W workers on a machine of C cores and W < C, the server
 is pinned to cores 0..W-1 and wrk to the others. veth delivers a frame in
@@ -126,10 +128,12 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
     proc = job.start(link.client)
     try:
         time.sleep(lead)
+        s0 = cpu.snapshot()
         c0, p0, o0, t0 = cpu.read_cores(), cpu.process_cpu(pids), cpu.process_cpu(other_pids), time.monotonic()
         time.sleep(job.duration - 2 * lead)
         c1, p1, o1, t1 = cpu.read_cores(), cpu.process_cpu(running.pids()), cpu.process_cpu(other_pids), \
             time.monotonic()
+        s1 = cpu.snapshot()
     finally:
         res = wrk.collect(proc, job)
     window = t1 - t0
@@ -139,7 +143,15 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
     server_irq = sum(irqs[c] for c in place["server_cpus"])
     rps = res["requests"] / res["duration_s"] if res["duration_s"] else 0.0
     proc_cores = (p1 - p0) / window
-    attributed = proc_cores + server_irq
+    # Softirq work deferred to ksoftirqd/N is billed to that thread as system
+    # time, not as softirq: count the server cores' ksoftirqd as the server's.
+    used = cpu.snapshot_delta(s0, s1)
+    ksoftirqd = sum(t for comm, t in used.values()
+                    if comm in {f"ksoftirqd/{c}" for c in place["server_cpus"]}) / window
+    attributed = proc_cores + server_irq + (ksoftirqd if not place["shared"] else 0.0)
+    mine = set(running.tree) | {proc.pid}
+    top_other = sorted(((comm, t / window) for pid, (comm, t) in used.items()
+                        if pid not in mine and not comm.startswith("ksoftirqd/")), key=lambda x: -x[1])[:5]
     errors = res["errors"]
     out = {
         "rps": rps,
@@ -161,6 +173,8 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
             "machine_busy_share": sum(shares.values()) / len(shares),
             "proc_cores": proc_cores,                        # server process tree CPU s per s
             "server_irq_cores": server_irq,                  # irq+softirq on the server's cores
+            "ksoftirqd_cores": ksoftirqd,                    # ksoftirqd of the server's cores
+            "top_other_processes": [[c, round(v, 3)] for c, v in top_other],   # (comm, cores), not ours
             "attributed_cores": attributed,                  # process + irq/softirq of the server cores
             # busy time on the server cores that was neither the server nor interrupts: other work
             "foreign_cores": max(0.0, server_busy - attributed) if not place["shared"] else None,
