@@ -5,7 +5,7 @@ The stand-in initramfs (tests only; the appliance image has no shell) is
 busybox-static as /init: it loads the NIC modules chosen by
 haboob_build.drivers, prints `DEPLOY-BOOTED <cmdline>`, puts
 `haboob.ip=` on the first NIC, serves /www with busybox httpd and prints
-`DEPLOY-READY driver=<driver of the NIC>`. That checks a boot medium end to
+`DEPLOY-READY driver=<driver of the NIC>` once the link has carrier. That checks a boot medium end to
 end (firmware -> GRUB -> kernel + initrd + command line -> NIC driver ->
 bytes over the wire) before and independently of the real appliance.
 """
@@ -90,6 +90,8 @@ ip link set lo up
 ip link set "$nic" up
 ip addr add "$ip" dev "$nic"
 drv=$(basename "$(readlink /sys/class/net/$nic/device/driver)")
+n=0
+while [ "$(cat /sys/class/net/$nic/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 httpd -p 80 -h /www
 echo "DEPLOY-READY driver=$drv nic=$nic ip=$ip"
 while true; do sleep 1000; done
@@ -116,7 +118,9 @@ class Console:
         self.argv = argv
         self.text = ""
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        # stdin is a pipe we never write to: with /dev/null the serial port
+        # reads EOF, which firmware/GRUB may take as a key press and stop at the menu.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, **popen)
         self._t = threading.Thread(target=self._pump, daemon=True)
         self._t.start()
@@ -145,6 +149,7 @@ class Console:
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
+        self.proc.stdin.close()
         self.proc.wait(timeout=30)
         self._t.join(timeout=5)
 
