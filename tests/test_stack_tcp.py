@@ -180,11 +180,12 @@ class TestEstablishedData:
         segs = tcp(out)
         assert len(segs) == 10 and sum(map(payload_len, segs)) == 14600
         assert segs[-1][TCP].ack == client.seq
-        # one ACK for two segments: cwnd grows by min(acked, SMSS) = 1 SMSS (RFC 5681 (2)):
-        # the 2 freed segments + 1 more go out
+        # one (stretch) ACK for two segments: byte counting (RFC 3465) grows cwnd by the
+        # 2 SMSS acked: the 2 freed segments + 2 more go out
         client.ack = (segs[1][TCP].seq + 1460) & M
         more = tcp(client.send("A"))
-        assert len(more) == 3
+        assert len(more) == 4
+        assert conn_of(client).cc.cwnd == 12 * 1460
 
     def test_peer_receive_window_is_respected(self, store):
         """RFC 9293 §3.8.6: never send beyond SND.UNA + SND.WND."""

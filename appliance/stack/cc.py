@@ -5,6 +5,9 @@ Theory of operation: the connection calls `on_ack(acked, flight, snd_una)`
 for every ACK of new data, `on_dupack(flight)` for every duplicate ACK and
 `on_timeout(flight)` when the retransmission timer fires; the return values
 tell it what to retransmit. All quantities are bytes; `mss` is SMSS.
+Growth uses byte counting (RFC 3465) in both phases, so that stretch ACKs
+(one ACK per GRO/LRO super-frame, common on veth and real NICs) do not slow
+slow start to linear growth; see on_ack.
 """
 
 __all__ = ["NewReno", "initial_window"]
@@ -18,7 +21,7 @@ def initial_window(mss: int, segments: int = 10) -> int:
 
 
 class NewReno:
-    __slots__ = ("mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery")
+    __slots__ = ("mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "bytes_acked")
 
     def __init__(self, mss: int, iw_segments: int = 10, snd_una: int = 0):
         self.mss = mss
@@ -27,6 +30,7 @@ class NewReno:
         self.dupacks = 0
         self.recover = snd_una              # RFC 6582 §3.2 step 1 (initialized to ISS)
         self.in_recovery = False
+        self.bytes_acked = 0                # congestion avoidance byte counter (RFC 3465)
 
     def on_ack(self, acked: int, flight: int, ack: int) -> bool:
         """New data acked (`flight` = bytes outstanding before this ACK).
@@ -45,9 +49,18 @@ class NewReno:
             self.cwnd = max(self.cwnd - acked + (mss if acked >= mss else 0), mss)
             return True
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, mss)                    # slow start, RFC 5681 (2) / RFC 3465 L=1
+            # slow start with byte counting (RFC 3465): grow by what was acked. RFC 5681
+            # (2) recommends at most SMSS per ACK, but receivers behind GRO/LRO (veth,
+            # most NICs) send one stretch ACK per super-frame; like Linux we count
+            # every acked byte so that slow start stays exponential, capped at ssthresh
+            self.cwnd = min(self.cwnd + acked, max(self.ssthresh, self.cwnd + mss))
         else:
-            self.cwnd += max(1, mss * mss // self.cwnd)     # congestion avoidance, RFC 5681 (3)
+            # congestion avoidance with byte counting (RFC 3465 §2.1, RFC 5681 §3.1):
+            # one SMSS per cwnd of acked bytes, whatever the ACK pattern
+            self.bytes_acked += acked
+            if self.bytes_acked >= self.cwnd:
+                self.bytes_acked -= self.cwnd
+                self.cwnd += mss
         return False
 
     def on_dupack(self, flight: int, snd_una: int, snd_max: int) -> bool:
