@@ -16,21 +16,37 @@ from .context import Context
 from .errors import BuildError
 
 _lists_updated = False
+_records: dict[str, str] = {}          # package -> its apt-cache record (one lookup per process)
 
 
-def _apt_show(ctx: Context, pkg: str) -> str:
+def resolve(ctx: Context, pkgs: list[str]) -> None:
+    """Look up every package not yet known in ONE apt-cache call (each call costs ~1-2 s)."""
     global _lists_updated
+    todo = sorted({p for p in pkgs if p not in _records})
+    if not todo:
+        return
+    argv = ["apt-cache", "show", "--no-all-versions", *todo]
     try:
-        return ctx.run(["apt-cache", "show", "--no-all-versions", pkg],
-                       what=f"looking up package {pkg}").stdout.decode()
+        out = ctx.run(argv, what=f"looking up package(s) {', '.join(todo)}").stdout.decode()
     except BuildError:
         if _lists_updated:
             raise
-        ctx.log("apt lists lack %s; running apt-get update" % pkg)
+        ctx.log("apt lists lack %s; running apt-get update" % ", ".join(todo))
         ctx.run(["apt-get", "update"], what="apt-get update")
         _lists_updated = True
-        return ctx.run(["apt-cache", "show", "--no-all-versions", pkg],
-                       what=f"looking up package {pkg}").stdout.decode()
+        out = ctx.run(argv, what=f"looking up package(s) {', '.join(todo)}").stdout.decode()
+    for rec in out.split("\n\n"):
+        m = re.search(r"^Package: (\S+)$", rec, re.M)
+        if m:
+            _records.setdefault(m.group(1), rec)
+    missing = [p for p in todo if p not in _records]
+    if missing:
+        raise BuildError(f"apt-cache knows no package {', '.join(missing)}")
+
+
+def _apt_show(ctx: Context, pkg: str) -> str:
+    resolve(ctx, [pkg])
+    return _records[pkg]
 
 
 def version(ctx: Context, pkg: str) -> str:

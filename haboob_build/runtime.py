@@ -25,6 +25,7 @@ import json
 import os
 import py_compile
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,7 @@ LIBDIR = "/usr/lib/x86_64-linux-gnu"
 def merged_root(ctx: Context) -> tuple[Path, dict[str, str]]:
     """The three packages merged into one cached tree; returns (root, {pkg: version})."""
     roots, versions = [], {}
+    debs.resolve(ctx, PACKAGES)
     for pkg in PACKAGES:
         deb, root, ver = debs.fetch(ctx, pkg)
         roots.append(root)
@@ -88,58 +90,64 @@ def analyze(ctx: Context, merged: Path, versions: dict, appdir: Path) -> dict:
     return result
 
 
-def _ldd(ctx: Context, path: Path) -> dict[str, str]:
-    """soname -> resolved host path, for every library the loader would map."""
-    out = ctx.run(["ldd", path], what=f"ldd {path.name}").stdout.decode()
+def _ldd(ctx: Context, paths: list[Path]) -> dict[str, str]:
+    """soname -> resolved host path, for every library the loader would map (one ldd call)."""
+    out = ctx.run(["ldd", *paths], what="ldd").stdout.decode()
     libs = {}
     for line in out.splitlines():
         parts = line.split()
         if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
             libs[parts[0]] = parts[2]
-        elif parts and parts[0].startswith("/"):
+        elif parts and parts[0].startswith("/") and not line.endswith(":"):
             libs[os.path.basename(parts[0])] = parts[0]      # the dynamic loader itself
     return libs
 
 
-def _owner(ctx: Context, host_path: str) -> str | None:
-    cands = {host_path, os.path.realpath(host_path)}
-    for c in list(cands):
-        if c.startswith("/usr/"):
-            cands.add(c[4:])
-        else:
-            cands.add("/usr" + c)
-    for c in sorted(cands):
-        try:
-            out = ctx.run(["dpkg", "-S", c], what="dpkg -S").stdout.decode()
-        except BuildError:
-            continue
-        return out.split(":")[0].strip()
-    return None
+def _variants(host_path: str) -> list[str]:
+    """The names dpkg may know a file by on a merged-/usr system."""
+    out = []
+    for c in (host_path, os.path.realpath(host_path)):
+        out += [c, c[4:] if c.startswith("/usr/") else "/usr" + c]
+    return list(dict.fromkeys(out))
+
+
+def _owners(ctx: Context, host_paths: list[str]) -> dict[str, str]:
+    """host path -> owning package, from one dpkg -S call ({} without dpkg)."""
+    cands = sorted({v for p in host_paths for v in _variants(p)})
+    try:
+        proc = subprocess.run(["dpkg", "-S", *cands], capture_output=True, text=True)
+    except FileNotFoundError:
+        return {}
+    owner_of = {}
+    for line in proc.stdout.splitlines():
+        if ": " in line:
+            pkg, path = line.split(": ", 1)
+            owner_of[path.strip()] = pkg.split(",")[0].split(":")[0].strip()
+    return {p: next((owner_of[v] for v in _variants(p) if v in owner_of), None) for p in host_paths}
 
 
 def _from_package(root: Path, host_path: str) -> Path | None:
-    for c in (host_path, os.path.realpath(host_path)):
-        for variant in (c, "/usr" + c if not c.startswith("/usr/") else c[4:]):
-            p = root / variant.lstrip("/")
-            if p.exists():
-                return p.resolve()
+    for variant in _variants(host_path):
+        p = root / variant.lstrip("/")
+        if p.exists():
+            return p.resolve()
     return None
 
 
 def shared_libraries(ctx: Context, elves: list[Path]) -> dict[str, bytes]:
     """soname -> bytes, for the loader and every library the ELF files need."""
-    wanted: dict[str, str] = {}
-    for e in elves:
-        if elf.needed(e.read_bytes(), str(e)):
-            wanted.update(_ldd(ctx, e))
+    dynamic = [e for e in elves if elf.needed(e.read_bytes(), str(e))]
+    wanted = _ldd(ctx, dynamic) if dynamic else {}
     wanted.pop("linux-vdso.so.1", None)
+    owners = _owners(ctx, sorted(wanted.values()))
+    debs.resolve(ctx, [o for o in owners.values() if o])
     out = {}
     for soname, host_path in sorted(wanted.items()):
-        pkg = _owner(ctx, host_path)
+        pkg = owners.get(host_path)
         src = None
         if pkg:
-            deb, root, _ver = debs.fetch(ctx, pkg.split(":")[0])
-            ctx.add_input(f"deb:{pkg.split(':')[0]}", deb)
+            deb, root, _ver = debs.fetch(ctx, pkg)
+            ctx.add_input(f"deb:{pkg}", deb)
             src = _from_package(root, host_path)
         if src is None:
             ctx.log(f"note: {soname} taken from the build host ({host_path})")
