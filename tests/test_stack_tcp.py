@@ -684,3 +684,22 @@ def test_timers_touch_only_due_connections(store, monkeypatch):
     st.poll(busy.now + 0.05)
     assert calls == [conn_of(busy)]
     assert len(st._heap) < 1000
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_dynamic_reply_range_request(store, mode):
+    """A 206 (dynamic header + a slice of the stored body): sums in software where needed."""
+    from appliance.http import HTTPConnection, reply_bytes
+    st = make_stack(store, MODES[mode])
+    c = Client(st)
+    c.connect()
+    hdrs = b"Range: bytes=100-5099\r\n"
+    data, _ = c.get("/big.bin", hdrs)
+    h = HTTPConnection(store.site, store.blob)
+    h.now(imf_fixdate(1764150000))
+    (r,) = h.receive(c.request("/big.bin", hdrs))
+    assert r.status == 206
+    assert data == reply_bytes(r, store.blob, imf_fixdate(1764150000))
+    assert data.endswith(bytes((i * 7 + (i >> 8)) & 0xFF for i in range(100, 5100)))
+    if mode == "sw":
+        assert st.counters["tcp_tx_sw_csum"] > 0
