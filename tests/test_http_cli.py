@@ -63,3 +63,21 @@ def test_respond_bad_input(store_path, tmp_path):
     assert p.returncode == 1 and b"not a Haboob store" in p.stderr
     p = respond(store_path, b"garbage\r\n\r\n", "--date", DATE)
     assert p.returncode == 0 and p.stdout.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+def test_respond_output_errors(store_path):
+    raw = b"GET /downloads/data.txt HTTP/1.1\r\nHost: t\r\n\r\n" * 4
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-m", "appliance", "respond", store_path], input=raw, cwd=ROOT,
+                           stdout=full, stderr=subprocess.PIPE, timeout=60)
+    assert p.returncode == 1 and b"cannot write the replies" in p.stderr
+    # a reader that goes away early is not an error
+    p = subprocess.Popen([sys.executable, "-m", "appliance", "respond", store_path], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdin.write(raw)
+    p.stdin.close()
+    p.stdout.read(100)
+    p.stdout.close()
+    assert p.wait(timeout=60) == 0
+    assert p.stderr.read() == b""
+    p.stderr.close()

@@ -7,6 +7,7 @@ would send: prebuilt responses with the Date and Connection fields patched
 as the stack patches them. The Date is the current time, or --date for
 reproducible output, or the store's placeholder with --placeholder-date.
 """
+import os
 import sys
 import time
 
@@ -45,9 +46,17 @@ def respond_cmd(store_path, date, placeholder_date, chunk):
     data = sys.stdin.buffer.read()
     out = sys.stdout.buffer
     step = chunk or max(1, len(data))
-    for i in range(0, len(data), step):
-        for reply in conn.receive(data[i:i + step]):
-            out.write(reply_bytes(reply, store.blob, None if placeholder_date else d))
-        if conn.closed:
-            break
-    out.flush()
+    try:
+        for i in range(0, len(data), step):
+            for reply in conn.receive(data[i:i + step]):
+                out.write(reply_bytes(reply, store.blob, None if placeholder_date else d))
+            if conn.closed:
+                break
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the replies: {e.strerror}") from None
