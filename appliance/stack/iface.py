@@ -12,8 +12,18 @@ Dispatch. A fast path recognizes, with a handful of byte comparisons, an
 IPv4/TCP frame to our MAC and address without IP options or fragmentation,
 verifies the IP header and TCP checksums (C-speed sums, wire.py) and looks
 the connection up by the raw 12 bytes of addresses and ports sliced from the
-frame. Everything else takes the slow path through the checked parsers of
-ethernet/arp/ipv4/icmp/tcp, which name the reason of every drop.
+frame. Segments without a connection (SYNs, stray ACKs, TIME-WAIT) are
+handled from the same raw header. Everything else takes the slow path
+through the checked parsers of ethernet/arp/ipv4/icmp/tcp, which name the
+reason of every drop. A device that has validated (or itself produced) the
+TCP checksum says so with `receive(frame, now, csum_ok=True)`: virtio
+NEEDS_CSUM frames from a local sender carry only the pseudo-header sum.
+
+Construction: `Stack(store, mac, ip, prefix, gateway, offload, config,
+secret, http_factory=None)`; `config.mtu` must be the device's MTU; the
+secret (>= 16 bytes, from os.urandom) keys ISNs and SYN cookies;
+`http_factory()` makes one HTTP connection object per TCP connection
+(default: appliance.http.HTTPConnection on the store).
 
 Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port`: a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
