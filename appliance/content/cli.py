@@ -91,16 +91,26 @@ def inspect_cmd(store_path, as_json):
         store = Store.open(store_path)
     except StoreError as e:
         raise click.ClickException(str(e)) from None
-    with store:
-        meta = store.meta
-        if not as_json:
-            click.echo(f"# {store_path}: format {meta.get('format')}, mss {store.mss}, "
-                       f"{len(store.site.resources)} URLs, blob {len(store.blob)} bytes, "
-                       f"placeholder date {store.site.date.decode()}")
-            click.echo(f"{'URL':<40} {'STATUS':>6} {'VARIANT':<10} {'BYTES':>10} {'HEADER':>6} {'SEGS':>6}")
-        for path, variant, r in _variants(store):
-            if as_json:
-                click.echo(json.dumps({"url": path, "variant": variant, "status": r.status, "bytes": r.length,
-                                       "header": r.header_len, "segments": r.nsegs}, sort_keys=True))
-            else:
-                click.echo(f"{path:<40} {r.status:>6} {variant:<10} {r.length:>10} {r.header_len:>6} {r.nsegs:>6}")
+    try:
+        with store:
+            _list(store, store_path, as_json)
+    except BrokenPipeError:
+        raise           # click exits quietly when the reader goes away
+    except OSError as e:
+        raise click.ClickException(f"cannot write the listing: {e.strerror}") from None
+
+
+def _list(store, store_path, as_json):
+    """Write the listing: a header line and a table, or JSON lines."""
+    meta = store.meta
+    if not as_json:
+        click.echo(f"# {store_path}: format {meta.get('format')}, mss {store.mss}, "
+                   f"{len(store.site.resources)} URLs, blob {len(store.blob)} bytes, "
+                   f"placeholder date {store.site.date.decode()}")
+        click.echo(f"{'URL':<40} {'STATUS':>6} {'VARIANT':<10} {'BYTES':>10} {'HEADER':>6} {'SEGS':>6}")
+    for path, variant, r in _variants(store):
+        if as_json:
+            click.echo(json.dumps({"url": path, "variant": variant, "status": r.status, "bytes": r.length,
+                                   "header": r.header_len, "segments": r.nsegs}, sort_keys=True))
+        else:
+            click.echo(f"{path:<40} {r.status:>6} {variant:<10} {r.length:>10} {r.header_len:>6} {r.nsegs:>6}")
