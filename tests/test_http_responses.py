@@ -308,3 +308,39 @@ def test_if_match_and_if_unmodified_since_412(store):
     # If-Match wins over If-Unmodified-Since; a 412 comes before a 304 (§13.2.2)
     assert one(store, "/about.html", f"If-Match: {etag}", "If-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT")[0] == 200
     assert one(store, "/about.html", 'If-Match: "x"', f"If-None-Match: {etag}")[0] == 412
+
+
+def test_every_kind_pipelined_byte_at_a_time(store):
+    etag = one(store, "/about.html")[1]["etag"]
+    reqs = [
+        ("GET", "/about.html", ""),
+        ("GET", "/about.html", "Accept-Encoding: gzip\r\n"),
+        ("HEAD", "/about.html", "Accept-Encoding: gzip\r\n"),
+        ("GET", "/about.html", f"If-None-Match: {etag}\r\n"),
+        ("GET", "/about.html", 'If-Match: "x"\r\n'),
+        ("GET", "/downloads/data.txt", "Range: bytes=100-199\r\n"),
+        ("GET", "/about.html", "Range: bytes=999999-\r\n"),
+        ("GET", "/docs/guide", ""),
+        ("GET", "/missing", ""),
+        ("DELETE", "/about.html", ""),
+        ("GET", "/robots.txt", "Content-Length: 3\r\n"),
+    ]
+    raw = b"".join(f"{m} {t} HTTP/1.1\r\nHost: t\r\n{x}\r\n".encode() + (b"abc" if "Content-Length" in x else b"")
+                   for m, t, x in reqs)
+    raw += b"GET / HTTP/2.0\r\nHost: t\r\n\r\n"
+    whole, c1 = exchange(store, raw)
+    slow, c2 = exchange(store, raw, step=1)
+    assert whole == slow and c1.closed and c2.closed
+    res = h11_parse([(m, t) for m, t, _ in reqs], whole)
+    assert [r[0] for r in res] == [200, 200, 200, 304, 412, 206, 416, 301, 404, 405, 200]
+    assert gzip.decompress(res[1][2]) == read("about.html")
+    assert res[5][2] == read("downloads/data.txt")[100:200]
+    assert whole.endswith(httpclient_parse_last(whole))
+
+
+def httpclient_parse_last(data):
+    """The final 505 reply, checked with http.client; returns its bytes."""
+    i = data.rindex(b"HTTP/1.1 505 ")
+    status, h, body = httpclient_parse(data[i:])
+    assert status == 505 and h["connection"] == "close"
+    return data[i:]
