@@ -40,6 +40,8 @@ def consistent(stack):
             assert a[1] == b[0], "send queue items are contiguous"
         if c.q:
             assert ((c.q[0][1] - c.snd_una) & MASK) < HALF and c.q[0][1] != c.snd_una
+        assert 0 <= c.ooo_bytes <= stack.cfg.ooo_limit
+        assert all(0 < ((s - c.rcv_nxt) & MASK) < HALF for s in c.ooo), "queued data is beyond RCV.NXT"
         n_syn += c.state == 1
     assert n_syn == stack.n_synrcvd
     assert stack.counters["tcp_conns_open"] == len(stack.conns)

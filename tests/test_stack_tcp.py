@@ -230,16 +230,38 @@ class TestEstablishedData:
         assert a[TCP].flags == "A" and a[TCP].ack == client.seq and payload_len(a) == 0
         assert client.st.counters["http_replies"] == 1
 
-    def test_out_of_order_data_is_dropped_with_an_immediate_dup_ack(self, client, store):
-        """RFC 5681 §4.2: an out-of-order segment gets an immediate ACK; we keep no
-        reassembly queue: the client's fast retransmit or RTO resends the hole."""
-        req = client.request("/")
-        (a,) = client.send("PA", data=req[10:], seq=client.seq + 10, advance=False)
+    def test_out_of_order_data_is_queued_with_an_immediate_dup_ack(self, client, store):
+        """RFC 5681 §4.2: an out-of-order segment gets an immediate ACK; it is kept and
+        used once the hole is filled (RFC 9293 §3.10.7.4)."""
+        req = client.request("/") + client.request("/odd.txt")
+        (a,) = client.send("PA", data=req[30:], seq=client.seq + 30, advance=False)
         assert a[TCP].ack == client.seq and payload_len(a) == 0
-        assert client.st.counters["tcp_rx_out_of_order"] == 1
-        out = client.send("PA", data=req)
+        (a,) = client.send("PA", data=req[10:20], seq=client.seq + 10, advance=False)
+        assert a[TCP].ack == client.seq
+        assert client.st.counters["tcp_rx_out_of_order_queued"] == 2
+        out = client.send("PA", data=req[:10], advance=False)
+        assert out and out[0][TCP].ack == client.seq + 20          # 10..20 joined, 20..30 missing
+        out += client.send("PA", data=req[:30])                    # the client resends from the hole
+        client.seq = client.seq + len(req) - 30
         data, _ = client.fetch(out)
+        assert data == expected(store, "/") + expected(store, "/odd.txt")
+
+    def test_out_of_order_fin_is_kept(self, client, store):
+        req = client.request("/")
+        client.send("FA", data=req[10:], seq=client.seq + 10, advance=False)
+        out = client.send("PA", data=req[:10], advance=False)
+        client.seq += len(req) + 1
+        assert conn_of(client).state == LAST_ACK
+        data, frames = client.fetch(out)
         assert data == expected(store, "/")
+        assert client.st.counters["tcp_fin_received"] == 1 and any("F" in p[TCP].flags for p in tcp(frames))
+
+    def test_out_of_order_beyond_the_limit_is_dropped(self, store):
+        st = make_stack(store, ooo_limit=8)
+        c = Client(st)
+        c.connect()
+        c.send("PA", data=b"x" * 20, seq=c.seq + 10, advance=False)
+        assert st.counters["tcp_rx_out_of_order_dropped"] == 1 and not conn_of(c).ooo
 
     def test_segment_overlapping_received_data_is_trimmed(self, client, store):
         """RFC 9293 §3.10.7.4: only the new part of a partly old segment is used."""

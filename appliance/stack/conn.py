@@ -30,11 +30,11 @@ replies) the payload is summed in software and counted
 (`tcp_tx_sw_csum`). Mode 1 (csum offload) sends NEEDS_CSUM frames with the
 pseudo-header sum; mode 2 (TSO) sends GSO super-frames of up to `tso_max`.
 
-Receive side: only in-order data is accepted. Out-of-order segments are
-dropped and answered with an immediate duplicate ACK (RFC 9293 §3.10.7.4
-allows it; RFC 5681 §4.2 asks for the immediate ACK), so the client's fast
-retransmit fills the hole: requests are small, a reassembly queue would
-buy nothing. Data is handed to the HTTPConnection; the ACK rides on the
+Receive side: in-order data goes to the HTTP layer at once. Out-of-order
+segments are kept in a small queue (`ooo`, at most `cfg.ooo_limit` bytes;
+beyond it they are dropped, RFC 9293 §3.10.7.4 allows both) and answered
+with an immediate duplicate ACK (RFC 5681 §4.2); when the hole is filled the
+queued bytes follow. Requests are small, so the limit is a few segments. Data is handed to the HTTPConnection; the ACK rides on the
 response (lazy ACK), or is sent after `delack` when no response results, or
 at once for every second full segment, a FIN or an out-of-order segment.
 
@@ -82,7 +82,7 @@ class Conn:
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
-                 "retries", "ack_now", "gso", "sched")
+                 "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
                  iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
@@ -136,6 +136,8 @@ class Conn:
         self.retries = 0
         self.ack_now = False
         self.sched = 0.0                    # time of our live entry in the Stack's timer heap (0: none)
+        self.ooo = {}                       # out-of-order data: seq -> (bytes, FIN flag)
+        self.ooo_bytes = 0
 
     def __repr__(self):
         return (f"Conn({STATE_NAMES[self.state]} {'.'.join(map(str, self.peer_ip))}:{self.peer_port} "
@@ -153,7 +155,8 @@ class Conn:
         duplicate ACKs, take the general path (`_segment`), which follows the RFC's
         order of checks step by step."""
         seq, ack, off, flags, win = _tcp_unpack(f, 38)
-        if seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED:
+        if (seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED
+                and not self.ooo):
             una = self.snd_una
             d = (ack - una) & MASK
             wnd = win << self.snd_ws
@@ -294,7 +297,13 @@ class Conn:
         if plen or flags & FIN:
             if seq != rn:
                 if ((seq - rn) & MASK) < HALF:
-                    st.counters["tcp_rx_out_of_order"] += 1     # dropped; the dup ACK asks for the hole
+                    # out of order: keep it if small (the dup ACK asks for the hole)
+                    if state in _RX_DATA and self.ooo_bytes + plen <= st.cfg.ooo_limit:
+                        st.counters["tcp_rx_out_of_order_queued"] += 1
+                        self.ooo[seq] = (f[p:p + plen], flags & FIN)
+                        self.ooo_bytes += plen
+                    else:
+                        st.counters["tcp_rx_out_of_order_dropped"] += 1
                     self.ack_now = True
                     self.output(now)
                     return
@@ -312,9 +321,20 @@ class Conn:
                 plen = 0
             if plen:
                 self.rcv_nxt = rn = (rn + plen) & MASK
+                data = f[p:p + plen]
+                if self.ooo:
+                    if flags & FIN:
+                        self.ooo.clear()                        # nothing can follow the FIN
+                        self.ooo_bytes = 0
+                    else:
+                        more, fin = self._drain_ooo()
+                        data += more
+                        plen += len(more)
+                        flags |= fin
+                        self.ack_now = True                     # RFC 5681 §4.2: a gap was filled
                 self.last_act = now
                 self.rcv_unacked += plen
-                if self._deliver(f[p:p + plen], now):
+                if self._deliver(data, now):
                     pass                                        # the ACK rides on the reply
                 elif self.rcv_unacked >= 2 * self.mss:
                     self.ack_now = True                         # RFC 9293 §3.8.6.3: every 2nd full segment
@@ -343,6 +363,30 @@ class Conn:
             elif flags & FIN:
                 self.ack_now = True                             # a retransmitted FIN: ACK again
         self.output(now)
+
+    def _drain_ooo(self):
+        """Queued out-of-order bytes that RCV.NXT has now reached: (bytes, FIN flag).
+        Advances RCV.NXT over them (the caller delivers them)."""
+        out = b""
+        ooo = self.ooo
+        progress = True
+        while progress and ooo:
+            progress = False
+            for s, (d, fin) in list(ooo.items()):
+                off = (self.rcv_nxt - s) & MASK
+                if off >= HALF:
+                    continue                                    # still beyond RCV.NXT
+                del ooo[s]
+                self.ooo_bytes -= len(d)
+                if off < len(d):
+                    out += d[off:]
+                    self.rcv_nxt = (s + len(d)) & MASK
+                    progress = True
+                if fin and off <= len(d):
+                    ooo.clear()
+                    self.ooo_bytes = 0
+                    return out, FIN
+        return out, 0
 
     def _deliver(self, data, now: float) -> bool:
         """In-order request bytes to the HTTP layer; queue the replies (True if any)."""
