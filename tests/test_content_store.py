@@ -169,3 +169,17 @@ def test_runtime_modules_use_only_the_standard_library():
     p = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(b"HTTP/1.1 200 OK\r\n") and p.stdout.endswith(b"\r\n\r\nUser-agent: *\nAllow: /\n")
+
+
+def test_dates_outside_imf_fixdate_range_are_clamped(tmp_path):
+    site = tmp_path / "s"
+    site.mkdir()
+    (site / "past.txt").write_bytes(b"p")
+    os.utime(site / "past.txt", (-1000, -1000))
+    # a year-11476 epoch (file systems clamp such mtimes themselves, SOURCE_DATE_EPOCH does not)
+    compile_site(str(site), str(tmp_path / "x.store"), Options(source_date_epoch=300000000000))
+    with Store.open(str(tmp_path / "x.store")) as s:
+        assert s.site.date == b"Fri, 31 Dec 9999 23:59:59 GMT"
+        assert s.site.resources["/past.txt"].last_modified == 0
+        for r in s.site.responses:
+            assert s.blob[r.off + r.date_off + 29:r.off + r.date_off + 31] == b"\r\n"

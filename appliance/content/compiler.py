@@ -52,6 +52,7 @@ MIN_MSS = 536               # RFC 9293 §3.7.1 default send MSS: every peer acce
 MAX_MSS = 65495
 MAX_HEADER = 512            # headers always fit in the first segment (docs/internals.md)
 DEFAULT_MAX_FILE_SIZE = 1 << 30
+MAX_DATE = 253402300799     # 9999-12-31 23:59:59 UTC
 DEFAULT_CACHE_CONTROL = "public, max-age=300"
 SERVER = "haboob"
 
@@ -342,9 +343,12 @@ def compile_site(site, out, options: Options | None = None) -> Result:
         date_epoch = sde
     else:
         date_epoch = max(f.mtime for f in files)
+    # IMF-fixdate has a 4-digit year: keep every date in 1970..9999 so the Date
+    # field stays exactly 29 bytes.
     for f in files:
-        f.mtime = max(0, f.mtime)
-    date = format_date(max(0, date_epoch))
+        f.mtime = min(max(0, f.mtime), MAX_DATE)
+    date_epoch = min(max(0, date_epoch), MAX_DATE)
+    date = format_date(date_epoch)
 
     try:
         import jinja2
