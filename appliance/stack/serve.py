@@ -14,6 +14,9 @@ batch loop until a signal or `stop_event`:
 
 One wake-up serves a whole batch; the loop only sleeps after a scan found
 the RX ring empty (and so handed every slot back; see rings/tpacket.py).
+A full batch means overload: SYNs beyond a small budget are shed before the
+stack sees them (a SYN flood must not starve established connections; the
+kernel would otherwise drop at random once the ring is full).
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -42,6 +45,7 @@ __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
 BATCH = 256          # frames taken from the RX ring per scan
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
+SYN_BUDGET = 32      # SYNs handled per full batch (overload); the rest are shed
 
 
 class Ready:
@@ -110,6 +114,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
     next_date = 0.0
     errors = 0
     wakeups = 0
+    shed = 0
     while not stop():
         now = mono()
         if now >= next_date:
@@ -117,6 +122,12 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
             set_date(int(wall))
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
         frames = rx(batch)
+        if len(frames) == batch:
+            # A full batch: frames are arriving faster than we handle them and
+            # the kernel will soon drop at random. Shed SYNs beyond a budget
+            # first (they cost a cookie and a SYN-ACK each, and a flood is
+            # made of them) so established connections keep their share.
+            shed += _shed_syns(frames, oks)
         if oks is None:
             for f in frames:
                 try:
@@ -152,6 +163,31 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
                 wait(min(timeout, MAX_WAIT) * 1000.0 + 0.5)
     counters["loop_stack_errors"] += errors
     counters["loop_waits"] += wakeups
+    counters["loop_syn_shed"] += shed
+
+
+def _shed_syns(frames: list, oks) -> int:
+    """Drop, in place, the IPv4 TCP SYNs (no ACK/RST) of an overloaded batch
+    beyond SYN_BUDGET; returns how many were dropped."""
+    syns = 0
+    keep = []
+    keep_ok = []
+    dropped = 0
+    for k, f in enumerate(frames):
+        if len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0 \
+                and f[47] & 0x16 == 0x02:
+            syns += 1
+            if syns > SYN_BUDGET:
+                dropped += 1
+                continue
+        keep.append(f)
+        if oks is not None:
+            keep_ok.append(oks[k])
+    if dropped:
+        frames[:] = keep
+        if oks is not None:
+            oks[:] = keep_ok
+    return dropped
 
 
 def _takes_csum_ok(receive) -> bool:
