@@ -104,3 +104,23 @@ def test_pcap_records_both_directions_as_on_the_wire(tmp_path):
         del q[IP].chksum, q[TCP].chksum
         q = Ether(bytes(q))
         assert (q[IP].chksum, q[TCP].chksum) == sums
+
+
+def test_overloaded_batch_sheds_syns_beyond_the_budget_keeping_the_rest_in_order():
+    from appliance.stack.serve import SYN_BUDGET, _shed_syns
+
+    def seg(i, flags):
+        return memoryview(bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP) /
+                                TCP(sport=1000 + i, dport=80, flags=flags)))
+    frames = [seg(i, "S" if i % 5 else "A") for i in range(200)]   # 160 SYNs, 40 ACKs
+    oks = [i % 2 == 0 for i in range(200)]
+    kept = [(i, f) for i, f in enumerate(frames)]
+    dropped = _shed_syns(frames, oks)
+    assert dropped == 160 - SYN_BUDGET
+    syn_idx = [i for i, _ in kept if i % 5][:SYN_BUDGET]
+    want = sorted(syn_idx + [i for i, _ in kept if i % 5 == 0])
+    assert [TCP in Ether(bytes(f)) and Ether(bytes(f))[TCP].sport - 1000 for f in frames] == want
+    assert oks == [i % 2 == 0 for i in want]                     # still aligned with the frames
+    # SYN-ACKs, RSTs and non-TCP frames are never shed
+    other = [seg(i, "SA") for i in range(100)] + [seg(i, "R") for i in range(100)]
+    assert _shed_syns(other, None) == 0 and len(other) == 200
