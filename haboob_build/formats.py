@@ -582,3 +582,27 @@ def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, 
                               for p in files},
                     "reproducible": REPRODUCIBLE[fmt]}
     return out
+
+
+# ---------------------------------------------------------------- the build step
+
+def media_cmdline(cmdline: str) -> str:
+    """The command line for bare-metal media: kernel messages on the screen
+    and the first serial port; the last console= (the serial port, as under
+    QEMU) is /dev/console, where PID 1 writes."""
+    words = [w for w in cmdline.split() if not w.startswith("console=")]
+    return " ".join(["console=tty0", "console=ttyS0,115200", *words])
+
+
+def step(ctx) -> None:
+    """Build step (haboob_build.steps, after "initramfs"): the formats in
+    ctx.options.formats, written beside vmlinuz/initrd.img; their names,
+    sizes and sha256 go to the manifest under "formats"."""
+    fmts = list(getattr(ctx.options, "formats", ()) or ())
+    if not fmts:
+        return
+    cmdline = media_cmdline((ctx.work / "cmdline").read_text().strip())
+    ctx.facts["formats"] = write_formats(fmts, ctx.work, name=ctx.options.name, vmlinuz=ctx.work / "vmlinuz",
+                                         initrd=ctx.work / "initrd.img", cmdline=cmdline, epoch=ctx.epoch,
+                                         log=ctx.log)
+    ctx.facts["formats_cmdline"] = cmdline
