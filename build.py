@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from haboob_build import drivers, formats
 from haboob_build.context import Context, Options
 from haboob_build.errors import BuildError
 from haboob_build.steps import STEPS, build_image
@@ -33,8 +34,14 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--memory", default=256, show_default=True, type=int, help="guest memory in MB (default for vm)")
 @click.option("--compress-level", default=19, show_default=True, type=click.IntRange(1, 19),
               help="zstd level for the initramfs")
+@click.option("--formats", "formats_", default="all", show_default=True,
+              help="deploy formats to write beside the kernel and initrd: iso, img, pxe, qcow2 "
+                   "(comma-separated), all, or none")
+@click.option("--nic-drivers", default="all", show_default=True,
+              help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
-def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, quiet):
+def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
+         quiet):
     """Build a bootable appliance image serving the static site in SITE."""
     site = Path(site)
     if name is None:
@@ -42,8 +49,15 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise click.ClickException(f"--name {name!r}: use letters, digits, '.', '_' and '-'")
     out = Path(out) if out else Path("images") / name
+    try:                                # bad names or missing tools: refuse before building anything
+        fmts = formats.parse_formats(formats_)
+        formats.check_tools(fmts)
+        nics = drivers.parse_nic_drivers(nic_drivers)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from None
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
-                   memory=memory, compress_level=compress_level, quiet=quiet, modules=modules)
+                   memory=memory, compress_level=compress_level, quiet=quiet, modules=modules,
+                   formats=tuple(fmts), nic_drivers=tuple(nics))
     t0 = time.monotonic()
     try:
         ctx = build_image(opts, STEPS)
@@ -54,6 +68,12 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         click.echo(f"built {out}/ in {time.monotonic() - t0:.1f}s "
                    f"(initrd.img {(out / 'initrd.img').stat().st_size / 1e6:.2f} MB; {sizes})", err=True)
         click.echo(f"boot it: python -m vm boot {out}", err=True)
+        for f in fmts:
+            what = {"iso": f"{out}/{name}.iso (CD or USB stick: dd if={out}/{name}.iso of=/dev/sdX bs=4M)",
+                    "img": f"{out}/{name}.img (raw GPT disk, BIOS+UEFI: dd to a disk or USB stick)",
+                    "pxe": f"{out}/pxe/ (iPXE: chain boot.ipxe)",
+                    "qcow2": f"{out}/{name}.qcow2 (OpenStack, KubeVirt, libvirt)"}[f]
+            click.echo(f"  {what}", err=True)
 
 
 if __name__ == "__main__":

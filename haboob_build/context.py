@@ -45,6 +45,8 @@ class Options:
     compress_level: int = 19
     modules: Path | None = None  # the modules folder of --kernel (else found beside it)
     quiet: bool = False
+    formats: tuple = ()          # deploy formats (haboob_build.formats): iso, img, pxe, qcow2
+    nic_drivers: tuple = ("virtio_net",)   # NIC drivers (haboob_build.drivers); build.py defaults to all
 
 
 @dataclass

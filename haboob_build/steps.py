@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import drivers, formats
 from . import kernel as kernel_mod
 from . import runtime
 from .context import Context, sha256_file
@@ -81,7 +82,8 @@ def check_inputs(ctx: Context) -> None:
 def kernel(ctx: Context) -> None:
     k = kernel_mod.locate(ctx, ctx.options.modules)
     ctx.add_input("kernel", k.vmlinuz)
-    mods = kernel_mod.resolve(ctx, k)
+    roots = kernel_mod.BUSES + drivers.module_roots(list(ctx.options.nic_drivers)) + kernel_mod.PLATFORM
+    mods = kernel_mod.resolve(ctx, k, roots)
     lines = []
     for name, data in mods:
         path = f"/usr/lib/modules/{k.release}/{name}.ko"
@@ -200,6 +202,7 @@ STEPS = [
     ("base", base),
     ("cmdline", cmdline),
     ("initramfs", initramfs),
+    ("formats", formats.step),          # deploy formats: NAME.iso, NAME.img, pxe/, NAME.qcow2
     ("manifest", manifest),
 ]
 
