@@ -2,6 +2,8 @@
 
     python -m vm boot images/www [--net user[:PORT] | --net tap[:IFNAME]] [--smp N]
                                  [--memory MB] [--capture FILE.pcap] [--console]
+                                 [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
+                                 [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
     python -m vm test images/www [--net ...] [--site DIR]
 
 `boot` waits for the ready line, prints the URL, and on Ctrl-C stops the
@@ -35,11 +37,27 @@ def parse_net(value: str) -> dict:
         if arg and (len(arg) > 15 or "/" in arg):
             raise click.BadParameter(f"{value!r}: not an interface name", param_hint="--net")
         return {"net": "tap", "tap": arg or None}
-    raise click.BadParameter(f"{value!r}: use user[:HOSTPORT] or tap[:IFNAME]", param_hint="--net")
+    if kind in ("socket", "vfio", "netmap"):
+        # vm/passthrough.py: parse, then the preflight checks, before anything starts
+        from . import passthrough as pt
+        try:
+            spec = pt.parse_net(value)
+            if kind == "vfio":
+                pt.preflight_vfio(spec.arg)
+            elif kind == "netmap":
+                pt.preflight_netmap(spec.arg)
+        except pt.NetError as e:
+            raise click.ClickException(str(e)) from None
+        return {"net": kind, "netspec": spec}
+    raise click.BadParameter(f"{value!r}: use user[:HOSTPORT], tap[:IFNAME], socket:listen=HOST:PORT|"
+                             f"connect=HOST:PORT|mcast=GROUP:PORT|udp=HOST:PORT,HOST:PORT, vfio:PCI_ADDRESS "
+                             f"or netmap:PORT", param_hint="--net")
 
 
-def make_options(net, smp, memory, capture, bzimage=False) -> Options:
-    o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage)
+def make_options(net, smp, memory, capture, bzimage=False, boot="kernel", firmware="bios",
+                 nic="virtio") -> Options:
+    o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage, boot=boot, firmware=firmware,
+                nic=nic)
     if capture:
         capture = Path(capture).resolve()
         if not capture.parent.is_dir():
@@ -50,7 +68,15 @@ def make_options(net, smp, memory, capture, bzimage=False) -> Options:
 
 common = [
     click.argument("image", type=click.Path(path_type=Path)),
-    click.option("--net", default="user", show_default=True, help="user[:HOSTPORT] or tap[:IFNAME]"),
+    click.option("--net", default="user", show_default=True,
+                 help="user[:HOSTPORT], tap[:IFNAME], socket:listen=H:P|connect=H:P|mcast=G:P|udp=H:P,H:P, "
+                      "vfio:PCI_ADDRESS or netmap:PORT (see docs/deploy.md)"),
+    click.option("--boot", type=click.Choice(["kernel", "disk", "iso"]), default="kernel", show_default=True,
+                 help="kernel: -kernel/-initrd; disk, iso: NAME.img / NAME.iso through the firmware and GRUB"),
+    click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="bios", show_default=True,
+                 help="SeaBIOS, or OVMF for UEFI (Debian package ovmf)"),
+    click.option("--nic", type=click.Choice(["virtio", "e1000", "e1000e"]), default="virtio", show_default=True,
+                 help="the emulated NIC model"),
     click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64)),
     click.option("--memory", type=click.IntRange(32, 1 << 20), help="MB (default: the image's)"),
     click.option("--capture", type=click.Path(path_type=Path), help="write a pcap of the guest NIC"),
@@ -78,10 +104,10 @@ def _echo_console(line: str) -> None:
 @cli.command()
 @with_common
 @click.option("--console", is_flag=True, help="show the guest's serial console")
-def boot(image, net, smp, memory, capture, timeout, bzimage, console):
+def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console):
     """Boot IMAGE, print its URL, run until Ctrl-C (then stop it cleanly)."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
     qemu_binary()
     click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
     with session(img, opts, echo=_echo_console if console else None) as s:
@@ -112,10 +138,10 @@ def boot(image, net, smp, memory, capture, timeout, bzimage, console):
 @with_common
 @click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def test(image, net, smp, memory, capture, timeout, bzimage, site, as_json):
+def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, site, as_json):
     """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
     qemu_binary()
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")

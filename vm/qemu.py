@@ -92,6 +92,11 @@ class Options:
     extra: list[str] = field(default_factory=list)    # more QEMU arguments
     accel: str | None = None        # None: detect
     direct: bool = True             # boot the extracted ELF kernel via PVH (vm/pvh.py), not the bzImage
+    # deploy (vm/media.py, vm/passthrough.py): how the machine boots and what its NIC is
+    boot: str = "kernel"            # kernel | disk | iso (disk and iso boot through firmware + GRUB)
+    firmware: str = "bios"          # bios (SeaBIOS) | uefi (OVMF)
+    nic: str = "virtio"             # virtio | e1000 | e1000e
+    netspec: object = None          # passthrough.NetSpec for net = socket | vfio | netmap
 
 
 def free_port() -> int:
@@ -115,33 +120,86 @@ def kernel_cmdline(image: Image, opts: Options) -> str:
     return " ".join(words)
 
 
+def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
+    """-kernel/-initrd/-append, or (--boot disk|iso) firmware + the medium, GRUB's command line."""
+    from . import media
+    try:
+        if opts.boot == "kernel":
+            return [*media.firmware_args(opts.firmware, workdir),
+                    "-kernel", str(direct_kernel(image.vmlinuz) if opts.direct else image.vmlinuz),
+                    "-initrd", str(image.initrd), "-append", kernel_cmdline(image, opts)]
+        if opts.guest_ip or opts.gateway or opts.append:
+            raise VMError(f"--boot {opts.boot} boots the command line in the medium's grub.cfg; changing "
+                          f"the address or the command line needs --boot kernel (or the GRUB menu)")
+        return [*media.firmware_args(opts.firmware, workdir), *media.boot_args(opts.boot, image.folder)]
+    except media.MediaError as e:
+        raise VMError(str(e)) from None
+
+
+def user_net_for_medium(image: Image) -> tuple[str, str, str]:
+    """(net, host, guest) for slirp when the guest takes the image's own
+    address (a disk or ISO boot cannot be given another one)."""
+    import ipaddress
+    ip = next((w.split("=", 1)[1] for w in image.cmdline.split() if w.startswith("haboob.ip=")), None)
+    if ip is None:
+        raise VMError("the image's command line has no haboob.ip=")
+    guest = ipaddress.IPv4Interface(ip)
+    if guest.network.prefixlen > 29:
+        raise VMError(f"--net user with --boot disk|iso: the image's network {guest.network} is too small "
+                      f"for QEMU's user network; use --net tap or --boot kernel")
+    host = next(h for h in guest.network.hosts() if h != guest.ip)
+    return str(guest.network), str(host), str(guest.ip)
+
+
 def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, qmp_sock: Path) -> list[str]:
     accel = opts.accel or ("kvm" if kvm_usable() else "tcg")
+    memory = opts.memory or image.memory
+    if opts.firmware == "uefi":
+        memory = max(memory, 512)   # OVMF + GRUB's EFI loader fail to place kernel+initrd in less
     argv = [QEMU, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-            "-smp", str(opts.smp), "-m", str(opts.memory or image.memory),
+            "-smp", str(opts.smp), "-m", str(memory),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(direct_kernel(image.vmlinuz) if opts.direct else image.vmlinuz), "-initrd", str(image.initrd),
-            "-append", kernel_cmdline(image, opts),
+            *medium_args(image, opts, serial_sock.parent),
             "-chardev", f"socket,id=ser0,path={serial_sock},server=on,wait=off,logfile={serial_log}",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{qmp_sock},server=on,wait=off",
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-pci,rng=rng0"]
+    from . import passthrough as pt
+    if opts.nic not in pt.NIC_MODELS:
+        raise VMError(f"--nic {opts.nic}: unknown; known: {', '.join(pt.NIC_MODELS)}")
+    netdev = "n0"
     if opts.net == "user":
         port = opts.hostport
-        argv += ["-netdev", f"user,id=n0,net={USER_NET},host={USER_HOST},dhcpstart=198.18.0.9,"
-                            f"hostfwd=tcp:127.0.0.1:{port}-{USER_GUEST}:80"]
+        if opts.boot == "kernel":
+            net, host, guest = USER_NET, USER_HOST, USER_GUEST
+        else:
+            net, host, guest = user_net_for_medium(image)
+        argv += ["-netdev", f"user,id=n0,net={net},host={host},"
+                            f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
+                            + (",dhcpstart=198.18.0.9" if net == USER_NET else "")]
     elif opts.net == "tap":
         if not opts.tap:
             raise VMError("--net tap needs a tap device name")
-        argv += ["-netdev", f"tap,id=n0,ifname={opts.tap},script=no,downscript=no"]
+        vhost = ",vhost=on" if pt.vhost_available() else ""
+        argv += ["-netdev", f"tap,id=n0,ifname={opts.tap},script=no,downscript=no{vhost}"]
+    elif opts.net in ("socket", "netmap", "vfio") and opts.netspec is not None:
+        # preflight happened when the option was parsed (vm/__main__.py); argv only here
+        if opts.net == "vfio":
+            if opts.capture:
+                raise VMError("--capture cannot record a passed-through NIC (QEMU never sees its frames)")
+            return argv + pt.vfio_netdev_args(opts.netspec.arg) + list(opts.extra)
+        frag = (pt.socket_args(opts.netspec, opts.nic, opts.mac) if opts.net == "socket"
+                else pt.netmap_args(opts.netspec.arg, opts.nic, opts.mac))
+        argv += frag[:2]
+        netdev = pt.NETDEV_ID
     else:
-        raise VMError(f"--net {opts.net!r}: use user[:PORT] or tap[:IFNAME]")
+        raise VMError(f"--net {opts.net!r}: use user[:PORT], tap[:IFNAME], socket:..., vfio:ADDR or netmap:PORT")
     # romfile= : no iPXE option ROM; the kernel is loaded directly, and
     # SeaBIOS scanning the ROM only costs boot time (seconds under TCG).
-    argv += ["-device", f"virtio-net-pci,netdev=n0,mac={opts.mac},romfile="]
+    argv += ["-device", f"{pt.NIC_MODELS[opts.nic]},netdev={netdev},mac={opts.mac},romfile="]
     if opts.capture:
-        argv += ["-object", f"filter-dump,id=cap0,netdev=n0,file={opts.capture}"]
+        argv += ["-object", f"filter-dump,id=cap0,netdev={netdev},file={opts.capture}"]
     return argv + list(opts.extra)
 
 

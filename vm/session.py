@@ -93,6 +93,12 @@ def session(image: Image, opts: Options, echo=None):
             m = stack.enter_context(Machine(image, opts, echo=echo))
             yield Session(m, "127.0.0.1", opts.hostport, USER_GUEST)
             return
+        if opts.net in ("socket", "vfio", "netmap"):
+            # the guest is on a network we do not set up: reachable at its own address, if at all
+            guest = guest_interface(image, opts)
+            m = stack.enter_context(Machine(image, opts, echo=echo))
+            yield Session(m, str(guest.ip), 80, str(guest.ip))
+            return
         if opts.net != "tap":
             raise VMError(f"--net {opts.net!r}: use user[:PORT] or tap[:IFNAME]")
         guest = guest_interface(image, opts)
