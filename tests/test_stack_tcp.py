@@ -725,3 +725,19 @@ def test_dynamic_reply_range_request(store, mode):
     assert data.endswith(bytes((i * 7 + (i >> 8)) & 0xFF for i in range(100, 5100)))
     if mode == "sw":
         assert st.counters["tcp_tx_sw_csum"] > 0
+
+
+def test_pipelining_without_reading_is_bounded(store):
+    """A client that pipelines requests and never reads (zero window) cannot make the
+    server queue replies without limit: beyond max_queued its data is refused."""
+    st = make_stack(store, max_queued=4)
+    c = Client(st, window=0, wscale=None)
+    c.connect(options=[("MSS", 1460)])
+    for _ in range(4):
+        c.send("PA", data=c.request("/"))
+    for _ in range(6):                      # refused: the client keeps resending the 5th
+        (a,) = c.send("PA", data=c.request("/"), advance=False)
+        assert a[TCP].ack == c.seq
+    conn = conn_of(c)
+    assert len(conn.q) == 4 and st.counters["tcp_rx_backpressure"] == 6
+    assert conn.rcv_nxt == (1001 + 4 * len(c.request("/"))) & M

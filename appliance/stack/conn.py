@@ -175,6 +175,9 @@ class Conn:
                     self.persist = False
                     self.t_rtx = 0.0
             if end > 54:
+                if len(self.q) >= self.st.cfg.max_queued:
+                    self._segment(seq, ack, off, flags, win, f, end, now)   # backpressure
+                    return
                 plen = end - 54
                 self.rcv_nxt = (seq + plen) & MASK
                 self.last_act = now
@@ -319,6 +322,13 @@ class Conn:
                 st.counters["tcp_rx_data_after_fin"] += 1       # after the peer's FIN: not data
                 self.ack_now = True
                 plen = 0
+            elif plen and len(self.q) >= st.cfg.max_queued:
+                # a client pipelining requests without reading the replies: take no
+                # more (in-window data may be dropped; it will be sent again)
+                st.counters["tcp_rx_backpressure"] += 1
+                self.ack_now = True
+                self.output(now)
+                return
             if plen:
                 self.rcv_nxt = rn = (rn + plen) & MASK
                 data = f[p:p + plen]

@@ -115,6 +115,7 @@ class StackConfig(NamedTuple):
     challenge_ack_limit: int = 1000  # per second, the whole stack (RFC 5961 §7)
     tso_max: int = 62000            # payload bytes per GSO super-frame (< 64 KB with headers)
     ooo_limit: int = 16384          # out-of-order bytes kept per connection
+    max_queued: int = 256           # replies queued per connection before request data is refused
 
 
 class Stack:
