@@ -2,7 +2,6 @@
 message on stderr and exit status 2, before touching the network."""
 import os
 import subprocess
-import tempfile
 import sys
 
 import pytest
@@ -74,17 +73,18 @@ def test_refuses_corrupt_store(link, tmp_path):
     assert f"--store {bad}:" in r.stderr
 
 
-def test_site_is_compiled_to_a_temporary_store_and_served(link):
+def test_site_is_compiled_to_a_temporary_store_and_served(link, tmp_path):
     import json
     import signal
-    before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")}
+    tmp = tmp_path / "tmp"                     # private TMPDIR: other runs may use /tmp at the same time
+    tmp.mkdir()
     proc = link.server.popen([sys.executable, "-m", "appliance", "serve", "--site", SITE, "--iface",
                               link.server_if, "--ip", "198.18.120.1/24"], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp)})
     try:
         line = proc.stdout.readline()
         assert line.startswith("HABOOB-READY "), proc.stderr.read() if proc.poll() is not None else line
-        tmp_dirs = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")} - before
+        during = [p.name for p in tmp.iterdir()]
         r = link.client.run(["curl", "-sS", "--max-time", "10", "http://198.18.120.1/robots.txt"], text=False)
         with open(os.path.join(SITE, "robots.txt"), "rb") as fh:
             assert r.stdout == fh.read()
@@ -94,6 +94,5 @@ def test_site_is_compiled_to_a_temporary_store_and_served(link):
     counters = json.loads(out.strip().splitlines()[-1].split(" ", 1)[1])
     assert counters["http_replies"] == 1
     assert proc.returncode == 0
-    assert tmp_dirs                            # the temporary store existed while serving...
-    left = [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("haboob-serve-")]
-    assert not tmp_dirs & set(left)            # ...and is gone after
+    assert len(during) == 1 and during[0].startswith("haboob-serve-")   # the temporary store...
+    assert not list(tmp.iterdir())                                        # ...is gone after
