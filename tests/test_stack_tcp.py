@@ -351,33 +351,48 @@ class TestEstablishedLoss:
         full = expected(store, "/big.bin")
         assert data == full[5 * 1460:]
 
-    def test_transfer_survives_random_loss(self, store):
-        """Loss of data segments and ACKs: RTO and fast retransmit rebuild from the store."""
+    @pytest.mark.parametrize("mode", sorted(MODES))
+    @pytest.mark.parametrize("seed", [7, 8])
+    def test_transfer_survives_loss_reordering_and_duplication(self, store, mode, seed):
+        """A lossy link both ways (20% of data segments lost, ACKs lost, duplicated and
+        reordered): RTO, fast retransmit and NewReno rebuild everything from the store."""
         import random
-        rnd = random.Random(7)
-        st = make_stack(store)
+        from tests.stack_support import assemble
+        rnd = random.Random(seed)
+        st = make_stack(store, MODES[mode])
         c = Client(st)
         c.connect()
         stream = {}
         start = c.ack
-        pending = tcp(c.send("PA", data=c.request("/big.bin")))
-        for _ in range(400):
+        full = expected(store, "/big.bin") * 3
+        req = c.request("/big.bin")
+        pending = tcp(c.send("PA", data=req * 3))
+        acks = []
+        data = b""
+        for _ in range(600):
             for p in pending:
                 if rnd.random() < 0.2:
-                    continue
+                    continue                                     # lost
                 if payload_len(p):
                     stream[p[TCP].seq] = bytes(p[TCP].payload)
-            got = b"" if not stream else None
-            from tests.stack_support import assemble
             data = assemble(stream, start)
-            c.ack = (start + len(data)) & M
-            pending = tcp(c.send("A")) if rnd.random() > 0.1 else []
+            if len(data) == len(full):
+                break
+            acks.append((start + len(data)) & M)
+            if rnd.random() < 0.3:
+                acks.append(acks[-1])                            # duplicated
+            rnd.shuffle(acks)                                    # reordered
+            pending = []
+            while acks:
+                a = acks.pop()
+                if rnd.random() < 0.1:
+                    continue                                     # lost
+                c.ack = a
+                pending += tcp(c.send("A"))
             if not pending:
                 pending = tcp(c.run_until(c.st.poll(c.now) + 0.001))
-            if len(data) == len(expected(store, "/big.bin")):
-                break
-        assert data == expected(store, "/big.bin")
-        assert st.counters["tcp_retransmits"] > 0
+        assert data == full
+        assert st.counters["tcp_retransmits"] > 0 and st.counters["drop_internal_error"] == 0
 
 
 class TestZeroWindow:
