@@ -290,3 +290,21 @@ def test_csum_ok_frames_skip_tcp_checksum_verification(stack):
     stack.receive(bytes(raw), 1.0, csum_ok=True)
     (sa,) = [check_frame(bytes(f[0])) for f in stack.txq]
     assert sa[TCP].flags == "SA"
+
+
+def test_imf_fixdate_matches_the_http_layer():
+    """RFC 9110 §5.6.7: the Date the stack patches in is the one the HTTP layer writes."""
+    from appliance.http.dates import format_date
+    from appliance.stack.iface import imf_fixdate
+    for t in (0, 951782400, 1764150000, 2 ** 31 - 1):
+        assert imf_fixdate(t) == format_date(t) and len(imf_fixdate(t)) == 29
+
+
+def test_shutdown_resets_every_connection(stack):
+    c1, c2 = Client(stack, port=1), Client(stack, port=2)
+    c1.connect()
+    c2.syn()
+    stack.shutdown()
+    out = c1.collect()
+    assert [str(p[TCP].flags) for p in out] == ["RA"] and out[0][TCP].dport == 1
+    assert not stack.conns and stack.counters["tcp_conns_open"] == 0

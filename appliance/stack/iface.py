@@ -202,6 +202,12 @@ class Stack:
             self.date_gen += 1
             self._hdr_cache.clear()
 
+    def shutdown(self) -> None:
+        """Reset every connection (RST, RFC 9293 §3.10.5 ABORT) so that clients do not
+        wait for a server that is going away; the loop sends txq one last time."""
+        for c in list(self.conns.values()):
+            c.abort("tcp_shutdown_resets")
+
     @property
     def gateway_mac(self):
         return self.arp._e.get(self.gateway, (None,))[0] if self.gateway else None
