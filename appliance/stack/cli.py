@@ -59,11 +59,15 @@ def _fail(msg: str):
 @click.option("--mac", default=None, help="Source MAC (default: the interface's).")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Stack instances (processes) sharing the interface via PACKET_FANOUT.")
-@click.option("--pin", is_flag=True, help="Pin worker i to CPU i.")
+@click.option("--pin", is_flag=True, help="Pin worker i to the i-th CPU this process may run on.")
 @click.option("--capture", type=click.Path(dir_okay=False), default=None,
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
 def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
-    """Serve a site on a network interface until SIGINT/SIGTERM, then print the counters."""
+    """Serve a site on a network interface until SIGINT/SIGTERM.
+
+    Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
+    at exit. The interface must be up and have no IPv4 address.
+    """
     import ipaddress
     from .serve import parse_mac, serve
     if bool(site) == bool(store):
