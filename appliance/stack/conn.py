@@ -82,7 +82,7 @@ class Conn:
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
-                 "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes")
+                 "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes", "qh")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
                  iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
@@ -122,6 +122,7 @@ class Conn:
         self.rtt_t = 0.0
         self.rtt_seq = 0
         self.q = []
+        self.qh = 0                         # hint: index in q of the item last sent from
         self.data_end = self.snd_nxt
         self.fin_pending = False
         self.fin_seq = 0
@@ -450,8 +451,12 @@ class Conn:
             self.rtt.sample(now - self.rtt_t)                   # RFC 6298 §3 (Karn: not timing retransmits)
             self.rtt_t = 0.0
         q = self.q
-        while q and ((ack - q[0][1]) & MASK) < HALF:
-            del q[0]
+        if q and ((ack - q[0][1]) & MASK) < HALF:
+            k = 1
+            while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
+                k += 1
+            del q[:k]
+            self.qh = self.qh - k if self.qh > k else 0
         st.counters["tcp_bytes_acked"] += acked
         if self.cc.on_ack(acked, flight, ack):
             st.counters["tcp_newreno_partial_ack"] += 1
@@ -517,9 +522,22 @@ class Conn:
     # ----------------------------------------------------------------- output
 
     def _find(self, seq: int):
-        for it in self.q:
+        """The queue item holding `seq` and the offset in it; starts at the hint `qh`
+        (sending moves forward through the queue), so a deep pipeline costs no scan."""
+        q = self.q
+        n = len(q)
+        h = self.qh if self.qh < n else 0
+        for i in range(h, n):
+            it = q[i]
             o = (seq - it[0]) & MASK
             if o < it[2]:
+                self.qh = i
+                return it, o
+        for i in range(h):
+            it = q[i]
+            o = (seq - it[0]) & MASK
+            if o < it[2]:
+                self.qh = i
                 return it, o
         raise LookupError(f"sequence number {seq} is not in the send queue")
 
@@ -545,7 +563,8 @@ class Conn:
                 avail = wnd - inflight
                 if avail <= 0:
                     break
-                it = q[0]
+                h = self.qh
+                it = q[h] if h < len(q) else q[0]
                 o = (nxt - it[0]) & MASK
                 if o >= it[2]:
                     it, o = self._find(nxt)
