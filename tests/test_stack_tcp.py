@@ -74,6 +74,12 @@ class TestListen:
         s1, s2 = c1.syn()[0][TCP].seq, c2.syn()[0][TCP].seq
         assert s1 != s2
 
+    def test_ecn_setup_syn_is_answered_without_ecn(self, stack):
+        """RFC 3168 §6.1.1: a SYN-ACK without ECE declines ECN; we never mark or echo."""
+        c = Client(stack)
+        (sa,) = c.send("SEC", options=[("MSS", 1460)])
+        assert sa[TCP].flags == "SA"
+
     def test_data_on_syn_is_not_acknowledged(self, stack):
         """RFC 9293 §3.10.7.2: data on a SYN may be queued; we drop it (the client resends)."""
         c = Client(stack)
