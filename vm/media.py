@@ -51,14 +51,19 @@ def firmware_args(firmware: str, workdir: Path, pairs=OVMF_PAIRS) -> list[str]:
 
 
 def image_name(image_dir: Path) -> str:
-    """NAME of images/NAME (the builder names the formats NAME.iso, NAME.img)."""
-    return Path(image_dir).resolve().name
+    """The image's NAME (the builder names the formats NAME.iso, NAME.img):
+    from manifest.json, else the folder's name (images/NAME)."""
+    import json
+    try:
+        return json.loads((Path(image_dir) / "manifest.json").read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(image_dir).resolve().name
 
 
-def boot_args(boot: str, image_dir: Path, cmdline: str | None = None) -> list[str]:
+def boot_args(boot: str, image_dir: Path, cmdline: str | None = None, name: str | None = None) -> list[str]:
     """QEMU argv that attaches the boot medium of an image folder."""
     image_dir = Path(image_dir)
-    name = image_name(image_dir)
+    name = name or image_name(image_dir)
     if boot == "kernel":
         need = [image_dir / "vmlinuz", image_dir / "initrd.img"]
         missing = [str(p) for p in need if not p.is_file()]
