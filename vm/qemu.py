@@ -131,7 +131,8 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
         if opts.guest_ip or opts.gateway or opts.append:
             raise VMError(f"--boot {opts.boot} boots the command line in the medium's grub.cfg; changing "
                           f"the address or the command line needs --boot kernel (or the GRUB menu)")
-        return [*media.firmware_args(opts.firmware, workdir), *media.boot_args(opts.boot, image.folder)]
+        return [*media.firmware_args(opts.firmware, workdir),
+                *media.boot_args(opts.boot, image.folder, name=image.manifest.get("name"))]
     except media.MediaError as e:
         raise VMError(str(e)) from None
 
