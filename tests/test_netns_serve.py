@@ -363,3 +363,21 @@ def test_frames_larger_than_a_ring_slot_are_counted_and_dropped(store):
         c = srv.counters
         assert c["ring_rx_truncated"] == 1, c
         assert c.get("tcp_rst_sent", 0) == 0 and c["tcp_in_segments"] >= 3, c
+
+
+def test_jumbo_mtu_without_offloads(store):
+    """MTU 9000 and no TX offloads: MTU-sized frames must fit the TX slots."""
+    files = site_files()
+    with netns.pair(subnet=105, mtu=9000) as link:
+        netns.set_offloads(link.server, link.server_if, tx=False, tso=False, gso=False)
+        with running_server(link.server, link.server_if, link.server_ip, store) as srv:
+            r = link.client.run(["curl", "-sS", "--max-time", "20", f"http://{link.server_ip}/img/logo.png"],
+                                text=False)
+            assert r.stdout == files["img/logo.png"]
+            # an 8 KB echo reply is one 8 KB frame: it must fit a TX slot
+            p = link.client.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", "-s", "8000", link.server_ip],
+                                check=False)
+            assert " 0% packet loss" in p.stdout, p.stdout
+        c = srv.counters
+        assert c.get("ring_tx_oversize", 0) == 0, c
+        assert c.get("drop_internal_error", 0) == 0, c

@@ -287,8 +287,11 @@ class TpacketDevice:
         rx = _ring(rx_frames, frame, max(RX_BLOCK, frame))
         if self.offload.tso:
             tx = _ring(tx_frames, TX_FRAME_GSO, TX_BLOCK_GSO)
-        else:
-            tx = _ring(max(tx_frames, 256), TX_FRAME_SMALL, TX_BLOCK_SMALL)
+        else:                         # MTU-sized frames only (a jumbo MTU gets bigger slots)
+            small = TX_FRAME_SMALL
+            while small < self.mtu + 14 + 4 + 128:
+                small *= 2
+            tx = _ring(max(tx_frames, 256), small, max(TX_BLOCK_SMALL, small))
         s.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*rx))
         s.setsockopt(SOL_PACKET, PACKET_TX_RING, REQ.pack(*tx))
         rx_len, tx_len = rx[0] * rx[1], tx[0] * tx[1]
