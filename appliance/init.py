@@ -12,8 +12,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    first, as the builder resolved them) with finit_module(2);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
    /proc/cmdline (defaults: /etc/haboob/config.json, from the build);
-4. pick the NIC (by MAC, else the first non-loopback interface with a
-   driver), bring it up with SIOCSIFFLAGS and no kernel IP address (the
+4. pick the NIC (by MAC, else the only one, else the first with carrier
+   after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and read the
    offloads it offers with the legacy ethtool ioctls;
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
@@ -63,11 +63,42 @@ class Fatal(Exception):
     """A reason to stop the appliance, printed as HABOOB-FATAL."""
 
 
+_mirrors: list | None = None
+
+
+def _mirror_consoles() -> list:
+    """The consoles named on the command line other than the last one.
+
+    The kernel prints to every console= but /dev/console (our stdout) is
+    only the last; a bare-metal boot has `console=tty0 console=ttyS0,115200`,
+    so without this the screen would never show our lines."""
+    global _mirrors
+    if _mirrors is None:
+        _mirrors = []
+        try:
+            with open("/proc/cmdline") as f:
+                names = [w[8:].split(",")[0] for w in f.read().split() if w.startswith("console=")]
+        except OSError:
+            return []                     # /proc not mounted yet: try again next time
+        for name in dict.fromkeys(names[:-1]):
+            if name and name != names[-1] and "/" not in name:
+                try:
+                    _mirrors.append(os.open(f"/dev/{name}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+    return _mirrors
+
+
 def say(*lines: str) -> None:
     out = sys.stdout
     for line in lines:
         out.write(line + "\n")
     out.flush()
+    for fd in _mirror_consoles():
+        try:
+            os.write(fd, "".join(line + "\r\n" for line in lines).encode())
+        except OSError:
+            pass
 
 
 def ms_since_boot() -> int:
@@ -174,12 +205,17 @@ def _read(path: str, default: str = "") -> str:
         return default
 
 
-def find_nic(mac: str | None, timeout: float = 10.0) -> dict:
-    """The NIC to serve on: {"iface", "mac", "driver", "mtu"}; waits for it to appear."""
+def find_nic(mac: str | None, timeout: float = 10.0, carrier_wait: float = 10.0) -> dict:
+    """The NIC to serve on: {"iface", "mac", "driver", "mtu", "carrier"}; waits for it to appear.
+
+    By MAC when haboob.mac= is given. Else the only NIC; or, on a machine
+    with several (a server with four ports, one cabled), every NIC is
+    brought up and the first with carrier (a link) is chosen, waiting up to
+    carrier_wait seconds for one; the others go down again."""
     deadline = time.monotonic() + timeout
     seen = []
     while True:
-        seen = []
+        seen, nics = [], []
         for name in sorted(os.listdir("/sys/class/net")):
             base = f"/sys/class/net/{name}"
             if name == "lo" or not os.path.exists(f"{base}/device/driver"):
@@ -188,20 +224,44 @@ def find_nic(mac: str | None, timeout: float = 10.0) -> dict:
             seen.append(f"{name} ({addr})")
             if mac and addr != mac:
                 continue
-            return {"iface": name, "mac": addr, "driver": os.path.basename(os.readlink(f"{base}/device/driver")),
-                    "mtu": int(_read(f"{base}/mtu", "1500"))}
+            nics.append({"iface": name, "mac": addr,
+                         "driver": os.path.basename(os.readlink(f"{base}/device/driver")),
+                         "mtu": int(_read(f"{base}/mtu", "1500"))})
+            if mac:
+                break
+        if nics:
+            break
         if time.monotonic() > deadline:
             if mac:
                 raise Fatal(f"no NIC with MAC {mac} (found: {', '.join(seen) or 'none'})")
             raise Fatal("no network interface with a driver appeared (is there a virtio-net NIC?)")
         time.sleep(0.05)
+    if len(nics) == 1:
+        return nics[0]
+    for nic in nics:
+        link_up(nic["iface"])
+    until = time.monotonic() + carrier_wait
+    chosen = None
+    while chosen is None:
+        chosen = next((n for n in nics if _read(f"/sys/class/net/{n['iface']}/carrier") == "1"), None)
+        if chosen is None and time.monotonic() > until:
+            chosen = nics[0]
+            say(f"haboob: no link on any of {', '.join(n['iface'] for n in nics)}; using {chosen['iface']}")
+            break
+        if chosen is None:
+            time.sleep(0.05)
+    for nic in nics:
+        if nic is not chosen:
+            link_up(nic["iface"], up=False)
+    return chosen
 
 
-def link_up(iface: str) -> None:
+def link_up(iface: str, up: bool = True) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH22x", iface.encode(), 0)
         flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", iface.encode(), flags | IFF_UP))
+        flags = flags | IFF_UP if up else flags & ~IFF_UP
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", iface.encode(), flags))
 
 
 def offloads(iface: str) -> dict:
