@@ -80,3 +80,17 @@ def test_medium_refuses_a_command_line_override(image, tmp_path):
     assert any(a.startswith("e1000e,netdev=n0") for a in argv)
     assert any("hostfwd=tcp:127.0.0.1:8080-198.18.0.1:80" in a for a in argv)
     assert json.dumps(argv).count("pflash") == 2
+
+
+def test_init_picks_the_nic_with_a_link(image):
+    """Two NICs, the first one (virtio, probed first: eth0) without link:
+    init brings both up and serves on the one with carrier (e1000, eth1)."""
+    extra = ["-netdev", "user,id=hbdown,net=198.18.99.0/24,restrict=on",
+             "-device", "virtio-net-pci,netdev=hbdown,id=hbdownnic,mac=52:54:00:00:99:01,romfile="]
+    with session(image, Options(net="user", nic="e1000", extra=extra)) as s:
+        s.machine.qmp("set_link", name="hbdownnic", up=False)    # long before PID 1 looks at carrier
+        ready = s.machine.wait_ready(400)
+        assert (ready["iface"], ready["driver"]) == ("eth1", "e1000"), ready
+        bad = [r for r in check.fetch_all(image, s.host, s.port, sup.EXAMPLE) if not r.ok]
+        assert not bad, bad
+        assert s.machine.powerdown(90), s.machine.tail()
