@@ -5,6 +5,7 @@
 - the floor: the same kernel and QEMU command line booting an initramfs
   whose /init (busybox-static, a measuring tool here, never in an image)
   prints the uptime and powers off at once: what any initramfs costs;
+- sizes (`--sizes`): the initramfs's files by group, raw and compressed;
 - memory: the smallest -m (in steps of 8 MB) with which the image still
   becomes ready and serves a page.
 
@@ -89,13 +90,61 @@ def smallest_memory(image: Image, lo: int = 32, hi: int = 256, step: int = 8) ->
     return hi_ok * step
 
 
+def size_split(image: Image) -> list[dict]:
+    """The initramfs's files by group, raw and zstd -19 compressed alone (the doc's size table)."""
+    import stat
+    raw = subprocess.run(["zstd", "-dc", str(image.initrd)], capture_output=True, check=True).stdout
+    groups: dict[str, list[bytes]] = {}
+    off = 0
+    while raw[off:off + 6] == b"070701":
+        f = [int(raw[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        name = "/" + raw[off + 110: off + 110 + f[11] - 1].decode()
+        off = (off + 110 + f[11] + 3) & ~3
+        data = raw[off:off + f[6]]
+        off = (off + f[6] + 3) & ~3
+        if name == "/TRAILER!!!":
+            break
+        if not stat.S_ISREG(f[1]):
+            continue
+        if name.startswith("/usr/lib/modules/"):
+            g = "kernel modules"
+        elif name == "/usr/bin/python3.11":
+            g = "python3.11 binary"
+        elif "/libcrypto" in name or "/libssl" in name:
+            g = "OpenSSL"
+        elif name.startswith(("/usr/lib/x86_64-linux-gnu/", "/usr/lib64/")):
+            g = "other shared libraries"
+        elif name.endswith(".so"):
+            g = "stdlib extension modules"
+        elif name.startswith("/usr/lib/python3"):
+            g = "stdlib .pyc"
+        elif name.startswith("/haboob/lib/") or name == "/init":
+            g = "appliance .pyc + /init"
+        elif name == "/haboob/site.store":
+            g = "content store"
+        else:
+            g = "config"
+        groups.setdefault(g, []).append(data)
+    out = []
+    for g, blobs in sorted(groups.items(), key=lambda kv: -sum(map(len, kv[1]))):
+        joined = b"".join(blobs)
+        z = subprocess.run(["zstd", "-19", "-T1", "-c"], input=joined, capture_output=True, check=True).stdout
+        out.append({"part": g, "files": len(blobs), "raw_mb": round(len(joined) / 1e6, 2),
+                    "zstd19_mb": round(len(z) / 1e6, 2)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m vm.measure")
     ap.add_argument("image")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true", help="skip the memory bisection")
+    ap.add_argument("--sizes", action="store_true", help="only the initramfs size split")
     a = ap.parse_args()
     image = Image.load(a.image)
+    if a.sizes:
+        print(json.dumps(size_split(image), indent=1))
+        return
     out = {"accel": "kvm" if kvm_usable() else "tcg"}
     ready = [boot_ready(image) for _ in range(a.runs)]
     out["ready_ms_since_boot"] = [r["ms_since_boot"] for r in ready]
