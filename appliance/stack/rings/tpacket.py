@@ -5,14 +5,13 @@ socket carries two rings of fixed-size slots in one mmap'ed area, RX first,
 then TX. Every slot starts with a `struct tpacket2_hdr` whose `tp_status`
 word is the hand-over flag between the kernel and us:
 
-- RX: the kernel fills a slot and sets TP_STATUS_USER; we read it in place
-  (a memoryview into the ring, no copy) and give it back by writing
-  TP_STATUS_KERNEL (the whole 32-bit word: the kernel compares for
-  equality). `rx_batch` gives back the previous batch before it collects the
-  next, so a batch stays valid until the next call, as the Device contract
-  says. We only block (poll) when a scan found nothing, i.e. after the ring
-  was handed back completely; packet_poll() would otherwise report the
-  still-held slot as readable forever.
+- RX: the kernel fills a slot and sets TP_STATUS_USER; we copy the frame
+  out as bytes (requests and ACKs are small, and the stack turns every frame
+  into bytes anyway: slicing and summing bytes is cheaper in CPython than a
+  memoryview) and give the slot back at once by writing TP_STATUS_KERNEL
+  (the whole 32-bit word: the kernel compares for equality). The loop
+  blocks (poll) only after a scan found nothing; packet_poll() reports
+  readable while the slot before the kernel's head is not handed back.
 - TX: we copy head and payload straight into the next free slot (the one
   copy of response bytes), set TP_STATUS_SEND_REQUEST, and after the batch
   kick the kernel with one `send(fd, b"", MSG_DONTWAIT)`. The kernel walks
@@ -205,8 +204,6 @@ class _RxRing:
         self.nr = len(self.slots)
         self.mv = memoryview(mm)
         self.head = 0                 # next slot to look at
-        self.given = 0                # first slot of the batch handed out
-        self.taken = 0                # slots in that batch (given back at the next rx_batch)
 
 
 class TpacketDevice:
@@ -330,24 +327,16 @@ class TpacketDevice:
         return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
 
     def rx_batch(self, max_frames: int = 256) -> list:
-        """Frames in the RX ring(s), as memoryviews into the ring.
+        """Frames in the RX ring(s), as bytes.
 
-        The previous batch's slots are handed back first. Truncated frames
-        (larger than a slot) and our own outgoing ones are counted and dropped;
-        frames with a partial checksum (from a local sender) are completed.
-        This runs once per wake-up: locals only, no per-frame allocation but
-        the frame's memoryview.
+        Each frame is copied out of its slot (one small copy: requests and
+        ACKs; the stack works on bytes anyway, slicing and summing bytes is
+        cheaper than a memoryview) and the slot goes back to the kernel at
+        once. Truncated frames (larger than a slot) and our own outgoing ones
+        are counted and dropped; partial checksums are completed, or vouched
+        for in rx_csum_ok with trust_csum. Runs once per wake-up: locals only.
         """
         zero = ZERO4
-        for ring in self._rx:         # hand back the previous batch
-            n = ring.taken
-            if n:
-                mm, slots, nr, k = ring.mm, ring.slots, ring.nr, ring.given
-                for _ in range(n):
-                    off = slots[k]
-                    mm[off:off + 4] = zero
-                    k = k + 1 if k + 1 < nr else 0
-                ring.taken = 0
         out = []
         append = out.append
         oks = self.rx_csum_ok
@@ -363,7 +352,7 @@ class TpacketDevice:
         ncsum = 0
         for ring in self._rx:
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
-            i = ring.given = ring.head
+            i = ring.head
             taken = 0
             while taken < left:
                 off = slots[i]
@@ -374,6 +363,7 @@ class TpacketDevice:
                 i = i + 1 if i + 1 < nr else 0
                 if snap < length or mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
                     self._odd_frame(snap < length)
+                    mm[off:off + 4] = zero
                     continue
                 st = off + mac
                 if trust:
@@ -393,9 +383,9 @@ class TpacketDevice:
                             ncsum += 1
                     else:
                         ncsum += self._complete_csum(mv, st, snap)
-                append(mv[st:st + snap])
+                append(mm[st:st + snap])
+                mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
-            ring.taken = taken
             left -= taken
         c = self.counters
         c["rx_frames"] += len(out)
