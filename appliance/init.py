@@ -11,7 +11,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 2. load the kernel modules listed in /etc/haboob/modules (dependencies
    first, as the builder resolved them) with finit_module(2);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
-   /proc/cmdline (defaults: /etc/haboob/config.json, from the build);
+   /proc/cmdline (defaults: /etc/haboob/config.json, from the build; one
+   stack instance per CPU unless haboob.workers= says otherwise);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and read the
@@ -173,7 +174,7 @@ def kernel_args(cmdline: str) -> dict:
 def settings(config: dict, args: dict) -> dict:
     import ipaddress
     s = {"ip": args.get("ip", config.get("ip")), "gateway": args.get("gw", config.get("gateway")),
-         "mac": args.get("mac"), "workers": args.get("workers", "1"), "port": config.get("port", 80),
+         "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)), "port": config.get("port", 80),
          "store": config.get("store", "/haboob/site.store")}
     try:
         iface = ipaddress.IPv4Interface(s["ip"])
