@@ -174,8 +174,8 @@ def kernel_args(cmdline: str) -> dict:
 def settings(config: dict, args: dict) -> dict:
     import ipaddress
     s = {"ip": args.get("ip", config.get("ip")), "gateway": args.get("gw", config.get("gateway")),
-         "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)), "port": config.get("port", 80),
-         "store": config.get("store", "/haboob/site.store")}
+         "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)),
+         "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store")}
     try:
         iface = ipaddress.IPv4Interface(s["ip"])
     except (ValueError, TypeError):

@@ -1,0 +1,47 @@
+"""PID 1's host-testable parts: the kernel command line and its checks."""
+import os
+
+import pytest
+
+from appliance import init
+
+CONFIG = {"ip": "198.18.0.1/24", "gateway": None, "port": 80, "store": "/haboob/site.store"}
+
+
+def test_kernel_args_only_haboob_words():
+    args = init.kernel_args("console=ttyS0 quiet haboob.ip=198.18.0.15/24 haboob.gw=198.18.0.2 "
+                            "haboob.mac=52:54:00:AA:BB:CC haboob.flag ip=1.2.3.4")
+    assert args == {"ip": "198.18.0.15/24", "gw": "198.18.0.2", "mac": "52:54:00:AA:BB:CC"}
+
+
+def test_settings_defaults_from_the_build():
+    s = init.settings(CONFIG, {})
+    assert s["ip"] == "198.18.0.1/24" and s["gateway"] is None and s["mac"] is None
+    assert s["workers"] == (os.cpu_count() or 1) and s["port"] == 80
+
+
+def test_settings_command_line_wins():
+    s = init.settings(CONFIG, {"ip": "198.18.0.15/24", "gw": "198.18.0.2", "mac": "52:54:00:AA:BB:CC",
+                               "workers": "3"})
+    assert (s["ip"], s["gateway"], s["mac"], s["workers"]) == ("198.18.0.15/24", "198.18.0.2",
+                                                                "52:54:00:aa:bb:cc", 3)
+
+
+@pytest.mark.parametrize("args,words", [
+    ({"ip": "198.18.0.300/24"}, "haboob.ip="),
+    ({"gw": "gateway"}, "haboob.gw="),
+    ({"mac": "52:54:00"}, "haboob.mac="),
+    ({"workers": "0"}, "haboob.workers="),
+    ({"workers": "many"}, "haboob.workers="),
+])
+def test_settings_refuse_bad_values(args, words):
+    with pytest.raises(init.Fatal, match=words):
+        init.settings(CONFIG, args)
+
+
+def test_counters_line():
+    class C(dict):
+        def as_dict(self):
+            return dict(sorted(self.items()))
+    assert init.counters_line(C(b=2, a=1)) == 'HABOOB-COUNTERS {"a": 1, "b": 2}'
+    assert init.counters_line(None) == "HABOOB-COUNTERS {}"
