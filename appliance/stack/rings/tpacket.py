@@ -440,7 +440,7 @@ class TpacketDevice:
                 self.counters["tx_oversize"] += 1
                 continue
             off = slots[i]
-            if status_of(mm, off)[0] != TP_STATUS_AVAILABLE:
+            if mm[off]:               # not TP_STATUS_AVAILABLE (TX states all fit the low byte)
                 self.counters["tx_ring_waits"] += 1
                 # Kick: frames queued earlier (also by a kick that failed) go
                 # out, and completions they allow free the slot.
