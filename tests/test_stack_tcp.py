@@ -401,6 +401,16 @@ class TestEstablishedLoss:
         assert st.counters["tcp_retransmits"] > 0 and st.counters["drop_internal_error"] == 0
 
 
+def test_cwnd_restarts_after_idle(client):
+    """RFC 5681 §4.1: after an idle period longer than the RTO, cwnd restarts at IW."""
+    client.get("/big.bin")
+    conn = conn_of(client)
+    assert conn.cc.cwnd > conn.cc.iw
+    client.now += 5
+    out = tcp(client.send("PA", data=client.request("/big.bin")))
+    assert sum(map(payload_len, out)) == 14600 and client.st.counters["tcp_cwnd_restarts"] == 1
+
+
 class TestZeroWindow:
     def test_zero_window_persist_probe_then_resume(self, store):
         """RFC 9293 §3.8.6.1: with a zero window, probe periodically (backing off);

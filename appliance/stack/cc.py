@@ -21,11 +21,11 @@ def initial_window(mss: int, segments: int = 10) -> int:
 
 
 class NewReno:
-    __slots__ = ("mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "bytes_acked")
+    __slots__ = ("mss", "cwnd", "ssthresh", "dupacks", "recover", "in_recovery", "bytes_acked", "iw")
 
     def __init__(self, mss: int, iw_segments: int = 10, snd_una: int = 0):
         self.mss = mss
-        self.cwnd = initial_window(mss, iw_segments)
+        self.cwnd = self.iw = initial_window(mss, iw_segments)
         self.ssthresh = 0x7FFFFFFF          # RFC 5681 §3.1: arbitrarily high
         self.dupacks = 0
         self.recover = snd_una              # RFC 6582 §3.2 step 1 (initialized to ISS)

@@ -82,7 +82,7 @@ class Conn:
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
-                 "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes", "qh")
+                 "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes", "qh", "last_tx")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
                  iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
@@ -134,6 +134,7 @@ class Conn:
         self.t_ack = 0.0
         self.t_req = 0.0
         self.last_act = now
+        self.last_tx = now
         self.retries = 0
         self.ack_now = False
         self.sched = 0.0                    # time of our live entry in the Stack's timer heap (0: none)
@@ -552,6 +553,9 @@ class Conn:
         if 0 < ((end - nxt) & MASK) < HALF and self.state != SYN_RCVD:
             una = self.snd_una
             cc = self.cc
+            if nxt == una and now - self.last_tx > self.rtt.rto and cc.cwnd > cc.iw:
+                cc.cwnd = cc.iw                     # RFC 5681 §4.1: restart window after idle
+                self.st.counters["tcp_cwnd_restarts"] += 1
             wnd = cc.cwnd if cc.cwnd < self.snd_wnd else self.snd_wnd
             smax = self.snd_max
             mss = self.mss
@@ -608,6 +612,8 @@ class Conn:
                     smax = nxt
             self.snd_nxt = nxt
             self.snd_max = smax
+            if sent:
+                self.last_tx = now
             if not sent and nxt == una and self.snd_wnd < mss and not self.t_rtx and end != nxt:
                 # zero (or tiny) window and nothing in flight: persist (RFC 9293 §3.8.6.1)
                 self.persist = True
