@@ -122,3 +122,22 @@ def test_pvh_extraction_of_the_debian_kernel(tmp_path, monkeypatch):
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a kernel" * 100)
     assert pvh.direct_kernel(junk) == junk                    # falls back to the file itself
+
+
+@pytest.mark.vm
+def test_no_qemu_outlives_a_killed_parent():
+    import time
+    code = ("import sys, time\nfrom vm.image import Image\nfrom vm.qemu import Machine, Options\n"
+            f"m = Machine(Image.load({str(sup.build())!r}), Options()).start()\n"
+            "print(m.proc.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=sup.REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        qemu = int(parent.stdout.readline())
+        assert os.path.exists(f"/proc/{qemu}")
+    finally:
+        parent.kill()                                # no cleanup code runs in the parent
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{qemu}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{qemu}")

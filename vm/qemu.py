@@ -204,6 +204,13 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
     return argv + list(opts.extra)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if we die (even by SIGKILL), so no
+    QEMU outlives the process that started it. PR_SET_PDEATHSIG survives exec."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
 class BootError(VMError):
     """The guest did not become ready (fatal line, QEMU exit, timeout); carries the console tail."""
 
@@ -241,7 +248,7 @@ class Machine:
         self.stderr = open(self.tmp / "qemu.stderr", "wb")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     def __enter__(self):
