@@ -14,8 +14,8 @@ batch loop until a signal or `stop_event`:
 
 One wake-up serves a whole batch; the loop only sleeps after a scan found
 the RX ring empty (and so handed every slot back; see rings/tpacket.py).
-A full batch means overload: SYNs beyond a small budget are shed before the
-stack sees them (a SYN flood must not starve established connections; the
+A full batch means overload: SYNs in excess of the batch's other frames are
+shed before the stack sees them (a SYN flood must not starve established connections; the
 kernel would otherwise drop at random once the ring is full).
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
@@ -45,7 +45,7 @@ __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
 BATCH = 256          # frames taken from the RX ring per scan
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
-SYN_BUDGET = 32      # SYNs handled per full batch (overload); the rest are shed
+SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _shed_syns)
 
 
 class Ready:
@@ -124,9 +124,9 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
         frames = rx(batch)
         if len(frames) == batch:
             # A full batch: frames are arriving faster than we handle them and
-            # the kernel will soon drop at random. Shed SYNs beyond a budget
-            # first (they cost a cookie and a SYN-ACK each, and a flood is
-            # made of them) so established connections keep their share.
+            # the kernel will soon drop at random. If SYNs dominate (a flood:
+            # each costs a cookie and a SYN-ACK) shed the excess first, so
+            # established connections keep their share.
             shed += _shed_syns(frames, oks)
         if oks is None:
             for f in frames:
@@ -167,27 +167,31 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
 
 
 def _shed_syns(frames: list, oks) -> int:
-    """Drop, in place, the IPv4 TCP SYNs (no ACK/RST) of an overloaded batch
-    beyond SYN_BUDGET; returns how many were dropped."""
-    syns = 0
+    """In an overloaded batch, drop (in place) the IPv4 TCP SYNs (no ACK/RST)
+    that exceed max(SYN_BUDGET, the other frames of the batch): a flood is
+    made of SYNs, while even a connection-per-request load has several other
+    frames per SYN and is never shed. Returns how many were dropped."""
+    flags = [len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0
+             and f[47] & 0x16 == 0x02 for f in frames]
+    syns = sum(flags)
+    allow = max(SYN_BUDGET, len(frames) - syns)
+    if syns <= allow:
+        return 0
     keep = []
     keep_ok = []
-    dropped = 0
+    seen = 0
     for k, f in enumerate(frames):
-        if len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0 \
-                and f[47] & 0x16 == 0x02:
-            syns += 1
-            if syns > SYN_BUDGET:
-                dropped += 1
+        if flags[k]:
+            seen += 1
+            if seen > allow:
                 continue
         keep.append(f)
         if oks is not None:
             keep_ok.append(oks[k])
-    if dropped:
-        frames[:] = keep
-        if oks is not None:
-            oks[:] = keep_ok
-    return dropped
+    frames[:] = keep
+    if oks is not None:
+        oks[:] = keep_ok
+    return syns - allow
 
 
 def _takes_csum_ok(receive) -> bool:
