@@ -310,14 +310,18 @@ def environment() -> dict:
     mem = "?"
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         mem = f"{int(f.readline().split()[1]) // 1024} MiB"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True).stdout.strip() \
         if shutil_which("systemd-detect-virt") else "?"
     return {
         "cpu": model, "cpus": os.cpu_count(), "memory": mem, "virtualization": virt or "none",
         "kernel": platform.release(), "python": sys.version.split()[0],
         "nginx": Nginx().version(), "wrk": wrk.version(),
-        "git": subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "git": subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip(),
+        # uncommitted changes under appliance/ when the run ended (the appliance runs from the tree)
+        "appliance_dirty": bool(subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "appliance"],
+                                               capture_output=True, text=True).stdout.strip()),
     }
 
 
