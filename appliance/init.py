@@ -8,8 +8,11 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 1. mount proc, sysfs and devtmpfs (the initramfs holds /dev/console,
    /dev/null and /dev/urandom already: CPython reads urandom at start-up,
    before we can mount anything);
-2. load the kernel modules listed in /etc/haboob/modules (dependencies
-   first, as the builder resolved them) with finit_module(2);
+2. load the kernel modules listed in /etc/haboob/modules with
+   finit_module(2), dependencies first as the builder resolved them: the
+   buses and platform modules always, the NIC drivers only when their
+   modalias patterns match a device present (the image may carry a dozen
+   drivers; loading them all costs seconds under TCG);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
    /proc/cmdline (defaults: /etc/haboob/config.json, from the build; one
    stack instance per CPU unless haboob.workers= says otherwise);
@@ -149,6 +152,72 @@ def load_module(name: str, path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def read_module_list(path: str) -> list[dict]:
+    """/etc/haboob/modules: NAME PATH ROLE NEEDS [ALIAS...] per line, in load order
+    (ROLE: always | driver | dep; NEEDS: comma-separated or '-'). A bare
+    NAME PATH line is an 'always' module."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            w = line.split()
+            if not w:
+                continue
+            if len(w) < 2:
+                raise Fatal(f"{path}: bad line {line.strip()!r}")
+            role = w[2] if len(w) > 2 else "always"
+            needs = [] if len(w) < 4 or w[3] == "-" else w[3].split(",")
+            out.append({"name": w[0], "path": w[1], "role": role, "needs": needs, "aliases": w[4:]})
+    return out
+
+
+def device_modaliases() -> list[str]:
+    import glob
+    out = []
+    for p in sorted(glob.glob("/sys/bus/*/devices/*/modalias")):
+        out.append(_read(p))
+    return [a for a in out if a]
+
+
+def load_modules(path: str) -> list[str]:
+    """Load the 'always' modules, then the NIC drivers matching a present
+    device's modalias (all of them if none matches), each after what it
+    needs. Returns the names of the drivers loaded."""
+    from fnmatch import fnmatchcase
+    mods = read_module_list(path)
+    by_name = {m["name"]: m for m in mods}
+
+    def closure(names):
+        want, todo = set(), list(names)
+        while todo:
+            n = todo.pop()
+            if n not in want and n in by_name:
+                want.add(n)
+                todo += by_name[n]["needs"]
+        return want
+
+    def load(names):
+        for m in mods:                        # the file's order: dependencies first
+            if m["name"] in names and not m.get("done"):
+                load_module(m["name"], m["path"])
+                m["done"] = True
+
+    load(closure(m["name"] for m in mods if m["role"] == "always"))
+    drivers = [m for m in mods if m["role"] == "driver"]
+    aliases = device_modaliases()
+    def matches(pat):
+        # compare the literal prefix first: compiling all ~400 patterns to
+        # regexes would cost over a second of emulated CPU under TCG
+        lit = pat
+        for ch in "*?[":
+            lit = lit.split(ch, 1)[0]
+        return any(a.startswith(lit) and fnmatchcase(a, pat) for a in aliases)
+    match = [m["name"] for m in drivers if any(matches(p) for p in m["aliases"])]
+    if not match:                             # a device we cannot match: try every driver
+        match = [m["name"] for m in drivers]
+    load(closure(match))
+    return match
 
 
 def power_off() -> None:
@@ -385,12 +454,7 @@ def boot() -> None:
     with open("/proc/cmdline") as f:
         s = settings(config, kernel_args(f.read()))
 
-    with open(config.get("modules", "/etc/haboob/modules")) as f:
-        for line in f:
-            if line.strip():
-                name, path = line.split()
-                load_module(name, path)
-
+    loaded = load_modules(config.get("modules", "/etc/haboob/modules"))
     phases["modules_loaded"] = ms_since_boot()
     nic = find_nic(s["mac"])
     link_up(nic["iface"])
@@ -420,7 +484,8 @@ def boot() -> None:
             "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
-            "offload": off, "workers": s["workers"], "entropy_wait_ms": waited, "phases_ms": phases}))
+            "offload": off, "workers": s["workers"], "drivers_loaded": loaded,
+            "entropy_wait_ms": waited, "phases_ms": phases}))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:

@@ -50,6 +50,8 @@ class Kernel:
     package: str | None = None
     package_version: str | None = None
     modules: list[tuple[str, Path]] = field(default_factory=list)   # (name, file) in load order
+    needs: dict[str, list[str]] = field(default_factory=dict)       # name -> modules it needs (in the image)
+    aliases: dict[str, list[str]] = field(default_factory=dict)     # name -> its modalias patterns
 
 
 def norm(name: str) -> str:
@@ -188,6 +190,8 @@ def resolve(ctx: Context, k: Kernel, roots: list[str] = ROOT_MODULES) -> list[tu
             visit(d, name)
         for d in soft:
             visit(d, f"softdep of {name}")
+        k.needs[name] = [d for d in hard + soft if d in blobs]
+        k.aliases[name] = info.get("alias", [])
         visiting.discard(name)
         blobs[name] = data
         order.append(name)

@@ -82,13 +82,23 @@ def check_inputs(ctx: Context) -> None:
 def kernel(ctx: Context) -> None:
     k = kernel_mod.locate(ctx, ctx.options.modules)
     ctx.add_input("kernel", k.vmlinuz)
-    roots = kernel_mod.BUSES + drivers.module_roots(list(ctx.options.nic_drivers)) + kernel_mod.PLATFORM
-    mods = kernel_mod.resolve(ctx, k, roots)
+    always = kernel_mod.BUSES + kernel_mod.PLATFORM
+    nic_roots = drivers.module_roots(list(ctx.options.nic_drivers))
+    mods = kernel_mod.resolve(ctx, k, kernel_mod.BUSES + nic_roots + kernel_mod.PLATFORM)
+    # One line per module, in load order: NAME PATH ROLE NEEDS [ALIAS...]. PID 1
+    # loads the "always" ones, then only the NIC drivers whose modalias patterns
+    # match a device present (loading every driver costs seconds under TCG),
+    # each with what it needs.
     lines = []
     for name, data in mods:
         path = f"/usr/lib/modules/{k.release}/{name}.ko"
         ctx.tree.file(path, data, part="kernel-modules")
-        lines.append(f"{name} {path}")
+        role = ("always" if name in map(kernel_mod.norm, always) else
+                "driver" if name in map(kernel_mod.norm, nic_roots) else "dep")
+        words = [name, path, role, ",".join(k.needs.get(name, [])) or "-"]
+        if role == "driver":
+            words += k.aliases.get(name, [])
+        lines.append(" ".join(words))
     ctx.tree.file(MODULES, ("\n".join(lines) + "\n").encode(), part="base")
     shutil.copyfile(k.vmlinuz, ctx.work / "vmlinuz")
     ctx.facts["kernel"] = {"release": k.release, "package": k.package, "package_version": k.package_version,

@@ -83,13 +83,22 @@ def test_entries_owned_by_root_at_source_date_epoch(image, files):
 
 def test_modules_listed_in_dependency_order(files):
     lines = [l.split() for l in files["/etc/haboob/modules"]["data"].decode().splitlines()]
-    names = [n for n, _ in lines]
-    for n, path in lines:
+    names = [w[0] for w in lines]
+    for name, path, role, needs, *aliases in lines:
         assert path in files
+        assert role in ("always", "driver", "dep")
+        for d in ([] if needs == "-" else needs.split(",")):
+            assert names.index(d) < names.index(name), f"{name} needs {d}, listed later"
+        assert bool(aliases) == (role == "driver")
+    roles = {w[0]: w[2] for w in lines}
+    assert roles["virtio_net"] == "driver" and roles["virtio_pci"] == "always"
+    assert roles["failover"] == roles["net_failover"] == "dep"
     assert names.index("virtio") < names.index("virtio_net")
     assert names.index("failover") < names.index("net_failover") < names.index("virtio_net")
     assert names.index("virtio_ring") < names.index("virtio")
     assert {"virtio_pci", "virtio_rng", "button", "evdev"} <= set(names)
+    virtio_net = next(w for w in lines if w[0] == "virtio_net")
+    assert "virtio:d00000001v*" in virtio_net[4:]
 
 
 def test_pycs_are_unchecked_hash(files):

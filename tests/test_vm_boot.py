@@ -97,3 +97,12 @@ def test_vm_boot_prints_url_and_stops_cleanly_on_ctrl_c(image):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_only_the_nic_driver_for_the_device_present_is_loaded():
+    img = Image.load(sup.build("twodrivers", nic_drivers=("virtio_net", "e1000")))
+    with session(img, Options(net="user", nic="e1000")) as s:
+        ready = s.machine.wait_ready(300)
+        assert ready["driver"] == "e1000" and ready["drivers_loaded"] == ["e1000"]
+        assert_all_ok(check.head_and_404(img, s.host, s.port))
+        assert s.machine.powerdown(90)
