@@ -736,7 +736,7 @@ def test_timers_touch_only_due_connections(store, monkeypatch):
     monkeypatch.setattr(conn_mod.Conn, "on_timer", lambda self, now: (calls.append(self), real(self, now)))
     st.poll(busy.now + 0.05)
     assert calls == [conn_of(busy)]
-    assert len(st._heap) < 1000
+    assert sum(len(b) for b in st._wheel.values()) <= len(st.conns)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -772,3 +772,63 @@ def test_pipelining_without_reading_is_bounded(store):
     conn = conn_of(c)
     assert len(conn.q) == 4 and st.counters["tcp_rx_backpressure"] == 6
     assert conn.rcv_nxt == (1001 + 4 * len(c.request("/"))) & M
+
+
+class TestConnectionPerRequest:
+    """The connection-per-request path (`Connection: close`): plain SYNs from the raw
+    header, the FIN riding on the last data segment, no timer left behind."""
+
+    LINUX_SYN = [("MSS", 1200), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
+
+    @pytest.mark.parametrize("mode", sorted(MODES))
+    def test_linux_syn_options_are_used(self, store, mode):
+        st = make_stack(store, offload=MODES[mode])
+        c = Client(st, window=1000)
+        sa = c.connect(options=self.LINUX_SYN)
+        opts = dict(sa[TCP].options)
+        assert opts["MSS"] == st.cfg.mtu - 40 and opts["WScale"] == 0
+        assert "SAckOK" not in opts and "Timestamp" not in opts        # never offered back
+        conn = conn_of(c)
+        assert conn.mss == 1200 and conn.snd_ws == 7
+        c.send("A", window=1000)                                       # 1000 << 7: not window limited
+        assert conn.snd_wnd == 1000 << 7
+        data, frames = c.get("/big.bin")
+        assert data == expected(store, "/big.bin")
+        if mode == "sw":
+            assert max(payload_len(p) for p in frames) == 1200
+
+    def test_syn_without_options_gets_536(self, store):
+        st = make_stack(store)
+        c = Client(st)
+        sa = c.connect(options=[])
+        assert dict(sa[TCP].options) == {"MSS": st.cfg.mtu - 40}       # no Window Scale offered
+        assert conn_of(c).mss == 536 and conn_of(c).snd_ws == 0
+
+    @pytest.mark.parametrize("mode", sorted(MODES))
+    def test_fin_rides_on_the_last_data_segment(self, store, mode):
+        st = make_stack(store, offload=MODES[mode])
+        c = Client(st)
+        c.connect()
+        out = c.send("PA", data=c.request("/odd.txt", b"Connection: close\r\n"))
+        segs = tcp(out)
+        assert segs and all(payload_len(p) for p in segs)              # no bare FIN
+        assert str(segs[-1][TCP].flags) == "FPA"
+        assert [str(p[TCP].flags) for p in segs[:-1]] == ["A"] * (len(segs) - 1)
+        assert conn_of(c).state == FIN_WAIT_1
+        c.fetch(out)
+        out = c.send("FA")
+        assert tcp(out, "A") and not st.conns and len(st.tw) == 1
+        assert not any(st._wheel.values())                             # no timer left behind
+
+    def test_many_connections_leave_no_timers(self, store):
+        st = make_stack(store)
+        for i in range(50):
+            c = Client(st, port=30000 + i)
+            c.connect(options=self.LINUX_SYN)
+            out = c.send("PA", data=c.request("/", b"Connection: close\r\n"))
+            c.fetch(out)
+            c.send("FA")
+        assert not st.conns and len(st.tw) == 50 and st.counters["tcp_syn_received"] == 50
+        assert not any(st._wheel.values())
+        st.poll(c.now + 1.0)
+        assert not st._wheel and not st._slots

@@ -35,10 +35,14 @@ the connection directly. `max_conns` caps the table (SYNs beyond are counted
 and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
-Timers: every Conn has one live entry in a heap at the earliest of its
-deadlines (`arm`); `poll` pops only the entries that are due, asks the
-connection for its deadline again and re-arms it, so idle connections cost
-nothing per poll. Entries superseded by an earlier one are skipped.
+Timers: every Conn has at most one entry in a timer wheel, at the earliest
+of its deadlines (`arm`, `Conn.sched`): slots of 1 ms (a dict used as an
+ordered set of Conns), plus a heap of the slot numbers in use. `poll` takes
+only the due entries, asks each connection for its deadline again and
+re-arms it, so idle connections cost nothing per poll. A connection that
+goes away leaves its slot at once (`remove`): a connection-per-request load
+leaves nothing behind to pop later, and no dead Conn is kept alive for the
+garbage collector to scan.
 
 TIME-WAIT is a compact table key -> (expiry, snd_nxt, rcv_nxt, peer_mac):
 retransmitted FINs are acknowledged again (and restart 2*MSL), RSTs are
@@ -58,7 +62,6 @@ written in and the first segment's checksum sum fixed by the difference
 (RFC 1624) -- per request, patching is one dict lookup.
 """
 import heapq
-import itertools
 import os
 import struct
 import time
@@ -84,6 +87,7 @@ _CLOSE = b"close     "
 _ZERO_MAC = b"\0" * 6
 _TCPH = struct.Struct("!HHIIBBH")
 _NO_OPTIONS = Options()
+_SLOTS_PER_S = 1000.0           # timer wheel resolution: 1 ms
 
 
 def imf_fixdate(unix_seconds: int) -> bytes:
@@ -168,8 +172,8 @@ class Stack:
         self.date_gen = 0
         self._hdr_cache = {}
         self._next = 0.0            # no deadline before this (a lower bound)
-        self._heap = []             # (time, tie, conn): each Conn's entry at its `sched` time; stale ones skipped
-        self._tie = itertools.count()
+        self._wheel = {}            # timer slot (int(t * _SLOTS_PER_S)) -> {Conn: None} armed in it
+        self._slots = []            # heap of the slot numbers in _wheel
         self._cookies_until = -1.0
         self._chal_sec = -1
         self._chal_n = 0
@@ -184,6 +188,7 @@ class Stack:
         self.our_port = config.port
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
+        self._syn_fast_ok = store is not None and config.syncookies != "always"
 
     # --------------------------------------------------------------- public API
 
@@ -271,6 +276,9 @@ class Stack:
                 # no connection: LISTEN / TIME-WAIT / reset, from the raw header
                 if not csum_ok and not sum_ok(b[26:end], 6 + tl - 20):
                     self.counters["drop_tcp_bad_checksum"] += 1
+                    return
+                if b[47] == SYN and b[36:38] == self._port_b and self._syn_fast_ok:
+                    self._syn(b, end, now)
                     return
                 try:
                     self._check_source(b[26:30])
@@ -427,6 +435,55 @@ class Stack:
         self.arm(c, t)
         self.send_synack(c)
 
+    def _syn(self, b: bytes, end: int, now: float) -> None:
+        """A plain SYN to our port (the connection-per-request hot path): the same
+        steps as _tcp_in's passive open, from the raw header, without parsed
+        segment objects. Only used while SYN cookies are not needed."""
+        cnt = self.counters
+        hl = (b[46] >> 4) << 2
+        if hl < 20 or 34 + hl > end:
+            cnt["drop_tcp_bad_offset"] += 1
+            return
+        src_ip = b[26:30]
+        try:
+            self._check_source(src_ip)
+            if hl == 40 and b[54] == 2 and b[55] == 4 and b[70:73] == b"\x01\x03\x03":
+                mss = (b[56] << 8) | b[57]                  # Linux: MSS, SACK-perm, TS, NOP, WS
+                ws = b[73] if b[73] < 14 else 14            # RFC 7323 §2.3
+            elif hl > 20:
+                o = Options.parse(b[54:34 + hl])
+                mss, ws = o.mss, o.wscale
+            else:
+                mss = ws = None
+        except Malformed as e:
+            cnt["drop_" + e.reason] += 1
+            return
+        key = b[26:38]
+        seq = int.from_bytes(b[38:42], "big")
+        tw = self.tw.pop(key, None)
+        if tw is not None:                                  # see _tw_segment
+            if 0 < ((seq - tw[2]) & MASK) < HALF:
+                cnt["tcp_time_wait_reopened"] += 1
+            else:
+                cnt["tcp_time_wait_reopened_lower_seq"] += 1
+        if len(self.conns) >= self.cfg.max_conns:
+            cnt["drop_tcp_conn_limit"] += 1
+            return
+        if self.n_synrcvd >= self.cfg.syn_backlog:         # the general path sends a cookie
+            self._tcp_in(b[6:12], src_ip, TcpSegment(*_TCPH.unpack_from(b, 34)[:4], SYN, (b[48] << 8) | b[49],
+                                                     Options(mss, ws)), b, end, now)
+            return
+        c = Conn(self, key, b[6:12], src_ip, (b[34] << 8) | b[35], self.isn.isn(key, now), seq, mss, ws,
+                 (b[48] << 8) | b[49], now, SYN_RCVD)
+        self.conns[key] = c
+        cnt["tcp_conns_open"] += 1
+        self.n_synrcvd += 1
+        cnt["tcp_syn_received"] += 1
+        c.rtt_t = now
+        c.t_rtx = t = now + c.rtt.rto
+        self.arm(c, t)
+        c._ctl(c.iss, SYN | ACK, self._synack_ws if ws is not None else self._synack_opts)
+
     def _tw_segment(self, key, tw, seg, src_mac, src_ip, now) -> bool:
         """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""
         expiry, snd_nxt, rcv_nxt, mac = tw
@@ -483,6 +540,11 @@ class Stack:
         self.counters["tcp_established"] += 1
 
     def remove(self, c: Conn) -> None:
+        if c.sched:
+            b = self._wheel.get(int(c.sched * _SLOTS_PER_S))
+            if b is not None:
+                b.pop(c, None)
+            c.sched = 0.0
         if self.conns.get(c.key) is c:
             del self.conns[c.key]
             self.counters["tcp_conns_open"] -= 1        # a gauge: connections in the table now
@@ -502,9 +564,19 @@ class Stack:
             self._next = now + self.cfg.time_wait
 
     def arm(self, c: Conn, t: float) -> None:
-        """Give `c` an entry in the timer heap at `t` (it has none earlier)."""
+        """Move `c`'s timer wheel entry to `t` (callers arm only earlier than `c.sched`)."""
+        wheel = self._wheel
+        if c.sched:
+            b = wheel.get(int(c.sched * _SLOTS_PER_S))
+            if b is not None:
+                b.pop(c, None)
         c.sched = t
-        heapq.heappush(self._heap, (t, next(self._tie), c))
+        k = int(t * _SLOTS_PER_S)
+        b = wheel.get(k)
+        if b is None:
+            b = wheel[k] = {}
+            heapq.heappush(self._slots, k)
+        b[c] = None
         if t < self._next:
             self._next = t
 
@@ -568,24 +640,43 @@ class Stack:
     # ------------------------------------------------------------------ timers
 
     def _poll(self, now: float) -> float:
-        heap = self._heap
-        pop = heapq.heappop
-        while heap and heap[0][0] <= now:
-            t, _, c = pop(heap)
-            if c.state == CLOSED or c.sched != t:
-                continue                     # stale: superseded by an earlier entry, or gone
-            c.sched = 0.0
-            d = c.deadline()
-            if d <= now:
-                c.on_timer(now)
-                if c.state == CLOSED:
-                    continue
+        wheel = self._wheel
+        slots = self._slots
+        cur = int(now * _SLOTS_PER_S)
+        nxt = now + 3600.0
+        while slots:
+            k = slots[0]
+            b = wheel[k]
+            if k > cur or not b:
+                if b:
+                    nxt = min(c.sched for c in b)
+                    break
+                heapq.heappop(slots)
+                del wheel[k]
+                continue
+            for c in list(b):
+                if c.sched > now or b.pop(c, 0) is not None:
+                    continue                        # not yet due (the current slot), or moved meanwhile
+                c.sched = 0.0
                 d = c.deadline()
-                if d <= now:                 # nothing moved it (should not happen): do not spin
-                    d = now + 0.01
-            if not c.sched or d < c.sched:
-                self.arm(c, d)
-        nxt = heap[0][0] if heap else now + 3600.0
+                if d <= now:
+                    c.on_timer(now)
+                    if c.state == CLOSED:
+                        continue
+                    d = c.deadline()
+                    if d <= now:                    # nothing moved it (should not happen): do not spin
+                        d = now + 0.01
+                if not c.sched or d < c.sched:
+                    self.arm(c, d)
+            if k == cur:
+                if b:
+                    nxt = min(c.sched for c in b)
+                    break
+            elif b:
+                continue                            # armed in the past meanwhile: run it again
+            if wheel.get(k) is b and not b:
+                heapq.heappop(slots)
+                del wheel[k]
         tw = self.tw
         while tw:
             k = next(iter(tw))
