@@ -79,6 +79,12 @@ def check_inputs(ctx: Context) -> None:
     ctx.facts["source_date_epoch"] = ctx.epoch
 
 
+def packages(ctx: Context) -> None:
+    """Look the Debian packages up in one apt-cache call (each call costs 1-2 s)."""
+    from . import debs
+    debs.resolve(ctx, ([kernel_mod.DEBIAN_META] if ctx.options.kernel is None else []) + runtime.PACKAGES)
+
+
 def kernel(ctx: Context) -> None:
     k = kernel_mod.locate(ctx, ctx.options.modules)
     ctx.add_input("kernel", k.vmlinuz)
@@ -206,6 +212,7 @@ def manifest(ctx: Context) -> None:
 
 STEPS = [
     ("check-inputs", check_inputs),
+    ("packages", packages),
     ("kernel", kernel),
     ("python-runtime", python_runtime),
     ("content", content),
