@@ -5,7 +5,9 @@ The stand-in initramfs (tests only; the appliance image has no shell) is
 busybox-static as /init: it loads the NIC modules chosen by
 haboob_build.drivers, prints `DEPLOY-BOOTED <cmdline>`, puts
 `haboob.ip=` on the first NIC, serves /www with busybox httpd and prints
-`DEPLOY-READY driver=<driver of the NIC>` once the link has carrier. That checks a boot medium end to
+`DEPLOY-READY driver=<driver of the NIC>` once the link has carrier; with
+`deploy.fetch=IP` it then fetches http://IP/index.html from a peer and
+prints `DEPLOY-FETCHED <sha256>`. That checks a boot medium end to
 end (firmware -> GRUB -> kernel + initrd + command line -> NIC driver ->
 bytes over the wire) before and independently of the real appliance.
 """
@@ -94,6 +96,18 @@ n=0
 while [ "$(cat /sys/class/net/$nic/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 httpd -p 80 -h /www
 echo "DEPLOY-READY driver=$drv nic=$nic ip=$ip"
+for w in $(cat /proc/cmdline); do case "$w" in deploy.fetch=*) peer="${w#deploy.fetch=}";; esac; done
+if [ -n "$peer" ]; then
+  n=0
+  while [ $n -lt 60 ]; do
+    # plain HTTP/1.0 over nc: the page is binary, the body is its last len(page) bytes
+    printf 'GET /index.html HTTP/1.0\r\n\r\n' | nc -w 5 "$peer" 80 > /tmp/got
+    if head -c 15 /tmp/got | grep -q '200'; then
+      echo "DEPLOY-FETCHED $(tail -c "$(wc -c < /www/index.html)" /tmp/got | sha256sum | cut -d' ' -f1)"; break
+    fi
+    sleep 1; n=$((n+1))
+  done
+fi
 while true; do sleep 1000; done
 """
 
@@ -101,7 +115,7 @@ while true; do sleep 1000; done
 def standin_initrd(out: Path, modules: list) -> Path:
     """Write the stand-in initramfs with these modules (drivers.Selected)."""
     d, x, f = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFREG | 0o644
-    entries = [(p, d, b"") for p in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "www")]
+    entries = [(p, d, b"") for p in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp", "www")]
     entries += [("bin/busybox", x, Path(shutil.which("busybox")).read_bytes()),
                 ("init", x, INIT.encode()),
                 ("www/index.html", f, PAGE),

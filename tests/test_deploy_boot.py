@@ -110,3 +110,28 @@ def test_qcow2_of_the_disk_is_the_disk(media_dir, tmp_path):
     subprocess.run(["qemu-img", "check", q], check=True, capture_output=True)
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", media_dir / "www.img", q], check=True,
                    capture_output=True)
+
+
+def test_two_guests_joined_by_a_socket(media_dir, tmp_path):
+    """--net socket: two guests on one Ethernet carried by a host TCP
+    connection (listen/connect), no tap, no bridge; the second fetches the
+    first's page. Sockets live in a private namespace."""
+    import hashlib
+    pxe = media_dir / "pxe"
+    with netns.namespace("k") as ns:
+        port = 6000 + os.getpid() % 1000
+        base = ["-M", "q35", "-m", "256", *ds.accel_args(), "-nodefaults", "-display", "none", "-serial", "stdio",
+                "-no-reboot", "-kernel", str(pxe / "vmlinuz"), "-initrd", str(pxe / "initrd.img")]
+        a = [QEMU, *base, "-append", "console=ttyS0,115200 panic=-1 haboob.ip=198.18.51.1/24",
+             *pt.net_args(pt.parse_net(f"socket:listen=127.0.0.1:{port}"), "e1000", "52:54:00:00:51:01")]
+        b = [QEMU, *base, "-append", "console=ttyS0,115200 panic=-1 haboob.ip=198.18.51.2/24 deploy.fetch=198.18.51.1",
+             *pt.net_args(pt.parse_net(f"socket:connect=127.0.0.1:{port}"), "virtio", "52:54:00:00:51:02")]
+        with ds.Console(ns.argv(a)) as ca:
+            for _ in range(100):                      # B connects at start: A must listen first
+                if f":{port}" in ns.run(["ss", "-ltn"], check=False).stdout:
+                    break
+                subprocess.run(["sleep", "0.1"])
+            with ds.Console(ns.argv(b)) as cb:
+                ca.wait_for(ds.MARK_READY, READY_TIMEOUT)
+                line = cb.wait_for("DEPLOY-FETCHED", READY_TIMEOUT)
+                assert line.split()[1] == hashlib.sha256(ds.PAGE).hexdigest()

@@ -257,3 +257,38 @@ def test_stand_in_kernel_is_available():
     vmlinuz, mdir = ds.debian_kernel()
     assert vmlinuz.read_bytes()[0x202:0x206] == b"HdrS"
     assert (mdir / "kernel").is_dir()
+
+
+# ---------------------------------------------------------------- build.py refuses before building
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _build_cli(tmp_path, *args, env=None):
+    import sys
+    return subprocess.run([sys.executable, str(REPO / "build.py"), "--site", str(REPO / "examples/www"),
+                           "--out", str(tmp_path / "out"), "-q", *args],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--formats", "iso,vmdk"], "--formats: unknown format 'vmdk'; known: iso, img, pxe, qcow2"),
+    (["--nic-drivers", "e1000,rtl8139"], "--nic-drivers: unknown NIC driver 'rtl8139'; known: virtio_net"),
+])
+def test_build_cli_refuses_bad_names(tmp_path, args, msg):
+    proc = _build_cli(tmp_path, *args)
+    assert proc.returncode != 0 and msg in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_build_cli_refuses_missing_tools(tmp_path):
+    import sys
+    bindir = tmp_path / "bin"                       # a PATH with Python and nothing else
+    bindir.mkdir()
+    (bindir / "python3").symlink_to(sys.executable)
+    env = dict(os.environ, PATH=str(bindir))
+    proc = _build_cli(tmp_path, "--formats", "img,qcow2", env=env)
+    assert proc.returncode != 0, proc.stderr
+    assert "missing grub-mkimage (Debian package grub-common)" in proc.stderr
+    assert "qemu-img (Debian package qemu-utils)" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -276,3 +276,43 @@ def test_qemu_socket_argvs_in_a_namespace():
         rc, err = qemu_try(pt.net_args(pt.parse_net(f"socket:udp=198.18.47.1:{port},127.0.0.1:{port + 1}"),
                                        "virtio"), ns)
         assert rc != 0 and "198.18.47.1" in err, err     # no such local address in this namespace: refused
+
+
+# ---------------------------------------------------------------- vm CLI: refused before QEMU starts
+
+def _fake_image(tmp: Path) -> Path:
+    import hashlib
+    import json
+    img = tmp / "www"
+    img.mkdir()
+    arts = {}
+    for name, data in (("vmlinuz", b"not a kernel"), ("initrd.img", b"not an initrd"),
+                       ("cmdline", b"console=ttyS0 haboob.ip=198.18.0.1/24\n")):
+        (img / name).write_bytes(data)
+        arts[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (img / "manifest.json").write_text(json.dumps({"name": "www", "artifacts": arts, "urls": {}}))
+    return img
+
+
+@pytest.mark.parametrize("args,msg,rc", [
+    (["--net", "vfio:0000:7f:1f.7"], "there is no PCI device 0000:7f:1f.7 on this host", 1),
+    (["--net", "netmap:vale0:1"], "has no netmap backend", 1),
+    (["--net", "socket:listen=127.0.0.1"], "expected HOST:PORT", 1),
+    (["--boot", "disk"], "--boot disk: ", 2),
+    (["--boot", "iso"], "--boot iso: ", 2),
+    (["--nic", "rtl8139"], "Invalid value for '--nic'", 2),
+])
+def test_vm_cli_refuses_before_starting(tmp_path, args, msg, rc):
+    import sys
+    img = _fake_image(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "vm", "boot", str(img), *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode == rc and msg in proc.stderr, (proc.returncode, proc.stderr)
+    assert "booting" not in proc.stderr or rc == 2     # refused at parse time, or before QEMU's Popen
+
+
+def test_ovmf_missing_is_named():
+    from vm import media
+    with pytest.raises(media.MediaError, match=r"OVMF is not installed .*`apt-get install ovmf`"):
+        media.firmware_args("uefi", Path("/tmp"), pairs=[(Path("/nonexistent/CODE.fd"), Path("/nonexistent/VARS.fd"))])
+    assert media.firmware_args("bios", Path("/tmp")) == []
