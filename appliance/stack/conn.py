@@ -195,7 +195,58 @@ class Conn:
                         st.arm(self, t)
             self.output(now)
             return
+        if (end == 54 and off == 0x50 and flags & 0x16 == 0x10 and seq == self.rcv_nxt and ack == self.snd_max
+                and not self.ooo and self._closing_fast(seq, ack, flags, win, now)):
+            return
         self._segment(seq, ack, off, flags, win, f, end, now)
+
+    def _handshake_done(self, seq, ack, win, now) -> None:
+        """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (RFC 9293 §3.10.7.4, fifth)."""
+        self.state = ESTABLISHED
+        self.snd_una = (self.snd_una + 1) & MASK            # our SYN is acknowledged
+        self.snd_wnd = win << self.snd_ws
+        self.wl1 = seq
+        self.wl2 = ack
+        self.t_rtx = 0.0
+        self.retries = 0
+        if self.rtt_t:
+            self.rtt.sample(now - self.rtt_t)
+            self.rtt_t = 0.0
+        self.st.established(self)
+
+    def _closing_fast(self, seq, ack, flags, win, now) -> bool:
+        """The connection-per-request teardown without the general path: in SYN-RECEIVED
+        the handshake's ACK; in FIN-WAIT-1/2, once our FIN was sent, the ACK of
+        everything (-> FIN-WAIT-2) and the peer's FIN (ACK it, -> TIME-WAIT). The
+        caller checked: no options or data, SEG.SEQ = RCV.NXT, SEG.ACK = SND.MAX,
+        ACK set, no SYN/RST. The same steps as _segment for exactly these
+        segments; False (nothing done) for anything else."""
+        state = self.state
+        if state == SYN_RCVD:
+            if flags != ACK or self.fin_pending:
+                return False
+            self._handshake_done(seq, ack, win, now)
+            self.output(now)
+            return True
+        if (state != FIN_WAIT_1 and state != FIN_WAIT_2) or ack != ((self.fin_seq + 1) & MASK):
+            return False
+        una = self.snd_una
+        if ack != una:
+            self._new_ack(ack, (ack - una) & MASK, now)
+        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
+            self.snd_wnd = wnd = win << self.snd_ws
+            self.wl1 = seq
+            self.wl2 = ack
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+        self.state = FIN_WAIT_2                             # our FIN is acknowledged
+        if flags & FIN:
+            self.rcv_nxt = (seq + 1) & MASK
+            st = self.st
+            st.counters["tcp_fin_received"] += 1
+            self._ctl(self.snd_nxt, ACK)
+            st.time_wait(self, now)
+        return True
 
     def _segment(self, seq, ack, off, flags, win, f, end, now):
         hl = (off >> 4) << 2
@@ -247,16 +298,9 @@ class Conn:
                 st.counters["tcp_rst_sent_bad_ack"] += 1
                 self._ctl(ack, RST)
                 return
-            self.state = state = ESTABLISHED
-            self.snd_una = una = (una + 1) & MASK           # our SYN is acknowledged
-            self.snd_wnd = win << self.snd_ws
-            self.wl1, self.wl2 = seq, ack
-            self.t_rtx = 0.0
-            self.retries = 0
-            if self.rtt_t:
-                self.rtt.sample(now - self.rtt_t)
-                self.rtt_t = 0.0
-            st.established(self)
+            self._handshake_done(seq, ack, win, now)
+            state = ESTABLISHED
+            una = self.snd_una
         wnd = win << self.snd_ws
         if ack != una:
             d = (ack - una) & MASK
