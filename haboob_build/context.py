@@ -71,16 +71,18 @@ class Context:
         self.inputs[name] = {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
     def run(self, argv: list[str], *, what: str, capture: bool = True, env: dict | None = None,
-            cwd: Path | None = None, stdin=None) -> subprocess.CompletedProcess:
+            cwd: Path | None = None, stdin=None, input: bytes | None = None,
+            clean_env: bool = False) -> subprocess.CompletedProcess:
         """Run one tool. Failure (missing tool or non-zero exit) becomes a
-        BuildError naming `what` failed and the tool's last stderr line."""
+        BuildError naming `what` failed and the tool's last stderr line.
+        env adds variables; clean_env starts from PATH alone."""
         full_env = None
-        if env is not None:
-            full_env = dict(os.environ)
-            full_env.update(env)
+        if env is not None or clean_env:
+            full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")} if clean_env else dict(os.environ)
+            full_env.update(env or {})
         try:
             proc = subprocess.run([str(a) for a in argv], capture_output=capture, env=full_env,
-                                  cwd=cwd, stdin=stdin)
+                                  cwd=cwd, stdin=stdin, input=input)
         except FileNotFoundError:
             raise BuildError(f"{what}: the tool {argv[0]!r} is not installed") from None
         if proc.returncode != 0:

@@ -10,9 +10,11 @@ analysis (_analyze.py, run by that very interpreter); the shared
 libraries by reading DT_NEEDED of the interpreter and of every extension
 module, resolved with ldd, and each library is then taken from the Debian
 package that owns it (dpkg -S, fetched like the others); a host without
-dpkg falls back to the host's file. Modules are compiled to .pyc with
-invalidation_mode=UNCHECKED_HASH (no mtimes: reproducible) and stored
-sourceless, where the .py would be. The `encodings` package goes in whole:
+dpkg falls back to the host's file. Modules are compiled to .pyc by the
+image's own interpreter, in one fresh process with PYTHONHASHSEED=0 (marshal
+output depends on the compiling process's state), with
+invalidation_mode=UNCHECKED_HASH (no mtimes), and stored sourceless, where
+the .py would be. The `encodings` package goes in whole:
 codecs are looked up by name at run time, which no analysis can see.
 The analysis result is cached, keyed by the interpreter packages and the
 appliance sources.
@@ -20,10 +22,8 @@ appliance sources.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import py_compile
 import shutil
 import subprocess
 import tempfile
@@ -156,21 +156,31 @@ def shared_libraries(ctx: Context, elves: list[Path]) -> dict[str, bytes]:
     return out
 
 
-def compile_pyc(src: Path, name: str) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / "m.pyc"
-        py_compile.compile(str(src), cfile=str(dst), dfile=name, doraise=True,
-                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-        return dst.read_bytes()
+# Run by the image's interpreter in a fresh process: marshal's output depends
+# on the compiling process (reference counts decide which objects get
+# back-references; the hash seed orders frozenset constants), so every build
+# compiles in the same fresh state, with PYTHONHASHSEED=0.
+_COMPILE = """
+import json, py_compile, sys
+for src, dfile, out in json.load(sys.stdin):
+    py_compile.compile(src, cfile=out, dfile=dfile, doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def compile_all(ctx: Context, py: Path, jobs: list[tuple[Path, str]]) -> list[bytes]:
+    """[(source, name shown in tracebacks)] -> the .pyc bytes, compiled by py."""
+    out_dir = Path(tempfile.mkdtemp(dir=ctx.scratch, prefix="pyc-"))
+    spec = [[str(src), name, str(out_dir / f"{i}.pyc")] for i, (src, name) in enumerate(jobs)]
+    ctx.run([py, "-S", "-B", "-c", _COMPILE], what="compiling Python modules", clean_env=True,
+            env={"PYTHONHASHSEED": "0"}, input=json.dumps(spec).encode())
+    return [Path(o).read_bytes() for _s, _n, o in spec]
 
 
 def install(ctx: Context, appdir: Path) -> dict:
     """Add the interpreter, stdlib subset, libraries and appliance code to ctx.tree."""
     merged, versions = merged_root(ctx)
     result = analyze(ctx, merged, versions, appdir)
-    if result["magic"] != importlib.util.MAGIC_NUMBER.hex():
-        raise BuildError(f"the image's Python {result['version']} has bytecode magic {result['magic']}, "
-                         f"the build's {importlib.util.MAGIC_NUMBER.hex()}: run build.py with Python 3.11")
     for mod, err in result["entry_errors"].items():
         ctx.log(f"WARNING: {mod} is not importable in the image ({err}); PID 1 will report HABOOB-FATAL")
     for mod, err in result["host_only"].items():
@@ -181,25 +191,29 @@ def install(ctx: Context, appdir: Path) -> dict:
     files = set(result["stdlib"])
     files |= {str(p.relative_to(stdlib)) for p in (stdlib / "encodings").glob("*.py")}
     files.add("os.py")                         # getpath's landmark for the prefix
-    elves = [merged / "usr/bin" / PY]
-    tree.file(f"/usr/bin/{PY}", (merged / "usr/bin" / PY).read_bytes(), 0o755, part="python")
+    py = merged / "usr/bin" / PY
+    elves = [py]
+    tree.file(f"/usr/bin/{PY}", py.read_bytes(), 0o755, part="python")
     tree.dir(f"{STDLIB}/lib-dynload")          # getpath's landmark for exec_prefix
+    jobs, dests = [], []                       # (source, shown name), (image path, part)
     for rel in sorted(files):
         src = stdlib / rel
         if rel.endswith(".py"):
-            name = rel[:-3]
-            tree.file(f"{STDLIB}/{name}.pyc", compile_pyc(src, f"{STDLIB}/{rel}"), part="python")
+            jobs.append((src, f"{STDLIB}/{rel}"))
+            dests.append((f"{STDLIB}/{rel[:-3]}.pyc", "python"))
         elif rel.endswith(".so"):
             tree.file(f"{STDLIB}/{rel}", src.read_bytes(), 0o755, part="python")
             elves.append(src)
+    for rel in result["appliance"]:
+        jobs.append((appdir / rel, f"{APPDIR}/{rel}"))
+        dests.append((f"{APPDIR}/{rel[:-3]}.pyc", "appliance"))
+    for (path, part), data in zip(dests, compile_all(ctx, py, jobs)):
+        tree.file(path, data, part=part)
     for soname, data in shared_libraries(ctx, elves).items():
         if soname.startswith("ld-linux"):
             tree.file(f"/usr/lib64/{soname}", data, 0o755, part="python")
         else:
             tree.file(f"{LIBDIR}/{soname}", data, 0o755, part="python")
-    for rel in result["appliance"]:
-        src = appdir / rel
-        tree.file(f"{APPDIR}/{rel[:-3]}.pyc", compile_pyc(src, f"{APPDIR}/{rel}"), part="appliance")
     return {"version": result["version"], "packages": versions,
             "stdlib_modules": len(files), "appliance_modules": len(result["appliance"]),
             "host_only": sorted(result["host_only"]), "entry_errors": result["entry_errors"]}

@@ -142,15 +142,20 @@ def test_runtime_runs_alone_in_a_chroot(files, tmp_path):
 
 
 def test_reproducible_byte_identical(tmp_path, monkeypatch):
-    """Two builds from the same inputs into different folders: identical artifacts."""
+    """Two builds from the same inputs, one in this process and one by build.py
+    in another with a different hash seed, into different folders: identical."""
+    import sys
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     a = sup.options(out=tmp_path / "a" / "img", name="repro")
-    b = sup.options(out=tmp_path / "b" / "img", name="repro")
     from haboob_build.steps import build_image
     build_image(a)
-    build_image(b)
+    b = tmp_path / "b" / "img"
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    subprocess.run([sys.executable, str(sup.REPO / "build.py"), "-q", "--site", str(sup.EXAMPLE), "--name", "repro",
+                    "--out", str(b), "--compress-level", "3", "--formats", "none", "--nic-drivers", "virtio_net"],
+                   check=True, env=env, cwd=tmp_path, timeout=600)
     for name in ("vmlinuz", "initrd.img", "manifest.json", "cmdline"):
-        assert sha(a.out / name) == sha(b.out / name), name
+        assert sha(a.out / name) == sha(b / name), name
     assert json.loads((a.out / "manifest.json").read_text())["source_date_epoch"] == 1700000000
 
 
@@ -170,3 +175,22 @@ def test_cpio_is_read_by_gnu_cpio(tmp_path):
 def test_kernel_release_read_from_bzimage_header(image):
     m = json.loads((image / "manifest.json").read_text())
     assert kernel.release_of(image / "vmlinuz") == m["kernel"]["release"]
+
+
+def test_custom_kernel_with_its_modules_folder(image, tmp_path):
+    """--kernel + --modules: the same Debian kernel given by path gives the same initramfs."""
+    from haboob_build.steps import build_image
+    m = json.loads((image / "manifest.json").read_text())
+    release = m["kernel"]["release"]
+    from haboob_build.context import cache_root
+    pkgs = sorted(cache_root().glob(f"pkgs/linux-image-{release}_*"))
+    assert pkgs, "the Debian kernel package is in the cache after the first build"
+    root = pkgs[-1]
+    opts = sup.options(out=tmp_path / "custom", kernel=root / "boot" / f"vmlinuz-{release}",
+                       modules=root / "lib" / "modules" / release)
+    build_image(opts)
+    cm = json.loads((opts.out / "manifest.json").read_text())
+    assert cm["options"]["kernel"] == "custom" and cm["kernel"]["release"] == release
+    assert cm["kernel"]["modules"] == m["kernel"]["modules"]
+    assert sha(opts.out / "initrd.img") == sha(image / "initrd.img")
+    assert sha(opts.out / "vmlinuz") == sha(image / "vmlinuz")
