@@ -141,3 +141,21 @@ def test_no_qemu_outlives_a_killed_parent():
     while os.path.exists(f"/proc/{qemu}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{qemu}")
+
+
+@pytest.mark.vm
+def test_kernel_panic_is_reported_and_qemu_exits():
+    # no /init to run: the kernel panics; panic=-1 reboots, -no-reboot makes QEMU exit
+    with Machine(Image.load(sup.build()), Options(net="user", append=["rdinit=/no-such-init"])) as m:
+        with pytest.raises(BootError) as ei:
+            m.wait_ready(300)
+        assert "kernel panic" in ei.value.reason.lower()
+        assert ei.value.tail and m.wait_exit(120) is not None
+
+
+@pytest.mark.vm
+def test_timeout_is_reported_with_the_console_tail():
+    with Machine(Image.load(sup.build()), Options(net="user")) as m:
+        with pytest.raises(BootError, match=r"no HABOOB-READY within 0s"):
+            m.wait_ready(0.2)
+    assert m.proc.poll() is not None                  # close() stopped QEMU
