@@ -3,6 +3,7 @@
 and make deliberately broken images through the builder's step list."""
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
 import tempfile
@@ -14,6 +15,7 @@ from haboob_build.steps import STEPS, build_image
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "www"
 _TMP = Path(tempfile.mkdtemp(prefix="haboob-test-images-"))
+atexit.register(shutil.rmtree, _TMP, True)      # the images built for this test session
 _built: dict = {}
 
 
