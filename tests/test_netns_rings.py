@@ -63,6 +63,8 @@ def responder(iface: str, ip: str, mode: str, size: int) -> None:
 
     me = bytes(map(int, ip.split(".")))
     dev = TpacketDevice(iface)
+    if mode != "direct":
+        dev.direct_min = 1 << 30          # every frame through the ring (what these modes test)
     body = payload(size)
     report = {"offload": list(dev.offload), "rx_csum_ok": None, "done": False}
     deadline = time.monotonic() + 15
@@ -102,7 +104,7 @@ def responder(iface: str, ip: str, mode: str, size: int) -> None:
                     # pretend the kernel still owns the head TX slot (as while a
                     # slow reader holds its pages): the ring must not stall
                     struct.pack_into("=I", dev.mm, dev.tx_slots[dev.tx_head], 2)   # TP_STATUS_SENDING
-                out.extend(_response(dev, peer, me, ackno, body, "gso" if mode == "copy" else mode))
+                out.extend(_response(dev, peer, me, ackno, body, "gso" if mode in ("copy", "direct") else mode))
             elif flags & 0x01 and peer:                       # their FIN: ACK it, done
                 h, tcp, ps = _tcp_frame(peer[0], dev.mac, me, src, PORT, sport, ISS + 2 + size, seq + 1, 0x10)
                 tcp[16:18] = struct.pack("!H", ~_fold(ps + _sum(tcp)) & 0xFFFF)
@@ -181,7 +183,7 @@ def _exchange(mode: str, size: int, subnet: int, offloads_off: bool = False):
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("mode,subnet", [("gso", 60), ("csum", 61), ("soft", 62), ("copy", 64)])
+@pytest.mark.parametrize("mode,subnet", [("gso", 60), ("csum", 61), ("soft", 62), ("copy", 64), ("direct", 65)])
 def test_ring_sends_a_tcp_stream_the_kernel_accepts(mode, subnet):
     size = 30000
     cli, report = _exchange(mode, size, subnet)
@@ -198,7 +200,10 @@ def test_ring_sends_a_tcp_stream_the_kernel_accepts(mode, subnet):
         assert c["tx_ring_waits"] >= 1 and c["tx_copied"] >= 2     # the response and the final ACK
     if mode == "gso":
         # the whole response left in one slot (plus ARP reply, SYN-ACK, final ACK)
-        assert c["tx_frames"] == 4
+        assert c["tx_frames"] == 4 and c["tx_direct"] == 0
+    if mode == "direct":
+        # the 30000-byte super-frame by sendmsg straight from the body, the rest through the ring
+        assert c["tx_direct"] == 1 and c["tx_frames"] == 4 and c["tx_copied"] == 0
     # the client kernel leaves checksums partial over veth; the ring completed them
     assert c["rx_csum_completed"] > 0
 

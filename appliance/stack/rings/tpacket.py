@@ -20,7 +20,12 @@ word is the hand-over flag between the kernel and us:
   until the skb that maps its pages is freed (zero copy: the skb's fragments
   are the ring's pages); when the head slot is still busy the rest of the
   batch goes through a ring-less packet socket (copied by the kernel)
-  instead of stalling the loop.
+  instead of stalling the loop. Big frames (GSO super-frames of at least
+  DIRECT_MIN bytes) take that socket too, by choice: a ring slot's skb is
+  zero-copy, and the kernel copies it anyway when it leaves for another
+  namespace (veth) or a device that cannot map it, so for 16-64 KB the ring
+  costs two copies of the payload where one sendmsg straight from the
+  store costs one (plus one system call, small next to 16 KB of copying).
 
 PACKET_VNET_HDR puts a 10-byte `struct virtio_net_hdr` in front of every
 frame in both rings. On TX it asks the device (or the kernel's software
@@ -112,6 +117,8 @@ ETHTOOL_GGSO = 0x23
 PAGE = mmap.PAGESIZE
 RX_FRAME = 8192                   # an MTU frame, and GRO/GSO aggregates of up to 5 segments
 RX_BLOCK = 1 << 17
+SNDBUF = 8 << 20                  # the direct socket's send buffer
+DIRECT_MIN = 16384                # bytes: a frame this big is sent by sendmsg, not through the ring
 TX_FRAME_GSO = 65536 + 512        # a 64 KB GSO super-frame + virtio header + tpacket header
 TX_BLOCK_GSO = 1 << 20            # 15 such frames per MiB block
 TX_FRAME_SMALL = 2048
@@ -224,7 +231,9 @@ class TpacketDevice:
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
-                             tx_copied=0, tx_dropped_full=0, tx_oversize=0)
+                             tx_copied=0, tx_dropped_full=0, tx_oversize=0, tx_direct=0, tx_direct_full=0)
+        # Frames of at least this many bytes (GSO super-frames) bypass the ring: see tx_batch.
+        self.direct_min = DIRECT_MIN
         want = read_offload(iface) if offload is None else offload
         self._socks = []
         self._rx = []
@@ -421,6 +430,9 @@ class TpacketDevice:
         the ring's head. Rather than stall every connection behind it, the
         rest of the batch is then sent through an ordinary packet socket
         (one copy and one system call per frame, counted as tx_copied).
+        Frames of at least `direct_min` bytes always take that socket
+        (tx_direct), after a kick for the slots filled before them so that
+        frames leave in order; if its buffer is full they use the ring.
         """
         mm = self.mm
         slots, nr = self.tx_slots, self.tx_nr
@@ -433,12 +445,28 @@ class TpacketDevice:
         data0 = TPACKET2_DATA + VNET_HDR_LEN if vnet else TPACKET2_DATA
         sent = nbytes = 0
         rest = None
+        direct_min = self.direct_min
+        queued = 0                    # slots filled since the last kick
         for k, (head, payload, gso) in enumerate(frames):
             hl = len(head)
             total = hl + (len(payload) if payload is not None else 0)
             if total > limit:
                 self.counters["tx_oversize"] += 1
                 continue
+            if total >= direct_min and payload is not None:
+                # A big super-frame: one system call and one copy (the kernel's,
+                # straight from the store) instead of ours into the slot plus the
+                # kernel's own copy of a ring slot's pages when the skb leaves
+                # for another namespace (zero-copy skbs are orphaned there).
+                # Slots filled so far go first: a connection's order is kept.
+                if queued:
+                    self._kick()
+                    queued = 0
+                if self._send_direct(head, payload, gso):
+                    sent += 1
+                    nbytes += total
+                    continue
+                # socket buffer full (a slow real NIC): this one goes through the ring
             off = slots[i]
             if mm[off]:               # not TP_STATUS_AVAILABLE (TX states all fit the low byte)
                 self.counters["tx_ring_waits"] += 1
@@ -465,30 +493,56 @@ class TpacketDevice:
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total)
             i = i + 1 if i + 1 < nr else 0
             sent += 1
+            queued += 1
             nbytes += total
         self.tx_head = i
         c = self.counters
-        if sent:
+        if queued:
             self._kick()
+        if sent:
             c["tx_frames"] += sent
             c["tx_bytes"] += nbytes
         if rest is not None:
             sent += self._copy_send(frames[rest:])
         return sent
 
-    def _copy_send(self, frames) -> int:
-        """Send frames through a ring-less packet socket (the kernel copies them)."""
-        s = self._csock
-        if s is None:
-            s = self._csock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-            self._socks.append(s)
-            if self.vnet:
-                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            try:
-                s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+    def _send_direct(self, head, payload, gso) -> int:
+        """One frame through the ring-less packet socket; 1 if sent."""
+        s = self._csock or self._open_csock()
+        parts = [head, payload]
+        if self.vnet:
+            parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
+                VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
+                gso[3], gso[2], gso[0], gso[1]))
+        try:
+            s.sendmsg(parts, [], socket.MSG_DONTWAIT)
+        except OSError:               # EAGAIN/ENOBUFS: the caller uses the ring instead
+            self.counters["tx_direct_full"] += 1
+            return 0
+        self.counters["tx_direct"] += 1
+        return 1
+
+    def _open_csock(self):
+        s = self._csock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self._socks.append(s)
+        if self.vnet:
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        try:
+            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        except OSError:
+            pass
+        s.bind((self.iface, 0))       # protocol 0: this socket receives nothing
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
+            try:                      # room for a batch of super-frames until the NIC frees them
+                s.setsockopt(socket.SOL_SOCKET, opt, SNDBUF)
+                break
             except OSError:
                 pass
-            s.bind((self.iface, 0))   # protocol 0: this socket receives nothing
+        return s
+
+    def _copy_send(self, frames) -> int:
+        """Send frames through a ring-less packet socket (the kernel copies them)."""
+        s = self._csock or self._open_csock()
         c = self.counters
         n = 0
         vnet = self.vnet
