@@ -129,14 +129,16 @@ def test_no_qemu_outlives_a_killed_parent():
     import time
     code = ("import sys, time\nfrom vm.image import Image\nfrom vm.qemu import Machine, Options\n"
             f"m = Machine(Image.load({str(sup.build())!r}), Options()).start()\n"
-            "print(m.proc.pid, flush=True)\ntime.sleep(120)\n")
+            "print(m.proc.pid, m.tmp, flush=True)\ntime.sleep(120)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=sup.REPO, stdout=subprocess.PIPE, text=True)
     try:
-        qemu = int(parent.stdout.readline())
+        pid, tmp = parent.stdout.readline().split()
+        qemu = int(pid)
         assert os.path.exists(f"/proc/{qemu}")
     finally:
         parent.kill()                                # no cleanup code runs in the parent
         parent.wait()
+    shutil.rmtree(tmp, ignore_errors=True)           # its serial log and sockets
     deadline = time.monotonic() + 30
     while os.path.exists(f"/proc/{qemu}") and time.monotonic() < deadline:
         time.sleep(0.1)
