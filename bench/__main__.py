@@ -24,7 +24,7 @@ import tempfile
 import click
 
 from . import report, run as runmod
-from .run import summarize as run_summarize
+from .run import derive_cpu, summarize as run_summarize
 from .site import DEFAULT_SIZES, QUICK_SIZES, SizeError, parse_size
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,6 +155,10 @@ def render(results_json, out):
     try:
         with open(results_json) as f:
             results = json.load(f)
+        shared = {sess["workers"]: sess["placement"]["shared"] for sess in results.get("sessions", [])}
+        for r in results["runs"]:
+            if r["workers"] in shared:
+                derive_cpu(r, shared[r["workers"]])
         results["summary"] = run_summarize(results["runs"])
     except (ValueError, KeyError) as e:
         raise click.ClickException(f"{results_json}: not a bench results file ({e})")

@@ -4,14 +4,14 @@ Theory of operation: two tables, one line per (workers, mode, size), each
 cell the median over the repetitions. Throughput: requests/s, requests/s per
 server core, Gbit/s, p99 latency, and the median of the per-repetition appliance/nginx ratios.
 "req/s per core" is requests/s divided by the server cores actually used
-(process time plus the softirq time of its cores), the figure that stays
+(process time plus ksoftirqd of its cores; see bench/run.py), the figure that stays
 meaningful when the load generator, not the server, is the bottleneck.
 CPU: the busy share of the server's cores (/proc/stat, softirq included),
-CPU per request "attributed" to the server (its process time plus the
-irq+softirq time of its cores; see bench/run.py) and from the whole busy
-share of its cores ("core", which on a shared machine includes other
-users' work), and the appliance/nginx ratio of the attributed figure
-(below 1: the appliance spends less). Incorrect cells (a wrong status or length, non-2xx)
+CPU per request of the server (its process time, which includes the
+softirq work done in its context, plus ksoftirqd of its cores; see
+bench/run.py) and from the whole busy share of its cores ("core", which on
+a shared machine includes other users' work), and the appliance/nginx
+ratio of the server figure (below 1: the appliance spends less). Incorrect cells (a wrong status or length, non-2xx)
 are flagged with ✗ in the table itself, so a fast but wrong number cannot
 pass unnoticed.
 """

@@ -14,13 +14,21 @@ status 200 and the body length of every response), and the timed pass
 without the Lua check. During the timed pass the CPU is sampled over the
 middle of the run (from 15% to 85% of it, away from ramp-up and teardown):
 the busy share of every core from /proc/stat and the server's process-tree
-CPU time. CPU per request = cores used / rps, for three notions of "used":
-the busy share of the server's cores ("core"), the server's process time
-("proc"), and process time plus the irq+softirq time of the server's cores
-("attributed", the headline: it counts the kernel's packet work done for
-the server, including softirq work deferred to ksoftirqd of the server's
-cores, but not other users' processes on a shared machine; the five
-busiest other processes of the window are recorded to show that load).
+CPU time. CPU per request = cores used / rps, for two notions of "used".
+"core": the busy share of the server's cores from /proc/stat; it covers
+everything that ran there, softirq included, but also other users'
+processes on a shared machine, and it is tick-sampled. "server" (the
+headline): the server's process-tree CPU time plus the ksoftirqd threads
+of its cores. Process time is the scheduler's exact runtime, and it
+includes the softirq work the kernel does in the process's context (on
+syscall and interrupt exit, which is where most packet work lands on a
+busy core); softirq deferred to ksoftirqd is added; softirq that runs in
+the idle task's context (the core was idle when a frame arrived) is
+missed by both servers alike. Adding /proc/stat's irq+softirq ticks
+instead would count twice the softirq already in process time (this
+kernel has no IRQ_TIME_ACCOUNTING), which is why they are only recorded.
+The five busiest other processes of each window are recorded too, to
+show the background load.
 
 Placement. With W workers on a machine of C cores and W < C, the server
 is pinned to cores 0..W-1 and wrk to the others. veth delivers a frame in
@@ -148,7 +156,7 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
     used = cpu.snapshot_delta(s0, s1)
     ksoftirqd = sum(t for comm, t in used.values()
                     if comm in {f"ksoftirqd/{c}" for c in place["server_cpus"]}) / window
-    attributed = proc_cores + server_irq + (ksoftirqd if not place["shared"] else 0.0)
+    attributed = proc_cores + (ksoftirqd if not place["shared"] else 0.0)
     mine = set(running.tree) | {proc.pid}
     top_other = sorted(((comm, t / window) for pid, (comm, t) in used.items()
                         if pid not in mine and not comm.startswith("ksoftirqd/")), key=lambda x: -x[1])[:5]
@@ -175,8 +183,8 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
             "server_irq_cores": server_irq,                  # irq+softirq on the server's cores
             "ksoftirqd_cores": ksoftirqd,                    # ksoftirqd of the server's cores
             "top_other_processes": [[c, round(v, 3)] for c, v in top_other],   # (comm, cores), not ours
-            "attributed_cores": attributed,                  # process + irq/softirq of the server cores
-            # busy time on the server cores that was neither the server nor interrupts: other work
+            "attributed_cores": attributed,                  # process tree + ksoftirqd of the server cores
+            # busy time on the server cores that was not the server (other work; a tick-sampled estimate)
             "foreign_cores": max(0.0, server_busy - attributed) if not place["shared"] else None,
             "us_per_req": attributed * 1e6 / rps if rps else None,
             "us_per_req_core": server_busy * 1e6 / rps if rps else None,
@@ -185,6 +193,7 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
             "idle_other_cpu_s": o1 - o0,
         },
     }
+    derive_cpu(out, place["shared"])
     out["correct"] = bool(checked is None or (checked["check"]["bad_status"] == 0 and checked["check"]["bad_length"] == 0
                                              and checked["check"]["ok"] > 0 and checked["errors"]["status"] == 0)) \
         and out["non2xx"] == 0 and res["requests"] > 0
@@ -241,6 +250,15 @@ def run(plan: Plan, servers: dict, workdir: str) -> dict:
                 session["servers"][name]["counters"] = running.counters
     return {"plan": asdict(plan), "files": [asdict(f) for f in files], "sessions": sessions,
             "runs": runs, "summary": summarize(runs)}
+
+
+def derive_cpu(run: dict, shared: bool) -> None:
+    """(Re)compute the derived CPU figures of a run from its measured ones,
+    so `render` can apply the current definitions to an older results.json."""
+    c, rps = run["cpu"], run["rps"]
+    c["attributed_cores"] = c["proc_cores"] + (0.0 if shared else c.get("ksoftirqd_cores", 0.0))
+    c["foreign_cores"] = None if shared else max(0.0, c["server_cores_busy"] - c["attributed_cores"])
+    c["us_per_req"] = c["attributed_cores"] * 1e6 / rps if rps else None
 
 
 def _median(xs):
