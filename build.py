@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from haboob_build import drivers, formats
-from haboob_build.context import Context, Options
+from haboob_build.context import Options
 from haboob_build.errors import BuildError
 from haboob_build.steps import STEPS, build_image
 

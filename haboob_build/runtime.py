@@ -31,7 +31,6 @@ from pathlib import Path
 
 from . import debs, elf
 from .context import Context
-from .errors import BuildError
 
 PY = "python3.11"
 PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib"]

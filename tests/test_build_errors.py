@@ -2,7 +2,6 @@
 leaves nothing behind."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
