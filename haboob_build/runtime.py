@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import debs, elf
 from .context import Context
+from .errors import BuildError
 
 PY = "python3.11"
 PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib"]
@@ -95,6 +96,9 @@ def _ldd(ctx: Context, paths: list[Path]) -> dict[str, str]:
     libs = {}
     for line in out.splitlines():
         parts = line.split()
+        if "=>" in parts and "not found" in line:
+            raise BuildError(f"{parts[0]}, needed by the image's Python, is not installed on the build host "
+                             f"(libraries are located with the host's ldd): install the package that has it")
         if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
             libs[parts[0]] = parts[2]
         elif parts and parts[0].startswith("/") and not line.endswith(":"):
