@@ -148,9 +148,9 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
 
 @main.command()
 @click.argument("results_json", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), help="Directory for bench.png and table.md [default: the JSON's].")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: the JSON's].")
 def render(results_json, out):
-    """Redraw bench.png and table.md from a results.json."""
+    """Recompute the derived figures of a results.json and redraw bench.png and table.md."""
     from . import plot
     try:
         with open(results_json) as f:
@@ -163,10 +163,8 @@ def render(results_json, out):
     except (ValueError, KeyError) as e:
         raise click.ClickException(f"{results_json}: not a bench results file ({e})")
     out = out or os.path.dirname(os.path.abspath(results_json))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(report.table(results))
-    plot.plot(results, os.path.join(out, "bench.png"))
+    # Writes results.json (derived figures recomputed, measurements unchanged), table.md, bench.png.
+    write_outputs(results, out)
     click.echo(report.table(results))
 
 
