@@ -606,3 +606,21 @@ def step(ctx) -> None:
                                          initrd=ctx.work / "initrd.img", cmdline=cmdline, epoch=ctx.epoch,
                                          log=ctx.log)
     ctx.facts["formats_cmdline"] = cmdline
+    ctx.facts["formats_tools"] = tool_versions(fmts)
+
+
+def tool_versions(fmts) -> dict:
+    """The versions of the tools that wrote the formats: inputs of the
+    bytes as much as the kernel is (another GRUB, another image)."""
+    probes = {"grub-mkimage": ["grub-mkimage", "--version"], "xorriso": ["xorriso", "-version"],
+              "mtools": ["mformat", "--version"], "qemu-img": ["qemu-img", "--version"]}
+    used = {"iso": ["grub-mkimage", "xorriso", "mtools"], "img": ["grub-mkimage", "mtools"],
+            "qcow2": ["grub-mkimage", "mtools", "qemu-img"], "pxe": []}
+    out = {}
+    for tool in sorted({t for f in fmts for t in used[f]}):
+        try:
+            proc = subprocess.run(probes[tool], capture_output=True, text=True, timeout=30)
+            out[tool] = (proc.stdout or proc.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            out[tool] = "unknown"
+    return out

@@ -44,6 +44,8 @@ def test_build_writes_every_format_into_the_manifest(image):
     _k, _i, cmdline = formats.parse_ipxe((folder / "pxe/boot.ipxe").read_text())
     assert cmdline == "initrd=initrd.img " + m["formats_cmdline"]
     assert "haboob.ip=198.18.0.1/24" in m["formats_cmdline"]
+    assert set(m["formats_tools"]) == {"grub-mkimage", "xorriso", "mtools", "qemu-img"}
+    assert m["formats_tools"]["grub-mkimage"].startswith("grub-mkimage (GRUB) 2.")
     subprocess.run(["qemu-img", "check", folder / "www.qcow2"], check=True, capture_output=True)
     # every NIC driver asked for is in the image's module list
     mods = set(m["kernel"]["modules"])
