@@ -509,7 +509,7 @@ class TpacketDevice:
     def _send_direct(self, head, payload, gso) -> int:
         """One frame through the ring-less packet socket; 1 if sent."""
         s = self._csock or self._open_csock()
-        parts = [head, payload]
+        parts = [head] if payload is None else [head, payload]
         if self.vnet:
             parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
                 VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
