@@ -21,6 +21,7 @@ appliance sources.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -74,15 +75,30 @@ def _app_source_key(appdir: Path) -> str:
 
 
 def analyze(ctx: Context, merged: Path, versions: dict, appdir: Path) -> dict:
+    """{"stdlib": files relative to the stdlib, "appliance": files relative to appdir,
+    "left_out": appliance modules not needed, "entry_errors", "version"}; cached."""
     key = hashlib.sha256((json.dumps(versions, sort_keys=True) + _app_source_key(appdir)).encode()).hexdigest()[:20]
     cached = ctx.cache / "analysis" / f"{key}.json"
     if cached.exists():
         return json.loads(cached.read_text())
     ctx.log("analyzing the appliance's imports with the image's interpreter")
     py = merged / "usr/bin" / PY
-    proc = ctx.run([py, "-I", "-S", "-B", Path(__file__).parent / "_analyze.py", appdir, *ENTRIES],
-                   what="import analysis")
-    result = json.loads(proc.stdout)
+    script = Path(__file__).parent / "_analyze.py"
+    st = ast.literal_eval(ctx.run([py, "-I", "-S", "-B", script, "static", appdir, *ENTRIES],
+                                  what="import analysis").stdout.decode())
+    app_mods = st["appliance"]
+    im = ast.literal_eval(ctx.run([py, "-I", "-S", "-B", script, "import", appdir, *app_mods, *st["stdlib_roots"]],
+                                  what="import analysis").stdout.decode())
+    stdlib = im["stdlib"]
+    errors = {m: "no such module" for m in st["missing_entries"]}
+    errors.update({m: e for m, e in im["errors"].items() if m in app_mods})
+    result = {
+        "version": im["version"],
+        "stdlib": sorted(os.path.relpath(f, stdlib) for f in im["files"] if f.startswith(stdlib + "/")),
+        "appliance": st["files"],
+        "left_out": st["left_out"],
+        "entry_errors": errors,
+    }
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
@@ -186,8 +202,8 @@ def install(ctx: Context, appdir: Path) -> dict:
     result = analyze(ctx, merged, versions, appdir)
     for mod, err in result["entry_errors"].items():
         ctx.log(f"WARNING: {mod} is not importable in the image ({err}); PID 1 will report HABOOB-FATAL")
-    for mod, err in result["host_only"].items():
-        ctx.log(f"note: {mod} is host-only ({err}); left out of the image")
+    if result["left_out"]:
+        ctx.log(f"left out (not reachable from PID 1): {', '.join(result['left_out'])}")
 
     tree = ctx.tree
     stdlib = merged / STDLIB.lstrip("/")
@@ -219,4 +235,4 @@ def install(ctx: Context, appdir: Path) -> dict:
             tree.file(f"{LIBDIR}/{soname}", data, 0o755, part="python")
     return {"version": result["version"], "packages": versions,
             "stdlib_modules": len(files), "appliance_modules": len(result["appliance"]),
-            "host_only": sorted(result["host_only"]), "entry_errors": result["entry_errors"]}
+            "left_out": result["left_out"], "entry_errors": result["entry_errors"]}
