@@ -175,7 +175,7 @@ def param(cmdline: str, name: str) -> str | None:
 
 
 def grub_cfg(name: str, cmdline: str, *, kernel: str = "/haboob/vmlinuz",
-             initrd: str = "/haboob/initrd.img", timeout: int = 3) -> str:
+             initrd: str = "/haboob/initrd.img", timeout: int = 3, ask_on_efi: bool = True) -> str:
     """The menu shared by ISO and disk.
 
     Entry 1 boots the built-in command line. Entry 2 asks for the address
@@ -187,6 +187,9 @@ def grub_cfg(name: str, cmdline: str, *, kernel: str = "/haboob/vmlinuz",
     ip = param(cmdline, "haboob.ip") or "none"
     base = strip_params(cmdline, "haboob.ip", "haboob.gw")
     title = f"Haboob {name} ({ip})"
+    # Debian's signed GRUB (Secure Boot) has no `read` command and loads no
+    # modules: there the second entry is only offered when booted by BIOS.
+    guard, unguard = ("", "") if ask_on_efi else ('if [ "$grub_platform" = "pc" ]; then\n', "fi\n")
     return f"""\
 # Haboob {name}: boot menu (GRUB 2). Edit haboob.ip= / haboob.gw= below to
 # change the address for good; at the menu, 'e' edits an entry for one boot.
@@ -202,7 +205,7 @@ menuentry "{title}" --id haboob {{
     initrd {initrd}
 }}
 
-menuentry "Haboob {name}: type the address at boot" --id haboob-ask {{
+{guard}menuentry "Haboob {name}: type the address at boot" --id haboob-ask {{
     echo -n "Address with prefix, e.g. 198.18.0.1/24: "
     read hb_ip
     echo -n "Gateway (empty for none): "
@@ -212,7 +215,7 @@ menuentry "Haboob {name}: type the address at boot" --id haboob-ask {{
     linux {kernel} {base} haboob.ip=$hb_ip $hb_gwarg
     initrd {initrd}
 }}
-"""
+{unguard}"""
 
 
 def _volume_id(name: str) -> str:
@@ -297,6 +300,19 @@ def _seed(vmlinuz: Path, initrd: Path, cmdline: str, name: str, epoch: int) -> b
 
 
 # ---------------------------------------------------------------- raw disk
+
+# Secure Boot: Microsoft-signed shim (Debian shim-signed) chain-loading
+# Debian-signed GRUB (grub-efi-amd64-signed), which loads Debian's signed
+# kernel. The signed GRUB is a fixed image: it finds its root by the file
+# /.disk/info and reads /boot/grub/grub.cfg.
+SIGNED = {"shim": Path("/usr/lib/shim/shimx64.efi.signed"),
+          "grub": Path("/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"),
+          "mokmanager": Path("/usr/lib/shim/mmx64.efi.signed")}
+
+
+def secure_boot_available() -> bool:
+    return all(p.is_file() for p in SIGNED.values())
+
 
 BIOS_BOOT_TYPE = uuid.UUID("21686148-6449-6E6F-744E-656564454649")   # "Hah!IdontNeedEFI"
 ESP_TYPE = uuid.UUID("C12A7328-F81F-11D2-BA4B-00A0C93EC93B")
@@ -405,9 +421,20 @@ def _make_fat(path: Path, size: int, files: dict[str, Path], label: str, serial:
 
 
 def make_disk(vmlinuz, initrd, cmdline: str, out, *, name: str, epoch: int, timeout: int = 3,
-              extra_mib: int = 8) -> Path:
-    """A raw GPT disk image bootable by BIOS and UEFI firmware."""
+              extra_mib: int = 8, secure_boot: str = "auto") -> Path:
+    """A raw GPT disk image bootable by BIOS and UEFI firmware.
+
+    secure_boot: "on" puts the signed shim + GRUB chain on the ESP (boots
+    with Secure Boot enabled, with Debian's signed kernel); "off" our own
+    GRUB build; "auto" the signed chain when its packages are installed."""
     out = Path(out)
+    if secure_boot not in ("auto", "on", "off"):
+        raise FormatError(f"secure_boot={secure_boot!r}: use auto, on or off")
+    signed = secure_boot == "on" or (secure_boot == "auto" and secure_boot_available())
+    if signed and not secure_boot_available():
+        missing = ", ".join(str(p) for p in SIGNED.values() if not p.is_file())
+        raise FormatError(f"Secure Boot disk: missing {missing} (Debian packages shim-signed, "
+                          f"grub-efi-amd64-signed)")
     vmlinuz, initrd = Path(vmlinuz), Path(initrd)
     seed = _seed(vmlinuz, initrd, cmdline, name, epoch)
 
@@ -415,7 +442,14 @@ def make_disk(vmlinuz, initrd, cmdline: str, out, *, name: str, epoch: int, time
         tmp = Path(tmpd)
         core, efi = _grub_images(tmp, epoch)
         (tmp / "BOOTX64.EFI").write_bytes(efi)
-        (tmp / "grub.cfg").write_text(grub_cfg(name, cmdline, timeout=timeout))
+        (tmp / "grub.cfg").write_text(grub_cfg(name, cmdline, timeout=timeout, ask_on_efi=not signed))
+        if signed:
+            efi_files = {"/EFI/BOOT/BOOTX64.EFI": SIGNED["shim"], "/EFI/BOOT/grubx64.efi": SIGNED["grub"],
+                         "/EFI/BOOT/mmx64.efi": SIGNED["mokmanager"], "/.disk/info": tmp / "info"}
+            (tmp / "info").write_text(f"Haboob {name}\n")
+            efi = b"".join(p.read_bytes() for p in efi_files.values())      # for the size estimate
+        else:
+            efi_files = {"/EFI/BOOT/BOOTX64.EFI": tmp / "BOOTX64.EFI"}
 
         payload = vmlinuz.stat().st_size + initrd.stat().st_size + len(efi) + 4096
         esp_size = max(ESP_MIN, -(-(payload * 11 // 10 + (extra_mib << 20)) // ALIGN) * ALIGN)
@@ -433,7 +467,7 @@ def make_disk(vmlinuz, initrd, cmdline: str, out, *, name: str, epoch: int, time
 
         esp = tmp / "esp.img"
         _make_fat(esp, esp_size, {
-            "/EFI/BOOT/BOOTX64.EFI": tmp / "BOOTX64.EFI",
+            **efi_files,
             "/boot/grub/grub.cfg": tmp / "grub.cfg",
             "/haboob/vmlinuz": vmlinuz,
             "/haboob/initrd.img": initrd,
@@ -581,6 +615,9 @@ def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, 
         out[fmt] = {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                               for p in files},
                     "reproducible": REPRODUCIBLE[fmt]}
+        if fmt in ("img", "qcow2"):
+            # which UEFI loader the disk carries (make_disk's secure_boot="auto")
+            out[fmt]["uefi_secure_boot"] = secure_boot_available()
     return out
 
 

@@ -51,6 +51,11 @@ def media_dir(tmp_path_factory) -> Path:
         maker = formats.make_iso if fmt == "iso" else formats.make_disk
         maker(vmlinuz, initrd, CMDLINE, out / f"www.{fmt}", name="www", epoch=1700000000, timeout=1)
     formats.make_pxe(vmlinuz, initrd, CMDLINE, out / "pxe", name="www")
+    # the disk with our own GRUB build on the ESP (the default carries the
+    # signed shim chain when its packages are installed)
+    (work / "own").mkdir()
+    formats.make_disk(vmlinuz, initrd, CMDLINE, work / "own/www.img", name="www", epoch=1700000000, timeout=1,
+                      secure_boot="off")
     return out
 
 
@@ -82,6 +87,20 @@ def test_boot_medium(media_dir, tmp_path, boot, firmware, nic):
     console = boot_and_fetch(media.boot_args(boot, media_dir), firmware, nic, tmp_path)
     assert "Booting `Haboob www" in console                       # GRUB's menu entry ran
     assert f"{ds.MARK_BOOTED} BOOT_IMAGE=/haboob/vmlinuz {CMDLINE}" in console
+
+
+def test_boot_disk_with_our_own_grub_uefi(media_dir, tmp_path):
+    console = boot_and_fetch(media.boot_args("disk", media_dir.parent / "own", name="www"), "uefi", "e1000",
+                             tmp_path)
+    assert "Booting `Haboob www" in console
+
+
+@pytest.mark.skipif(not formats.secure_boot_available(), reason="shim-signed / grub-efi-amd64-signed missing")
+def test_boot_disk_with_secure_boot_on(media_dir, tmp_path):
+    """OVMF with Secure Boot enforcing and Microsoft's keys: shim -> Debian's
+    signed GRUB -> Debian's signed kernel, which reports Secure Boot on."""
+    console = boot_and_fetch(media.boot_args("disk", media_dir), "uefi-secure", "virtio", tmp_path)
+    assert "Secure boot enabled" in console or "Secure Boot is enabled" in console, console[-3000:]
 
 
 def test_boot_iso_written_to_usb_stick(media_dir, tmp_path):
@@ -135,3 +154,15 @@ def test_two_guests_joined_by_a_socket(media_dir, tmp_path):
                 ca.wait_for(ds.MARK_READY, READY_TIMEOUT)
                 line = cb.wait_for("DEPLOY-FETCHED", READY_TIMEOUT)
                 assert line.split()[1] == hashlib.sha256(ds.PAGE).hexdigest()
+
+
+@pytest.mark.skipif(not formats.secure_boot_available(), reason="shim-signed / grub-efi-amd64-signed missing")
+def test_secure_boot_firmware_refuses_our_unsigned_grub(media_dir, tmp_path):
+    """The Secure Boot rows mean something: the same firmware refuses the
+    disk whose ESP holds our own (unsigned) GRUB build."""
+    argv = [QEMU, "-M", "q35", "-m", "512", *ds.accel_args(), "-nodefaults", "-display", "none",
+            "-serial", "stdio", "-no-reboot", *media.firmware_args("uefi-secure", tmp_path),
+            *media.boot_args("disk", media_dir.parent / "own", name="www")]
+    with ds.Console(argv) as con:
+        con.wait_for("Access Denied", READY_TIMEOUT)
+        assert ds.MARK_BOOTED not in con.text

@@ -160,9 +160,12 @@ def test_disk_esp_files(built, inputs):
         assert got == (inputs / name).read_bytes()
     cfg = subprocess.run(["mtype", "-i", spec, "::/boot/grub/grub.cfg"], capture_output=True, text=True,
                          check=True).stdout
-    assert cfg == formats.grub_cfg("www", CMDLINE)
+    signed = formats.secure_boot_available()
+    assert cfg == formats.grub_cfg("www", CMDLINE, ask_on_efi=not signed)
     efi = subprocess.run(["mtype", "-i", spec, "::/EFI/BOOT/BOOTX64.EFI"], capture_output=True, check=True).stdout
     assert efi[:2] == b"MZ" and b"PE\0\0" in efi[:512]
+    expected = formats.SIGNED["shim"].read_bytes() if signed else None
+    assert (efi == expected) == signed
     info = subprocess.run(["minfo", "-i", spec, "::"], capture_output=True, text=True, check=True).stdout
     assert "FAT32" in info or "fat32" in info.lower() or "big FAT" in info
 
@@ -292,3 +295,26 @@ def test_build_cli_refuses_missing_tools(tmp_path):
     assert "missing grub-mkimage (Debian package grub-common)" in proc.stderr
     assert "qemu-img (Debian package qemu-utils)" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_disk_secure_boot_modes(inputs, tmp_path, mode):
+    if mode == "on" and not formats.secure_boot_available():
+        with pytest.raises(BuildError, match=r"Secure Boot disk: missing .*shim-signed, grub-efi-amd64-signed"):
+            formats.make_disk(inputs / "vmlinuz", inputs / "initrd.img", CMDLINE, tmp_path / "d.img", name="www",
+                              epoch=EPOCH, secure_boot="on")
+        return
+    disk = formats.make_disk(inputs / "vmlinuz", inputs / "initrd.img", CMDLINE, tmp_path / "d.img", name="www",
+                             epoch=EPOCH, secure_boot=mode)
+    spec = f"{disk}@@{4096 * 512}"
+    listing = set(subprocess.run(["mdir", "-i", spec, "-/", "-b", "::/"], capture_output=True, text=True,
+                                 check=True).stdout.split())
+    cfg = subprocess.run(["mtype", "-i", spec, "::/boot/grub/grub.cfg"], capture_output=True, text=True,
+                         check=True).stdout
+    if mode == "on":
+        assert {"::/EFI/BOOT/grubx64.efi", "::/EFI/BOOT/mmx64.efi", "::/.disk/info"} <= listing
+        # signed GRUB has no `read`: the typed-address entry is offered on BIOS only
+        assert 'if [ "$grub_platform" = "pc" ]; then\nmenuentry "Haboob www: type the address' in cfg
+    else:
+        assert "::/EFI/BOOT/grubx64.efi" not in listing and "::/.disk/info" not in listing
+        assert "if [ \"$grub_platform\"" not in cfg

@@ -57,6 +57,8 @@ def test_build_writes_every_format_into_the_manifest(image):
     ("disk", "uefi", "virtio", "tap"),
     ("iso", "bios", "e1000e", "tap"),
     ("iso", "uefi", "e1000", "user"),
+    pytest.param("disk", "uefi-secure", "virtio", "user", marks=pytest.mark.skipif(
+        not formats.secure_boot_available(), reason="shim-signed / grub-efi-amd64-signed missing")),
 ])
 def test_boot_and_fetch_the_site(image, boot, firmware, nic, net):
     if net == "tap" and os.geteuid() != 0:

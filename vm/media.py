@@ -16,12 +16,16 @@ import shutil
 from pathlib import Path
 
 BOOTS = ("kernel", "disk", "iso")
-FIRMWARES = ("bios", "uefi")
+FIRMWARES = ("bios", "uefi", "uefi-secure")
 
 # Debian's ovmf package: 4 MiB flash layout first (bookworm's default), then the 2 MiB one.
 OVMF_PAIRS = [
     (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
     (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+]
+# Secure Boot: the SMM build of OVMF and a variable store with Microsoft's keys enrolled (Debian: ovmf).
+OVMF_SECURE_PAIRS = [
+    (Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")),
 ]
 
 
@@ -41,13 +45,18 @@ def firmware_args(firmware: str, workdir: Path, pairs=OVMF_PAIRS) -> list[str]:
     """QEMU argv for the firmware; workdir receives the UEFI variable store copy."""
     if firmware == "bios":
         return []                                  # SeaBIOS is QEMU's built-in default
-    if firmware != "uefi":
+    if firmware not in ("uefi", "uefi-secure"):
         raise MediaError(f"--firmware {firmware}: unknown; known: {', '.join(FIRMWARES)}")
-    code, vars_ = find_ovmf(pairs)
+    secure = firmware == "uefi-secure"
+    code, vars_ = find_ovmf(OVMF_SECURE_PAIRS if secure and pairs is OVMF_PAIRS else pairs)
     copy = Path(workdir) / "OVMF_VARS.fd"
     shutil.copyfile(vars_, copy)
-    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+    argv = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={copy}"]
+    if secure:
+        # the Secure Boot OVMF keeps its variables behind SMM: q35 with SMM, flash writable only from SMM
+        argv = ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on", *argv]
+    return argv
 
 
 def image_name(image_dir: Path) -> str:
