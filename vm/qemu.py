@@ -154,7 +154,7 @@ def user_net_for_medium(image: Image) -> tuple[str, str, str]:
 def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, qmp_sock: Path) -> list[str]:
     accel = opts.accel or ("kvm" if kvm_usable() else "tcg")
     memory = opts.memory or image.memory
-    if opts.firmware == "uefi":
+    if opts.firmware.startswith("uefi"):
         memory = max(memory, 512)   # OVMF + GRUB's EFI loader fail to place kernel+initrd in less
     argv = [QEMU, "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
             "-smp", str(opts.smp), "-m", str(memory),
