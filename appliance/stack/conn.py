@@ -48,8 +48,8 @@ Timers: `t_rtx` (retransmission, or persist when `persist` is set), `t_ack`
 limit `last_act + idle_timeout` (no progress in either direction: a quiet
 keep-alive connection is closed with a FIN; one that is stuck with data
 outstanding or in a closing state is aborted with a RST). Arming a timer
-earlier than the connection's entry in the Stack's timer heap (`sched`)
-adds an entry (`st.arm`); later deadlines need none: when the entry comes
+earlier than the connection's entry in the Stack's timer wheel (`sched`)
+moves the entry (`st.arm`); later deadlines need none: when the entry comes
 due, the Stack asks `deadline()` again.
 """
 import struct
@@ -137,7 +137,7 @@ class Conn:
         self.last_tx = now
         self.retries = 0
         self.ack_now = False
-        self.sched = 0.0                    # time of our live entry in the Stack's timer heap (0: none)
+        self.sched = 0.0                    # time of our live entry in the Stack's timer wheel (0: none)
         self.ooo = {}                       # out-of-order data: seq -> (bytes, FIN flag)
         self.ooo_bytes = 0
 
@@ -153,9 +153,10 @@ class Conn:
         and whose IP datagram ends at `end`; the TCP checksum was verified.
 
         The hot path first: ESTABLISHED, SEG.SEQ == RCV.NXT, flags ACK (+PSH) only, no
-        options, and an ACK that is new or changes nothing. Every other segment, and
-        duplicate ACKs, take the general path (`_segment`), which follows the RFC's
-        order of checks step by step."""
+        options, and an ACK that is new or changes nothing. Then the segments of a
+        connection-per-request's handshake and teardown (`_closing_fast`). Every
+        other segment, and duplicate ACKs, take the general path (`_segment`),
+        which follows the RFC's order of checks step by step."""
         seq, ack, off, flags, win = _tcp_unpack(f, 38)
         if (seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED
                 and not self.ooo):
