@@ -160,6 +160,11 @@ class Console:
         raise AssertionError(f"no {marker!r} on the console within {timeout}s "
                              f"(qemu rc={self.proc.poll()}); console tail:\n{self.text[-3000:]}")
 
+    def send(self, data: bytes) -> None:
+        """Type into the serial console."""
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()

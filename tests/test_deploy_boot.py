@@ -166,3 +166,26 @@ def test_secure_boot_firmware_refuses_our_unsigned_grub(media_dir, tmp_path):
     with ds.Console(argv) as con:
         con.wait_for("Access Denied", READY_TIMEOUT)
         assert ds.MARK_BOOTED not in con.text
+
+
+def test_address_typed_at_the_boot_menu(media_dir, tmp_path):
+    """The second menu entry asks for the address and gateway on the serial
+    console (GRUB's `read`) and boots with them instead of the built-in ones."""
+    with netns.namespace("v") as ns, netns.tap(ns, f"{HOST}/24") as tap:
+        argv = [QEMU, "-M", "q35", "-m", "512", *ds.accel_args(), "-nodefaults", "-display", "none",
+                "-serial", "stdio", "-no-reboot", *media.boot_args("iso", media_dir),
+                *pt.tap_args(tap, "e1000", "52:54:00:00:50:02")]
+        with ds.Console(ns.argv(argv)) as con:
+            con.wait_for("type the address at boot", READY_TIMEOUT)
+            con.send(b"\x0e")                    # Ctrl-N: next entry (stops the 1 s countdown)
+            con.send(b"\r")
+            con.wait_for("Address with prefix", 60)
+            con.send(b"198.18.50.1/24\r")
+            con.wait_for("Gateway (", 60)
+            con.send(b"198.18.50.254\r")
+            booted = con.wait_for(ds.MARK_BOOTED, READY_TIMEOUT)
+            assert booted.endswith("panic=-1 haboob.ip=198.18.50.1/24 haboob.gw=198.18.50.254"), booted
+            con.wait_for(ds.MARK_READY, READY_TIMEOUT)
+            got = ns.run(["curl", "-sS", "--max-time", "20", "--retry", "5", "--retry-all-errors",
+                          f"http://{GUEST}/index.html"], text=False).stdout
+            assert got == ds.PAGE
