@@ -10,6 +10,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils ovmf \
     grub-pc-bin grub-efi-amd64-bin grub-common xorriso mtools dosfstools fdisk gdisk \
+    shim-signed grub-efi-amd64-signed \
     busybox-static cpio zstd xz-utils \
     python3.11 python3.11-minimal \
     nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps
