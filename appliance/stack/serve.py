@@ -11,6 +11,7 @@ batch loop until a signal or `stop_event`:
     deadline = stack.poll(now)     # timers; returns the next deadline
     tx_batch(txq); txq.clear()     # one copy per frame into the TX ring, one kick
     if nothing was received: wait on the ring's fd until the deadline
+                                   # (1 ms at most while frames wait for TX room)
 
 One wake-up serves a whole batch; the loop only sleeps after a scan found
 the RX ring empty (and so handed every slot back; see rings/tpacket.py).
@@ -45,6 +46,7 @@ __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
 BATCH = 256          # frames taken from the RX ring per scan
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
+PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
 SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _shed_syns)
 
 
@@ -102,6 +104,11 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
     spoll = stack.poll
     set_date = stack.set_date
     txq = stack.txq
+    # Frames the device could not hand to the kernel yet (a full ring and socket
+    # buffer): retried on every pass until gone, before new ones (rings/tpacket.py).
+    pending = getattr(dev, "tx_pending", None)
+    if not isinstance(pending, list):
+        pending = ()
     counters = stack.counters
     mono = time.monotonic
     poller = select.poll()
@@ -145,7 +152,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
         except Exception:
             errors += 1
             deadline = None
-        if txq:
+        if txq or pending:
             tx(txq)
             txq.clear()
         if frames:
@@ -153,6 +160,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
         # Ring empty and handed back: sleep until the next timer, a frame or a signal.
         until = next_date if deadline is None or deadline > next_date else deadline
         timeout = until - mono()
+        if pending and timeout > PENDING_WAIT:
+            timeout = PENDING_WAIT           # the ring frees slots without waking us: look again soon
         if timeout > 0:
             wakeups += 1
             if wake_fd >= 0:

@@ -20,7 +20,14 @@ word is the hand-over flag between the kernel and us:
   until the skb that maps its pages is freed (zero copy: the skb's fragments
   are the ring's pages); when the head slot is still busy the rest of the
   batch goes through a ring-less packet socket (copied by the kernel)
-  instead of stalling the loop. Big frames (GSO super-frames of at least
+  instead of stalling the loop. When that socket is full too (ENOBUFS,
+  EAGAIN) a frame is not lost: it and every frame after it wait in
+  `tx_pending` and go first on the next tx_batch (the serve loop calls it on
+  every pass while frames wait, and waits at most 1 ms), so a full ring is
+  backpressure, not loss that TCP must repair by retransmission. Only a
+  frame that cannot ever be sent (too big, a socket error other than a full
+  buffer) or one beyond PENDING_MAX waiting frames is dropped and counted
+  (tx_dropped_full, tx_dropped_error). Big frames (GSO super-frames of at least
   DIRECT_MIN bytes) take that socket too, by choice: a ring slot's skb is
   zero-copy, and the kernel copies it anyway when it leaves for another
   namespace (veth) or a device that cannot map it, so for 16-64 KB the ring
@@ -123,6 +130,8 @@ TX_FRAME_GSO = 65536 + 512        # a 64 KB GSO super-frame + virtio header + tp
 TX_BLOCK_GSO = 1 << 20            # 15 such frames per MiB block
 TX_FRAME_SMALL = 2048
 TX_BLOCK_SMALL = 1 << 16
+PENDING_MAX = 4096                # frames waiting for room before new ones are dropped
+_FULL = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 class TpacketError(OSError):
@@ -231,7 +240,10 @@ class TpacketDevice:
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
-                             tx_copied=0, tx_dropped_full=0, tx_oversize=0, tx_direct=0, tx_direct_full=0)
+                             tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
+                             tx_direct_full=0, tx_deferred=0)
+        # Frames the kernel had no room for yet, in order: sent first by the next tx_batch.
+        self.tx_pending = []
         # Frames of at least this many bytes (GSO super-frames) bypass the ring: see tx_batch.
         self.direct_min = DIRECT_MIN
         want = read_offload(iface) if offload is None else offload
@@ -423,17 +435,26 @@ class TpacketDevice:
     def tx_batch(self, frames) -> int:
         """Copy each Frame (head, payload, gso) into the TX ring, then one kick.
 
-        Returns how many were sent. A frame too large for a slot is counted
-        (tx_oversize) and skipped. The kernel frees a slot only when the skb
-        that maps its pages is freed; on veth that is when the receiving
-        application has read the data, so a slow reader can hold the slot at
-        the ring's head. Rather than stall every connection behind it, the
-        rest of the batch is then sent through an ordinary packet socket
-        (one copy and one system call per frame, counted as tx_copied).
+        Frames still waiting in `tx_pending` go first. Returns how many of
+        `frames` were accepted: sent, or queued in `tx_pending` because the
+        kernel has no room now (backpressure, see below). A frame too large
+        for a slot is counted (tx_oversize) and skipped. The kernel frees a
+        slot only when the skb that maps its pages is freed; on veth that is
+        when the receiving application has read the data, so a slow reader
+        can hold the slot at the ring's head. Rather than stall every
+        connection behind it, the rest of the batch is then sent through an
+        ordinary packet socket (one copy and one system call per frame,
+        counted as tx_copied). If that socket's buffer is full too, the rest
+        waits in `tx_pending` (counted tx_deferred) for the next call.
         Frames of at least `direct_min` bytes always take that socket
         (tx_direct), after a kick for the slots filled before them so that
         frames leave in order; if its buffer is full they use the ring.
         """
+        given = len(frames)
+        pend = self.tx_pending
+        if pend:
+            frames = pend + list(frames)    # the waiting frames keep their place in front
+            pend.clear()
         mm = self.mm
         slots, nr = self.tx_slots, self.tx_nr
         i = self.tx_head
@@ -443,7 +464,7 @@ class TpacketDevice:
         pack_sl = STATUS_LEN.pack_into
         limit = self.max_frame
         data0 = TPACKET2_DATA + VNET_HDR_LEN if vnet else TPACKET2_DATA
-        sent = nbytes = 0
+        sent = nbytes = lost = 0
         rest = None
         direct_min = self.direct_min
         queued = 0                    # slots filled since the last kick
@@ -452,6 +473,7 @@ class TpacketDevice:
             total = hl + (len(payload) if payload is not None else 0)
             if total > limit:
                 self.counters["tx_oversize"] += 1
+                lost += 1
                 continue
             if total >= direct_min and payload is not None:
                 # A big super-frame: one system call and one copy (the kernel's,
@@ -503,8 +525,19 @@ class TpacketDevice:
             c["tx_frames"] += sent
             c["tx_bytes"] += nbytes
         if rest is not None:
-            sent += self._copy_send(frames[rest:])
-        return sent
+            done, dropped = self._copy_send(frames, rest)
+            lost += dropped
+            if done < len(frames):
+                # No room anywhere: backpressure. These frames (in order) wait
+                # for the next pass instead of being lost to a retransmission.
+                wait = frames[done:]
+                if len(wait) > PENDING_MAX:
+                    c["tx_dropped_full"] += len(wait) - PENDING_MAX
+                    lost += len(wait) - PENDING_MAX
+                    del wait[PENDING_MAX:]
+                c["tx_deferred"] += len(wait)
+                pend.extend(wait)
+        return max(0, given - lost)
 
     def _send_direct(self, head, payload, gso) -> int:
         """One frame through the ring-less packet socket; 1 if sent."""
@@ -540,13 +573,18 @@ class TpacketDevice:
                 pass
         return s
 
-    def _copy_send(self, frames) -> int:
-        """Send frames through a ring-less packet socket (the kernel copies them)."""
+    def _copy_send(self, frames, start: int = 0) -> tuple:
+        """Send frames[start:] through a ring-less packet socket (the kernel copies
+        them) until its buffer is full. Returns (index of the first frame not
+        sent, frames dropped for an error other than a full buffer)."""
         s = self._csock or self._open_csock()
         c = self.counters
-        n = 0
+        n = dropped = 0
         vnet = self.vnet
-        for head, payload, gso in frames:
+        k = start
+        end = len(frames)
+        while k < end:
+            head, payload, gso = frames[k]
             parts = [head] if payload is None else [head, payload]
             if vnet:
                 parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
@@ -554,13 +592,18 @@ class TpacketDevice:
                     gso[3], gso[2], gso[0], gso[1]))
             try:
                 c["tx_bytes"] += s.sendmsg(parts, [], socket.MSG_DONTWAIT)
-            except OSError:           # ENOBUFS, EMSGSIZE...: dropped like on a full NIC queue
-                c["tx_dropped_full"] += 1
+            except OSError as e:
+                if e.errno in _FULL:  # no room now: the caller keeps frames[k:] for later
+                    break
+                c["tx_dropped_error"] += 1  # EMSGSIZE and the like: this frame can never go
+                dropped += 1
+                k += 1
                 continue
             n += 1
+            k += 1
         c["tx_copied"] += n
         c["tx_frames"] += n
-        return n
+        return k, dropped
 
     def _kick(self):
         self.counters["tx_kicks"] += 1
