@@ -144,13 +144,15 @@ class Console:
             with self._lock:
                 self.text += raw.decode(errors="replace")
 
-    def wait_for(self, marker: str, timeout: float) -> str:
-        """The console line holding marker; AssertionError with the console tail if it never comes."""
+    def wait_for(self, marker: str, timeout: float, partial: bool = False) -> str:
+        """The console line holding marker; AssertionError with the console tail if it never comes.
+        partial=True also looks at the line being written (prompts end without a newline)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 text = self.text
-            for line in text.splitlines():
+            # complete lines only: a line still being written would be cut short
+            for line in (text if partial else text[:text.rfind("\n") + 1]).splitlines():
                 if marker in line:
                     return line[line.index(marker):].strip()
             if self.proc.poll() is not None:
