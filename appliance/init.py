@@ -326,6 +326,15 @@ def find_nic(mac: str | None, timeout: float = 10.0, carrier_wait: float = 10.0)
     return chosen
 
 
+def wait_carrier(iface: str, timeout: float) -> bool:
+    until = time.monotonic() + timeout
+    while _read(f"/sys/class/net/{iface}/carrier") != "1":
+        if time.monotonic() > until:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def link_up(iface: str, up: bool = True) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH22x", iface.encode(), 0)
@@ -458,6 +467,11 @@ def boot() -> None:
     phases["modules_loaded"] = ms_since_boot()
     nic = find_nic(s["mac"])
     link_up(nic["iface"])
+    # Physical NICs negotiate for a second or more after IFF_UP (e1000e ~1-2 s):
+    # wait for the link so that HABOOB-READY means reachable; serve anyway without one.
+    link = wait_carrier(nic["iface"], 10.0)
+    if not link:
+        say(f"haboob: no link on {nic['iface']} after 10 s (cable?); serving anyway")
     offered = offloads(nic["iface"])
     waited = wait_for_entropy()
     phases["nic_up_entropy_ready"] = ms_since_boot()
