@@ -193,6 +193,34 @@ class TestEstablishedData:
         assert len(more) == 4
         assert conn_of(client).cc.cwnd == 12 * 1460
 
+    def test_pure_ack_fast_path_updates_window_cwnd_and_queue(self, client, store):
+        """Header prediction (RFC 9293 §3.10.7.4): a pure in-order ACK of new data does
+        what the general path does: SND.UNA, the send window (SND.WL1/WL2), congestion
+        avoidance by byte counting (RFC 5681 §3.1, RFC 3465), RTO timer, and frees
+        the fully acknowledged reply."""
+        out = client.send("PA", data=client.request("/big.bin"))
+        segs = tcp(out)
+        conn = conn_of(client)
+        conn.cc.ssthresh = conn.cc.cwnd = 4 * 1460        # congestion avoidance from here
+        conn.cc.bytes_acked = 0
+        client.window = 300                               # scaled by 2**7: 38400 bytes
+        client.ack = (segs[2][TCP].seq + 1460) & M
+        more = tcp(client.send("A"))
+        assert conn.snd_una == client.ack and conn.snd_wnd == 300 << 7
+        assert conn.wl2 == client.ack and conn.wl1 == client.seq
+        assert conn.cc.cwnd == 4 * 1460 and conn.cc.bytes_acked == 3 * 1460
+        assert conn.t_rtx                                 # data still outstanding (RFC 6298 (5.3))
+        assert more == []                                 # 7 SMSS still in flight >= cwnd
+        client.ack = (segs[3][TCP].seq + 1460) & M        # 4 SMSS counted: cwnd + 1 SMSS
+        client.send("A")
+        assert conn.cc.cwnd == 5 * 1460 and conn.cc.bytes_acked == 0
+        for _ in range(30):                               # ACK the rest: the reply leaves the queue
+            if conn.snd_una == conn.data_end:
+                break
+            client.ack = conn.snd_max
+            client.send("A")
+        assert conn.q == [] and conn.snd_una == conn.snd_max and not conn.t_rtx
+
     def test_peer_receive_window_is_respected(self, store):
         """RFC 9293 §3.8.6: never send beyond SND.UNA + SND.WND."""
         st = make_stack(store)

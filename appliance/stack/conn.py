@@ -158,6 +158,56 @@ class Conn:
         other segment, and duplicate ACKs, take the general path (`_segment`),
         which follows the RFC's order of checks step by step."""
         seq, ack, off, flags, win = _tcp_unpack(f, 38)
+        if end == 54 and flags == 0x10 and off == 0x50 and seq == self.rcv_nxt and self.state == ESTABLISHED:
+            # Header prediction (RFC 9293 §3.10.7.4; Van Jacobson's BSD fast path): a pure
+            # in-order ACK of new data, outside fast recovery and persist, that may update
+            # the window (SND.WL1 <= SEG.SEQ, SND.WL2 <= SEG.ACK). The same steps as
+            # _new_ack + NewReno.on_ack + the window update below, flat.
+            una = self.snd_una
+            d = (ack - una) & MASK
+            cc = self.cc
+            if (d and d <= ((self.snd_max - una) & MASK) and not cc.in_recovery and not self.persist
+                    and ((seq - self.wl1) & MASK) < HALF and ((ack - self.wl2) & MASK) < HALF and not self.ooo):
+                self.snd_una = ack
+                if ((self.snd_nxt - ack) & MASK) >= HALF:
+                    self.snd_nxt = ack                      # acked beyond snd_nxt (after go-back)
+                self.retries = 0
+                self.last_act = now
+                if self.rtt_t and ((ack - self.rtt_seq) & MASK) < HALF:
+                    self.rtt.sample(now - self.rtt_t)       # RFC 6298 §3
+                    self.rtt_t = 0.0
+                q = self.q
+                if q and ((ack - q[0][1]) & MASK) < HALF:
+                    k = 1
+                    while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
+                        k += 1
+                    del q[:k]
+                    self.qh = self.qh - k if self.qh > k else 0
+                self.st.counters["tcp_bytes_acked"] += d
+                cc.dupacks = 0                              # NewReno.on_ack outside recovery (RFC 5681, 3465)
+                cwnd = cc.cwnd
+                ssth = cc.ssthresh
+                if cwnd < ssth:                             # min(cwnd + acked, max(ssthresh, cwnd + mss))
+                    cap = cwnd + cc.mss
+                    if cap < ssth:
+                        cap = ssth
+                    cwnd += d
+                    cc.cwnd = cwnd if cwnd < cap else cap
+                else:
+                    cc.bytes_acked += d
+                    if cc.bytes_acked >= cwnd:
+                        cc.bytes_acked -= cwnd
+                        cc.cwnd = cwnd + cc.mss
+                self.t_rtx = 0.0 if ack == self.snd_max else now + self.rtt.rto   # RFC 6298 (5.2), (5.3)
+                wnd = win << self.snd_ws
+                self.snd_wnd = wnd
+                self.wl1 = seq
+                self.wl2 = ack
+                if wnd > self.max_snd_wnd:
+                    self.max_snd_wnd = wnd
+                if self.snd_nxt != self.data_end or self.ack_now:
+                    self.output(now)
+                return
         if (seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED
                 and not self.ooo):
             una = self.snd_una
