@@ -95,15 +95,8 @@ class Conn:
         self.peer_port = peer_port
         self.tmpl, self.ip_const, self.pseudo, self.tcp_const = st.template(peer_mac, peer_ip, peer_port)
         self.mode = st.mode
-        # SMSS: the peer's MSS option, else 536 (RFC 9293 §3.7.1, RFC 6691), within our MTU;
-        # without checksum offload also within the store's MSS (segments must match stored sums)
-        mss = min(peer_mss or 536, cfg.mtu - 40)
-        if self.mode == 0 and st.smss:
-            mss = min(mss, st.smss)
-        self.mss = max(mss, 64)
-        self.aligned = self.mss == st.smss
-        self.tso_max = max(self.mss, (cfg.tso_max // self.mss) * self.mss)
-        self.gso = st.gso_tso(self.mss)
+        # SMSS from the peer's MSS option, our MTU and the store's MSS (Stack.mss_params)
+        self.mss, self.aligned, self.tso_max, self.gso = st.mss_params(peer_mss)
         self.rwnd = cfg.rcv_wnd
         self.iss = iss
         self.irs = irs

@@ -180,7 +180,9 @@ class Stack:
         self._gw_arp_at = 0.0
         self.gso_csum = GSO(34, 16, 0, 54)
         self._tmpl_cache = {}
-        self._tcp_tmpl = struct.Struct("!HHIIBBHHH").pack
+        self._mss_cache = {}        # peer's MSS option -> (SMSS, aligned, tso_max, gso): see mss_params
+        self._port_pre = config.port << 16
+        self._tcp_tail = struct.pack("!IIBBHHH", 0, 0, 0x50, 0, 0, 0, 0)   # TCP header after the ports
         self._synack_opts = Options(mss=config.mtu - 40).emit()
         self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
         self._gso = {}
@@ -594,6 +596,26 @@ class Stack:
             g = self._gso[mss] = GSO(34, 16, mss, 54)
         return g
 
+    def mss_params(self, peer_mss):
+        """(SMSS, aligned, tso_max, gso) for a peer's MSS option (None: absent), cached:
+        a client's connections all carry the same option.
+
+        SMSS: the peer's MSS option, else 536 (RFC 9293 §3.7.1, RFC 6691), within our
+        MTU; without checksum offload also within the store's MSS (segments must match
+        the stored sums). `aligned`: segments can use the stored per-MSS sums."""
+        v = self._mss_cache.get(peer_mss)
+        if v is None:
+            cfg = self.cfg
+            mss = min(peer_mss or 536, cfg.mtu - 40)
+            if self.mode == 0 and self.smss:
+                mss = min(mss, self.smss)
+            mss = max(mss, 64)
+            if len(self._mss_cache) >= 1024:
+                self._mss_cache.clear()
+            v = self._mss_cache[peer_mss] = (mss, mss == self.smss, max(mss, (cfg.tso_max // mss) * mss),
+                                             self.gso_tso(mss))
+        return v
+
     def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
         """A connection's Ethernet+IPv4+TCP header template and its checksum constants:
         (template, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF. The
@@ -609,8 +631,9 @@ class Stack:
                 self._tmpl_cache.clear()
             v = self._tmpl_cache[k] = (t, ip_const, pseudo)
         t, ip_const, pseudo = v
-        tcp = self._tcp_tmpl(self.cfg.port, peer_port, 0, 0, 0x50, 0, 0, 0, 0)
-        return bytearray(t + tcp), ip_const, pseudo, (pseudo + (self.cfg.port << 16 | peer_port)) % 0xFFFF
+        ports = self._port_pre | peer_port
+        return (bytearray(t + ports.to_bytes(4, "big") + self._tcp_tail), ip_const, pseudo,
+                (pseudo + ports) % 0xFFFF)
 
     def patched(self, resp, close: bool):
         """(header bytes with Date and Connection written, first segment's sum, body view)."""
