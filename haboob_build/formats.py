@@ -49,6 +49,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .context import sha256_file
 from .errors import BuildError
 
 FORMATS = ("iso", "img", "pxe", "qcow2")
@@ -572,14 +573,6 @@ def make_pxe(vmlinuz, initrd, cmdline: str, out_dir, *, name: str, epoch: int | 
 
 
 # ---------------------------------------------------------------- all at once
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, epoch: int,
                   log=lambda msg: None) -> dict:
