@@ -297,6 +297,19 @@ class TestEstablishedData:
         c.send("PA", data=b"x" * 20, seq=c.seq + 10, advance=False)
         assert st.counters["tcp_rx_out_of_order_dropped"] == 1 and not conn_of(c).ooo
 
+    def test_retransmitted_out_of_order_segment_is_counted_once(self, store):
+        """The queue's byte count follows what it holds: a duplicate of a queued
+        out-of-order segment replaces it, so the limit is not used up by copies."""
+        st = make_stack(store, ooo_limit=64)
+        c = Client(st)
+        c.connect()
+        for _ in range(5):
+            c.send("PA", data=b"x" * 20, seq=c.seq + 10, advance=False)
+        conn = conn_of(c)
+        assert conn.ooo_bytes == 20 and len(conn.ooo) == 1
+        c.send("PA", data=b"y" * 20, seq=c.seq + 40, advance=False)
+        assert conn.ooo_bytes == 40 and st.counters["tcp_rx_out_of_order_dropped"] == 0
+
     def test_segment_overlapping_received_data_is_trimmed(self, client, store):
         """RFC 9293 §3.10.7.4: only the new part of a partly old segment is used."""
         req = client.request("/")
@@ -638,6 +651,16 @@ class TestSynCookies:
         data, _ = old.get("/odd.txt")
         assert data == expected(store, "/odd.txt")
 
+    def test_backlog_full_without_cookies_is_counted_as_such(self, store):
+        """With cookies off, SYNs beyond the backlog are dropped under their own counter
+        (not as an internal error)."""
+        st = make_stack(store, syn_backlog=4, syncookies="never")
+        for i in range(10):
+            Client(st, port=20000 + i).syn()
+        assert st.n_synrcvd == 4
+        assert st.counters["drop_tcp_syn_backlog_full"] == 6
+        assert st.counters["drop_internal_error"] == 0
+
 
 class TestTimeWaitReopen:
     def test_new_syn_with_higher_sequence_reopens_time_wait(self, client, store):
@@ -663,6 +686,26 @@ class TestTimeWaitReopen:
         assert not client.st.tw and client.st.counters["tcp_time_wait_reopened_lower_seq"] == 1
         data, _ = client.get("/")
         assert data == expected(store, "/")
+
+    def test_syn_refused_at_the_connection_cap_keeps_time_wait(self, store):
+        """A SYN that cannot be taken (max_conns) must not throw away TIME-WAIT state:
+        a retransmitted FIN is still acknowledged, not reset."""
+        st = make_stack(store, max_conns=1)
+        c = Client(st)
+        c.connect()
+        out = c.send("PA", data=c.request("/", b"Connection: close\r\n"))
+        c.fetch(out)
+        c.send("FA")
+        assert len(st.tw) == 1
+        other = Client(st, port=40001)
+        other.connect()                                   # fills the table (max_conns=1)
+        c.now += 1
+        c.seq += 100000
+        assert not c.syn()                                # dropped at the cap ...
+        assert len(st.tw) == 1 and st.counters["drop_tcp_conn_limit"] == 1   # ... TIME-WAIT kept
+        c.seq -= 100000
+        (a,) = c.send("FA", seq=c.seq - 1, advance=False)
+        assert a[TCP].flags == "A"
 
     def test_ack_in_time_wait_is_answered_with_an_ack(self, client):
         out = client.send("PA", data=client.request("/", b"Connection: close\r\n"))

@@ -393,6 +393,9 @@ class Conn:
                     # out of order: keep it if small (the dup ACK asks for the hole)
                     if state in _RX_DATA and self.ooo_bytes + plen <= st.cfg.ooo_limit:
                         st.counters["tcp_rx_out_of_order_queued"] += 1
+                        old = self.ooo.get(seq)
+                        if old is not None:                 # a retransmitted copy replaces it
+                            self.ooo_bytes -= len(old[0])
                         self.ooo[seq] = (f[p:p + plen], flags & FIN)
                         self.ooo_bytes += plen
                     else:

@@ -425,9 +425,13 @@ class Stack:
             return
         if self.n_synrcvd >= self.cfg.syn_backlog:
             raise Malformed("tcp_syn_backlog_full")
-        iss = self.isn.isn(key, now)
-        c = Conn(self, key, src_mac, src_ip, seg.sport, iss, seg.seq, seg.options.mss,
-                 seg.options.wscale, seg.window, now, SYN_RCVD)
+        self._open(key, src_mac, src_ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale,
+                   seg.window, now)
+
+    def _open(self, key, mac, ip, port, seq, mss, ws, win, now) -> None:
+        """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn and our SYN-ACK."""
+        cnt = self.counters
+        c = Conn(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
         self.n_synrcvd += 1
@@ -462,29 +466,23 @@ class Stack:
             return
         key = b[26:38]
         seq = int.from_bytes(b[38:42], "big")
+        if len(self.conns) >= self.cfg.max_conns:          # before TIME-WAIT state is given up
+            cnt["drop_tcp_conn_limit"] += 1
+            return
         tw = self.tw.pop(key, None)
         if tw is not None:                                  # see _tw_segment
             if 0 < ((seq - tw[2]) & MASK) < HALF:
                 cnt["tcp_time_wait_reopened"] += 1
             else:
                 cnt["tcp_time_wait_reopened_lower_seq"] += 1
-        if len(self.conns) >= self.cfg.max_conns:
-            cnt["drop_tcp_conn_limit"] += 1
-            return
         if self.n_synrcvd >= self.cfg.syn_backlog:         # the general path sends a cookie
-            self._tcp_in(b[6:12], src_ip, TcpSegment(*_TCPH.unpack_from(b, 34)[:4], SYN, (b[48] << 8) | b[49],
-                                                     Options(mss, ws)), b, end, now)
+            try:
+                self._tcp_in(b[6:12], src_ip, TcpSegment(*_TCPH.unpack_from(b, 34)[:4], SYN,
+                                                         (b[48] << 8) | b[49], Options(mss, ws)), b, end, now)
+            except Malformed as e:                          # e.g. backlog full with cookies off
+                cnt["drop_" + e.reason] += 1
             return
-        c = Conn(self, key, b[6:12], src_ip, (b[34] << 8) | b[35], self.isn.isn(key, now), seq, mss, ws,
-                 (b[48] << 8) | b[49], now, SYN_RCVD)
-        self.conns[key] = c
-        cnt["tcp_conns_open"] += 1
-        self.n_synrcvd += 1
-        cnt["tcp_syn_received"] += 1
-        c.rtt_t = now
-        c.t_rtx = t = now + c.rtt.rto
-        self.arm(c, t)
-        c._ctl(c.iss, SYN | ACK, self._synack_ws if ws is not None else self._synack_opts)
+        self._open(key, b[6:12], src_ip, (b[34] << 8) | b[35], seq, mss, ws, (b[48] << 8) | b[49], now)
 
     def _tw_segment(self, key, tw, seg, src_mac, src_ip, now) -> bool:
         """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""
@@ -501,6 +499,9 @@ class Stack:
             # answer a lower one with an ACK, the client would RST (ignored here,
             # RFC 1337) and retry after 1 s. We accept it at once: our new ISN
             # is fresh, and old duplicates still face the new connection's checks.
+            if len(self.conns) >= self.cfg.max_conns:   # keep TIME-WAIT: the SYN is dropped
+                cnt["drop_tcp_conn_limit"] += 1
+                return True
             del self.tw[key]
             if 0 < ((seg.seq - rcv_nxt) & MASK) < HALF:
                 cnt["tcp_time_wait_reopened"] += 1
