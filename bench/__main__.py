@@ -151,7 +151,6 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: the JSON's].")
 def render(results_json, out):
     """Recompute the derived figures of a results.json and redraw bench.png and table.md."""
-    from . import plot
     try:
         with open(results_json) as f:
             results = json.load(f)

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 
 from . import cpu, wrk
-from .run import placement, setup_link, log
+from .run import placement, setup_link
 
 
 _LINENO = re.compile(r":\d+\)$")

@@ -146,9 +146,6 @@ class Store:
             raise
         return cls(path, mm, view, mss, blob, sums, site, tables.get("meta", {}))
 
-    def response_bytes(self, r: Response) -> memoryview:
-        return self.blob[r.off:r.off + r.length]
-
     def close(self):
         """Release the map; if slices are still referenced elsewhere, the GC does it later."""
         self.site = None

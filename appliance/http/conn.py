@@ -187,9 +187,6 @@ class HTTPConnection:
             raise ValueError("now(): the date must be a 29-byte IMF-fixdate")
         self._date = bytes(date)
 
-    def now_unix(self, t: float):
-        self.now(format_date(t))
-
     # -- input ---------------------------------------------------------------
 
     def receive(self, data) -> list:

@@ -55,6 +55,7 @@ due, the Stack asks `deadline()` again.
 import struct
 
 from .cc import NewReno
+from .seq import HALF, MASK
 from .tcp import ACK, FIN, PSH, RST, SYN
 from .timers import RttEstimator
 
@@ -67,8 +68,6 @@ STATE_NAMES = {SYN_RCVD: "SYN-RECEIVED", ESTABLISHED: "ESTABLISHED", FIN_WAIT_1:
                TIME_WAIT: "TIME-WAIT", CLOSED: "CLOSED"}
 _RX_DATA = (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2)
 
-MASK = 0xFFFFFFFF
-HALF = 0x80000000
 _EMPTY = memoryview(b"")
 _ip_pack = struct.Struct("!HHHBBH").pack_into        # at 16: total length, id, flags/frag, ttl, proto, csum
 _tcp_pack = struct.Struct("!IIHHH").pack_into        # at 38: seq, ack, offset/flags, window, csum

@@ -64,9 +64,9 @@ written in and the first segment's checksum sum fixed by the difference
 import heapq
 import os
 import struct
-import time
 from typing import NamedTuple
 
+from ..http.dates import format_date as imf_fixdate      # RFC 9110 §5.6.7, 29 bytes
 from .arp import OP_REPLY, OP_REQUEST, ArpCache, ArpPacket
 from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
 from .counters import Counters
@@ -80,21 +80,12 @@ from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
 
-_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
-_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 _KEEP = b"keep-alive"
 _CLOSE = b"close     "
 _ZERO_MAC = b"\0" * 6
 _TCPH = struct.Struct("!HHIIBBH")
 _NO_OPTIONS = Options()
 _SLOTS_PER_S = 1000.0           # timer wheel resolution: 1 ms
-
-
-def imf_fixdate(unix_seconds: int) -> bytes:
-    """RFC 9110 §5.6.7 IMF-fixdate, 29 bytes, independent of the locale."""
-    t = time.gmtime(unix_seconds)
-    return b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (_DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1],
-                                                      t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
 class StackConfig(NamedTuple):
@@ -187,7 +178,6 @@ class Stack:
         self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
         self._gso = {}
         self.last_error = None
-        self.our_port = config.port
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
         self._syn_fast_ok = store is not None and config.syncookies != "always"

@@ -2,15 +2,16 @@
 
 Theory of operation: sequence space is modular; a < b means b is "after" a
 within half the space (RFC 1982 serial arithmetic). `Seq` is the type used
-by the control path and tests; the hot path inlines the same arithmetic with
-the module functions (`lt`, `le`, `diff`, `add`) on plain ints to avoid
-creating objects per packet.
+by tests as the reference model. The connection code (conn.py, iface.py)
+inlines the same arithmetic on plain ints with this module's MASK and HALF
+-- `((b - a) & MASK) < HALF` is `le(a, b)` -- because a function call or an
+object per comparison costs too much on the per-packet path.
 """
 
-__all__ = ["Seq", "MASK", "add", "diff", "lt", "le", "gt", "ge", "between"]
+__all__ = ["Seq", "MASK", "HALF", "add", "diff", "lt", "le", "gt", "ge", "between"]
 
 MASK = 0xFFFFFFFF
-_HALF = 0x80000000
+HALF = _HALF = 0x80000000
 
 
 def add(a: int, n: int) -> int:

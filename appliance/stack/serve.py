@@ -37,7 +37,6 @@ import json
 import os
 import select
 import signal
-import sys
 import time
 
 from .counters import Counters
@@ -353,21 +352,26 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                    wake_fd, on_ready, info, pin, config) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
-    for i in range(workers):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:             # the worker
-            os.close(r)
-            code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
-                          f"{capture}.{i}" if capture else None, fanout, config,
-                          _cpu_for(i) if pin else None)
-            os._exit(code)
-        os.close(w)
-        children[pid] = os.fdopen(r, "r")
     total = Counters()
     ready = 0
     failed = []
-    try:
+    try:                         # a failed fork still stops and reaps the workers already started
+        for i in range(workers):
+            r, w = os.pipe()
+            try:
+                pid = os.fork()
+            except OSError:
+                os.close(r)
+                os.close(w)
+                raise
+            if pid == 0:         # the worker
+                os.close(r)
+                code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
+                              f"{capture}.{i}" if capture else None, fanout, config,
+                              _cpu_for(i) if pin else None)
+                os._exit(code)
+            os.close(w)
+            children[pid] = os.fdopen(r, "r")
         poller = select.poll()
         by_fd = {}
         for pid, f in children.items():

@@ -58,12 +58,11 @@ import array
 import errno
 import fcntl
 import mmap
-import os
 import select
 import socket
 import struct
 
-from .base import GSO, Offload
+from .base import Offload
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
