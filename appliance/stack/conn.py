@@ -210,15 +210,7 @@ class Conn:
             elif d or (end == 54 and wnd == self.snd_wnd and self.snd_max != una):
                 self._segment(seq, ack, off, flags, win, f, end, now)
                 return
-            if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
-                self.snd_wnd = wnd
-                self.wl1 = seq
-                self.wl2 = ack
-                if wnd > self.max_snd_wnd:
-                    self.max_snd_wnd = wnd
-                if wnd and self.persist:
-                    self.persist = False
-                    self.t_rtx = 0.0
+            self._window_update(seq, ack, wnd)
             if end > 54:
                 if len(self.q) >= self.st.cfg.max_queued:
                     self._segment(seq, ack, off, flags, win, f, end, now)   # backpressure
@@ -276,12 +268,7 @@ class Conn:
         una = self.snd_una
         if ack != una:
             self._new_ack(ack, (ack - una) & MASK, now)
-        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
-            self.snd_wnd = wnd = win << self.snd_ws
-            self.wl1 = seq
-            self.wl2 = ack
-            if wnd > self.max_snd_wnd:
-                self.max_snd_wnd = wnd
+        self._window_update(seq, ack, win << self.snd_ws)
         self.state = FIN_WAIT_2                             # our FIN is acknowledged
         if flags & FIN:
             self.rcv_nxt = (seq + 1) & MASK
@@ -362,16 +349,7 @@ class Conn:
         elif (not plen and not flags & FIN and wnd == self.snd_wnd and self.snd_max != una
               and state != SYN_RCVD):
             self._dupack(now)                                   # RFC 5681 §2 duplicate ACK
-        # window update (RFC 9293 §3.10.7.4, SND.WL1/WL2 rule)
-        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
-            self.snd_wnd = wnd
-            self.wl1 = seq
-            self.wl2 = ack
-            if wnd > self.max_snd_wnd:
-                self.max_snd_wnd = wnd
-            if wnd and self.persist:
-                self.persist = False
-                self.t_rtx = 0.0
+        self._window_update(seq, ack, wnd)
         if self.state == CLOSED:
             return
         # our FIN acknowledged?
@@ -465,6 +443,20 @@ class Conn:
             elif flags & FIN:
                 self.ack_now = True                             # a retransmitted FIN: ACK again
         self.output(now)
+
+    def _window_update(self, seq: int, ack: int, wnd: int) -> None:
+        """RFC 9293 §3.10.7.4: take the peer's window from the newest segment (the
+        SND.WL1/SND.WL2 rule); a window that opens ends the persist state. (The
+        pure-ACK fast path in segment() inlines this on purpose.)"""
+        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
+            self.snd_wnd = wnd
+            self.wl1 = seq
+            self.wl2 = ack
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+            if wnd and self.persist:
+                self.persist = False
+                self.t_rtx = 0.0
 
     def _drain_ooo(self):
         """Queued out-of-order bytes that RCV.NXT has now reached: (bytes, FIN flag).
