@@ -250,29 +250,39 @@ class Conn:
         self.st.established(self)
 
     def _closing_fast(self, seq, ack, flags, win, now) -> bool:
-        """The connection-per-request teardown without the general path: in SYN-RECEIVED
-        the handshake's ACK; in FIN-WAIT-1/2, once our FIN was sent, the ACK of
-        everything (-> FIN-WAIT-2) and the peer's FIN (ACK it, -> TIME-WAIT). The
-        caller checked: no options or data, SEG.SEQ = RCV.NXT, SEG.ACK = SND.MAX,
-        ACK set, no SYN/RST. The same steps as _segment for exactly these
-        segments; False (nothing done) for anything else."""
+        """The connection-per-request handshake and teardown without the general path:
+        in SYN-RECEIVED the handshake's ACK; in FIN-WAIT-1/2, once our FIN was sent,
+        the ACK of everything (-> FIN-WAIT-2) and the peer's FIN (ACK it, ->
+        TIME-WAIT). The caller checked: no options or data, SEG.SEQ = RCV.NXT,
+        SEG.ACK = SND.MAX, ACK set, no SYN/RST. The same steps as _segment for
+        exactly these segments, flat; False (nothing done) for anything else."""
         state = self.state
         if state == SYN_RCVD:
             if flags != ACK or self.fin_pending:
                 return False
             self._handshake_done(seq, ack, win, now)
-            self.output(now)
+            if self.q or self.ack_now:
+                self.output(now)
             return True
         if (state != FIN_WAIT_1 and state != FIN_WAIT_2) or ack != ((self.fin_seq + 1) & MASK):
             return False
+        st = self.st
         una = self.snd_una
         if ack != una:
-            self._new_ack(ack, (ack - una) & MASK, now)
-        self._window_update(seq, ack, win << self.snd_ws)
+            # Everything up to our FIN is acknowledged (SEG.ACK = SND.MAX = FIN + 1):
+            # nothing will be sent on this connection again, so the queue goes at
+            # once and there is no RTT sample, window or cwnd left worth updating.
+            st.counters["tcp_bytes_acked"] += (ack - una) & MASK
+            self.snd_una = self.snd_nxt = ack
+            self.q.clear()
+            self.qh = 0
+            self.retries = 0
+            self.last_act = now
+            self.t_rtx = 0.0
+            self.persist = False
         self.state = FIN_WAIT_2                             # our FIN is acknowledged
         if flags & FIN:
             self.rcv_nxt = (seq + 1) & MASK
-            st = self.st
             st.counters["tcp_fin_received"] += 1
             self._ctl(self.snd_nxt, ACK)
             st.time_wait(self, now)
@@ -739,7 +749,9 @@ class Conn:
         else:
             prefix = b""
             rest = it[5][o - hl:o - hl + n]
-        h = self.tmpl + prefix
+        h = bytearray(self.tmpl)
+        if prefix:
+            h += prefix
         tl = 40 + n
         _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
         rn = self.rcv_nxt
@@ -771,7 +783,8 @@ class Conn:
         """A segment without data (ACK, FIN, RST; SYN-ACK with `opts`, a multiple of
         4 bytes), full checksum in software."""
         if opts:
-            h = self.tmpl + opts
+            h = bytearray(self.tmpl)
+            h += opts
             hl = 20 + len(opts)
             osum = int.from_bytes(opts, "big")
         else:

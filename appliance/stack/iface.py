@@ -219,9 +219,55 @@ class Stack:
         NEEDS_CSUM frame from a local sender, whose checksum field holds only
         the pseudo-header sum, or one the NIC validated: TP_STATUS_CSUM_VALID /
         VIRTIO_NET_HDR_F_DATA_VALID); the stack then skips verifying it. The IP
-        header checksum is always verified."""
+        header checksum is always verified.
+
+        The fast path is written out here rather than called: this runs once
+        per frame, and a Python call costs as much as several of its checks."""
         try:
-            self._receive(f, now, csum_ok)
+            # one copy of the (small) frame into bytes: slicing, comparing and summing
+            # bytes is several times cheaper than doing it on a memoryview
+            b = f.tobytes() if type(f) is memoryview else bytes(f)
+            n = len(b)
+            # IPv4, version 4 IHL 5, TCP, not a fragment, our address, our MAC
+            if (n >= 54 and b[12] == 8 and b[13] == 0 and b[14] == 0x45 and b[23] == 6
+                    and not (b[20] & 0x3F or b[21]) and b[30:34] == self.ipb and b[0:6] == self.mac):
+                tl = (b[16] << 8) | b[17]
+                if 40 <= tl <= n - 14 and int.from_bytes(b[14:34], "big") % 0xFFFF == 0:
+                    end = 14 + tl
+                    c = self.conns.get(b[26:38])
+                    if c is not None:
+                        # TCP checksum: the addresses and the segment are one run of bytes
+                        # (26..end), so one sum covers pseudo header addresses + segment
+                        if not csum_ok:
+                            s = int.from_bytes(b[26:end], "big")
+                            if tl & 1:
+                                s <<= 8                             # pad the odd segment at its end
+                            if (s + 6 + tl - 20) % 0xFFFF:
+                                self.counters["drop_tcp_bad_checksum"] += 1
+                                return
+                        self.counters["tcp_in_segments"] += 1
+                        c.segment(b, end, now)
+                        return
+                    # no connection: LISTEN / TIME-WAIT / reset, from the raw header
+                    if not csum_ok and not sum_ok(b[26:end], 6 + tl - 20):
+                        self.counters["drop_tcp_bad_checksum"] += 1
+                        return
+                    if b[47] == SYN and b[36:38] == self._port_b and self._syn_fast_ok:
+                        self._syn(b, end, now)
+                        return
+                    try:
+                        self._check_source(b[26:30])
+                        hl = (b[46] >> 4) << 2
+                        if hl < 20 or 34 + hl > end:
+                            raise Malformed("tcp_bad_offset", str(hl))
+                        sport, dport, seq, ack, _, fl, win = _TCPH.unpack_from(b, 34)
+                        opts = Options.parse(b[54:34 + hl]) if hl > 20 else _NO_OPTIONS
+                        self._tcp_in(b[6:12], b[26:30], TcpSegment(sport, dport, seq, ack, fl, win, opts,
+                                                                   b[34 + hl:end]), b, end, now)
+                    except Malformed as e:
+                        self.counters["drop_" + e.reason] += 1
+                    return
+            self._slow(b, now, csum_ok)
         except Exception as e:          # a bug must not stop the server: count it, keep the text
             self.counters["drop_internal_error"] += 1
             self.last_error = f"{type(e).__name__}: {e}"
@@ -237,54 +283,6 @@ class Stack:
             self.last_error = f"{type(e).__name__}: {e}"
             self._next = now + 0.1
             return self._next
-
-    # ------------------------------------------------------------- the fast path
-
-    def _receive(self, f, now: float, csum_ok: bool = False) -> None:
-        # one copy of the (small) frame into bytes: slicing, comparing and summing
-        # bytes is several times cheaper than doing it on a memoryview
-        b = f.tobytes() if type(f) is memoryview else bytes(f)
-        n = len(b)
-        # IPv4, version 4 IHL 5, TCP, not a fragment, our address, our MAC
-        if (n >= 54 and b[12] == 8 and b[13] == 0 and b[14] == 0x45 and b[23] == 6
-                and not (b[20] & 0x3F or b[21]) and b[30:34] == self.ipb and b[0:6] == self.mac):
-            tl = (b[16] << 8) | b[17]
-            if 40 <= tl <= n - 14 and int.from_bytes(b[14:34], "big") % 0xFFFF == 0:
-                end = 14 + tl
-                c = self.conns.get(b[26:38])
-                if c is not None:
-                    # TCP checksum: the addresses and the segment are one run of bytes
-                    # (26..end), so one sum covers pseudo header addresses + segment
-                    if not csum_ok:
-                        s = int.from_bytes(b[26:end], "big")
-                        if tl & 1:
-                            s <<= 8                             # pad the odd segment at its end
-                        if (s + 6 + tl - 20) % 0xFFFF:
-                            self.counters["drop_tcp_bad_checksum"] += 1
-                            return
-                    self.counters["tcp_in_segments"] += 1
-                    c.segment(b, end, now)
-                    return
-                # no connection: LISTEN / TIME-WAIT / reset, from the raw header
-                if not csum_ok and not sum_ok(b[26:end], 6 + tl - 20):
-                    self.counters["drop_tcp_bad_checksum"] += 1
-                    return
-                if b[47] == SYN and b[36:38] == self._port_b and self._syn_fast_ok:
-                    self._syn(b, end, now)
-                    return
-                try:
-                    self._check_source(b[26:30])
-                    hl = (b[46] >> 4) << 2
-                    if hl < 20 or 34 + hl > end:
-                        raise Malformed("tcp_bad_offset", str(hl))
-                    sport, dport, seq, ack, _, fl, win = _TCPH.unpack_from(b, 34)
-                    opts = Options.parse(b[54:34 + hl]) if hl > 20 else _NO_OPTIONS
-                    self._tcp_in(b[6:12], b[26:30], TcpSegment(sport, dport, seq, ack, fl, win, opts,
-                                                               b[34 + hl:end]), b, end, now)
-                except Malformed as e:
-                    self.counters["drop_" + e.reason] += 1
-                return
-        self._slow(b, now, csum_ok)
 
     # ------------------------------------------------------------- the slow path
 
@@ -609,22 +607,21 @@ class Stack:
 
     def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
         """A connection's Ethernet+IPv4+TCP header template and its checksum constants:
-        (template, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF. The
-        Ethernet+IP part is cached per peer (a client opens many connections)."""
-        k = peer_mac + peer_ip
+        (template bytes, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF. Cached
+        per peer and port: a client opens many connections, and reuses its ports."""
+        k = peer_mac + peer_ip + peer_port.to_bytes(2, "big")
         v = self._tmpl_cache.get(k)
         if v is None:
             t = EthernetFrame(peer_mac, self.mac, ETH_IPV4).emit()
             t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
             ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
             pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
-            if len(self._tmpl_cache) >= 4096:
+            ports = self._port_pre | peer_port
+            if len(self._tmpl_cache) >= 16384:
                 self._tmpl_cache.clear()
-            v = self._tmpl_cache[k] = (t, ip_const, pseudo)
-        t, ip_const, pseudo = v
-        ports = self._port_pre | peer_port
-        return (bytearray(t + ports.to_bytes(4, "big") + self._tcp_tail), ip_const, pseudo,
-                (pseudo + ports) % 0xFFFF)
+            v = self._tmpl_cache[k] = (bytes(t) + ports.to_bytes(4, "big") + self._tcp_tail, ip_const, pseudo,
+                                       (pseudo + ports) % 0xFFFF)
+        return v
 
     def patched(self, resp, close: bool):
         """(header bytes with Date and Connection written, first segment's sum, body view)."""

@@ -25,6 +25,7 @@ __all__ = ["IsnGenerator", "MSS_TABLE"]
 
 MSS_TABLE = (536, 1200, 1360, 1400, 1440, 1452, 1460, 8960)
 _SLOT = 64.0
+_FCACHE_MAX = 65536     # 4-tuples whose F() is kept (~100 bytes each)
 
 
 class IsnGenerator:
@@ -34,12 +35,21 @@ class IsnGenerator:
         self._key = bytes(secret[:32])
         self._ckey = hashlib.blake2s(b"syncookie", key=self._key).digest()
         self._f = hashlib.blake2s(key=self._key, digest_size=4)     # keyed once; copied per ISN
+        self._fcache = {}                                            # 4-tuple -> F(4-tuple, secret)
 
     def isn(self, tuple4: bytes, now: float) -> int:
         m = int(now * 250000)                      # 4 µs ticks (RFC 6528 §3)
-        h = self._f.copy()
-        h.update(tuple4)
-        return (m + int.from_bytes(h.digest(), "big")) & 0xFFFFFFFF
+        f = self._fcache.get(tuple4)
+        if f is None:
+            # F(4-tuple, secret) does not change, and clients reuse 4-tuples
+            # (a connection per request cycles through the ephemeral ports): keep it
+            h = self._f.copy()
+            h.update(tuple4)
+            f = int.from_bytes(h.digest(), "big")
+            if len(self._fcache) >= _FCACHE_MAX:
+                self._fcache.clear()
+            self._fcache[tuple4] = f
+        return (m + f) & 0xFFFFFFFF
 
     def _hash(self, tuple4: bytes, peer_isn: int, t: int, idx: int) -> int:
         h = hashlib.blake2s(tuple4 + peer_isn.to_bytes(4, "big") + bytes((t, idx)), key=self._ckey,
