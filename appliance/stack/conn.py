@@ -76,7 +76,7 @@ _tcp_unpack = struct.Struct("!IIBBH").unpack_from    # at 38: seq, ack, offset, 
 
 class Conn:
     __slots__ = ("st", "key", "state", "peer_mac", "peer_ip", "peer_port",
-                 "tmpl", "ip_const", "pseudo", "tcp_const", "mode", "mss", "aligned", "tso_max", "rwnd",
+                 "tmpl", "ip_const", "pseudo", "tcp_const", "ctl_tmpl", "mode", "mss", "aligned", "tso_max", "rwnd",
                  "iss", "irs", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_ws", "max_snd_wnd",
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
@@ -92,7 +92,8 @@ class Conn:
         self.peer_mac = peer_mac
         self.peer_ip = peer_ip
         self.peer_port = peer_port
-        self.tmpl, self.ip_const, self.pseudo, self.tcp_const = st.template(peer_mac, peer_ip, peer_port)
+        self.tmpl, self.ip_const, self.pseudo, self.tcp_const, self.ctl_tmpl = st.template(peer_mac, peer_ip,
+                                                                                           peer_port)
         self.mode = st.mode
         # SMSS from the peer's MSS option, our MTU and the store's MSS (Stack.mss_params)
         self.mss, self.aligned, self.tso_max, self.gso = st.mss_params(peer_mss)
@@ -150,7 +151,13 @@ class Conn:
         other segment, and duplicate ACKs, take the general path (`_segment`),
         which follows the RFC's order of checks step by step."""
         seq, ack, off, flags, win = _tcp_unpack(f, 38)
-        if end == 54 and flags == 0x10 and off == 0x50 and seq == self.rcv_nxt and self.state == ESTABLISHED:
+        if self.state != ESTABLISHED:
+            if (end == 54 and off == 0x50 and flags & 0x16 == 0x10 and seq == self.rcv_nxt
+                    and ack == self.snd_max and not self.ooo and self._closing_fast(seq, ack, flags, win, now)):
+                return
+            self._segment(seq, ack, off, flags, win, f, end, now)
+            return
+        if end == 54 and flags == 0x10 and off == 0x50 and seq == self.rcv_nxt:
             # Header prediction (RFC 9293 §3.10.7.4; Van Jacobson's BSD fast path): a pure
             # in-order ACK of new data, outside fast recovery and persist, that may update
             # the window (SND.WL1 <= SEG.SEQ, SND.WL2 <= SEG.ACK). The same steps as
@@ -200,8 +207,7 @@ class Conn:
                 if self.snd_nxt != self.data_end or self.ack_now:
                     self.output(now)
                 return
-        if (seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and self.state == ESTABLISHED
-                and not self.ooo):
+        if seq == self.rcv_nxt and flags & 0x17 == 0x10 and off == 0x50 and not self.ooo:
             una = self.snd_una
             d = (ack - una) & MASK
             wnd = win << self.snd_ws
@@ -210,7 +216,8 @@ class Conn:
             elif d or (end == 54 and wnd == self.snd_wnd and self.snd_max != una):
                 self._segment(seq, ack, off, flags, win, f, end, now)
                 return
-            self._window_update(seq, ack, wnd)
+            if seq != self.wl1 or ack != self.wl2 or wnd != self.snd_wnd or self.persist:
+                self._window_update(seq, ack, wnd)
             if end > 54:
                 if len(self.q) >= self.st.cfg.max_queued:
                     self._segment(seq, ack, off, flags, win, f, end, now)   # backpressure
@@ -230,16 +237,15 @@ class Conn:
                         st.arm(self, t)
             self.output(now)
             return
-        if (end == 54 and off == 0x50 and flags & 0x16 == 0x10 and seq == self.rcv_nxt and ack == self.snd_max
-                and not self.ooo and self._closing_fast(seq, ack, flags, win, now)):
-            return
         self._segment(seq, ack, off, flags, win, f, end, now)
 
     def _handshake_done(self, seq, ack, win, now) -> None:
         """SYN-RECEIVED -> ESTABLISHED on an acceptable ACK (RFC 9293 §3.10.7.4, fifth)."""
         self.state = ESTABLISHED
         self.snd_una = (self.snd_una + 1) & MASK            # our SYN is acknowledged
-        self.snd_wnd = win << self.snd_ws
+        self.snd_wnd = wnd = win << self.snd_ws
+        if wnd > self.max_snd_wnd:
+            self.max_snd_wnd = wnd
         self.wl1 = seq
         self.wl2 = ack
         self.t_rtx = 0.0
@@ -788,11 +794,12 @@ class Conn:
             hl = 20 + len(opts)
             osum = int.from_bytes(opts, "big")
         else:
-            h = bytearray(self.tmpl)
+            h = bytearray(self.ctl_tmpl)                # IP length and checksum in place
             hl = 20
             osum = 0
         tl = 20 + hl
-        _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
+        if opts:
+            _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
         rn = self.rcv_nxt if flags & ACK else 0
         offflags = (hl << 10) | flags                   # data offset (hl / 4) in the top 4 bits
         ck = (-(self.tcp_const + seq + rn + ((offflags << 16) | self.rwnd) + hl + osum)) % 0xFFFF

@@ -86,6 +86,9 @@ _ZERO_MAC = b"\0" * 6
 _TCPH = struct.Struct("!HHIIBBH")
 _NO_OPTIONS = Options()
 _SLOTS_PER_S = 1000.0           # timer wheel resolution: 1 ms
+_IP_FIXED = struct.Struct("!HHHBBH").pack_into      # at 16: total length, id, flags/frag, ttl, proto, csum
+_SEQ_ACK = struct.Struct("!II").pack_into
+_CSUM = struct.Struct("!H").pack_into
 
 
 class StackConfig(NamedTuple):
@@ -170,7 +173,9 @@ class Stack:
         self._chal_n = 0
         self._gw_arp_at = 0.0
         self.gso_csum = GSO(34, 16, 0, 54)
-        self._tmpl_cache = {}
+        self._tmpl_cache = {}       # peer MAC + IP -> (Ethernet+IP header, ip_const, pseudo_const)
+        self._conn_tmpl = {}        # peer MAC + IP + port -> Stack.template()
+        self._synack_cache = {}     # (template, with window scale) -> (SYN-ACK header, sum constant)
         self._mss_cache = {}        # peer's MSS option -> (SMSS, aligned, tso_max, gso): see mss_params
         self._port_pre = config.port << 16
         self._tcp_tail = struct.pack("!IIBBHHH", 0, 0, 0x50, 0, 0, 0, 0)   # TCP header after the ports
@@ -346,8 +351,9 @@ class Stack:
 
     def _check_source(self, s: bytes) -> None:
         """RFC 1122 §3.2.1.3: no multicast, broadcast, loopback, "this network" or our own source."""
-        if s[0] >= 224 or s[0] == 0 or s[0] == 127 or s == self.ipb or \
-                (self.prefix < 31 and self.on_link(s) and (int.from_bytes(s, "big") | self.netmask) == MASK):
+        v = int.from_bytes(s, "big")
+        if (v >= 0xE0000000 or v < 0x01000000 or v >> 24 == 127 or s == self.ipb or
+                (self.prefix < 31 and v & self.netmask == self.net and v | self.netmask == MASK)):
             raise Malformed("ip_bad_source", ".".join(map(str, s)))
 
     def _icmp_in(self, eth, ip) -> None:
@@ -425,8 +431,11 @@ class Stack:
         self.n_synrcvd += 1
         cnt["tcp_syn_received"] += 1
         c.rtt_t = now
-        c.t_rtx = t = now + c.rtt.rto
-        self.arm(c, t)
+        c.t_rtx = now + c.rtt.rto
+        # The wheel entry may be earlier than the deadline (when it comes due the
+        # deadline is asked again). At RTO_min it is no later than the retransmission
+        # timer of the reply, whatever the RTT sample: no move on the common path.
+        self.arm(c, now + (self.cfg.rto_min if self.cfg.rto_min < c.t_rtx - now else c.t_rtx - now))
         self.send_synack(c)
 
     def _syn(self, b: bytes, end: int, now: float) -> None:
@@ -521,8 +530,29 @@ class Stack:
     # ------------------------------------------------------ services for Conn
 
     def send_synack(self, c: Conn) -> None:
-        """Our SYN-ACK: MSS, and Window Scale 0 when the peer offered the option."""
-        c._ctl(c.iss, SYN | ACK, self._synack_ws if c.ws_ok else self._synack_opts)
+        """Our SYN-ACK: MSS, and Window Scale 0 when the peer offered the option.
+        Everything but SEQ, ACK and the checksum is the same for every SYN-ACK
+        to one peer and port: built once (the same bytes Conn._ctl would make)."""
+        k = (c.tmpl, c.ws_ok)
+        v = self._synack_cache.get(k)
+        if v is None:
+            opts = self._synack_ws if c.ws_ok else self._synack_opts
+            h = bytearray(c.tmpl)
+            h += opts
+            hl = 20 + len(opts)
+            _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(c.ip_const + 20 + hl)) % 0xFFFF)
+            offflags = (hl << 10) | SYN | ACK
+            struct.pack_into("!HH", h, 46, offflags, c.rwnd)
+            const = (c.tcp_const + ((offflags << 16) | c.rwnd) + hl + int.from_bytes(opts, "big")) % 0xFFFF
+            v = self._synack_cache[k] = (bytes(h), const)
+        h = bytearray(v[0])
+        rn = c.rcv_nxt
+        _SEQ_ACK(h, 38, c.iss, rn)
+        _CSUM(h, 50, (-(v[1] + c.iss + rn)) % 0xFFFF)
+        self.txq.append((h, None, None))
+        self.counters["tcp_out_segments"] += 1
+        c.rcv_unacked = 0
+        c.t_ack = 0.0
 
     def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
         if from_syn_rcvd:
@@ -606,21 +636,35 @@ class Stack:
         return v
 
     def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
-        """A connection's Ethernet+IPv4+TCP header template and its checksum constants:
-        (template bytes, ip_const, pseudo_const, tcp_const), all sums mod 0xFFFF. Cached
-        per peer and port: a client opens many connections, and reuses its ports."""
+        """A connection's header templates and checksum constants: (template, ip_const,
+        pseudo_const, tcp_const, ctl), all sums mod 0xFFFF. `template` is the
+        Ethernet+IPv4+TCP header with addresses and ports; `ctl` the same with the IP
+        total length and checksum of a 40-byte datagram (a bare ACK, FIN or RST)
+        already in place. The Ethernet+IP part is cached per peer, the whole per
+        peer and port: a client opens many connections and reuses its ports."""
         k = peer_mac + peer_ip + peer_port.to_bytes(2, "big")
-        v = self._tmpl_cache.get(k)
-        if v is None:
+        v = self._conn_tmpl.get(k)
+        if v is not None:
+            return v
+        p = peer_mac + peer_ip
+        pv = self._tmpl_cache.get(p)
+        if pv is None:
             t = EthernetFrame(peer_mac, self.mac, ETH_IPV4).emit()
             t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
             ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
             pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
-            ports = self._port_pre | peer_port
-            if len(self._tmpl_cache) >= 16384:
+            if len(self._tmpl_cache) >= 4096:
                 self._tmpl_cache.clear()
-            v = self._tmpl_cache[k] = (bytes(t) + ports.to_bytes(4, "big") + self._tcp_tail, ip_const, pseudo,
-                                       (pseudo + ports) % 0xFFFF)
+            pv = self._tmpl_cache[p] = (bytes(t), ip_const, pseudo)
+        t, ip_const, pseudo = pv
+        ports = self._port_pre | peer_port
+        t = t + ports.to_bytes(4, "big") + self._tcp_tail
+        ctl = bytearray(t)
+        _IP_FIXED(ctl, 16, 40, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 40)) % 0xFFFF)
+        if len(self._conn_tmpl) >= 16384:
+            self._conn_tmpl.clear()
+            self._synack_cache.clear()
+        v = self._conn_tmpl[k] = (t, ip_const, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
         return v
 
     def patched(self, resp, close: bool):
