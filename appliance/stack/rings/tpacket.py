@@ -70,6 +70,7 @@ __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_PROMISC = 1
+PACKET_MR_UNICAST = 3
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
@@ -231,7 +232,7 @@ class TpacketDevice:
 
     def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
-                 offload: Offload | None = None, promisc: bool = False):
+                 offload: Offload | None = None, unicast: bytes | None = None):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
@@ -258,11 +259,12 @@ class TpacketDevice:
         self.rx_csum_ok = []
         try:
             self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
-            if promisc:
-                # Another MAC than the interface's: the NIC must not filter our
-                # frames away. Dropped by the kernel when the socket closes.
+            if unicast is not None and bytes(unicast) != self.mac:
+                # The stack answers for another MAC than the interface's: add it to
+                # the NIC's unicast filter (a driver without one goes promiscuous by
+                # itself). Dropped by the kernel when the socket closes.
                 self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
-                                     struct.pack("=iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b""))
+                                     struct.pack("=iHH8s", self.ifindex, PACKET_MR_UNICAST, 6, bytes(unicast)))
         except BaseException:
             self.close()
             raise
@@ -505,10 +507,10 @@ class TpacketDevice:
                 mm[d + hl:d + total] = payload
             if vnet:
                 if gso is None:
-                    mm[off + TPACKET2_DATA:d] = ZERO_VNET
+                    pack_vnet(mm, off + TPACKET2_DATA, 0, 0, total, 0, 0, 0)
                 else:
                     pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                              VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0, gso[3], gso[2], gso[0], gso[1])
+                              VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0, total, gso[2], gso[0], gso[1])
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total + VNET_HDR_LEN)
             else:
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total)
