@@ -190,6 +190,9 @@ def parse_counters(text: str) -> dict | None:
     return found
 
 
+APPLIANCE_MAC = "02:48:42:00:00:01"     # locally administered (the link is ours alone)
+
+
 class Appliance(Server):
     """`python -m appliance serve` in host mode on the bare veth end."""
     name = "appliance"
@@ -222,8 +225,14 @@ class Appliance(Server):
         return f"haboob {rev} (python {sys.version.split()[0]})"
 
     def argv(self, link, workers: int) -> list[str]:
+        # --mac: the appliance owns the link, so its frames should not be the host
+        # kernel's: with a MAC of its own they are PACKET_OTHERHOST there and
+        # ip_rcv drops them at its first check, instead of a route lookup per
+        # frame (the veth end has no address). The kernel-bypass NIC of Sandstorm
+        # (netmap) gives the same separation.
         return [self.python, "-m", "appliance", "serve", "--store", self.store, "--iface", link.server_if,
-                "--ip", f"{link.server_ip}/{link.prefix}", "--workers", str(workers), "--pin"]
+                "--ip", f"{link.server_ip}/{link.prefix}", "--mac", APPLIANCE_MAC, "--workers", str(workers),
+                "--pin"]
 
     @contextlib.contextmanager
     def start(self, link, workers: int, cpus: list[int]):

@@ -381,3 +381,37 @@ def test_jumbo_mtu_without_offloads(store):
         c = srv.counters
         assert c.get("ring_tx_oversize", 0) == 0, c
         assert c.get("drop_internal_error", 0) == 0, c
+
+
+def _ip_in_receives(ns) -> int:
+    """IP datagrams the namespace's kernel took into its IP layer (/proc/net/snmp Ip: InReceives)."""
+    lines = [l.split() for l in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if l.startswith("Ip:")]
+    return int(lines[1][lines[0].index("InReceives")])
+
+
+def test_own_mac_keeps_the_frames_out_of_the_kernel_ip_layer(store):
+    """With --mac (another MAC than the interface's) the appliance's frames are
+    PACKET_OTHERHOST to the kernel under it: ip_rcv drops them at its first
+    check instead of routing each one. Without it, every frame reaches the IP
+    layer (InReceives), which finds no local address and drops it there."""
+    files = site_files()
+    mac = "02:48:42:00:00:07"
+    with netns.pair(subnet=106) as link:
+        seen = {}
+        for extra in ((), ("--mac", mac)):
+            before = _ip_in_receives(link.server)
+            with running_server(link.server, link.server_if, link.server_ip, store, *extra) as srv:
+                assert srv.ready["mac"] == (mac if extra else srv.ready["mac"])
+                for name in ("index.html", "robots.txt", "img/logo.png"):
+                    r = link.client.run(["curl", "-sS", "--max-time", "10", f"http://{link.server_ip}/{name}"],
+                                        text=False)
+                    assert r.stdout == files[name]
+                neigh = link.client.run(["ip", "neigh", "show", link.server_ip]).stdout
+            seen[bool(extra)] = (_ip_in_receives(link.server) - before, neigh, srv.counters)
+            link.client.run(["ip", "neigh", "flush", "dev", link.client_if])
+        kernel_plain, _, c_plain = seen[False]
+        kernel_own, neigh_own, c_own = seen[True]
+        assert c_plain["tcp_in_segments"] >= 9 and c_own["tcp_in_segments"] >= 9
+        assert kernel_plain >= c_plain["tcp_in_segments"], seen   # every frame went up to ip_rcv
+        assert kernel_own == 0, seen                              # none did
+        assert mac in neigh_own                                   # the client talks to our MAC

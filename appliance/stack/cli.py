@@ -56,7 +56,9 @@ def _fail(msg: str):
 @click.option("--iface", required=True, help="Interface to serve on (up, without an IPv4 address).")
 @click.option("--ip", "ip", required=True, help="Our address with prefix, e.g. 198.18.0.1/24.")
 @click.option("--gateway", default=None, help="IPv4 gateway for clients outside the prefix.")
-@click.option("--mac", default=None, help="Source MAC (default: the interface's).")
+@click.option("--mac", default=None,
+              help="Our MAC (default: the interface's). Another one than the interface's keeps our "
+                   "frames out of the host kernel's IP layer (it drops them as for another host).")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Stack instances (processes) sharing the interface via PACKET_FANOUT.")
 @click.option("--pin", is_flag=True, help="Pin worker i to the i-th CPU this process may run on.")

@@ -219,9 +219,9 @@ def _drain(fd):
         pass
 
 
-def _open_device(iface, capture, fanout=None, promisc=False):
+def _open_device(iface, capture, fanout=None, unicast=None):
     from .rings.tpacket import TpacketDevice
-    dev = TpacketDevice(iface, fanout=fanout, promisc=promisc)
+    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast)
     if capture:
         from .rings.pcap import PcapDevice
         dev = PcapDevice(dev, capture)
@@ -252,9 +252,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     store = Store.open(store_path)
     dev = None
     try:
-        from .rings.tpacket import interface_info
-        hw = interface_info(iface).mac
-        dev = _open_device(iface, capture, fanout, promisc=mac is not None and mac != hw)
+        dev = _open_device(iface, capture, fanout, unicast=mac)
         stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config)
         stack.start(time.monotonic())
         if stack.txq:
