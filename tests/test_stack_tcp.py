@@ -548,6 +548,28 @@ class TestClose:
         client.run_until(client.now + 61)
         assert not client.st.tw
 
+    def test_repeated_close_request_from_the_reply_cache(self, store):
+        """A fresh connection whose first segment is a whole request seen before
+        (Connection: close) is answered from the shared reply cache without an
+        HTTP connection object: the same bytes on the wire, the same FIN, and data
+        after it is ignored and acknowledged, as on the first connection."""
+        st = make_stack(store)
+        seen = []
+        for port in (40001, 40002):
+            c = Client(st, port=port)
+            c.connect()
+            out = c.send("PA", data=c.request("/", b"Connection: close\r\n"))
+            data, _ = c.fetch(list(out))
+            assert data == expected(store, "/", close=True)
+            assert "F" in tcp(out)[-1][TCP].flags and conn_of(c).state == FIN_WAIT_2
+            before = st.counters["tcp_rx_data_ignored"]
+            out = c.send("PA", data=c.request("/"))
+            (a,) = tcp(out + c.run_until(c.now + 0.1))            # a delayed ACK
+            assert a[TCP].flags == "A" and a[TCP].ack == c.seq
+            assert st.counters["tcp_rx_data_ignored"] == before + 1
+            seen.append(data)
+        assert seen[0] == seen[1] and st.counters["http_replies"] == 2
+
     def test_client_closes_first_close_wait_last_ack(self, client):
         """RFC 9293 §3.6: CLOSE-WAIT -> LAST-ACK -> CLOSED, no TIME-WAIT for us."""
         out = tcp(client.send("FA"))

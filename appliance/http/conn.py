@@ -181,6 +181,15 @@ class HTTPConnection:
             cache = caches[self.limits] = {}
         self._cache = cache
 
+    @staticmethod
+    def reply_cache(site) -> dict:
+        """The shared reply cache of `site` under the default limits: raw bytes of a
+        whole body-less request -> its Reply. For a fresh connection whose first
+        bytes are a key, receive() returns exactly that Reply, so a connection that
+        sends one request and closes needs no HTTPConnection. (Bounded by clearing
+        it in place: the dict itself stays the same.)"""
+        return HTTPConnection(site, None)._cache
+
     def now(self, date: bytes):
         """Set the current date (29-byte IMF-fixdate) for dynamic headers."""
         if len(date) != 29:

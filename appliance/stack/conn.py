@@ -69,6 +69,16 @@ STATE_NAMES = {SYN_RCVD: "SYN-RECEIVED", ESTABLISHED: "ESTABLISHED", FIN_WAIT_1:
 _RX_DATA = (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2)
 
 _EMPTY = memoryview(b"")
+
+
+class _HttpDone:
+    """The HTTP state of a connection whose one request was answered from the
+    reply cache and closed it (Conn._deliver): later data is ignored."""
+    __slots__ = ()
+    closed = True
+
+
+_HTTP_DONE = _HttpDone()
 _ip_pack = struct.Struct("!HHHBBH").pack_into        # at 16: total length, id, flags/frag, ttl, proto, csum
 _tcp_pack = struct.Struct("!IIHHH").pack_into        # at 38: seq, ack, offset/flags, window, csum
 _tcp_unpack = struct.Struct("!IIBBH").unpack_from    # at 38: seq, ack, offset, flags, window
@@ -501,14 +511,29 @@ class Conn:
     def _deliver(self, data, now: float) -> bool:
         """In-order request bytes to the HTTP layer; queue the replies (True if any)."""
         http = self.http
-        if http is None or http.closed:
-            self.st.counters["tcp_rx_data_ignored"] += 1
-            return False
         st = self.st
-        if self.date_gen != st.date_gen and st.date is not None:
-            http.now(st.date)
-            self.date_gen = st.date_gen
-        replies = http.receive(bytes(data))
+        if http is None:
+            # The first data of the connection. One whole request that ends it
+            # (Connection: close) is answered from the shared reply cache
+            # without an HTTP connection object; anything else gets one.
+            first = st.http_first
+            r = first(data) if first is not None else None
+            if r is not None and r.close:
+                self.http = _HTTP_DONE
+                replies = (r,)
+            else:
+                http = self.http = st.http_factory()
+                replies = None
+        elif http.closed:
+            st.counters["tcp_rx_data_ignored"] += 1
+            return False
+        else:
+            replies = None
+        if replies is None:
+            if self.date_gen != st.date_gen and st.date is not None:
+                http.now(st.date)
+                self.date_gen = st.date_gen
+            replies = http.receive(bytes(data))
         if not replies:
             if not self.t_req:                                  # a request has started
                 t = self.t_req = now + st.cfg.request_timeout

@@ -152,10 +152,14 @@ class Stack:
                 from appliance.http import HTTPConnection
                 site, blob = store.site, store.blob
                 http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
+                # a fresh connection's first segment: the shared reply cache first (Conn._deliver)
+                self.http_first = HTTPConnection.reply_cache(site).get
         else:
             self.smss = 0
             self.blob = None
         self.http_factory = http_factory
+        if not hasattr(self, "http_first"):
+            self.http_first = None
         self.counters = Counters()
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
@@ -557,8 +561,7 @@ class Stack:
     def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
         if from_syn_rcvd:
             self.n_synrcvd -= 1
-        c.http = self.http_factory()
-        self.counters["tcp_established"] += 1
+        self.counters["tcp_established"] += 1       # (its HTTP state comes with its first data: Conn._deliver)
 
     def remove(self, c: Conn) -> None:
         if c.sched:
