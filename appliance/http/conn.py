@@ -305,6 +305,18 @@ class HTTPConnection:
         if len(buf) > lim.max_head:
             raise ProtocolError(431, "request head too large")
 
+    def _take_line(self, buf, limit: int, status: int, reason: str):
+        """(line without CR LF, bytes used) taken off the front of `buf` (the
+        buffer), LF alone accepted (RFC 9112 §2.2); None while no LF came yet.
+        Waiting for more than `limit` bytes without one is ProtocolError(status)."""
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > limit:
+                raise ProtocolError(status, reason)
+            return None
+        self._buf = buf[nl + 1:]
+        return buf[:nl].rstrip(b"\r"), nl + 1
+
     def _discard_body(self):
         """Consume body bytes of the pending request; its reply once the body is complete."""
         lim = self.limits
@@ -334,13 +346,10 @@ class HTTPConnection:
                     raise ProtocolError(400, "chunk data not followed by CRLF")
                 self._state = _CHUNK_SIZE
             elif st == _CHUNK_SIZE:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    if len(buf) > lim.max_chunk_line:
-                        raise ProtocolError(400, "chunk-size line too long")
+                r = self._take_line(buf, lim.max_chunk_line, 400, "chunk-size line too long")
+                if r is None:
                     return None
-                line = buf[:nl].rstrip(b"\r")
-                self._buf = buf[nl + 1:]
+                line = r[0]
                 if len(line) > lim.max_chunk_line:
                     raise ProtocolError(400, "chunk-size line too long")
                 size = line.split(b";", 1)[0].strip(b" \t")
@@ -357,14 +366,11 @@ class HTTPConnection:
                     self._state = _CHUNK_DATA
                     self._remaining = n
             elif st == _TRAILER:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    if len(buf) > lim.max_head:
-                        raise ProtocolError(431, "trailer section too large")
+                r = self._take_line(buf, lim.max_head, 431, "trailer section too large")
+                if r is None:
                     return None
-                line = buf[:nl].rstrip(b"\r")
-                self._buf = buf[nl + 1:]
-                self._remaining += nl + 1
+                line = r[0]
+                self._remaining += r[1]
                 if self._remaining > lim.max_head:
                     raise ProtocolError(431, "trailer section too large")
                 if not line:
