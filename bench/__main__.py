@@ -216,5 +216,31 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
     click.echo(f"profile: {out}/profile.md, {result['raw']} (py-spy raw stacks)", err=True)
 
 
+@main.command("micro")
+@click.option("--mode", type=click.Choice(["close", "keepalive", "both"]), default="both", show_default=True)
+@click.option("--size", default="4k", show_default=True, help="Size of the file requested.")
+@click.option("--requests", "-n", type=click.IntRange(100, 10_000_000), default=20000, show_default=True)
+@click.option("--reps", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="Repetitions; the fastest is reported (the least disturbed by the machine).")
+@click.option("--profile", is_flag=True, help="Also print cProfile's table for one more run.")
+def micro_cmd(mode, size, requests, reps, profile):
+    """The stack's Python work per request, in memory: no kernel, no network,
+    no root (bench/micro.py). Prints µs per request and per phase."""
+    from . import micro
+    try:
+        size_b = parse_size(size)[1]
+    except SizeError as e:
+        raise click.BadParameter(str(e), param_hint="--size")
+    for m in (("close", "keepalive") if mode == "both" else (mode,)):
+        runs = [micro.run(m, size_b, requests) for _ in range(reps)]
+        best = min(runs, key=lambda r: r["us_per_req"])
+        med = sorted(r["us_per_req"] for r in runs)[len(runs) // 2]
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in best["phases_us"].items())
+        click.echo(f"{m:9s} {size}: {best['us_per_req']:.2f} µs/request (median of {reps}: {med:.2f}); "
+                   f"per phase: {phases}")
+        if profile:
+            click.echo(micro.run(m, size_b, requests, profile=True)["profile"])
+
+
 if __name__ == "__main__":
     main(prog_name="python -m bench")

@@ -149,6 +149,8 @@ def run(mode: str = "close", size: int = 4096, requests: int = 20000, ports: int
         c = st.counters
         if c.get("http_replies", 0) != done or c.get("drop_internal_error", 0):
             raise RuntimeError(f"the stack did not answer every request: {dict(c)} {st.last_error}")
+        if mode == "close" and (c["tcp_time_wait"] != done or st.conns):
+            raise RuntimeError(f"connections did not all end in TIME-WAIT: {dict(c)}")
         res = {"mode": mode, "size": size, "requests": done, "us_per_req": spent * 1e6 / done,
                "phases_us": {k: v * 1e6 / done for k, v in phases.items()}}
         if prof:

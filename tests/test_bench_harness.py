@@ -145,3 +145,18 @@ def test_profile_parses_raw_stacks_by_function_and_line():
     assert own == {"recv (b.py)": 6, "loop (a.py)": 3, "send (b.py)": 1}
     assert incl["main (a.py)"] == 10 and incl["loop (a.py)"] == 10 and incl["recv (b.py)"] == 6
     assert lines["loop (a.py:12)"] == 3 and lines["recv (b.py:5)"] == 6
+
+
+def test_micro_drives_whole_connections_through_the_stack():
+    """bench/micro.py checks every reply and, per connection, the TIME-WAIT end
+    (it raises otherwise); the CLI prints the figures."""
+    from bench import micro
+    r = micro.run("close", 4096, 200)
+    assert r["requests"] == 200 and r["us_per_req"] > 0
+    assert list(r["phases_us"]) == ["syn", "handshake ack", "request", "ack of reply+fin", "fin"]
+    r = micro.run("keepalive", 1024, 200)
+    assert r["requests"] == 200 and list(r["phases_us"]) == ["request", "ack of reply"]
+    p = subprocess.run([sys.executable, "-m", "bench", "micro", "-n", "100", "--reps", "1"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr
+    assert "close" in p.stdout and "keepalive" in p.stdout and "µs/request" in p.stdout
