@@ -506,11 +506,19 @@ class TpacketDevice:
             if payload is not None:
                 mm[d + hl:d + total] = payload
             if vnet:
+                # hdr_len = the whole frame: the kernel copies it into the skb's
+                # linear part instead of pointing the skb at the slot's pages,
+                # which veth would copy again (onto a fresh page) for the peer.
+                # Not for GSO super-frames: up to 64 KB in one linear allocation
+                # (high-order pages) can fail where page-sized frags do not, and
+                # did, stalling a transfer through the impairment forwarder.
                 if gso is None:
                     pack_vnet(mm, off + TPACKET2_DATA, 0, 0, total, 0, 0, 0)
+                elif not gso[2]:
+                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, total, 0, gso[0], gso[1])
                 else:
-                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM,
-                              VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0, total, gso[2], gso[0], gso[1])
+                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                              gso[3], gso[2], gso[0], gso[1])
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total + VNET_HDR_LEN)
             else:
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total)
