@@ -32,6 +32,13 @@ def _processes_mentioning(text):
     return found
 
 
+def _sigint_default():
+    """In the child: SIGINT as at a terminal. A shell starts background jobs
+    with SIGINT ignored, and Python then keeps ignoring it: a test suite run
+    that way could not play Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_quick_run_serves_every_response_right_and_writes_results(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--sizes", "4k", "--out", str(out)],
@@ -64,7 +71,7 @@ def test_quick_run_serves_every_response_right_and_writes_results(tmp_path):
 def test_interrupted_run_removes_namespaces_processes_and_workdir():
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--quick", "--servers", "nginx", "--sizes", "4k",
                              "--reps", "5", "--out", "/nonexistent-never-written"],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=_sigint_default)
     workdir = None
     try:
         for line in proc.stderr:

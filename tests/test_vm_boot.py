@@ -78,7 +78,9 @@ def test_vm_boot_prints_url_and_stops_cleanly_on_ctrl_c(image):
     import signal
     import urllib.request
     proc = subprocess.Popen([sys.executable, "-m", "vm", "boot", str(image.folder)], cwd=sup.REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT as at a terminal, also when the suite runs as a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for line in proc.stdout:
