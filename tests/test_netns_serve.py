@@ -415,3 +415,34 @@ def test_own_mac_keeps_the_frames_out_of_the_kernel_ip_layer(store):
         assert kernel_plain >= c_plain["tcp_in_segments"], seen   # every frame went up to ip_rcv
         assert kernel_own == 0, seen                              # none did
         assert mac in neigh_own                                   # the client talks to our MAC
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_prints_the_live_counters_and_serving_goes_on(store, workers):
+    """SIGUSR1: the counters so far on stdout (several workers: the sum of their
+    once-a-second reports), and the server keeps serving."""
+    files = site_files()
+    with netns.pair(subnet=107 + workers) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store, "--workers", str(workers)) as srv:
+            n = 6
+            for _ in range(n):
+                r = link.client.run(["curl", "-sS", "--max-time", "10", f"http://{link.server_ip}/robots.txt"],
+                                    text=False)
+                assert r.stdout == files["robots.txt"]
+            time.sleep(1.3)                      # every worker has reported since
+            srv.proc.send_signal(signal.SIGUSR1)
+            line = ""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not line.startswith("HABOOB-COUNTERS "):
+                if select.select([srv.proc.stdout], [], [], 0.5)[0]:
+                    line = srv.proc.stdout.readline()
+            assert line.startswith("HABOOB-COUNTERS "), srv.stop(5)
+            live = json.loads(line.split(" ", 1)[1])
+            assert live["http_replies"] == n, live
+            assert live["tcp_established"] == n and live["ring_rx_frames"] >= 4 * n, live
+            if workers > 1:
+                assert live["workers"] == workers
+            r = link.client.run(["curl", "-sS", "--max-time", "10", f"http://{link.server_ip}/robots.txt"],
+                                text=False)
+            assert r.stdout == files["robots.txt"]       # still serving
+        assert srv.counters["http_replies"] == n + 1, srv.counters

@@ -8,13 +8,15 @@ addresses parse; the store opens or the site compiles), then hand over to
 same as inside the image:
 
     HABOOB-READY {"ip": ..., "port": 80, "urls": ..., "iface": ..., ...}
-    HABOOB-COUNTERS {...}          (after SIGINT/SIGTERM)
+    HABOOB-COUNTERS {...}          (after SIGINT/SIGTERM; on SIGUSR1, the
+                                    counters so far, and serving goes on)
 
 Every refusal is one line on stderr naming what is wrong, exit status 2.
 """
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -68,7 +70,9 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
     Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
-    at exit. The interface must be up and have no IPv4 address.
+    at exit, and on SIGUSR1 the counters so far (with several workers, as
+    of their last report: once a second). The interface must be up and have
+    no IPv4 address.
     """
     import ipaddress
     from .serve import parse_mac, serve
@@ -120,10 +124,19 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
             except (StoreError, OSError) as e:
                 _fail(f"--store {store}: {e}")
 
+        live = {}
+
         def on_ready(ready):
+            live["counters"] = ready.counters
             click.echo("HABOOB-READY " + json.dumps(ready.info))
             sys.stdout.flush()
 
+        def on_usr1(signum, frame):             # the counters so far, without stopping
+            c = live.get("counters")
+            click.echo("HABOOB-COUNTERS " + json.dumps(c.as_dict() if c is not None else {}))
+            sys.stdout.flush()
+
+        old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
         try:
             counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
                              capture=capture, on_ready=on_ready, pin=pin)
@@ -131,5 +144,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
             _fail(f"interface {iface}: {e}")
         except RuntimeError as e:               # a worker failed to start
             _fail(str(e))
+        finally:
+            signal.signal(signal.SIGUSR1, old_usr1)
         click.echo("HABOOB-COUNTERS " + json.dumps(counters.as_dict() if hasattr(counters, "as_dict")
                                                   else dict(counters)))

@@ -25,8 +25,10 @@ pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
 Workers (`workers=N`): N processes forked after the store is checked, each
 with its own device socket in one PACKET_FANOUT_HASH group (the flow hash
 keeps every TCP connection on one worker), its own Stack, store mapping and
-secret: nothing is shared, no locks. Each worker reports readiness and, at
-exit, its counters as one JSON line on a pipe; the parent sums them. The
+secret: nothing is shared, no locks. Each worker reports on a pipe, one
+line each: readiness, its counters once a second (the parent keeps their
+sum as the live counters it hands to on_ready) and its counters at exit
+(the parent sums them for the result). The
 loop is kept flat (locals for every attribute it touches per batch) since
 it runs once per wake-up at full load.
 """
@@ -51,7 +53,9 @@ SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _sh
 
 class Ready:
     """Passed to on_ready: `info` (what the appliance serves where) and the
-    live `counters` (of this process's stack; None in a multi-worker parent)."""
+    live `counters` (`as_dict()`): this process's stack and ring as they are
+    now, or in a multi-worker parent the sum of what the workers last
+    reported (each reports once a second)."""
 
     def __init__(self, info: dict, counters):
         self.info = info
@@ -59,6 +63,16 @@ class Ready:
 
     def __repr__(self):
         return f"Ready({self.info!r})"
+
+
+class _Live:
+    """Counters computed when asked: `as_dict()` of `collect()`."""
+
+    def __init__(self, collect):
+        self._collect = collect
+
+    def as_dict(self) -> dict:
+        return self._collect().as_dict()
 
 
 def parse_mac(mac: str) -> bytes:
@@ -88,9 +102,10 @@ def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=Non
     return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
 
 
-def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
+def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None) -> None:
     """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
-    an exception out of the stack is counted (loop_stack_errors) and the loop goes on."""
+    an exception out of the stack is counted (loop_stack_errors) and the loop goes on.
+    `tick()`, if given, is called once a second (with the Date refresh)."""
     rx = dev.rx_batch
     tx = dev.tx_batch
     receive = stack.receive
@@ -127,6 +142,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH) -> None:
             wall = time.time()
             set_date(int(wall))
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
+            if tick is not None:
+                tick()
         frames = rx(batch)
         if len(frames) == batch:
             # A full batch: frames are arriving faster than we handle them and
@@ -242,7 +259,7 @@ def _collect(stack, dev) -> Counters:
 
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
-            on_stack=None, config=None, cpu=None) -> Counters:
+            on_stack=None, config=None, cpu=None, on_tick=None) -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -260,7 +277,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
             stack.txq.clear()
         if on_stack:
             on_stack(stack, dev)
-        run_loop(stack, dev, stop, wake_fd)
+        run_loop(stack, dev, stop, wake_fd, tick=(lambda: on_tick(stack, dev)) if on_tick else None)
         return _collect(stack, dev)
     finally:
         if dev is not None:
@@ -331,7 +348,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
             def ready(stack, dev):
                 info["offload"] = dev.offload._asdict()
                 if on_ready:
-                    on_ready(Ready(info, stack.counters))
+                    on_ready(Ready(info, _Live(lambda: _collect(stack, dev))))
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
@@ -351,6 +368,8 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
+    live = Counters()            # the workers' last LIVE reports, summed (Ready.counters)
+    last = {}                    # pid -> its last LIVE report
     ready = 0
     failed = []
     try:                         # a failed fork still stops and reaps the workers already started
@@ -397,7 +416,13 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                 if kind == "READY":
                     ready += 1
                     if ready == workers and on_ready:
-                        on_ready(Ready(info, None))
+                        on_ready(Ready(info, live))
+                elif kind == "LIVE":
+                    last[by_fd[fd]] = json.loads(data)
+                    live.clear()
+                    for part in last.values():
+                        live.merge(part)
+                    live["workers"] = workers
                 elif kind == "COUNTERS":
                     part = json.loads(data)
                     total.merge(part)
@@ -448,8 +473,11 @@ def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanou
 
         def ready(stack, dev):
             out.write("READY\n")
+
+        def tick(stack, dev):
+            out.write("LIVE " + json.dumps(dict(_collect(stack, dev))) + "\n")
         counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
-                           stopper, wake_fd, ready, config, cpu)
+                           stopper, wake_fd, ready, config, cpu, tick)
         out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
         return 0
     except BaseException as e:

@@ -248,6 +248,7 @@ class TpacketDevice:
         self.direct_min = DIRECT_MIN
         want = read_offload(iface) if offload is None else offload
         self._socks = []
+        self._kstats = [0, 0]       # PACKET_STATISTICS summed over reads (see kernel_stats)
         self._rx = []
         self._mm = []
         self._epoll = None
@@ -624,17 +625,18 @@ class TpacketDevice:
     # -- the rest -------------------------------------------------------
 
     def kernel_stats(self) -> dict:
-        """PACKET_STATISTICS (packets seen, dropped for lack of a free RX slot);
-        reading resets them in the kernel."""
-        total = drops = 0
+        """PACKET_STATISTICS (packets seen, dropped for lack of a free RX slot)
+        since the device was opened. The kernel resets them on every read, so
+        they are summed here: live counters may ask as often as they like."""
+        k = self._kstats
         for s in self._socks:
             try:
                 p, d = struct.unpack("=II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
             except OSError:
                 continue
-            total += p
-            drops += d
-        return {"kernel_rx_packets": total, "kernel_rx_drops": drops}
+            k[0] += p
+            k[1] += d
+        return {"kernel_rx_packets": k[0], "kernel_rx_drops": k[1]}
 
     def close(self):
         for r in self._rx:
