@@ -69,6 +69,9 @@ STATE_NAMES = {SYN_RCVD: "SYN-RECEIVED", ESTABLISHED: "ESTABLISHED", FIN_WAIT_1:
 _RX_DATA = (ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2)
 
 _EMPTY = memoryview(b"")
+_ip_pack = struct.Struct("!HHHBBH").pack_into        # at 16: total length, id, flags/frag, ttl, proto, csum
+_tcp_pack = struct.Struct("!IIHHH").pack_into        # at 38: seq, ack, offset/flags, window, csum
+_tcp_unpack = struct.Struct("!IIBBH").unpack_from    # at 38: seq, ack, offset, flags, window
 
 
 class _HttpDone:
@@ -79,9 +82,6 @@ class _HttpDone:
 
 
 _HTTP_DONE = _HttpDone()
-_ip_pack = struct.Struct("!HHHBBH").pack_into        # at 16: total length, id, flags/frag, ttl, proto, csum
-_tcp_pack = struct.Struct("!IIHHH").pack_into        # at 38: seq, ack, offset/flags, window, csum
-_tcp_unpack = struct.Struct("!IIBBH").unpack_from    # at 38: seq, ack, offset, flags, window
 
 
 class Conn:

@@ -22,8 +22,10 @@ NEEDS_CSUM frames from a local sender carry only the pseudo-header sum.
 Construction: `Stack(store, mac, ip, prefix, gateway, offload, config,
 secret, http_factory=None)`; `config.mtu` must be the device's MTU; the
 secret (>= 16 bytes, from os.urandom) keys ISNs and SYN cookies;
-`http_factory()` makes one HTTP connection object per TCP connection
-(default: appliance.http.HTTPConnection on the store).
+`http_factory()` makes one HTTP connection object per TCP connection, with
+its first data (default: appliance.http.HTTPConnection on the store; a
+connection whose one segment is a cached whole request that closes it is
+answered from the shared reply cache and needs none).
 
 Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port`: a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
@@ -36,7 +38,9 @@ and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
 Timers: every Conn has at most one entry in a timer wheel, at the earliest
-of its deadlines (`arm`, `Conn.sched`): slots of 1 ms (a dict used as an
+of its deadlines or before it (`arm`, `Conn.sched`; a passive open's entry
+sits at RTO_min, so that the reply's retransmission timer never has to move
+it): slots of 1 ms (a dict used as an
 ordered set of Conns), plus a heap of the slot numbers in use. `poll` takes
 only the due entries, asks each connection for its deadline again and
 re-arms it, so idle connections cost nothing per poll. A connection that
