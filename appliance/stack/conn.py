@@ -187,11 +187,7 @@ class Conn:
                     self.rtt_t = 0.0
                 q = self.q
                 if q and ((ack - q[0][1]) & MASK) < HALF:
-                    k = 1
-                    while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
-                        k += 1
-                    del q[:k]
-                    self.qh = self.qh - k if self.qh > k else 0
+                    self._drop_acked(ack)
                 self.st.counters["tcp_bytes_acked"] += d
                 cc.dupacks = 0                              # NewReno.on_ack outside recovery (RFC 5681, 3465)
                 cwnd = cc.cwnd
@@ -576,11 +572,7 @@ class Conn:
             self.rtt_t = 0.0
         q = self.q
         if q and ((ack - q[0][1]) & MASK) < HALF:
-            k = 1
-            while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
-                k += 1
-            del q[:k]
-            self.qh = self.qh - k if self.qh > k else 0
+            self._drop_acked(ack)
         st.counters["tcp_bytes_acked"] += acked
         if self.cc.on_ack(acked, flight, ack):
             st.counters["tcp_newreno_partial_ack"] += 1
@@ -591,6 +583,16 @@ class Conn:
             self.t_rtx = 0.0                                    # RFC 6298 (5.2)
         else:
             self.t_rtx = now + self.rtt.rto                     # RFC 6298 (5.3)
+
+    def _drop_acked(self, ack: int) -> None:
+        """Drop the queue items that SEG.ACK covers entirely (the caller checked the
+        first one is); the send hint follows."""
+        q = self.q
+        k = 1
+        while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
+            k += 1
+        del q[:k]
+        self.qh = self.qh - k if self.qh > k else 0
 
     def _dupack(self, now: float) -> None:
         if self.cc.on_dupack((self.snd_max - self.snd_una) & MASK, self.snd_una, self.snd_max):
@@ -812,19 +814,18 @@ class Conn:
 
     def _ctl(self, seq: int, flags: int, opts: bytes = b"") -> None:
         """A segment without data (ACK, FIN, RST; SYN-ACK with `opts`, a multiple of
-        4 bytes), full checksum in software."""
+        4 bytes), full checksum in software. The header comes ready-made, IP length
+        and checksum in place: `ctl_tmpl`, or with options from the Stack's cache
+        (Stack.opts_template); only SEQ, ACK, flags and the TCP checksum are written."""
         if opts:
-            h = bytearray(self.tmpl)
-            h += opts
-            hl = 20 + len(opts)
-            osum = int.from_bytes(opts, "big")
+            st = self.st
+            v = st._opts_cache.get((self.tmpl, opts))
+            t, hl, osum = v if v is not None else st.opts_template(self.tmpl, self.ip_const, opts)
+            h = bytearray(t)
         else:
-            h = bytearray(self.ctl_tmpl)                # IP length and checksum in place
+            h = bytearray(self.ctl_tmpl)
             hl = 20
             osum = 0
-        tl = 20 + hl
-        if opts:
-            _ip_pack(h, 16, tl, 0, 0x4000, 64, 6, (-(self.ip_const + tl)) % 0xFFFF)
         rn = self.rcv_nxt if flags & ACK else 0
         offflags = (hl << 10) | flags                   # data offset (hl / 4) in the top 4 bits
         ck = (-(self.tcp_const + seq + rn + ((offflags << 16) | self.rwnd) + hl + osum)) % 0xFFFF

@@ -91,8 +91,6 @@ _TCPH = struct.Struct("!HHIIBBH")
 _NO_OPTIONS = Options()
 _SLOTS_PER_S = 1000.0           # timer wheel resolution: 1 ms
 _IP_FIXED = struct.Struct("!HHHBBH").pack_into      # at 16: total length, id, flags/frag, ttl, proto, csum
-_SEQ_ACK = struct.Struct("!II").pack_into
-_CSUM = struct.Struct("!H").pack_into
 
 
 class StackConfig(NamedTuple):
@@ -149,6 +147,7 @@ class Stack:
         self.mode = 2 if offload.tso else (1 if offload.csum else 0)
         self.cfg = config
         self.isn = IsnGenerator(secret if secret is not None else os.urandom(32))
+        http_first = None
         if store is not None:
             self.smss = store.mss
             self.blob = store.blob
@@ -157,13 +156,12 @@ class Stack:
                 site, blob = store.site, store.blob
                 http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
                 # a fresh connection's first segment: the shared reply cache first (Conn._deliver)
-                self.http_first = HTTPConnection.reply_cache(site).get
+                http_first = HTTPConnection.reply_cache(site).get
         else:
             self.smss = 0
             self.blob = None
         self.http_factory = http_factory
-        if not hasattr(self, "http_first"):
-            self.http_first = None
+        self.http_first = http_first
         self.counters = Counters()
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
@@ -183,13 +181,12 @@ class Stack:
         self.gso_csum = GSO(34, 16, 0, 54)
         self._tmpl_cache = {}       # peer MAC + IP -> (Ethernet+IP header, ip_const, pseudo_const)
         self._conn_tmpl = {}        # peer MAC + IP + port -> Stack.template()
-        self._synack_cache = {}     # (template, with window scale) -> (SYN-ACK header, sum constant)
+        self._opts_cache = {}       # (template, TCP options) -> Stack.opts_template()
         self._mss_cache = {}        # peer's MSS option -> (SMSS, aligned, tso_max, gso): see mss_params
         self._port_pre = config.port << 16
         self._tcp_tail = struct.pack("!IIBBHHH", 0, 0, 0x50, 0, 0, 0, 0)   # TCP header after the ports
         self._synack_opts = Options(mss=config.mtu - 40).emit()
         self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
-        self._gso = {}
         self.last_error = None
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
@@ -443,7 +440,7 @@ class Stack:
         # The wheel entry may be earlier than the deadline (when it comes due the
         # deadline is asked again). At RTO_min it is no later than the retransmission
         # timer of the reply, whatever the RTT sample: no move on the common path.
-        self.arm(c, now + (self.cfg.rto_min if self.cfg.rto_min < c.t_rtx - now else c.t_rtx - now))
+        self.arm(c, min(now + self.cfg.rto_min, c.t_rtx))
         self.send_synack(c)
 
     def _syn(self, b: bytes, end: int, now: float) -> None:
@@ -538,29 +535,24 @@ class Stack:
     # ------------------------------------------------------ services for Conn
 
     def send_synack(self, c: Conn) -> None:
-        """Our SYN-ACK: MSS, and Window Scale 0 when the peer offered the option.
-        Everything but SEQ, ACK and the checksum is the same for every SYN-ACK
-        to one peer and port: built once (the same bytes Conn._ctl would make)."""
-        k = (c.tmpl, c.ws_ok)
-        v = self._synack_cache.get(k)
+        """Our SYN-ACK: MSS, and Window Scale 0 when the peer offered the option."""
+        c._ctl(c.iss, SYN | ACK, self._synack_ws if c.ws_ok else self._synack_opts)
+
+    def opts_template(self, tmpl: bytes, ip_const: int, opts: bytes):
+        """(header, TCP header length, options' sum) of a data-less segment with
+        `opts` for a connection's template: IP length and checksum and the options
+        in place. The same for every SYN-ACK to one peer and port: cached."""
+        k = (tmpl, opts)
+        v = self._opts_cache.get(k)
         if v is None:
-            opts = self._synack_ws if c.ws_ok else self._synack_opts
-            h = bytearray(c.tmpl)
+            h = bytearray(tmpl)
             h += opts
             hl = 20 + len(opts)
-            _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(c.ip_const + 20 + hl)) % 0xFFFF)
-            offflags = (hl << 10) | SYN | ACK
-            struct.pack_into("!HH", h, 46, offflags, c.rwnd)
-            const = (c.tcp_const + ((offflags << 16) | c.rwnd) + hl + int.from_bytes(opts, "big")) % 0xFFFF
-            v = self._synack_cache[k] = (bytes(h), const)
-        h = bytearray(v[0])
-        rn = c.rcv_nxt
-        _SEQ_ACK(h, 38, c.iss, rn)
-        _CSUM(h, 50, (-(v[1] + c.iss + rn)) % 0xFFFF)
-        self.txq.append((h, None, None))
-        self.counters["tcp_out_segments"] += 1
-        c.rcv_unacked = 0
-        c.t_ack = 0.0
+            _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 20 + hl)) % 0xFFFF)
+            if len(self._opts_cache) >= 16384:
+                self._opts_cache.clear()
+            v = self._opts_cache[k] = (bytes(h), hl, int.from_bytes(opts, "big"))
+        return v
 
     def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
         if from_syn_rcvd:
@@ -616,12 +608,6 @@ class Stack:
         self._chal_n += 1
         return self._chal_n <= self.cfg.challenge_ack_limit
 
-    def gso_tso(self, mss: int) -> GSO:
-        g = self._gso.get(mss)
-        if g is None:
-            g = self._gso[mss] = GSO(34, 16, mss, 54)
-        return g
-
     def mss_params(self, peer_mss):
         """(SMSS, aligned, tso_max, gso) for a peer's MSS option (None: absent), cached:
         a client's connections all carry the same option.
@@ -639,7 +625,7 @@ class Stack:
             if len(self._mss_cache) >= 1024:
                 self._mss_cache.clear()
             v = self._mss_cache[peer_mss] = (mss, mss == self.smss, max(mss, (cfg.tso_max // mss) * mss),
-                                             self.gso_tso(mss))
+                                             GSO(34, 16, mss, 54))
         return v
 
     def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
@@ -670,7 +656,6 @@ class Stack:
         _IP_FIXED(ctl, 16, 40, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 40)) % 0xFFFF)
         if len(self._conn_tmpl) >= 16384:
             self._conn_tmpl.clear()
-            self._synack_cache.clear()
         v = self._conn_tmpl[k] = (t, ip_const, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
         return v
 
