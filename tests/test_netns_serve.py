@@ -28,15 +28,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = os.path.join(ROOT, "examples", "www")
 
 
-def site_files() -> dict:
-    """relative path -> bytes of every file of the example site."""
+def read_tree(root: str) -> dict:
+    """relative path -> bytes of every file below `root`."""
     out = {}
-    for d, _, files in os.walk(SITE):
+    for d, _, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
             with open(p, "rb") as fh:
-                out[os.path.relpath(p, SITE)] = fh.read()
+                out[os.path.relpath(p, root)] = fh.read()
     return out
+
+
+def site_files() -> dict:
+    """relative path -> bytes of every file of the example site."""
+    return read_tree(SITE)
 
 
 @pytest.fixture(scope="session")
@@ -115,12 +120,7 @@ def mirror(link, dest, files=None):
     files = files or site_files()
     link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=3", "--timeout=20",
                      "-P", dest, f"http://{link.server_ip}/"], timeout=180, check=False)
-    got = {}
-    for d, _, fs in os.walk(dest):
-        for f in fs:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                got[os.path.relpath(p, dest)] = fh.read()
+    got = read_tree(dest)
     rest = [k for k in files if k not in got and not k.endswith("404.html")]
     if rest:
         urls = "\n".join(f"http://{link.server_ip}/{k}" for k in rest)
