@@ -171,23 +171,14 @@ class Conn:
             # Header prediction (RFC 9293 §3.10.7.4; Van Jacobson's BSD fast path): a pure
             # in-order ACK of new data, outside fast recovery and persist, that may update
             # the window (SND.WL1 <= SEG.SEQ, SND.WL2 <= SEG.ACK). The same steps as
-            # _new_ack + NewReno.on_ack + the window update below, flat.
+            # _new_ack (_acked + NewReno.on_ack) + the window update, with cwnd
+            # growth and the window update written out.
             una = self.snd_una
             d = (ack - una) & MASK
             cc = self.cc
             if (d and d <= ((self.snd_max - una) & MASK) and not cc.in_recovery and not self.persist
                     and ((seq - self.wl1) & MASK) < HALF and ((ack - self.wl2) & MASK) < HALF and not self.ooo):
-                self.snd_una = ack
-                if ((self.snd_nxt - ack) & MASK) >= HALF:
-                    self.snd_nxt = ack                      # acked beyond snd_nxt (after go-back)
-                self.retries = 0
-                self.last_act = now
-                if self.rtt_t and ((ack - self.rtt_seq) & MASK) < HALF:
-                    self.rtt.sample(now - self.rtt_t)       # RFC 6298 §3
-                    self.rtt_t = 0.0
-                q = self.q
-                if q and ((ack - q[0][1]) & MASK) < HALF:
-                    self._drop_acked(ack)
+                self._acked(ack, now)
                 self.st.counters["tcp_bytes_acked"] += d
                 cc.dupacks = 0                              # NewReno.on_ack outside recovery (RFC 5681, 3465)
                 cwnd = cc.cwnd
@@ -562,17 +553,7 @@ class Conn:
         st = self.st
         una = self.snd_una
         flight = (self.snd_max - una) & MASK
-        self.snd_una = ack
-        if ((self.snd_nxt - ack) & MASK) >= HALF:
-            self.snd_nxt = ack                                  # acked beyond snd_nxt (after go-back)
-        self.retries = 0
-        self.last_act = now
-        if self.rtt_t and ((ack - self.rtt_seq) & MASK) < HALF:
-            self.rtt.sample(now - self.rtt_t)                   # RFC 6298 §3 (Karn: not timing retransmits)
-            self.rtt_t = 0.0
-        q = self.q
-        if q and ((ack - q[0][1]) & MASK) < HALF:
-            self._drop_acked(ack)
+        self._acked(ack, now)
         st.counters["tcp_bytes_acked"] += acked
         if self.cc.on_ack(acked, flight, ack):
             st.counters["tcp_newreno_partial_ack"] += 1
@@ -584,15 +565,25 @@ class Conn:
         else:
             self.t_rtx = now + self.rtt.rto                     # RFC 6298 (5.3)
 
-    def _drop_acked(self, ack: int) -> None:
-        """Drop the queue items that SEG.ACK covers entirely (the caller checked the
-        first one is); the send hint follows."""
+    def _acked(self, ack: int, now: float) -> None:
+        """SND.UNA moves to SEG.ACK (new data acknowledged): the RTT sample if the
+        timed segment is covered (RFC 6298 §3; Karn: retransmits are not timed),
+        and the queue items the ACK covers entirely leave (the send hint follows)."""
+        self.snd_una = ack
+        if ((self.snd_nxt - ack) & MASK) >= HALF:
+            self.snd_nxt = ack                                  # acked beyond snd_nxt (after go-back)
+        self.retries = 0
+        self.last_act = now
+        if self.rtt_t and ((ack - self.rtt_seq) & MASK) < HALF:
+            self.rtt.sample(now - self.rtt_t)
+            self.rtt_t = 0.0
         q = self.q
-        k = 1
-        while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
-            k += 1
-        del q[:k]
-        self.qh = self.qh - k if self.qh > k else 0
+        if q and ((ack - q[0][1]) & MASK) < HALF:
+            k = 1
+            while k < len(q) and ((ack - q[k][1]) & MASK) < HALF:
+                k += 1
+            del q[:k]
+            self.qh = self.qh - k if self.qh > k else 0
 
     def _dupack(self, now: float) -> None:
         if self.cc.on_dupack((self.snd_max - self.snd_una) & MASK, self.snd_una, self.snd_max):
