@@ -117,12 +117,6 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
                 compile_site(site, store)
             except CompileError as e:
                 _fail(f"--site {site}: {e}")
-        else:
-            from ..content.store import Store, StoreError
-            try:
-                Store.open(store).close()
-            except (StoreError, OSError) as e:
-                _fail(f"--store {store}: {e}")
 
         live = {}
 
@@ -136,10 +130,13 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
             click.echo("HABOOB-COUNTERS " + json.dumps(c.as_dict() if c is not None else {}))
             sys.stdout.flush()
 
+        from ..content.store import StoreError
         old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
-        try:
+        try:                                    # serve() opens and checks the store first
             counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
                              capture=capture, on_ready=on_ready, pin=pin)
+        except StoreError as e:
+            _fail(f"--store {store}: {e}")
         except OSError as e:
             _fail(f"interface {iface}: {e}")
         except RuntimeError as e:               # a worker failed to start
