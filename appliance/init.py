@@ -18,8 +18,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    stack instance per CPU unless haboob.workers= says otherwise);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
-   kernel would otherwise answer our TCP segments with RSTs), and read the
-   offloads it offers with the legacy ethtool ioctls;
+   kernel would otherwise answer our TCP segments with RSTs), and wait for
+   its link (the ring reads the offloads it offers when serve() opens it);
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
    come from a predictable fallback;
@@ -53,9 +53,8 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 SYS_finit_module = 313                   # x86_64
 RB_POWER_OFF = 0x4321FEDC
 RB_DISABLE_CAD = 0                       # Ctrl-Alt-Del then sends SIGINT to PID 1
-SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCETHTOOL = 0x8913, 0x8914, 0x8946
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP = 0x1
-ETHTOOL = {"rx_csum": 0x14, "tx_csum": 0x16, "sg": 0x18, "tso": 0x1E, "gso": 0x23, "gro": 0x2B}
 EV_KEY, KEY_POWER = 0x01, 116
 INPUT_EVENT = struct.Struct("llHHi")     # struct input_event on x86_64: timeval, type, code, value
 
@@ -281,7 +280,9 @@ def find_nic(mac: str | None, timeout: float = 10.0, carrier_wait: float = 10.0)
     By MAC when haboob.mac= is given. Else the only NIC; or, on a machine
     with several (a server with four ports, one cabled), every NIC is
     brought up and the first with carrier (a link) is chosen, waiting up to
-    carrier_wait seconds for one; the others go down again."""
+    carrier_wait seconds for one; the others go down again. "carrier": True
+    or False when that wait already happened (the NIC is up), None when the
+    NIC was not brought up here."""
     deadline = time.monotonic() + timeout
     seen = []
     while True:
@@ -307,6 +308,7 @@ def find_nic(mac: str | None, timeout: float = 10.0, carrier_wait: float = 10.0)
             raise Fatal("no network interface with a driver appeared (is there a virtio-net NIC?)")
         time.sleep(0.05)
     if len(nics) == 1:
+        nics[0]["carrier"] = None
         return nics[0]
     for nic in nics:
         link_up(nic["iface"])
@@ -320,6 +322,7 @@ def find_nic(mac: str | None, timeout: float = 10.0, carrier_wait: float = 10.0)
             break
         if chosen is None:
             time.sleep(0.05)
+    chosen["carrier"] = _read(f"/sys/class/net/{chosen['iface']}/carrier") == "1"
     for nic in nics:
         if nic is not chosen:
             link_up(nic["iface"], up=False)
@@ -341,21 +344,6 @@ def link_up(iface: str, up: bool = True) -> None:
         flags = struct.unpack_from("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
         flags = flags | IFF_UP if up else flags & ~IFF_UP
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", iface.encode(), flags))
-
-
-def offloads(iface: str) -> dict:
-    """What the device offers, from the legacy ethtool get ioctls (struct ethtool_value)."""
-    out = {}
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for name, cmd in ETHTOOL.items():
-            buf = ctypes.create_string_buffer(struct.pack("II", cmd, 0), 8)
-            req = struct.pack("16sP16x", iface.encode(), ctypes.addressof(buf))
-            try:
-                fcntl.ioctl(s, SIOCETHTOOL, req)
-                out[name] = bool(struct.unpack("II", buf.raw)[1])
-            except OSError:
-                out[name] = False
-    return out
 
 
 # -- entropy, signals, power button ----------------------------------------------------------
@@ -466,13 +454,12 @@ def boot() -> None:
     loaded = load_modules(config.get("modules", "/etc/haboob/modules"))
     phases["modules_loaded"] = ms_since_boot()
     nic = find_nic(s["mac"])
-    link_up(nic["iface"])
-    # Physical NICs negotiate for a second or more after IFF_UP (e1000e ~1-2 s):
-    # wait for the link so that HABOOB-READY means reachable; serve anyway without one.
-    link = wait_carrier(nic["iface"], 10.0)
-    if not link:
-        say(f"haboob: no link on {nic['iface']} after 10 s (cable?); serving anyway")
-    offered = offloads(nic["iface"])
+    if nic["carrier"] is None:              # (with several NICs find_nic has waited already)
+        link_up(nic["iface"])
+        # Physical NICs negotiate for a second or more after IFF_UP (e1000e ~1-2 s):
+        # wait for the link so that HABOOB-READY means reachable; serve anyway without one.
+        if not wait_carrier(nic["iface"], 10.0):
+            say(f"haboob: no link on {nic['iface']} after 10 s (cable?); serving anyway")
     waited = wait_for_entropy()
     phases["nic_up_entropy_ready"] = ms_since_boot()
 
@@ -490,10 +477,10 @@ def boot() -> None:
     def show_counters():
         say(counters_line(live["counters"]))
 
-    def on_ready(ready=None, *rest):
-        info = getattr(ready, "info", None) or {}
-        live["counters"] = getattr(ready, "counters", None)
-        off = info.get("offload") or {"csum": offered.get("tx_csum", False), "tso": offered.get("tso", False)}
+    def on_ready(ready):
+        info = ready.info
+        live["counters"] = ready.counters
+        off = info["offload"]
         say("HABOOB-READY " + json.dumps({
             "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
