@@ -62,6 +62,7 @@ import select
 import socket
 import struct
 
+from ..wire import csum
 from .base import Offload
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
@@ -69,7 +70,6 @@ __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "
 # <linux/if_packet.h>, <linux/if_ether.h>, <linux/sockios.h>, <linux/ethtool.h>
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
-PACKET_MR_PROMISC = 1
 PACKET_MR_UNICAST = 3
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
@@ -367,10 +367,6 @@ class TpacketDevice:
         ok_append = oks.append
         trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
-        vunpack = VNET.unpack_from
-        pack16 = BE16.pack_into
-        from_bytes = int.from_bytes
-        vnet = self.vnet
         left = max_frames
         ncsum = 0
         for ring in self._rx:
@@ -394,18 +390,7 @@ class TpacketDevice:
                     # or partial from a local sender that never crossed a wire.
                     ok_append(status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0)
                 elif status & TP_STATUS_CSUMNOTREADY:
-                    # CHECKSUM_PARTIAL (a local sender): the field holds the
-                    # folded pseudo sum; store ~sum(csum_start..end) (RFC 1071).
-                    if vnet:
-                        fl, _, _, _, cs, co = vunpack(mm, st - VNET_HDR_LEN)
-                        if fl & VIRTIO_NET_HDR_F_NEEDS_CSUM and cs + co + 2 <= snap:
-                            n = from_bytes(mv[st + cs:st + snap], "big")
-                            if (snap - cs) & 1:
-                                n <<= 8
-                            pack16(mm, st + cs + co, ~(n % 0xFFFF or (0xFFFF if n else 0)) & 0xFFFF)
-                            ncsum += 1
-                    else:
-                        ncsum += self._complete_csum(mv, st, snap)
+                    ncsum += self._complete_csum(mm, mv, st, snap)
                 append(mm[st:st + snap])
                 mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
@@ -419,19 +404,24 @@ class TpacketDevice:
     def _odd_frame(self, truncated: bool):
         self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
 
-    def _complete_csum(self, mv, start, length) -> int:
-        """Without a virtio header: finish the TCP/UDP checksum of an IPv4 frame
-        whose transport header follows the IP header. Returns 1 if done."""
-        if length < 34 or mv[start + 12] != 8 or mv[start + 13] != 0:
-            return 0
-        cs = 14 + (mv[start + 14] & 15) * 4
-        co = 16 if mv[start + 23] == 6 else 6
+    def _complete_csum(self, mm, mv, start, length) -> int:
+        """CHECKSUM_PARTIAL (a local sender; for a stack that does not take
+        csum_ok): the TCP/UDP checksum field holds the folded pseudo-header sum;
+        store the checksum from csum_start to the end (RFC 1071). Where that is
+        comes from the virtio header, or without one from the IPv4 header.
+        Returns 1 if done."""
+        if self.vnet:
+            fl, _, _, _, cs, co = VNET.unpack_from(mm, start - VNET_HDR_LEN)
+            if not fl & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                return 0
+        else:
+            if length < 34 or mv[start + 12] != 8 or mv[start + 13] != 0:
+                return 0
+            cs = 14 + (mv[start + 14] & 15) * 4
+            co = 16 if mv[start + 23] == 6 else 6
         if cs + co + 2 > length:
             return 0
-        n = int.from_bytes(mv[start + cs:start + length], "big")
-        if (length - cs) & 1:
-            n <<= 8
-        BE16.pack_into(mv, start + cs + co, ~(n % 0xFFFF or (0xFFFF if n else 0)) & 0xFFFF)
+        BE16.pack_into(mv, start + cs + co, csum(mv[start + cs:start + length]))
         return 1
 
     def tx_batch(self, frames) -> int:
@@ -552,18 +542,23 @@ class TpacketDevice:
     def _send_direct(self, head, payload, gso) -> int:
         """One frame through the ring-less packet socket; 1 if sent."""
         s = self._csock or self._open_csock()
-        parts = [head] if payload is None else [head, payload]
-        if self.vnet:
-            parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
-                VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
-                gso[3], gso[2], gso[0], gso[1]))
         try:
-            s.sendmsg(parts, [], socket.MSG_DONTWAIT)
+            s.sendmsg(self._sock_parts(head, payload, gso), [], socket.MSG_DONTWAIT)
         except OSError:               # EAGAIN/ENOBUFS: the caller uses the ring instead
             self.counters["tx_direct_full"] += 1
             return 0
         self.counters["tx_direct"] += 1
         return 1
+
+    def _sock_parts(self, head, payload, gso) -> list:
+        """A Frame as sendmsg's buffers on the ring-less socket: the virtio header
+        (with the socket's PACKET_VNET_HDR), the head, the payload."""
+        parts = [head] if payload is None else [head, payload]
+        if self.vnet:
+            parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
+                VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
+                gso[3], gso[2], gso[0], gso[1]))
+        return parts
 
     def _open_csock(self):
         s = self._csock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -590,18 +585,11 @@ class TpacketDevice:
         s = self._csock or self._open_csock()
         c = self.counters
         n = dropped = 0
-        vnet = self.vnet
         k = start
         end = len(frames)
         while k < end:
-            head, payload, gso = frames[k]
-            parts = [head] if payload is None else [head, payload]
-            if vnet:
-                parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
-                    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
-                    gso[3], gso[2], gso[0], gso[1]))
             try:
-                c["tx_bytes"] += s.sendmsg(parts, [], socket.MSG_DONTWAIT)
+                c["tx_bytes"] += s.sendmsg(self._sock_parts(*frames[k]), [], socket.MSG_DONTWAIT)
             except OSError as e:
                 if e.errno in _FULL:  # no room now: the caller keeps frames[k:] for later
                     break
