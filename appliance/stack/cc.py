@@ -12,7 +12,7 @@ slow start to linear growth; see on_ack.
 
 __all__ = ["NewReno", "initial_window"]
 
-_MASK = 0xFFFFFFFF
+from .seq import HALF, MASK
 
 
 def initial_window(mss: int, segments: int = 10) -> int:
@@ -39,7 +39,7 @@ class NewReno:
         self.dupacks = 0
         mss = self.mss
         if self.in_recovery:
-            if ((ack - self.recover) & _MASK) < 0x80000000:
+            if ((ack - self.recover) & MASK) < HALF:
                 # full acknowledgment (step 4): deflate, option (1)
                 self.cwnd = min(self.ssthresh, max(flight - acked, mss) + mss)
                 self.in_recovery = False
@@ -48,20 +48,27 @@ class NewReno:
             # add back one SMSS if that was at least one SMSS
             self.cwnd = max(self.cwnd - acked + (mss if acked >= mss else 0), mss)
             return True
-        if self.cwnd < self.ssthresh:
+        self.grow(acked)
+        return False
+
+    def grow(self, acked: int) -> None:
+        """New data acked outside fast recovery: the window grows (on_ack's common
+        case; Conn's pure-ACK fast path calls it directly)."""
+        self.dupacks = 0
+        cwnd = self.cwnd
+        if cwnd < self.ssthresh:
             # slow start with byte counting (RFC 3465): grow by what was acked. RFC 5681
             # (2) recommends at most SMSS per ACK, but receivers behind GRO/LRO (veth,
             # most NICs) send one stretch ACK per super-frame; like Linux we count
             # every acked byte so that slow start stays exponential, capped at ssthresh
-            self.cwnd = min(self.cwnd + acked, max(self.ssthresh, self.cwnd + mss))
+            self.cwnd = min(cwnd + acked, max(self.ssthresh, cwnd + self.mss))
         else:
             # congestion avoidance with byte counting (RFC 3465 §2.1, RFC 5681 §3.1):
             # one SMSS per cwnd of acked bytes, whatever the ACK pattern
             self.bytes_acked += acked
-            if self.bytes_acked >= self.cwnd:
-                self.bytes_acked -= self.cwnd
-                self.cwnd += mss
-        return False
+            if self.bytes_acked >= cwnd:
+                self.bytes_acked -= cwnd
+                self.cwnd = cwnd + self.mss
 
     def on_dupack(self, flight: int, snd_una: int, snd_max: int) -> bool:
         """A duplicate ACK (RFC 5681 §2 definition, checked by the caller).
@@ -73,7 +80,7 @@ class NewReno:
         if self.dupacks == 3:
             # RFC 6582 §3.2 step 2: only if the ACK covers more than `recover`
             # (avoids a second reduction for losses of the same window)
-            if not 0 < ((snd_una - self.recover) & _MASK) < 0x80000000:
+            if not 0 < ((snd_una - self.recover) & MASK) < HALF:
                 return False
             self.ssthresh = max(flight // 2, 2 * self.mss)  # RFC 5681 (4)
             self.recover = snd_max

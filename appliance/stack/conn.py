@@ -47,10 +47,10 @@ Timers: `t_rtx` (retransmission, or persist when `persist` is set), `t_ack`
 (delayed ACK), `t_req` (a request started but not complete), and the idle
 limit `last_act + idle_timeout` (no progress in either direction: a quiet
 keep-alive connection is closed with a FIN; one that is stuck with data
-outstanding or in a closing state is aborted with a RST). Arming a timer
-earlier than the connection's entry in the Stack's timer wheel (`sched`)
-moves the entry (`st.arm`); later deadlines need none: when the entry comes
-due, the Stack asks `deadline()` again.
+outstanding or in a closing state is aborted with a RST). Every new
+deadline goes to `st.arm`, which moves the connection's entry in the
+Stack's timer wheel (`sched`) only when the deadline is earlier: when the
+entry comes due, the Stack asks `deadline()` again.
 """
 import struct
 
@@ -171,8 +171,8 @@ class Conn:
             # Header prediction (RFC 9293 §3.10.7.4; Van Jacobson's BSD fast path): a pure
             # in-order ACK of new data, outside fast recovery and persist, that may update
             # the window (SND.WL1 <= SEG.SEQ, SND.WL2 <= SEG.ACK). The same steps as
-            # _new_ack (_acked + NewReno.on_ack) + the window update, with cwnd
-            # growth and the window update written out.
+            # _new_ack (_acked + NewReno.on_ack) + the window update, with the
+            # window update written out.
             una = self.snd_una
             d = (ack - una) & MASK
             cc = self.cc
@@ -180,20 +180,7 @@ class Conn:
                     and ((seq - self.wl1) & MASK) < HALF and ((ack - self.wl2) & MASK) < HALF and not self.ooo):
                 self._acked(ack, now)
                 self.st.counters["tcp_bytes_acked"] += d
-                cc.dupacks = 0                              # NewReno.on_ack outside recovery (RFC 5681, 3465)
-                cwnd = cc.cwnd
-                ssth = cc.ssthresh
-                if cwnd < ssth:                             # min(cwnd + acked, max(ssthresh, cwnd + mss))
-                    cap = cwnd + cc.mss
-                    if cap < ssth:
-                        cap = ssth
-                    cwnd += d
-                    cc.cwnd = cwnd if cwnd < cap else cap
-                else:
-                    cc.bytes_acked += d
-                    if cc.bytes_acked >= cwnd:
-                        cc.bytes_acked -= cwnd
-                        cc.cwnd = cwnd + cc.mss
+                cc.grow(d)                                  # NewReno.on_ack outside recovery
                 self.t_rtx = 0.0 if ack == self.snd_max else now + self.rtt.rto   # RFC 6298 (5.2), (5.3)
                 wnd = win << self.snd_ws
                 self.snd_wnd = wnd
@@ -230,8 +217,7 @@ class Conn:
                 elif not self.t_ack:
                     st = self.st
                     t = self.t_ack = now + st.cfg.delack
-                    if t < self.sched or not self.sched:
-                        st.arm(self, t)
+                    st.arm(self, t)
             self.output(now)
             return
         self._segment(seq, ack, off, flags, win, f, end, now)
@@ -433,8 +419,7 @@ class Conn:
                     self.ack_now = True                         # RFC 9293 §3.8.6.3: every 2nd full segment
                 elif not self.t_ack:
                     t = self.t_ack = now + st.cfg.delack
-                    if t < self.sched or not self.sched:
-                        st.arm(self, t)
+                    st.arm(self, t)
             if flags & FIN and self.state not in (CLOSE_WAIT, CLOSING, LAST_ACK):
                 self.rcv_nxt = (self.rcv_nxt + 1) & MASK
                 self.ack_now = True
@@ -524,8 +509,7 @@ class Conn:
         if not replies:
             if not self.t_req:                                  # a request has started
                 t = self.t_req = now + st.cfg.request_timeout
-                if t < self.sched or not self.sched:
-                    st.arm(self, t)
+                st.arm(self, t)
             return False
         self.t_req = 0.0
         st.counters["http_replies"] += len(replies)
@@ -735,8 +719,7 @@ class Conn:
                 self.persist = True
                 self.persist_iv = self.rtt.rto
                 self.t_rtx = t = now + self.persist_iv
-                if t < self.sched or not self.sched:
-                    self.st.arm(self, t)
+                self.st.arm(self, t)
                 self.st.counters["tcp_persist_entered"] += 1
         if self.fin_pending and nxt == end == self.fin_seq and self.state != SYN_RCVD:
             self._ctl(nxt, ACK | FIN)                       # a bare FIN
@@ -747,15 +730,13 @@ class Conn:
         if sent:
             if not self.t_rtx:
                 t = self.t_rtx = now + self.rtt.rto
-                if t < self.sched or not self.sched:
-                    self.st.arm(self, t)
+                self.st.arm(self, t)
         elif self.ack_now:
             self._ctl(nxt, ACK)
         elif self.rcv_unacked and not self.t_ack:
             # data received, a reply queued but not sendable (window): delayed ACK
             t = self.t_ack = now + self.st.cfg.delack
-            if t < self.sched or not self.sched:
-                self.st.arm(self, t)
+            self.st.arm(self, t)
         self.ack_now = False
 
     def _xmit(self, seq: int, flags: int, it, o: int, n: int, mode: int) -> None:

@@ -584,7 +584,11 @@ class Stack:
             self._next = now + self.cfg.time_wait
 
     def arm(self, c: Conn, t: float) -> None:
-        """Move `c`'s timer wheel entry to `t` (callers arm only earlier than `c.sched`)."""
+        """Have `c`'s timer wheel entry come due no later than `t`: moved there if it
+        is later (or there is none); an earlier one stays, since when it comes due
+        the deadline is asked again."""
+        if c.sched and c.sched <= t:
+            return
         wheel = self._wheel
         if c.sched:
             b = wheel.get(int(c.sched * _SLOTS_PER_S))
@@ -713,8 +717,7 @@ class Stack:
                     d = c.deadline()
                     if d <= now:                    # nothing moved it (should not happen): do not spin
                         d = now + 0.01
-                if not c.sched or d < c.sched:
-                    self.arm(c, d)
+                self.arm(c, d)
             if k == cur:
                 if b:
                     nxt = min(c.sched for c in b)
