@@ -570,6 +570,19 @@ class TestClose:
             seen.append(data)
         assert seen[0] == seen[1] and st.counters["http_replies"] == 2
 
+    def test_keepalive_connection_whose_first_request_is_cached_serves_more(self, store):
+        """A fresh connection's first request answered from the shared cache still
+        gets an HTTP connection for the requests that follow it."""
+        st = make_stack(store)
+        for port in (40011, 40012):                 # the second one's first request is cached
+            c = Client(st, port=port)
+            c.connect()
+            for path in ("/", "/odd.txt", "/"):
+                data, _ = c.fetch(list(c.send("PA", data=c.request(path))))
+                assert data == expected(store, path)
+            assert conn_of(c).state == ESTABLISHED
+        assert st.counters["http_replies"] == 6
+
     def test_client_closes_first_close_wait_last_ack(self, client):
         """RFC 9293 §3.6: CLOSE-WAIT -> LAST-ACK -> CLOSED, no TIME-WAIT for us."""
         out = tcp(client.send("FA"))

@@ -485,14 +485,15 @@ class Conn:
         http = self.http
         st = self.st
         if http is None:
-            # The first data of the connection. One whole request that ends it
-            # (Connection: close) is answered from the shared reply cache
-            # without an HTTP connection object; anything else gets one.
+            # The first data of the connection. One whole request is answered from
+            # the shared reply cache (what a fresh HTTPConnection would answer);
+            # one that ends the connection (Connection: close) needs no HTTP
+            # connection object at all.
             first = st.http_first
             r = first(data) if first is not None else None
-            if r is not None and r.close:
-                self.http = _HTTP_DONE
+            if r is not None:
                 replies = (r,)
+                self.http = _HTTP_DONE if r.close else st.http_factory()
             else:
                 http = self.http = st.http_factory()
                 replies = None
