@@ -69,20 +69,11 @@ def image_name(image_dir: Path) -> str:
         return Path(image_dir).resolve().name
 
 
-def boot_args(boot: str, image_dir: Path, cmdline: str | None = None, name: str | None = None) -> list[str]:
-    """QEMU argv that attaches the boot medium of an image folder."""
+def boot_args(boot: str, image_dir: Path, name: str | None = None) -> list[str]:
+    """QEMU argv that attaches the boot medium (disk or iso) of an image folder.
+    (`--boot kernel` needs no medium: vm/qemu.py passes -kernel/-initrd itself.)"""
     image_dir = Path(image_dir)
     name = name or image_name(image_dir)
-    if boot == "kernel":
-        need = [image_dir / "vmlinuz", image_dir / "initrd.img"]
-        missing = [str(p) for p in need if not p.is_file()]
-        if missing:
-            raise MediaError(f"--boot kernel: {', '.join(missing)} missing; is {image_dir} an image "
-                             f"folder made by ./build.py?")
-        if cmdline is None:
-            f = image_dir / "cmdline"
-            cmdline = f.read_text().strip() if f.is_file() else ""
-        return ["-kernel", str(need[0]), "-initrd", str(need[1]), "-append", cmdline]
     if boot == "disk":
         for f in (image_dir / f"{name}.img", image_dir / f"{name}.qcow2"):
             if f.is_file():
@@ -98,10 +89,3 @@ def boot_args(boot: str, image_dir: Path, cmdline: str | None = None, name: str 
         return ["-drive", f"if=none,id=hbcd,format=raw,media=cdrom,readonly=on,file={f}",
                 "-device", "ide-cd,drive=hbcd,bootindex=1"]
     raise MediaError(f"--boot {boot}: unknown; known: {', '.join(BOOTS)}")
-
-
-def check_cmdline_override(boot: str, cmdline: str | None) -> None:
-    """A disk or ISO boots with the command line in its grub.cfg."""
-    if cmdline and boot != "kernel":
-        raise MediaError(f"--boot {boot} uses the command line in the medium's grub.cfg; "
-                         f"a different one needs --boot kernel (or edit it at the GRUB menu)")
