@@ -28,6 +28,7 @@ from appliance.content.compiler import Options, compile_site
 from appliance.content.store import Store
 from appliance.stack.iface import Stack, StackConfig
 from appliance.stack.rings.base import Offload
+from appliance.stack.wire import csum
 
 SERVER_MAC = bytes.fromhex("020000000001")
 CLIENT_MAC = bytes.fromhex("020000000002")
@@ -38,20 +39,14 @@ _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 
 
-def _sum(b: bytes) -> int:
-    if len(b) & 1:
-        b += b"\0"
-    return int.from_bytes(b, "big") % 0xFFFF
-
-
 def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
     """An Ethernet/IPv4/TCP frame from the client, checksums complete."""
     thl = 20 + len(opts)
     tcp = _TCP.pack(sport, 80, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
-    ck = (-(_sum(CLIENT_IP + SERVER_IP) + 6 + len(tcp) + _sum(tcp))) % 0xFFFF
+    ck = csum(tcp, int.from_bytes(CLIENT_IP + SERVER_IP, "big") + 6 + len(tcp))    # with the pseudo header
     tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
     ip = bytearray(_IP.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, CLIENT_IP, SERVER_IP))
-    ip[10:12] = ((-_sum(bytes(ip))) % 0xFFFF).to_bytes(2, "big")
+    ip[10:12] = csum(ip).to_bytes(2, "big")
     return SERVER_MAC + CLIENT_MAC + b"\x08\x00" + bytes(ip) + tcp
 
 
