@@ -316,9 +316,9 @@ def test_rto_retransmission_respects_a_shrunken_window(store):
 
 
 def test_fast_retransmit_respects_a_shrunken_window(store):
-    """RFC 5681 §3.2 fast retransmit and RFC 6582 partial ACKs resend at SND.UNA,
-    but never past the right edge: a window shrunk to 500 bytes gets 500 bytes,
-    a zero window nothing (counted)."""
+    """RFC 5681 §3.2 fast retransmit (and RFC 6582 partial ACKs, the same routine)
+    resends at SND.UNA, but never past the right edge: a window shrunk to 500
+    bytes gets 500 bytes (counted), a zero window nothing."""
     st = make_stack(store)
     c, start = connect(st, 64000)
     c.lose = lambda p: p[TCP].seq == start        # the first segment is lost
