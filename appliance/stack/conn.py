@@ -37,6 +37,8 @@ with an immediate duplicate ACK (RFC 5681 §4.2); when the hole is filled the
 queued bytes follow. Requests are small, so the limit is a few segments. Data is handed to the HTTPConnection; the ACK rides on the
 response (lazy ACK), or is sent after `delack` when no response results, or
 at once for every second full segment, a FIN or an out-of-order segment.
+The peer's FIN goes to the HTTP layer too (`eof()`): a request it left
+incomplete gets its 400 before our FIN.
 
 The peer's window. RFC 9293 §3.10.7.4 takes SEG.WND "If (SND.WL1 < SEG.SEQ or
 (SND.WL1 = SEG.SEQ and SND.WL2 =< SEG.ACK))". That alone is not enough here:
@@ -458,6 +460,9 @@ class Conn:
                 s = self.state
                 if s == ESTABLISHED:
                     self.state = CLOSE_WAIT
+                    http = self.http
+                    if http is not None and not http.closed:
+                        self._deliver(None, now)                # the end of the requests: a partial one gets 400
                     self.close()                                # answer what was asked, then FIN
                 elif s == FIN_WAIT_1:
                     if self.snd_una == ((self.fin_seq + 1) & MASK):
@@ -515,7 +520,8 @@ class Conn:
         return out, 0
 
     def _deliver(self, data, now: float) -> bool:
-        """In-order request bytes to the HTTP layer; queue the replies (True if any)."""
+        """In-order request bytes to the HTTP layer; queue the replies (True if any).
+        `data` None: the peer's FIN (HTTPConnection.eof), only once `http` exists."""
         http = self.http
         st = self.st
         if http is None:
@@ -540,9 +546,9 @@ class Conn:
             if self.date_gen != st.date_gen and st.date is not None:
                 http.now(st.date)
                 self.date_gen = st.date_gen
-            replies = http.receive(bytes(data))
+            replies = http.receive(bytes(data)) if data is not None else http.eof()
         if not replies:
-            if not self.t_req:                                  # a request has started
+            if not self.t_req and data is not None:             # a request has started
                 t = self.t_req = now + st.cfg.request_timeout
                 st.arm(self, t)
             return False
