@@ -11,7 +11,7 @@ apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils ovmf \
     grub-pc-bin grub-efi-amd64-bin grub-common xorriso mtools dosfstools fdisk gdisk \
     shim-signed grub-efi-amd64-signed \
-    busybox-static cpio zstd xz-utils \
+    busybox-static cpio zstd xz-utils tar gzip skopeo \
     python3.11 python3.11-minimal \
     nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps
 # nginx from the package is only our benchmark baseline: keep the service off.
