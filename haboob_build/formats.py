@@ -613,7 +613,10 @@ def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, 
             log(f"format img: {name}.img")
             target = folder / f"{name}.img" if "img" in formats else folder / f".{name}.img.scratch"
             raw = make_disk(vmlinuz, initrd, cmdline, target, name=name, epoch=epoch)
-            (made.__setitem__("img", [raw]) if "img" in formats else scratch.append(raw))
+            if "img" in formats:
+                made["img"] = [raw]
+            else:
+                scratch.append(raw)
         qcow2 = None
         if any(f in NEEDS_QCOW2 for f in formats):
             log(f"format qcow2: {name}.qcow2")
