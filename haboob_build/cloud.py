@@ -126,32 +126,39 @@ def make_aws(raw: Path, out: Path) -> Path:
 
 def make_gce(raw_gib: Path, out: Path, *, epoch: int) -> Path:
     """disk.raw (already a whole number of GiB) in an oldgnu tar, gzip'ed."""
+    import subprocess
     if raw_gib.stat().st_size % GIB:
         raise CloudError(f"gce: disk.raw is {raw_gib.stat().st_size} bytes, not a whole number of GiB")
     tmp = _tmp(out)
-    with_name = raw_gib.parent / "gce"
-    shutil.rmtree(with_name, ignore_errors=True)
-    with_name.mkdir()
-    disk = with_name / "disk.raw"
+    folder = raw_gib.parent / f".{out.name}.d"        # the member must be named exactly disk.raw
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
     try:
-        os.link(raw_gib, disk)
-    except OSError:
-        shutil.copyfile(raw_gib, disk)
-    try:
+        try:
+            os.link(raw_gib, folder / "disk.raw")
+        except OSError:
+            shutil.copyfile(raw_gib, folder / "disk.raw")
+        tar_argv = ["tar", "--format=oldgnu", "-S", "--hole-detection=raw", "--numeric-owner", "--owner=0",
+                    "--group=0", "--mode=0644", f"--mtime=@{int(epoch)}", "-C", str(folder), "-cf", "-",
+                    "disk.raw"]
         with open(tmp, "wb") as f:
-            tar = _run(["tar", "--format=oldgnu", "-S", "--hole-detection=raw", "--numeric-owner",
-                        "--owner=0", "--group=0", "--mode=0644", f"--mtime=@{int(epoch)}",
-                        "-C", with_name, "-cf", "-", "disk.raw"], "gce (tar)")
-            # gzip -n: no name or time stamp in the gzip header
-            import subprocess
-            proc = subprocess.run(["gzip", "-n", "-9", "-c"], input=tar.stdout, stdout=f,
-                                  stderr=subprocess.PIPE)
-            if proc.returncode != 0:
-                raise CloudError(f"gce (gzip) failed: {proc.stderr.decode(errors='replace').strip()}")
+            try:
+                tar = subprocess.Popen(tar_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            except FileNotFoundError:
+                raise CloudError("gce: the tool 'tar' is not installed") from None
+            # gzip -n: no file name or time stamp in the gzip header (RFC 1952 FNAME, MTIME)
+            gz = subprocess.run(["gzip", "-n", "-9", "-c"], stdin=tar.stdout, stdout=f, stderr=subprocess.PIPE)
+            tar.stdout.close()
+            tar_err = tar.stderr.read().decode(errors="replace").strip()
+            tar.stderr.close()
+            if tar.wait() != 0:
+                raise CloudError(f"gce (tar) failed: {tar_err}")
+            if gz.returncode != 0:
+                raise CloudError(f"gce (gzip) failed: {gz.stderr.decode(errors='replace').strip()}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-        shutil.rmtree(with_name, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return out
 
 

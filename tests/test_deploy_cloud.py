@@ -64,6 +64,14 @@ def built(inputs, tmp_path_factory):
     return out, _write(inputs, out)
 
 
+@pytest.fixture(scope="module")
+def image():
+    from tests import image_support as sup
+    from vm.image import Image
+    folder = sup.build("cloud", formats=("aws", "azure"), nic_drivers=tuple(drivers.DEFAULT) + ("hv_netvsc",))
+    return Image.load(folder)
+
+
 def _run(*argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=True, **kw)
 
@@ -92,17 +100,16 @@ def test_platform_nic_drivers():
         cloud.check_drivers(["kubevirt", "azure"], ["virtio_net"])
 
 
-def test_hv_netvsc_is_selected_by_the_vmbus_device(tmp_path):
+def test_hv_netvsc_is_selected_by_the_vmbus_device(image):
     """PID 1 matches modaliases once, before hv_vmbus has made vmbus devices:
     hv_netvsc's module line carries hv_vmbus's ACPI patterns too."""
-    from tests import image_support as sup
     from tests.image_support import read_cpio
-    folder = sup.build("cloud-hv", formats=(), nic_drivers=("virtio_net", "hv_netvsc"))
-    lines = read_cpio(folder / "initrd.img")["/etc/haboob/modules"]["data"].decode().splitlines()
+    lines = read_cpio(image.initrd)["/etc/haboob/modules"]["data"].decode().splitlines()
     by = {l.split()[0]: l.split() for l in lines}
     assert by["hv_vmbus"][2] == "driver" and "acpi*:VMBUS:*" in by["hv_vmbus"][4:]
     assert by["hv_netvsc"][2:4] == ["driver", "hv_vmbus"]
     assert "acpi*:VMBUS:*" in by["hv_netvsc"][4:] and any(a.startswith("vmbus:") for a in by["hv_netvsc"][4:])
+    assert "acpi*:VMBUS:*" not in by["gve"][4:]
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -366,14 +373,6 @@ def test_heat_template_is_complete(built):
 
 
 # ---------------------------------------------------------------- the real image, booted
-
-@pytest.fixture(scope="module")
-def image():
-    from tests import image_support as sup
-    from vm.image import Image
-    folder = sup.build("cloud", formats=("aws", "azure"), nic_drivers=tuple(drivers.DEFAULT) + ("hv_netvsc",))
-    return Image.load(folder)
-
 
 @pytest.mark.vm
 @pytest.mark.parametrize("fmt,firmware,bus", [("aws", "uefi", "nvme"), ("azure", "bios", "ide")])
