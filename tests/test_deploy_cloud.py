@@ -392,3 +392,30 @@ def test_cloud_disk_boots_and_serves_the_site(image, fmt, firmware, bus):
         bad = [r for r in s.call(check.fetch_all, image, s.host, s.port, sup.EXAMPLE) if not r.ok]
         assert not bad, bad
         assert s.machine.powerdown(90), s.machine.tail()
+
+
+def test_the_build_lists_its_cloud_formats_in_the_manifest(image):
+    m = image.manifest
+    assert set(m["formats"]) == {"aws", "azure"}
+    for fmt, entry in m["formats"].items():
+        for rel, rec in entry["files"].items():
+            p = image.folder / rel
+            assert rec == {"size": p.stat().st_size, "sha256": formats.sha256_file(p)}
+        assert entry["platform"]["nic_driver"] in m["kernel"]["modules"]
+    assert {"ena", "hv_netvsc", "hv_vmbus", "gve"} <= set(m["kernel"]["modules"])
+    assert "qemu-img" in m["formats_tools"]
+
+
+def test_a_failing_tool_leaves_nothing(inputs, tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "gzip").write_text("#!/bin/sh\ncat >/dev/null\necho 'gzip: simulated failure' >&2\nexit 1\n")
+    (fake / "gzip").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match=r"gce \(gzip\) failed: gzip: simulated failure"):
+        _write(inputs, out, fmts=("gce",))
+    assert list(out.iterdir()) == []
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(BuildError, match=r"missing .*tar \(Debian package tar\); gzip \(Debian package gzip\)"):
+        formats.check_tools(["gce"])
