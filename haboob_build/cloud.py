@@ -277,11 +277,6 @@ def make_kubevirt(qcow2: Path, out: Path, *, name: str, epoch: int) -> Path:
 
 # ---------------------------------------------------------------- templates
 
-def _ip(cmdline: str) -> tuple[str, str | None]:
-    from .formats import param
-    return param(cmdline, "haboob.ip") or "", param(cmdline, "haboob.gw")
-
-
 def cloudformation(name: str) -> dict:
     """EC2 launch template + autoscaling group behind a network load balancer."""
     ref = lambda n: {"Ref": n}                                   # noqa: E731

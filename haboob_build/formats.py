@@ -54,7 +54,7 @@ from pathlib import Path
 from .context import sha256_file
 from .errors import BuildError
 
-from .cloud import CLOUD_FORMATS, PLATFORMS
+from .cloud import CLOUD_FORMATS
 
 FORMATS = ("iso", "img", "pxe", "qcow2")          # 'all'
 KNOWN = FORMATS + CLOUD_FORMATS                    # 'cloud' is the second part
