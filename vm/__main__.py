@@ -5,6 +5,7 @@
                                  [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
     python -m vm test images/www [--net ...] [--site DIR]
+    python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
 
 `boot` waits for the ready line, prints the URL, and on Ctrl-C stops the
 guest cleanly through QMP (the ACPI power button). `test` boots, fetches
@@ -167,6 +168,40 @@ def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                    f"{ready['host_seconds']:.2f}s wall ({'KVM' if kvm_usable() else 'TCG'})")
         click.echo(f"{len(results) - len(failed)}/{len(results)} passed")
     sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-n", "count", default=2, show_default=True, type=int, help="how many appliances")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="the balancer's port on 127.0.0.1 "
+                                                                       "(default: a free one)")
+@click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs per appliance")
+@click.option("--memory", type=click.IntRange(32, 1 << 20), help="MB per appliance (default: the image's)")
+@click.option("--timeout", default=400, show_default=True, type=float, help="seconds to wait for each ready")
+def fleet(image, count, port, smp, memory, timeout):
+    """N appliances of IMAGE behind HAProxy on 127.0.0.1; restarts a stopped one; Ctrl-C tears all down."""
+    from .fleet import Fleet, preflight
+    img = Image.load(image)
+    preflight(img, count, smp, memory)              # before anything starts
+    qemu_binary()
+    f = Fleet(img, count, smp=smp, memory=memory, port=port, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"booting {count} appliances ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...",
+               err=True)
+    try:
+        with f.run(timeout):
+            click.echo(f"balancer: {f.url}")
+            click.echo(f"namespace: {f.ns.name}; HAProxy stats: {f.stats_socket}; members:")
+            for m in f.members:
+                click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
+            click.echo("Ctrl-C stops them all", err=True)
+            while True:
+                for m in f.watch():
+                    click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
+                if f.haproxy.poll() is not None:
+                    raise VMError(f"HAProxy exited ({f.haproxy.returncode})")
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        click.echo("stopped: appliances powered off, balancer and namespace removed", err=True)
 
 
 def main():

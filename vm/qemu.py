@@ -96,6 +96,8 @@ class Options:
     firmware: str = "bios"          # bios (SeaBIOS) | uefi (OVMF)
     nic: str = "virtio"             # virtio | e1000 | e1000e
     netspec: object = None          # passthrough.NetSpec for net = socket | vfio | netmap
+    disk: Path | None = None        # boot disk: this file of the image (a cloud format) instead of NAME.img
+    disk_bus: str = "ide"           # ide | nvme | virtio (vm/media.py)
 
 
 def free_port() -> int:
@@ -131,7 +133,8 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
             raise VMError(f"--boot {opts.boot} boots the command line in the medium's grub.cfg; changing "
                           f"the address or the command line needs --boot kernel (or the GRUB menu)")
         return [*media.firmware_args(opts.firmware, workdir),
-                *media.boot_args(opts.boot, image.folder, name=image.manifest.get("name"))]
+                *media.boot_args(opts.boot, image.folder, name=image.manifest.get("name"), disk=opts.disk,
+                                 bus=opts.disk_bus)]
     except media.MediaError as e:
         raise VMError(str(e)) from None
 
