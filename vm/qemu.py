@@ -451,8 +451,11 @@ class Machine:
         if self._qmp is None:
             deadline = time.monotonic() + 10
             while not self.qmp_sock.exists():
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise VMError("QMP socket did not appear")
+                if self.proc.poll() is not None:
+                    raise VMError("QMP socket did not appear (QEMU exited)")
+                if time.monotonic() > deadline:
+                    self.qmp_hung = True    # QEMU runs but never opened QMP: no use waiting again
+                    raise QMPTimeout("QMP socket did not appear within 10s")
                 time.sleep(0.05)
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
