@@ -290,8 +290,8 @@ class Machine:
                 self._loop.close()
                 self._loop = None
             if self._pidfd is not None:
-                os.close(self._pidfd)
-                self._pidfd = None
+                fd, self._pidfd = self._pidfd, None     # None first: kill() from a handler uses the pid
+                os.close(fd)
             if getattr(self, "stderr", None):
                 self.stderr.close()
             if self.tmp:
@@ -308,7 +308,7 @@ class Machine:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             else:
                 os.kill(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except OSError:         # gone already (ESRCH)
             pass
 
     def _quit_or_kill(self) -> None:
@@ -440,7 +440,7 @@ class Machine:
         if client is not None:
             try:
                 self._loop.run_until_complete(asyncio.wait_for(client.disconnect(), QMP_TIMEOUT))
-            except BaseException:   # a broken or hung connection: the socket goes with the loop
+            except (Exception, asyncio.CancelledError):     # broken or hung: the socket goes with the loop
                 pass
 
     def qmp(self, cmd: str, **args):
