@@ -34,9 +34,8 @@ from pathlib import Path
 
 import click
 
-from . import check
+from . import check, stop
 from .image import Image, VMError
-from . import stop
 from .qemu import COUNTERS, QMP_TIMEOUT, READY, BootError, Options, kvm_usable, qemu_binary
 from .session import session
 
