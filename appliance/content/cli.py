@@ -87,7 +87,7 @@ class CompileProgress:
                 self.bar.__enter__()
             self.bar.update(done - self.bar.pos)
         elif self.plain:
-            frac = done / total if total else files / nfiles
+            frac = done / total if total else files / nfiles if nfiles else 1.0
             quarter = int(frac * self.QUARTERS)
             if files == 0:
                 self.line(f"{self.label}: {nfiles} files, {_mb(total)} MB")
