@@ -8,6 +8,10 @@ The work happens in haboob_build/ (a straight list of steps, see
 haboob_build/steps.py). The image is assembled in a temporary folder beside
 the output and renamed into place only when complete, so a failed build
 leaves nothing half-written.
+
+Output goes to stderr: a line per step, the content step's progress (a bar
+with files and MB on a terminal, a few plain lines when piped), then a
+summary; --quiet prints only errors ("Error: ...", exit status 1).
 """
 import re
 import time
@@ -40,7 +44,8 @@ from haboob_build.steps import STEPS, build_image
                    "(together: cloud; each with its deploy/ template where there is one), or none")
 @click.option("--nic-drivers", default="all", show_default=True,
               help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
-@click.option("-q", "--quiet", is_flag=True, help="no progress output")
+@click.option("-q", "--quiet", is_flag=True,
+              help="print nothing but errors (no step lines, no progress, no summary)")
 def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
          quiet):
     """Build a bootable appliance image serving the static site in SITE."""

@@ -1,5 +1,6 @@
 """The build context: options, folders, the image tree, the manifest facts,
-and the one wrapper through which every subprocess runs.
+the build's output (log lines, progress), and the one wrapper through which
+every subprocess runs.
 """
 from __future__ import annotations
 
@@ -60,8 +61,18 @@ class Context:
     started: float = field(default_factory=time.monotonic)
 
     def log(self, msg: str) -> None:
+        """One plain line on stderr, timed from the build's start; nothing with --quiet."""
         if not self.options.quiet:
             print(f"[{time.monotonic() - self.started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def progress(self, label: str):
+        """A progress callback for a long step (the content compiler's), used as a
+        context manager: a bar on stderr when it is a terminal, else a few lines
+        through log() with the counts; nothing with --quiet (see CompileProgress)."""
+        from appliance.content.cli import CompileProgress
+        quiet = self.options.quiet
+        return CompileProgress(label, stream=sys.stderr, line=self.log, plain=not quiet,
+                               tty=False if quiet else None)
 
     def add_input(self, name: str, path: Path) -> None:
         path = Path(path)

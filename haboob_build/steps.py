@@ -3,6 +3,9 @@
 Each step is `def step(ctx) -> None`; `STEPS` is the order. To add a step
 (a deploy format, another driver set) insert a (name, function) pair;
 `formats.py` of a later issue appends its own after "initramfs".
+Output (stderr, none with --quiet): each step announces itself on a line
+("step 5/10 content"); a long one reports its progress through
+`ctx.progress(label)` (a bar on a terminal, a few lines elsewhere).
 """
 from __future__ import annotations
 
@@ -125,7 +128,9 @@ def content(ctx: Context) -> None:
     out = ctx.scratch / "site.store"
     ctx.log(f"compiling {ctx.options.site}")
     try:
-        res = compile_site(ctx.options.site, out, Options(mss=ctx.options.mss, source_date_epoch=ctx.epoch))
+        with ctx.progress("content") as progress:
+            res = compile_site(ctx.options.site, out, Options(mss=ctx.options.mss, source_date_epoch=ctx.epoch),
+                               progress=progress if progress.active else None)
     except CompileError as e:
         raise BuildError(f"--site {ctx.options.site}: {e}") from None
     data = out.read_bytes()
@@ -228,8 +233,8 @@ STEPS = [
 
 
 def build(ctx: Context, steps=STEPS) -> None:
-    for name, step in steps:
-        ctx.log(f"step {name}")
+    for i, (name, step) in enumerate(steps, 1):
+        ctx.log(f"step {i}/{len(steps)} {name}")
         step(ctx)
 
 

@@ -21,6 +21,12 @@ Theory of operation: a straight list of steps over one context.
    every MSS-sized segment; `StoreWriter` writes to a temp file in the
    output folder and renames it into place only when complete.
 
+Progress: `compile_site(..., progress=fn)` calls fn(files_done, files_total,
+bytes_done, bytes_total) once when the walk is done and after each file is
+written (bytes are the source files' sizes). Drawing is the caller's business
+(a bar on a terminal, a few lines in a log: appliance/content/cli.py); fn is
+called on every file, so it should be cheap and throttle itself.
+
 Every header block holds one `Date: ` with a 29-byte IMF-fixdate and one
 `Connection: ` with a 10-byte value (`keep-alive`), the fields the stack
 patches at serve time (docs/internals.md). Reproducibility: sorted walks,
@@ -308,8 +314,9 @@ def _prepared(files, site, opts: Options):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def compile_site(site, out, options: Options | None = None) -> Result:
-    """Compile directory `site` into store file `out`. Raises CompileError on bad input."""
+def compile_site(site, out, options: Options | None = None, progress=None) -> Result:
+    """Compile directory `site` into store file `out`. Raises CompileError on bad input.
+    progress: None, or fn(files_done, files_total, bytes_done, bytes_total) (see above)."""
     t0 = time.monotonic()
     opts = options or Options()
     site = os.fspath(site)
@@ -363,10 +370,13 @@ def compile_site(site, out, options: Options | None = None) -> Result:
     redirects = {}
     errors = {}
     gz_count = 0
+    nfiles, total_bytes, done_bytes = len(files), sum(f.size for f in files), 0
+    if progress is not None:
+        progress(0, nfiles, 0, total_bytes)
     with StoreWriter(out, opts.mss) as w:
         b = _Builder(w, opts, date)
         by_rel = {}
-        for f, (body, digest, gz) in _prepared(files, site, opts):
+        for i, (f, (body, digest, gz)) in enumerate(_prepared(files, site, opts), 1):
             shown = os.path.join(site, f.rel)
             etag = f'"{digest}"'.encode()
             ctype = mime.content_type(f.rel).encode()
@@ -395,6 +405,9 @@ def compile_site(site, out, options: Options | None = None) -> Result:
             by_rel[f.rel] = d
             resources[url_path(f.rel)] = d
             del body, gz
+            if progress is not None:
+                done_bytes += f.size
+                progress(i, nfiles, done_bytes, total_bytes)
 
         # "/dir/" serves dir/index.html; "/dir" redirects there (RFC 9110 §15.4.2).
         for rel, d in by_rel.items():
