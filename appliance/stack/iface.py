@@ -37,6 +37,25 @@ the connection directly. `max_conns` caps the table (SYNs beyond are counted
 and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
+SYN floods (RFC 4987). The defence has three parts. (1) Before the stack:
+in an overloaded pass the serve loop (serve.py) drains the ring, hands the
+stack every segment of known connections first and only a bounded, evenly
+drawn share of the SYNs (each SYN kept with the same probability, so a
+real client's retransmitted SYN gets in with odds budget / SYNs per try).
+(2) Here, answering a SYN costs as little as possible: once the backlog
+is full, `_cookie_synack` packs the SYN-ACK and its two sums flat, with
+no state and no segment objects, on both the fast and the general path.
+(3) Pressure: a full backlog puts the stack under pressure for
+`_PRESSURE_S` (10 s after it was last full). Meanwhile every SYN gets a
+cookie, even when half-open slots have freed up (no new half-open state
+for the flood to fill), and the half-open entries get
+`syn_retries_pressure` (1) SYN-ACK retransmissions instead of
+`syn_retries` (5): the flood's entries (spoofed sources never answer)
+are gone ~3 s (RTO 1 s + 2 s) after they were made instead of ~63 s, so
+`tcp_conns_open` falls back to the real connections within seconds of a
+flood's end. A real client whose SYN-ACK and its retransmission were
+both lost retries its SYN and gets a cookie.
+
 Timers: every Conn has at most one entry in a timer wheel, at the earliest
 of its deadlines or before it (`arm`, `Conn.sched`; a passive open's entry
 sits at RTO_min, so that the reply's retransmission timer never has to move
