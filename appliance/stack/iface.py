@@ -198,7 +198,8 @@ class Stack:
         self._wheel = {}            # timer slot (int(t * _SLOTS_PER_S)) -> {Conn: None} armed in it
         self._slots = []            # heap of the slot numbers in _wheel
         self._cookies_until = -1.0  # cookies sent until then may come back (their lifetime)
-        self._pressure_until = -1.0  # the backlog overflowed: cookies for every SYN until then
+        # the backlog overflowed: cookies for every SYN until then ("always": for ever)
+        self._pressure_until = float("inf") if config.syncookies == "always" else -1.0
         self._chal_sec = -1
         self._chal_n = 0
         self._gw_arp_at = 0.0
@@ -437,8 +438,7 @@ class Stack:
             raise Malformed("tcp_syn_fin")
         if len(self.conns) >= self.cfg.max_conns:
             raise Malformed("tcp_conn_limit")
-        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until \
-                or self.cfg.syncookies == "always":
+        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until:
             if self.cfg.syncookies == "never":
                 raise Malformed("tcp_syn_backlog_full")
             self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now)
@@ -496,8 +496,7 @@ class Stack:
                 cnt["tcp_time_wait_reopened"] += 1
             else:
                 cnt["tcp_time_wait_reopened_lower_seq"] += 1
-        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until \
-                or self.cfg.syncookies == "always":
+        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until:
             if self.cfg.syncookies == "never":
                 cnt["drop_tcp_syn_backlog_full"] += 1
             else:
@@ -515,7 +514,7 @@ class Stack:
         our = cfg.mtu - 40
         cookie = self.isn.cookie(key, seq, min(peer_mss or 536, our), now)
         self._cookies_until = now + 130.0               # a cookie is valid for 64-128 s
-        if self.n_synrcvd >= cfg.syn_backlog:
+        if self.n_synrcvd >= cfg.syn_backlog and cfg.syncookies == "auto":
             self._pressure_until = now + _PRESSURE_S
         h = bytearray(_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, ip,
                                  cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
