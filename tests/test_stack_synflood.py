@@ -16,6 +16,7 @@ established client, SYN-ACKs sent, SYN attempts a new client needs.
 import random
 import struct
 
+from appliance.stack import serve
 from appliance.stack.rings.memory import MemoryLink
 from appliance.stack.serve import DRAIN, SYN_BUDGET, BATCH, parse_mac, run_loop
 from appliance.stack.wire import csum
@@ -25,7 +26,7 @@ from .stack_support import SERVER_IP, SERVER_MAC, make_stack, make_store
 RING = 1024          # the default TPACKET RX ring (rings/tpacket.py)
 FLOOD = 400          # spoofed SYNs per pass: more than a batch, less than a drained ring
 DT = 0.01            # fake seconds per pass
-RETX = 5             # passes between a new client's SYN retransmissions
+RETX = 2             # passes between a new client's SYN retransmissions
 KEEPALIVE = 6
 NEW = 4
 PASSES = 200         # 2 s of flood
@@ -161,7 +162,8 @@ def _run(wire, passes):
     wire.deliver()
 
 
-def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones_in(tmp_path):
+def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "_RNG", random.Random(3))       # which SYNs are kept: repeatable
     st = make_stack(make_store(tmp_path), syn_backlog=128)
     link = MemoryLink(mac=SMAC)
     link.dev.keep_raw = False
@@ -193,10 +195,12 @@ def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones
     allow = max(SYN_BUDGET, KEEPALIVE + NEW)
     assert max(wire.answered[start + 1:]) == allow
     # every new client, its SYN always behind the burst, gets in: each attempt is kept
-    # with probability allow / SYNs of the pass (~32/400); 60 attempts fail with odds 1e-2
+    # with probability allow / SYNs of the pass, 32/410 (13 attempts on average);
+    # all 4 within 100 attempts but for odds of 1e-3 (the draw is seeded: repeatable)
     assert FLOOD <= DRAIN * BATCH
     assert all(p.replies for p in new), [(p.port, p.attempts, p.state) for p in new]
-    assert max(p.attempts for p in new) <= 60, [p.attempts for p in new]
+    assert max(p.attempts for p in new) <= 100, [p.attempts for p in new]
+    assert sum(p.attempts for p in new) <= 4 * 13 * 2, [p.attempts for p in new]
     # after the flood: the half-open entries of spoofed sources go within seconds
     # (pressure: one SYN-ACK retransmission), not after syn_retries' ~63 s
     assert c["tcp_conns_open"] > KEEPALIVE + NEW

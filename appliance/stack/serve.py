@@ -219,7 +219,10 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     counters["loop_syn_shed"] += shed
 
 
-def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=random.Random()) -> int:
+_RNG = random.Random()     # which SYNs an overloaded pass keeps (seeded from the OS)
+
+
+def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=None) -> int:
     """Order an overloaded pass (in place, `oks` kept aligned): every frame
     that is not an IPv4 TCP SYN (no ACK/RST) first, in arrival order, then at
     most max(budget, those frames) of the SYNs, evenly spaced from a random
@@ -239,7 +242,7 @@ def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=random.Random())
         # comb, so each SYN is kept with probability exactly allow / syns, and
         # neighbours (one client's burst) do not share their fate
         step = syns / allow
-        start = rng.random() * syns
+        start = (rng or _RNG).random() * syns
         si = [si[int(start + i * step) % syns] for i in range(allow)]
     keep += si
     frames[:] = [frames[k] for k in keep]
