@@ -34,14 +34,11 @@ probability per attempt (see _shed_syns). A connection-per-request load
 has several other frames per SYN and is never shed. Once the stack reports
 a flood (`stack.flood_until`: its SYN backlog overflowed in the last 10 s),
 every pass, full or not, is ordered the same way and the SYNs it hands on
-are capped by a token bucket (at most SYN_BURST per pass) whose rate, with
-no share for the other frames, follows the ring: cut by a tenth after
-every full batch (the kernel is about to drop, established frames
-included), raised by SYN_RATE_STEP after every other pass, within
-SYN_RATE_MIN..SYN_RATE_MAX (10,000..100,000 SYN/s). So the stack answers
-as many SYNs as the core affords while the ring keeps draining, and a new
-client's SYN gets through with odds (that rate) / (the flood's SYN rate)
-per attempt, at least 10,000 / the flood's rate (~0.15 at 65k SYN/s).
+are capped at SYN_RATE per second (a token bucket, SYN_BURST per pass),
+with no share for the other frames: the flood's cost is bounded (~20,000
+cookies/s, a fifth of a core) whatever the established load, and a new
+client's SYN gets through with odds SYN_RATE / (the flood's SYN rate) per
+attempt (~0.3 at 65k SYN/s, ~0.13 at 150k SYN/s).
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -75,9 +72,7 @@ DRAIN = 4            # batches read in one pass while overloaded (the default ri
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
 PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
 SYN_BUDGET = 32      # SYNs always handled per overloaded pass, however many (see _shed_syns)
-SYN_RATE_MIN = 10000   # SYNs per second handed to the stack while it reports a flood (stack.flood_until):
-SYN_RATE_MAX = 100000  # between these, down by a tenth after a full batch, up by SYN_RATE_STEP otherwise
-SYN_RATE_STEP = 1000
+SYN_RATE = 20000     # SYNs per second handed to the stack while it reports a flood (stack.flood_until)
 SYN_BURST = 64       # the most of them in one pass
 
 
@@ -168,9 +163,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     errors = 0
     wakeups = 0
     shed = 0
-    tokens = 0.0                 # SYNs the stack may be handed while flooded (syn_rate)
+    tokens = 0.0                 # SYNs the stack may be handed while flooded (SYN_RATE)
     t_tok = 0.0
-    syn_rate = SYN_RATE_MAX
     while not stop():
         now = mono()
         if now >= next_date:
@@ -198,18 +192,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
                     if len(more) < batch:
                         break
             if flooded:
-                # a flood: SYNs at syn_rate at most, whatever else is going on; the
-                # rate falls while the ring runs ahead of us (full batches) and
-                # climbs back while it drains, so that as many SYNs are answered
-                # as the core can afford without the kernel dropping frames of
-                # established connections (AIMD)
-                if len(frames) >= batch:
-                    syn_rate *= 0.9
-                    if syn_rate < SYN_RATE_MIN:
-                        syn_rate = SYN_RATE_MIN
-                elif syn_rate < SYN_RATE_MAX:
-                    syn_rate += SYN_RATE_STEP
-                tokens += (now - t_tok) * syn_rate
+                # a flood: SYNs at SYN_RATE at most, whatever else is going on
+                tokens += (now - t_tok) * SYN_RATE
                 if tokens > SYN_BURST:
                     tokens = SYN_BURST
                 t_tok = now
