@@ -18,7 +18,7 @@ import struct
 
 from appliance.stack import serve
 from appliance.stack.rings.memory import MemoryLink
-from appliance.stack.serve import BATCH, DRAIN, SYN_BUDGET, SYN_BURST, SYN_RATE, parse_mac, run_loop
+from appliance.stack.serve import DRAIN, SYN_BUDGET, BATCH, parse_mac, run_loop
 from appliance.stack.wire import csum
 
 from .stack_support import SERVER_IP, SERVER_MAC, make_stack, make_store
@@ -103,14 +103,12 @@ class FloodWire:
         self.ring_drops = 0
         self.answered = []          # SYNs answered (cookie or half-open), per pass
         self._answered = 0
-        self.flooded = []           # the stack reported a flood at the end of the pass
 
     def deliver(self):
         """What the stack sent since the last pass goes to the peers."""
         c = self.st.counters
         n = c["tcp_syncookies_sent"] + c["tcp_syn_received"]
         self.answered.append(n - self._answered)
-        self.flooded.append(self.now < self.st.flood_until)
         self._answered = n
         for f in self.link.peer.recv():
             if f[12:14] != b"\x08\x00" or f[23] != 6:
@@ -193,19 +191,16 @@ def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones
         missing = [k for k in range(start + 2, end) if k not in got]
         assert not missing, (p.port, len(missing), wire.ring_drops)
     assert c["tcp_rto"] == 0
-    # the flood's work per pass stays within the budget: SYNs answered per pass, and
-    # once the stack reports the flood (backlog full) at most SYN_RATE per second
-    flood_on = next(k for k in range(start, end) if wire.flooded[k])
-    assert max(wire.answered[start + 1:flood_on + 1]) == max(SYN_BUDGET, KEEPALIVE + NEW)
-    rate_cap = min(SYN_BURST, SYN_RATE * DT)
-    assert max(wire.answered[flood_on + 2:]) == rate_cap
-    assert sum(wire.answered[flood_on + 2:]) <= SYN_RATE * DT * (end - flood_on)
+    # the flood's work per pass stays within the budget: SYNs answered per pass
+    allow = max(SYN_BUDGET, KEEPALIVE + NEW)
+    assert max(wire.answered[start + 1:]) == allow
     # every new client, its SYN always behind the burst, gets in: each attempt is kept
-    # with probability allow / SYNs of the pass, 64/410 (6.4 attempts on average);
-    # all 4 within 60 attempts but for odds of 2e-4 (the draw is seeded: repeatable)
+    # with probability allow / SYNs of the pass, 32/410 (13 attempts on average);
+    # all 4 within 100 attempts but for odds of 1e-3 (the draw is seeded: repeatable)
     assert FLOOD <= DRAIN * BATCH
     assert all(p.replies for p in new), [(p.port, p.attempts, p.state) for p in new]
-    assert max(p.attempts for p in new) <= 60, [p.attempts for p in new]
+    assert max(p.attempts for p in new) <= 100, [p.attempts for p in new]
+    assert sum(p.attempts for p in new) <= 4 * 13 * 2, [p.attempts for p in new]
     # after the flood: the half-open entries of spoofed sources go within seconds
     # (pressure: one SYN-ACK retransmission), not after syn_retries' ~63 s
     assert c["tcp_conns_open"] > KEEPALIVE + NEW

@@ -200,7 +200,6 @@ class Stack:
         self._cookies_until = -1.0  # cookies sent until then may come back (their lifetime)
         # the backlog overflowed: cookies for every SYN until then ("always": for ever)
         self._pressure_until = float("inf") if config.syncookies == "always" else -1.0
-        self.flood_until = -1.0     # the same, "auto" only: the serve loop caps the SYNs it hands us
         self._chal_sec = -1
         self._chal_n = 0
         self._gw_arp_at = 0.0
@@ -516,7 +515,7 @@ class Stack:
         cookie = self.isn.cookie(key, seq, min(peer_mss or 536, our), now)
         self._cookies_until = now + 130.0               # a cookie is valid for 64-128 s
         if self.n_synrcvd >= cfg.syn_backlog and cfg.syncookies == "auto":
-            self._pressure_until = self.flood_until = now + _PRESSURE_S
+            self._pressure_until = now + _PRESSURE_S
         h = bytearray(_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, ip,
                                  cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
                                  0x02040000 | our))

@@ -31,14 +31,7 @@ whatever its place in the ring (tail drop would favour whichever burst
 came first, and drop a SYN that arrives behind a burst every time).
 A legitimate client retransmitting its SYN thus gets a SYN-ACK with that
 probability per attempt (see _shed_syns). A connection-per-request load
-has several other frames per SYN and is never shed. Once the stack reports
-a flood (`stack.flood_until`: its SYN backlog overflowed in the last 10 s),
-every pass, full or not, is ordered the same way and the SYNs it hands on
-are capped at SYN_RATE per second (a token bucket, SYN_BURST per pass),
-with no share for the other frames: the flood's cost is bounded (~20,000
-cookies/s, a fifth of a core) whatever the established load, and a new
-client's SYN gets through with odds SYN_RATE / (the flood's SYN rate) per
-attempt (~0.3 at 65k SYN/s, ~0.13 at 150k SYN/s).
+has several other frames per SYN and is never shed.
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -71,9 +64,7 @@ BATCH = 256          # frames taken from the RX ring per scan
 DRAIN = 4            # batches read in one pass while overloaded (the default ring: 1024 slots)
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
 PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
-SYN_BUDGET = 32      # SYNs always handled per overloaded pass, however many (see _shed_syns)
-SYN_RATE = 20000     # SYNs per second handed to the stack while it reports a flood (stack.flood_until)
-SYN_BURST = 64       # the most of them in one pass
+SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _shed_syns)
 
 
 class Ready:
@@ -163,8 +154,6 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     errors = 0
     wakeups = 0
     shed = 0
-    tokens = 0.0                 # SYNs the stack may be handed while flooded (SYN_RATE)
-    t_tok = 0.0
     while not stop():
         now = mono()
         if now >= next_date:
@@ -175,33 +164,21 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
                 tick()
         frames = rx(batch)
         fok = oks
-        flooded = now < stack.flood_until
-        if len(frames) == batch or (flooded and frames):
-            if len(frames) == batch:
-                # A full batch: frames arrive faster than we handle them and the
-                # kernel will soon drop at random. Drain more, then shed SYNs beyond
-                # the budget (a flood: each costs a cookie and a SYN-ACK), so that
-                # established connections keep their share.
+        if len(frames) == batch:
+            # A full batch: frames arrive faster than we handle them and the
+            # kernel will soon drop at random. Drain more, then shed SYNs beyond
+            # the budget (a flood: each costs a cookie and a SYN-ACK), so that
+            # established connections keep their share.
+            if oks is not None:
+                fok = list(oks)            # the device refills rx_csum_ok per read
+            for _ in range(DRAIN - 1):
+                more = rx(batch)
+                frames += more
                 if oks is not None:
-                    fok = list(oks)            # the device refills rx_csum_ok per read
-                for _ in range(DRAIN - 1):
-                    more = rx(batch)
-                    frames += more
-                    if oks is not None:
-                        fok += oks
-                    if len(more) < batch:
-                        break
-            if flooded:
-                # a flood: SYNs at SYN_RATE at most, whatever else is going on
-                tokens += (now - t_tok) * SYN_RATE
-                if tokens > SYN_BURST:
-                    tokens = SYN_BURST
-                t_tok = now
-                kept, dropped = _shed_syns(frames, fok, int(tokens), False)
-                tokens -= kept
-            else:
-                kept, dropped = _shed_syns(frames, fok)
-            shed += dropped
+                    fok += oks
+                if len(more) < batch:
+                    break
+            shed += _shed_syns(frames, fok)
         if fok is None:
             for f in frames:
                 try:
@@ -245,24 +222,22 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
 _RNG = random.Random()     # which SYNs an overloaded pass keeps (seeded from the OS)
 
 
-def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, others: bool = True, rng=None) -> tuple:
+def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=None) -> int:
     """Order an overloaded pass (in place, `oks` kept aligned): every frame
     that is not an IPv4 TCP SYN (no ACK/RST) first, in arrival order, then at
-    most `budget` (with `others`: max(budget, those frames)) of the SYNs,
-    evenly spaced from a random offset, so that each SYN is kept with the
-    same probability, allow / SYNs. Returns (SYNs kept, SYNs dropped)."""
+    most max(budget, those frames) of the SYNs, evenly spaced from a random
+    offset, so that each SYN is kept with the same probability, allow / SYNs.
+    Returns how many SYNs were dropped."""
     flags = [len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0
              and f[47] & 0x16 == 0x02 for f in frames]
     syns = sum(flags)
     if not syns:
-        return 0, 0
+        return 0
     n = len(frames)
-    allow = max(budget, n - syns) if others else budget
+    allow = max(budget, n - syns)
     keep = [k for k in range(n) if not flags[k]]
     si = [k for k in range(n) if flags[k]]
-    if not allow:
-        si = []
-    elif syns > allow:
+    if syns > allow:
         # every step-th SYN from a random offset: a random shift of an evenly spaced
         # comb, so each SYN is kept with probability exactly allow / syns, and
         # neighbours (one client's burst) do not share their fate
@@ -273,7 +248,7 @@ def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, others: bool = True,
     frames[:] = [frames[k] for k in keep]
     if oks is not None:
         oks[:] = [oks[k] for k in keep]
-    return len(si), syns - len(si)
+    return syns - len(si)
 
 
 def _drain(fd):
