@@ -200,7 +200,6 @@ def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones
     assert FLOOD <= DRAIN * BATCH
     assert all(p.replies for p in new), [(p.port, p.attempts, p.state) for p in new]
     assert max(p.attempts for p in new) <= 100, [p.attempts for p in new]
-    assert sum(p.attempts for p in new) <= 4 * 13 * 2, [p.attempts for p in new]
     # after the flood: the half-open entries of spoofed sources go within seconds
     # (pressure: one SYN-ACK retransmission), not after syn_retries' ~63 s
     assert c["tcp_conns_open"] > KEEPALIVE + NEW

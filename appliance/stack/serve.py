@@ -64,7 +64,7 @@ BATCH = 256          # frames taken from the RX ring per scan
 DRAIN = 4            # batches read in one pass while overloaded (the default ring: 1024 slots)
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
 PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
-SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _shed_syns)
+SYN_BUDGET = 32      # SYNs always handled per overloaded pass, however many (see _shed_syns)
 
 
 class Ready:
