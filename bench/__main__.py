@@ -216,6 +216,50 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
     click.echo(f"profile: {out}/profile.md, {result['raw']} (py-spy raw stacks)", err=True)
 
 
+@main.command("synflood")
+@click.option("--rate", type=click.IntRange(1000, 10_000_000), default=65000, show_default=True,
+              help="Spoofed SYNs per second offered (the sender's reach is measured and printed).")
+@click.option("--duration", type=click.IntRange(1, 600), default=3, show_default=True, help="Seconds per pass.")
+@click.option("--modes", callback=_csv, help="keepalive,close [default: both].")
+@click.option("--servers", callback=_csv, help="nginx,appliance [default: both].")
+@click.option("--size", default="4k", show_default=True, help="Size of the file requested.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), help="A compiled store holding the bench file.")
+def synflood_cmd(rate, duration, modes, servers, size, store):
+    """Throughput of each server alone and under a spoofed SYN flood (bench/synflood.py):
+    the ratio, next to nginx under the same flood. Not in the default run."""
+    from . import synflood
+    from .servers import SERVERS, Appliance, ServerError
+    from .wrk import WrkError
+    try:
+        size_b = parse_size(size)[1]
+    except SizeError as e:
+        raise click.BadParameter(str(e), param_hint="--size")
+    modes = modes or ["keepalive", "close"]
+    if [m for m in modes if m not in ("keepalive", "close")]:
+        raise click.BadParameter(f"unknown mode(s) in {modes}: use keepalive, close", param_hint="--modes")
+    servers = servers or ["nginx", "appliance"]
+    if [s for s in servers if s not in SERVERS]:
+        raise click.BadParameter(f"unknown server(s) in {servers}: use {', '.join(SERVERS)}", param_hint="--servers")
+    _preflight(servers)
+    signal.signal(signal.SIGTERM, _sigterm)
+    objs = {name: (Appliance(store=store) if name == "appliance" else SERVERS[name]()) for name in servers}
+    workdir = tempfile.mkdtemp(prefix="haboob-synflood-")
+    try:
+        res = synflood.run(objs, workdir, rate, duration, modes, size_b)
+    except KeyboardInterrupt:
+        click.echo("interrupted: namespaces and processes removed", err=True)
+        sys.exit(130)
+    except (ServerError, WrkError, RuntimeError) as e:
+        raise click.ClickException(str(e))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    click.echo(synflood.table(res))
+    for name, c in res["counters"].items():
+        keys = ("loop_syn_shed", "ring_kernel_rx_drops", "tcp_syncookies_sent", "tcp_syncookies_accepted",
+                "tcp_synack_giveup", "tcp_rto")
+        click.echo(f"{name} counters: " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
+
+
 @main.command("micro")
 @click.option("--mode", type=click.Choice(["close", "keepalive", "both"]), default="both", show_default=True)
 @click.option("--size", default="4k", show_default=True, help="Size of the file requested.")

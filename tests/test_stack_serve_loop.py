@@ -106,22 +106,34 @@ def test_pcap_records_both_directions_as_on_the_wire(tmp_path):
         assert (q[IP].chksum, q[TCP].chksum) == sums
 
 
-def test_overloaded_batch_sheds_syns_beyond_the_budget_keeping_the_rest_in_order():
+def test_overloaded_batch_puts_other_frames_first_and_keeps_a_fair_share_of_syns():
+    import random
+    from collections import Counter
     from appliance.stack.serve import SYN_BUDGET, _shed_syns
 
     def seg(i, flags):
         return memoryview(bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP) /
                                 TCP(sport=1000 + i, dport=80, flags=flags)))
-    frames = [seg(i, "S" if i % 5 else "A") for i in range(200)]   # 160 SYNs, 40 ACKs
-    oks = [i % 2 == 0 for i in range(200)]
-    kept = [(i, f) for i, f in enumerate(frames)]
-    dropped = _shed_syns(frames, oks)
     allow = max(SYN_BUDGET, 40)
-    assert dropped == 160 - allow
-    syn_idx = [i for i, _ in kept if i % 5][:allow]
-    want = sorted(syn_idx + [i for i, _ in kept if i % 5 == 0])
-    assert [TCP in Ether(bytes(f)) and Ether(bytes(f))[TCP].sport - 1000 for f in frames] == want
-    assert oks == [i % 2 == 0 for i in want]                     # still aligned with the frames
+    template = [seg(i, "S" if i % 5 else "A") for i in range(200)]   # 160 SYNs, 40 ACKs
+    kept = Counter()
+    rng = random.Random(7)
+    for _ in range(400):
+        frames = list(template)
+        oks = [i % 2 == 0 for i in range(200)]
+        assert _shed_syns(frames, oks, rng=rng) == 160 - allow
+        order = [int.from_bytes(f[34:36], "big") - 1000 for f in frames]   # the source port
+        # the other frames first, all of them, in arrival order; then the SYNs kept
+        assert order[:40] == list(range(0, 200, 5))
+        syn_pos = [i for i in range(200) if i % 5]
+        picked = [syn_pos.index(i) for i in order[40:]]
+        gaps = {(b - a) % 160 for a, b in zip(picked, picked[1:] + picked[:1])}
+        assert len(set(picked)) == allow and gaps <= {160 // allow, -(-160 // allow)}   # evenly spread
+        assert oks == [i % 2 == 0 for i in order]                     # still aligned with the frames
+        kept.update(order[40:])
+    # every SYN, first or last in the batch, is kept with the same odds (allow / 160 = 1/4)
+    assert len(kept) == 160 and min(kept.values()) > 400 * allow / 160 * 0.6
+    assert max(kept.values()) < 400 * allow / 160 * 1.4
     # a connection-per-request load (a SYN among several other frames) is never shed
     mixed = [seg(i, "S" if i % 4 == 0 else "A") for i in range(256)]
     assert _shed_syns(mixed, None) == 0 and len(mixed) == 256

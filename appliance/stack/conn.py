@@ -928,7 +928,7 @@ class Conn:
             return
         self.retries += 1
         if self.state == SYN_RCVD:
-            if self.retries > st.cfg.syn_retries:
+            if self.retries > st.synack_retries(now):
                 st.counters["tcp_synack_giveup"] += 1
                 st.remove(self)
                 return

@@ -37,6 +37,25 @@ the connection directly. `max_conns` caps the table (SYNs beyond are counted
 and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
+SYN floods (RFC 4987). The defence has three parts. (1) Before the stack:
+in an overloaded pass the serve loop (serve.py) drains the ring, hands the
+stack every segment of known connections first and only a bounded, evenly
+drawn share of the SYNs (each SYN kept with the same probability, so a
+real client's retransmitted SYN gets in with odds budget / SYNs per try).
+(2) Here, answering a SYN costs as little as possible: once the backlog
+is full, `_cookie_synack` packs the SYN-ACK and its two sums flat, with
+no state and no segment objects, on both the fast and the general path.
+(3) Pressure: a full backlog puts the stack under pressure for
+`_PRESSURE_S` (10 s after it was last full). Meanwhile every SYN gets a
+cookie, even when half-open slots have freed up (no new half-open state
+for the flood to fill), and the half-open entries get
+`syn_retries_pressure` (1) SYN-ACK retransmissions instead of
+`syn_retries` (5): the flood's entries (spoofed sources never answer)
+are gone ~3 s (RTO 1 s + 2 s) after they were made instead of ~63 s, so
+`tcp_conns_open` falls back to the real connections within seconds of a
+flood's end. A real client whose SYN-ACK and its retransmission were
+both lost retries its SYN and gets a cookie.
+
 Timers: every Conn has at most one entry in a timer wheel, at the earliest
 of its deadlines or before it (`arm`, `Conn.sched`; a passive open's entry
 sits at RTO_min, so that the reply's retransmission timer never has to move
@@ -80,7 +99,7 @@ from .ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
-from .wire import Malformed, ip_bytes, sum_ok
+from .wire import Malformed, csum, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
 
@@ -91,6 +110,9 @@ _TCPH = struct.Struct("!HHIIBBH")
 _NO_OPTIONS = Options()
 _SLOTS_PER_S = 1000.0           # timer wheel resolution: 1 ms
 _IP_FIXED = struct.Struct("!HHHBBH").pack_into      # at 16: total length, id, flags/frag, ttl, proto, csum
+# a cookie SYN-ACK: Ethernet, IPv4 (44 bytes, DF, TTL 64), TCP with the MSS option
+_COOKIE_SA = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHHI").pack
+_PRESSURE_S = 10.0              # "under pressure" for this long after the SYN backlog was last full
 
 
 class StackConfig(NamedTuple):
@@ -106,6 +128,7 @@ class StackConfig(NamedTuple):
     rto_max: float = 60.0
     max_retries: int = 8            # RTOs in a row without progress before a RST
     syn_retries: int = 5            # SYN-ACK retransmissions before forgetting a half-open connection
+    syn_retries_pressure: int = 1   # the same while SYN cookies are in use (the backlog overflowed)
     delack: float = 0.04            # delayed ACK (RFC 9293 §3.8.6.3: < 0.5 s)
     idle_timeout: float = 60.0      # no progress for this long: close (or abort if stuck)
     request_timeout: float = 30.0   # a request started but not complete for this long: close
@@ -174,7 +197,9 @@ class Stack:
         self._next = 0.0            # no deadline before this (a lower bound)
         self._wheel = {}            # timer slot (int(t * _SLOTS_PER_S)) -> {Conn: None} armed in it
         self._slots = []            # heap of the slot numbers in _wheel
-        self._cookies_until = -1.0
+        self._cookies_until = -1.0  # cookies sent until then may come back (their lifetime)
+        # the backlog overflowed: cookies for every SYN until then ("always": for ever)
+        self._pressure_until = float("inf") if config.syncookies == "always" else -1.0
         self._chal_sec = -1
         self._chal_n = 0
         self._gw_arp_at = 0.0
@@ -190,7 +215,7 @@ class Stack:
         self.last_error = None
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
-        self._syn_fast_ok = store is not None and config.syncookies != "always"
+        self._syn_fast_ok = store is not None
 
     # --------------------------------------------------------------- public API
 
@@ -413,17 +438,11 @@ class Stack:
             raise Malformed("tcp_syn_fin")
         if len(self.conns) >= self.cfg.max_conns:
             raise Malformed("tcp_conn_limit")
-        cookies = self.cfg.syncookies
-        if cookies == "always" or (self.n_synrcvd >= self.cfg.syn_backlog and cookies == "auto"):
-            mss = min(seg.options.mss or 536, self.cfg.mtu - 40)
-            cookie = self.isn.cookie(key, seg.seq, mss, now)
-            self._cookies_until = now + 130.0
-            self._emit_tcp(src_mac, src_ip, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
-                           Options(mss=self.cfg.mtu - 40))
-            cnt["tcp_syncookies_sent"] += 1
+        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until:
+            if self.cfg.syncookies == "never":
+                raise Malformed("tcp_syn_backlog_full")
+            self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now)
             return
-        if self.n_synrcvd >= self.cfg.syn_backlog:
-            raise Malformed("tcp_syn_backlog_full")
         self._open(key, src_mac, src_ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale,
                    seg.window, now)
 
@@ -446,7 +465,7 @@ class Stack:
     def _syn(self, b: bytes, end: int, now: float) -> None:
         """A plain SYN to our port (the connection-per-request hot path): the same
         steps as _tcp_in's passive open, from the raw header, without parsed
-        segment objects. Only used while SYN cookies are not needed."""
+        segment objects; under pressure a cookie instead (_cookie_synack)."""
         cnt = self.counters
         hl = (b[46] >> 4) << 2
         if hl < 20 or 34 + hl > end:
@@ -477,14 +496,46 @@ class Stack:
                 cnt["tcp_time_wait_reopened"] += 1
             else:
                 cnt["tcp_time_wait_reopened_lower_seq"] += 1
-        if self.n_synrcvd >= self.cfg.syn_backlog:         # the general path sends a cookie
-            try:
-                self._tcp_in(b[6:12], src_ip, TcpSegment(*_TCPH.unpack_from(b, 34)[:4], SYN,
-                                                         (b[48] << 8) | b[49], Options(mss, ws)), b, end, now)
-            except Malformed as e:                          # e.g. backlog full with cookies off
-                cnt["drop_" + e.reason] += 1
+        if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until:
+            if self.cfg.syncookies == "never":
+                cnt["drop_tcp_syn_backlog_full"] += 1
+            else:
+                self._cookie_synack(b[6:12], src_ip, (b[34] << 8) | b[35], key, seq, mss, now)
             return
         self._open(key, b[6:12], src_ip, (b[34] << 8) | b[35], seq, mss, ws, (b[48] << 8) | b[49], now)
+
+    def _cookie_synack(self, mac, ip, port, key, seq, peer_mss, now) -> None:
+        """Answer a SYN with a SYN cookie (isn.py) and keep no state: one packed
+        header, two sums. While the backlog is full (a flood) this is every
+        SYN's cost, so it is built flat rather than through the segment objects.
+        A full backlog puts the stack under pressure for _PRESSURE_S: every SYN
+        gets a cookie and half-open connections get fewer retries (synack_retries)."""
+        cfg = self.cfg
+        our = cfg.mtu - 40
+        cookie = self.isn.cookie(key, seq, min(peer_mss or 536, our), now)
+        self._cookies_until = now + 130.0               # a cookie is valid for 64-128 s
+        if self.n_synrcvd >= cfg.syn_backlog and cfg.syncookies == "auto":
+            self._pressure_until = now + _PRESSURE_S
+        h = bytearray(_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, ip,
+                                 cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
+                                 0x02040000 | our))
+        h[24:26] = csum(h[14:34]).to_bytes(2, "big")
+        h[50:52] = csum(h[34:58], int.from_bytes(self.ipb + ip, "big") + PROTO_TCP + 24).to_bytes(2, "big")
+        self.txq.append((bytes(h), None, None))
+        cnt = self.counters
+        cnt["tcp_out_segments"] += 1
+        cnt["tcp_syncookies_sent"] += 1
+
+    def synack_retries(self, now: float) -> int:
+        """SYN-ACK retransmissions a half-open connection gets before it is
+        forgotten: fewer while under pressure (the backlog overflowed in the last
+        _PRESSURE_S), so that a flood's half-open entries are retired within
+        seconds, not after the ~63 s of syn_retries (Linux too gives the entries
+        of a crowded SYN queue fewer retries: inet_csk_reqsk_queue_prune)."""
+        cfg = self.cfg
+        if now < self._pressure_until:
+            return min(cfg.syn_retries, cfg.syn_retries_pressure)
+        return cfg.syn_retries
 
     def _tw_segment(self, key, tw, seg, src_mac, src_ip, now) -> bool:
         """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""

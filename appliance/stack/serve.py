@@ -15,9 +15,23 @@ batch loop until a signal or `stop_event`:
 
 One wake-up serves a whole batch; the loop only sleeps after a scan found
 the RX ring empty (and so handed every slot back; see rings/tpacket.py).
-A full batch means overload: SYNs in excess of the batch's other frames are
-shed before the stack sees them (a SYN flood must not starve established connections; the
-kernel would otherwise drop at random once the ring is full).
+
+Overload (a SYN flood). A full batch means frames arrive faster than they
+are handled, and once the RX ring is full the kernel drops whatever comes
+next: segments of established connections with the flood's SYNs. So a
+full batch is followed by more reads (up to DRAIN batches, the whole
+default ring) and the SYNs among them are shed before the stack sees them:
+a shed SYN costs one small copy and a few byte tests, an answered one a
+cookie and a SYN-ACK, so a pass that sheds keeps the ring draining. In
+what is kept, every other frame goes first, in arrival order (segments of
+known connections are never shed), then at most max(SYN_BUDGET, the other
+frames) SYNs. Those are every (SYNs / budget)-th SYN of the pass from a
+random offset: every SYN of the pass has the same chance, budget / SYNs,
+whatever its place in the ring (tail drop would favour whichever burst
+came first, and drop a SYN that arrives behind a burst every time).
+A legitimate client retransmitting its SYN thus gets a SYN-ACK with that
+probability per attempt (see _shed_syns). A connection-per-request load
+has several other frames per SYN and is never shed.
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -37,6 +51,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import select
 import signal
 import time
@@ -46,9 +61,10 @@ from .counters import Counters
 __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
 BATCH = 256          # frames taken from the RX ring per scan
+DRAIN = 4            # batches read in one pass while overloaded (the default ring: 1024 slots)
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
 PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
-SYN_BUDGET = 32      # SYNs always handled per full batch, however many (see _shed_syns)
+SYN_BUDGET = 32      # SYNs always handled per overloaded pass, however many (see _shed_syns)
 
 
 class Ready:
@@ -102,10 +118,12 @@ def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=Non
     return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
 
 
-def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None) -> None:
+def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None, clock=time.monotonic) -> None:
     """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
     an exception out of the stack is counted (loop_stack_errors) and the loop goes on.
-    `tick()`, if given, is called once a second (with the Date refresh)."""
+    `tick()`, if given, is called once a second (with the Date refresh); `clock`
+    is the monotonic clock (tests pass a fake one: it is read once per pass
+    while frames keep coming)."""
     rx = dev.rx_batch
     tx = dev.tx_batch
     receive = stack.receive
@@ -124,7 +142,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None)
     if not isinstance(pending, list):
         pending = ()
     counters = stack.counters
-    mono = time.monotonic
+    mono = clock
     poller = select.poll()
     fd = dev.fileno()
     if fd >= 0:
@@ -145,20 +163,30 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None)
             if tick is not None:
                 tick()
         frames = rx(batch)
+        fok = oks
         if len(frames) == batch:
-            # A full batch: frames are arriving faster than we handle them and
-            # the kernel will soon drop at random. If SYNs dominate (a flood:
-            # each costs a cookie and a SYN-ACK) shed the excess first, so
+            # A full batch: frames arrive faster than we handle them and the
+            # kernel will soon drop at random. Drain more, then shed SYNs beyond
+            # the budget (a flood: each costs a cookie and a SYN-ACK), so that
             # established connections keep their share.
-            shed += _shed_syns(frames, oks)
-        if oks is None:
+            if oks is not None:
+                fok = list(oks)            # the device refills rx_csum_ok per read
+            for _ in range(DRAIN - 1):
+                more = rx(batch)
+                frames += more
+                if oks is not None:
+                    fok += oks
+                if len(more) < batch:
+                    break
+            shed += _shed_syns(frames, fok)
+        if fok is None:
             for f in frames:
                 try:
                     receive(f, now)
                 except Exception:    # a stack bug must not stop the appliance: count, drop
                     errors += 1
         else:
-            for f, ok in zip(frames, oks):
+            for f, ok in zip(frames, fok):
                 try:
                     receive(f, now, ok)
                 except Exception:
@@ -191,32 +219,36 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None)
     counters["loop_syn_shed"] += shed
 
 
-def _shed_syns(frames: list, oks) -> int:
-    """In an overloaded batch, drop (in place) the IPv4 TCP SYNs (no ACK/RST)
-    that exceed max(SYN_BUDGET, the other frames of the batch): a flood is
-    made of SYNs, while even a connection-per-request load has several other
-    frames per SYN and is never shed. Returns how many were dropped."""
+_RNG = random.Random()     # which SYNs an overloaded pass keeps (seeded from the OS)
+
+
+def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=None) -> int:
+    """Order an overloaded pass (in place, `oks` kept aligned): every frame
+    that is not an IPv4 TCP SYN (no ACK/RST) first, in arrival order, then at
+    most max(budget, those frames) of the SYNs, evenly spaced from a random
+    offset, so that each SYN is kept with the same probability, allow / SYNs.
+    Returns how many SYNs were dropped."""
     flags = [len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0
              and f[47] & 0x16 == 0x02 for f in frames]
     syns = sum(flags)
-    allow = max(SYN_BUDGET, len(frames) - syns)
-    if syns <= allow:
+    if not syns:
         return 0
-    keep = []
-    keep_ok = []
-    seen = 0
-    for k, f in enumerate(frames):
-        if flags[k]:
-            seen += 1
-            if seen > allow:
-                continue
-        keep.append(f)
-        if oks is not None:
-            keep_ok.append(oks[k])
-    frames[:] = keep
+    n = len(frames)
+    allow = max(budget, n - syns)
+    keep = [k for k in range(n) if not flags[k]]
+    si = [k for k in range(n) if flags[k]]
+    if syns > allow:
+        # every step-th SYN from a random offset: a random shift of an evenly spaced
+        # comb, so each SYN is kept with probability exactly allow / syns, and
+        # neighbours (one client's burst) do not share their fate
+        step = syns / allow
+        start = (rng or _RNG).random() * syns
+        si = [si[int(start + i * step) % syns] for i in range(allow)]
+    keep += si
+    frames[:] = [frames[k] for k in keep]
     if oks is not None:
-        oks[:] = keep_ok
-    return syns - allow
+        oks[:] = [oks[k] for k in keep]
+    return syns - len(si)
 
 
 def _drain(fd):
