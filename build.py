@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from appliance.obs.cli_options import obs_options, obs_settings
 from haboob_build import drivers, formats
 from haboob_build.context import Options
 from haboob_build.errors import BuildError
@@ -40,8 +41,9 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--nic-drivers", default="all", show_default=True,
               help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
+@obs_options                            # access log, metrics, drain: the image's defaults (appliance/obs)
 def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
-         quiet):
+         quiet, **obs):
     """Build a bootable appliance image serving the static site in SITE."""
     site = Path(site)
     if name is None:
@@ -53,11 +55,14 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         fmts = formats.parse_formats(formats_)
         formats.check_tools(fmts)
         nics = drivers.parse_nic_drivers(nic_drivers)
+        observe = obs_settings(obs)
+    except click.BadParameter as e:
+        raise click.ClickException(e.message) from None
     except BuildError as e:
         raise click.ClickException(str(e)) from None
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
                    memory=memory, compress_level=compress_level, quiet=quiet, modules=modules,
-                   formats=tuple(fmts), nic_drivers=tuple(nics))
+                   formats=tuple(fmts), nic_drivers=tuple(nics), observe=observe)
     t0 = time.monotonic()
     try:
         ctx = build_image(opts, STEPS)

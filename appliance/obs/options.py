@@ -44,10 +44,10 @@ def check(s: dict) -> dict:
         raise ValueError(f"log sample {s.get('log_sample')!r}: want a whole number >= 1 (1 in N)") from None
     try:
         out["metrics_port"] = int(out["metrics_port"])
-        if not 0 <= out["metrics_port"] < 65536:
+        if not 0 <= out["metrics_port"] < 65536 or out["metrics_port"] == 80:
             raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"metrics port {s.get('metrics_port')!r}: want 0 (off) or 1..65535") from None
+        raise ValueError(f"metrics port {s.get('metrics_port')!r}: want 0 (off) or 1..65535, not 80 (the site's)") from None
     parse_allow(out["metrics_allow"])
     try:
         out["drain"] = float(out["drain"])
