@@ -104,6 +104,9 @@ def test_metrics_parse_count_and_health(store):
             h = fetch(link, f"http://{link.server_ip}:9100/healthz", "-w", "%{http_code}")
             assert h.stdout.endswith("200") and h.stdout.startswith("ok")
             assert fetch(link, f"http://{link.server_ip}:9100/nope", "-w", "%{http_code}").stdout.endswith("404")
+            live = link.client.run([sys.executable, "-m", "vm", "stat", murl, "--count", "1", "--interval", "0.5"],
+                                   capture_output=True, cwd=ROOT)
+            assert re.search(r"\d req/s .* MB/s .* conns .* err/s", live.stdout), live
     assert res["counters"]["metrics_scrapes"] >= 3, res
     d2 = sample(after, "haboob_http_responses_total", code="2xx") - sample(before, "haboob_http_responses_total",
                                                                             code="2xx")

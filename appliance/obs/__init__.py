@@ -226,7 +226,11 @@ class Observer:
             self.log.write(done, now, time.time())
 
     def tick(self, now: float) -> None:
-        """Once a second: a syslog sink retries lines waiting for ARP."""
+        """Once a second: forget partial request heads of connections that are gone
+        without a reply; a syslog sink retries lines waiting for ARP."""
+        if self.heads:
+            for c in [c for c in self.heads if c.state == 9]:
+                del self.heads[c]
         sink = getattr(self.log, "sink", None)
         if sink is not None and hasattr(sink, "send"):
             sink.send(now)

@@ -301,7 +301,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
         if on_stack:
             on_stack(stack, dev)
         tick = (lambda: on_tick(stack, dev)) if on_tick else None
-        if obs is not None and obs.log is not None:
+        if obs is not None:
             tick = (lambda: (obs.tick(time.monotonic()), on_tick and on_tick(stack, dev)))
         run_loop(stack, dev, stop, wake_fd, tick=tick, after=obs.flush if obs is not None else None)
         if obs is not None:
