@@ -3,7 +3,9 @@
 Every frame the stack emits is checked by scapy (tests/stack_support.Client);
 the syslog frames are parsed by scapy as an independent checker too.
 """
+import json
 import os
+import re
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -155,3 +157,37 @@ def test_udp_frame_odd_payload_checksum():
     c = p[UDP].chksum
     del p[UDP].chksum
     assert Ether(bytes(p))[UDP].chksum == c and bytes(p[UDP].payload) == b"abc"
+
+
+class ListSink:
+    def __init__(self):
+        self.lines = []
+        self.writes = 0
+
+    def write(self, lines, now, wall):
+        self.lines += lines
+        self.writes += 1
+
+
+def _entry(i):
+    return (10.0, "198.18.0.2", 40000 + i, b"GET", b"/%d" % i, b"HTTP/1.1", 200, 5, 100, 0.001, "identity",
+            False, False, None, b"ua")
+
+
+def test_sampling_keeps_one_in_n_across_batches_and_writes_once_per_batch():
+    sink = ListSink()
+    log = AccessLog(sink, "json", 3, {"log_lines": 0})
+    log.write([_entry(i) for i in range(4)], 10.0, 1764150000.0)
+    log.write([_entry(i) for i in range(4, 9)], 10.0, 1764150000.0)
+    assert [json.loads(x)["target"] for x in sink.lines] == ["/2", "/5", "/8"]
+    assert sink.writes == 2
+
+
+def test_rfc3164_framing(tmp_path):
+    st = make_stack(make_store(tmp_path))
+    st.arp.learn(bytes(map(int, CLIENT_IP.split("."))), bytes.fromhex("020000000002"), 1000.0)
+    sink = SyslogSink(st, CLIENT_IP, 514, hostname="web 1", bsd=True)
+    sink.write(["a line"], 1000.0, 1764150000.0)        # 2025-11-26 09:40:00 UTC
+    p = Ether(st.txq[0][0])
+    msg = bytes(p[UDP].payload).decode()
+    assert re.fullmatch(r"<134>Nov 26 09:40:00 web1 haboob\[\d+\]: a line", msg), msg
