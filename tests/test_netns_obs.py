@@ -248,3 +248,16 @@ def test_sigterm_drains_healthz_503_and_finishes_a_50mb_download(tmp_path):
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(big).digest()
     c = res["counters"]
     assert c["drain_started"] == 1 and c.get("drain_timeouts", 0) == 0 and c["tcp_drain_refused"] >= 1, c
+
+
+def test_two_workers_each_answer_scrapes_for_themselves(store):
+    with netns.pair(subnet=145) as link:
+        with server(link.server, link.server_if, link.server_ip, store, "--workers", "2", "--metrics-port",
+                    "9100") as (p, ready, res):
+            seen = set()
+            for _ in range(6):
+                fams = families(fetch(link, f"http://{link.server_ip}:9100/metrics").stdout)
+                seen |= {s.labels["worker"] for s in fams["haboob_build_info"].samples}
+            assert seen <= {"0", "1"} and seen, seen
+            assert fetch(link, f"http://{link.server_ip}/").returncode == 0
+    assert res["counters"]["metrics_scrapes"] == 6 and res["counters"]["drain_started"] == 2, res["counters"]
