@@ -128,6 +128,8 @@ def test_metrics_parse_count_and_health(store):
     assert info["store_sha256"] == store_digest(store) and info["site_files"] == str(len(site_files()))
     assert info["kernel"] == os.uname().release
     assert "haboob_tcp_time_wait_entries" in after and "haboob_tcp_syn_cookies_active" in after
+    assert sample(after, "haboob_tcp_conns_open") >= 1                 # the scrape's own connection
+    assert sample(after, "haboob_tcp_connections", state="ESTABLISHED") >= 1
 
 
 def test_disallowed_scrape_gets_rst_and_is_counted(store):

@@ -67,7 +67,7 @@ def summary(prev: dict, cur: dict, dt: float) -> str:
     errors = rate("haboob_http_responses_total", 'code="4xx"') + rate("haboob_http_responses_total", 'code="5xx"')
     return (f"{rate('haboob_http_responses_total'):9.1f} req/s  "
             f"{rate('haboob_http_response_bytes_total') / 1e6:8.2f} MB/s  "
-            f"{_sum(cur, 'haboob_tcp_connections_open'):6.0f} conns  "
+            f"{_sum(cur, 'haboob_tcp_conns_open'):6.0f} conns  "
             f"{_sum(cur, 'haboob_tcp_time_wait_entries'):6.0f} time-wait  "
             f"{errors:7.1f} err/s  {rate('haboob_drops_total'):7.1f} drops/s"
             + ("  DRAINING" if _sum(cur, "haboob_draining") else ""))

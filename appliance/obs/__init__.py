@@ -302,7 +302,7 @@ class Observer:
         for c in st.conns.values():
             name = STATE_NAMES.get(c.state, str(c.state))
             states[name] = states.get(name, 0) + 1
-        gauges = {"tcp_time_wait_entries": len(st.tw), "tcp_connections_open": len(st.conns),
+        gauges = {"tcp_time_wait_entries": len(st.tw),
                   "tcp_syn_cookies_active": int(now < st._cookies_until),
                   "draining": int(self.draining), "http_responses_in_flight": len(self.pending)}
         counters = dict(self.collect())
