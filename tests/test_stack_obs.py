@@ -13,7 +13,14 @@ from scapy.layers.l2 import Ether
 from appliance.obs import Drain, Observer
 from appliance.obs.accesslog import AccessLog, ConsoleSink, SyslogSink, udp_frame
 
+import pytest
+
 from .stack_support import CLIENT_IP, SERVER_IP, SITE, Client, make_stack, make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("obs"))
 
 
 class MetricsClient(Client):
@@ -33,8 +40,8 @@ class Stopper:
         return self.asked
 
 
-def test_metrics_port_frames_carry_its_port_and_valid_checksums(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_metrics_port_frames_carry_its_port_and_valid_checksums(store):
+    st = make_stack(store)
     Observer(st, metrics_port=9100, build={"store_sha256": "ab"}).install()
     c = MetricsClient(st, port=40001)
     sa = c.connect()
@@ -54,8 +61,8 @@ def test_metrics_port_frames_carry_its_port_and_valid_checksums(tmp_path):
     assert got.endswith(SITE["index.html"]) and all(p[TCP].sport == 80 for p in frames if TCP in p)
 
 
-def test_a_scrape_is_not_an_access_log_entry_and_site_replies_are(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_a_scrape_is_not_an_access_log_entry_and_site_replies_are(store):
+    st = make_stack(store)
     lines = []
 
     class Sink:
@@ -77,8 +84,8 @@ def test_a_scrape_is_not_an_access_log_entry_and_site_replies_are(tmp_path):
     assert st.counters["http_responses_2xx"] == 2        # the scrape is not counted as the site's
 
 
-def test_drain_fins_idle_connections_and_refuses_new_ones(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_drain_fins_idle_connections_and_refuses_new_ones(store):
+    st = make_stack(store)
     obs = Observer(st, metrics_port=9100).install()
     c = Client(st, port=40001)
     c.connect()
@@ -98,8 +105,8 @@ def test_drain_fins_idle_connections_and_refuses_new_ones(tmp_path):
     assert st.counters["tcp_drain_refused"] == 1 and st.counters["drain_closed_idle"] == 1
 
 
-def test_drain_gives_up_after_its_timeout(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_drain_gives_up_after_its_timeout(store):
+    st = make_stack(store)
     c = Client(st, port=40001)
     c.connect()
     c.send("PA", data=c.request("/big.bin"))             # a reply in flight, never acknowledged
@@ -132,8 +139,8 @@ def test_console_sink_drops_and_counts_when_the_pipe_is_full():
     assert data.count(b"\n") >= 200 - counters["log_lines_dropped"]
 
 
-def test_syslog_frames_wait_for_arp_then_parse_as_udp(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_syslog_frames_wait_for_arp_then_parse_as_udp(store):
+    st = make_stack(store)
     sink = SyslogSink(st, CLIENT_IP, 5514, hostname="web1")
     sink.write(["hello \\x07"], 1000.0, 1764150000.25)
     arp = st.txq[:]
@@ -183,8 +190,8 @@ def test_sampling_keeps_one_in_n_across_batches_and_writes_once_per_batch():
     assert sink.writes == 2
 
 
-def test_rfc3164_framing(tmp_path):
-    st = make_stack(make_store(tmp_path))
+def test_rfc3164_framing(store):
+    st = make_stack(store)
     st.arp.learn(bytes(map(int, CLIENT_IP.split("."))), bytes.fromhex("020000000002"), 1000.0)
     sink = SyslogSink(st, CLIENT_IP, 514, hostname="web 1", bsd=True)
     sink.write(["a line"], 1000.0, 1764150000.0)        # 2025-11-26 09:40:00 UTC
