@@ -100,6 +100,11 @@ def test_drain_fins_idle_connections_and_refuses_new_ones(store):
     assert any("F" in p[TCP].flags for p in fin) and obs.draining
     new = Client(st, port=40002).syn()
     assert [p[TCP].flags for p in new] == ["RA"]         # a new connection: RST
+    h = MetricsClient(st, port=40003)
+    h.connect()
+    assert d() is False                                  # (our FIN to c is still unacknowledged)
+    data, _ = h.get("/healthz")                          # connected before its request: not closed
+    assert data.startswith(b"HTTP/1.1 503 ") and data.endswith(b"draining\n")
     c.ack_all(fin)                                       # the client ACKs our FIN: nothing outstanding
     assert d() is True
     assert st.counters["tcp_drain_refused"] == 1 and st.counters["drain_closed_idle"] == 1

@@ -354,8 +354,14 @@ class Drain:
             st._syn_fast_ok = False                 # SYNs take _tcp_in, where the side refuses them
         from ..stack.conn import _HTTP_DONE, ESTABLISHED, FIN_WAIT_2
         busy = 0
+        mport = self.side.skip_port
         for c in list(st.conns.values()):
-            if c.state == ESTABLISHED and not c.q and not c.t_req and c.snd_una == c.data_end:
+            if c.key[10:12] == mport:
+                continue                            # health checks and scrapes: they close themselves
+            if (c.state == ESTABLISHED and not c.q and not c.t_req and c.snd_una == c.data_end
+                    and (c.http is not None or now - c.last_act > 1.0)):
+                # idle: kept alive after a reply, or connected without asking for a
+                # second (a FIN before its first request arrives would be a reply-less close)
                 c.http = _HTTP_DONE                 # later requests are ignored: the client retries elsewhere
                 c.close()
                 c.output(now)
