@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from appliance.obs.cli_options import obs_options, obs_settings
 from haboob_build import cloud, drivers, formats
 from haboob_build.context import Options
 from haboob_build.errors import BuildError
@@ -46,8 +47,9 @@ from haboob_build.steps import STEPS, build_image
               help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
 @click.option("-q", "--quiet", is_flag=True,
               help="print nothing but errors (no step lines, no progress, no summary)")
+@obs_options                            # access log, metrics, drain: the image's defaults (appliance/obs)
 def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
-         quiet):
+         quiet, **obs):
     """Build a bootable appliance image serving the static site in SITE."""
     site = Path(site)
     if name is None:
@@ -60,11 +62,14 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         formats.check_tools(fmts)
         nics = drivers.parse_nic_drivers(nic_drivers)
         cloud.check_drivers(fmts, nics)             # a cloud format needs its platform's NIC driver
+        observe = obs_settings(obs)
+    except click.BadParameter as e:
+        raise click.ClickException(e.message) from None
     except BuildError as e:
         raise click.ClickException(str(e)) from None
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
                    memory=memory, compress_level=compress_level, quiet=quiet, modules=modules,
-                   formats=tuple(fmts), nic_drivers=tuple(nics))
+                   formats=tuple(fmts), nic_drivers=tuple(nics), observe=observe)
     t0 = time.monotonic()
     try:
         ctx = build_image(opts, STEPS)

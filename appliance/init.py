@@ -15,7 +15,11 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    drivers; loading them all costs seconds under TCG);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
    /proc/cmdline (defaults: /etc/haboob/config.json, from the build; one
-   stack instance per CPU unless haboob.workers= says otherwise);
+   stack instance per CPU unless haboob.workers= says otherwise), and the
+   access log / metrics / drain settings haboob.log=, haboob.log_format=,
+   haboob.log_sample=, haboob.log_framing=, haboob.metrics=,
+   haboob.metrics_allow=, haboob.drain= (appliance/obs/options.py; the
+   build's --access-log ... are the defaults);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for
@@ -30,7 +34,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 Stopping: SIGTERM, SIGINT (Ctrl-Alt-Del once reboot(CAD_OFF) is set) and
 the ACPI power button (QMP system_powerdown; the `button` driver reports it
 as KEY_POWER on an evdev input device that a thread watches) set the stop
-event; serve returns, PID 1 prints HABOOB-COUNTERS and powers off. SIGUSR1
+event; serve first drains (haboob.drain= seconds, default 10: /healthz 503,
+new connections refused, responses in flight finished) and returns, PID 1 prints HABOOB-COUNTERS and powers off. SIGUSR1
 or the key 'c' on the console prints the counters without stopping. Any
 fatal error prints `HABOOB-FATAL <reason>` and powers off: PID 1 never
 hangs and never exits (the kernel would panic).
@@ -449,7 +454,13 @@ def boot() -> None:
     except (OSError, ValueError) as e:
         raise Fatal(f"{CONFIG}: {e}") from None
     with open("/proc/cmdline") as f:
-        s = settings(config, kernel_args(f.read()))
+        args = kernel_args(f.read())
+    s = settings(config, args)
+    try:                                    # haboob.log= haboob.metrics= ... (appliance/obs/options.py)
+        from appliance.obs.options import from_kernel_args
+        observe = from_kernel_args(args, config.get("observe"))
+    except ValueError as e:
+        raise Fatal(f"kernel command line: {e}") from None
 
     loaded = load_modules(config.get("modules", "/etc/haboob/modules"))
     phases["modules_loaded"] = ms_since_boot()
@@ -485,7 +496,7 @@ def boot() -> None:
             "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
-            "offload": off, "workers": s["workers"], "drivers_loaded": loaded,
+            "offload": off, "workers": s["workers"], "metrics_port": info.get("metrics_port", 0), "drivers_loaded": loaded,
             "entropy_wait_ms": waited, "phases_ms": phases}))
 
     def on_signal(signum, frame):
@@ -500,7 +511,8 @@ def boot() -> None:
 
     try:                                   # serve() opens and verifies the store itself
         counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
-                         workers=s["workers"], on_ready=on_ready, stop_event=stop)
+                         workers=s["workers"], on_ready=on_ready, stop_event=stop,
+                         observe=dict(observe, hostname=config.get("name")), drain=observe["drain"])
     except StoreError as e:
         raise Fatal(f"content store {s['store']}: {e}") from None
     live["counters"] = counters if counters is not None else live["counters"]

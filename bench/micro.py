@@ -76,10 +76,18 @@ def _out_seqs(txq) -> list:
 
 
 def run(mode: str = "close", size: int = 4096, requests: int = 20000, ports: int = 64,
-        profile: bool = False) -> dict:
-    """Returns {"us_per_req", "requests", ...}; with profile=True also "profile" (text)."""
+        profile: bool = False, log: str = "off") -> dict:
+    """Returns {"us_per_req", "requests", ...}; with profile=True also "profile" (text).
+    `log` "combined"/"json": the access log on (appliance/obs), its batch flushed after
+    every frame (the worst case: one frame per loop iteration), lines to /dev/null."""
     with tempfile.TemporaryDirectory() as tmp:
         st, path = make_stack(size, tmp)
+        flush = None
+        if log != "off":
+            from appliance.obs import Observer
+            from appliance.obs.accesslog import AccessLog, ConsoleSink
+            null = os.open(os.devnull, os.O_WRONLY)
+            flush = Observer(st, log=AccessLog(ConsoleSink(st.counters, null), log, 1, st.counters)).install().flush
         req = f"GET {path} HTTP/1.1\r\nHost: 198.18.0.1\r\n".encode()
         req += b"Connection: close\r\n\r\n" if mode == "close" else b"\r\n"
         txq = st.txq
@@ -98,6 +106,8 @@ def run(mode: str = "close", size: int = 4096, requests: int = 20000, ports: int
             t0 = clock()
             recv(f, now, True)
             poll(now)
+            if flush is not None:
+                flush(now)
             out = list(txq)
             txq.clear()
             dt = clock() - t0

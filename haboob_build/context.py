@@ -45,6 +45,7 @@ class Options:
     quiet: bool = False
     formats: tuple = ()          # deploy formats (haboob_build.formats): iso, img, pxe, qcow2
     nic_drivers: tuple = ("virtio_net",)   # NIC drivers (haboob_build.drivers); build.py defaults to all
+    observe: dict = field(default_factory=dict)   # access log / metrics / drain (appliance/obs/options.py)
 
 
 @dataclass

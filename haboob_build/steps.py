@@ -165,6 +165,8 @@ def base(ctx: Context) -> None:
     iface = parse_ip(o.ip)
     config = {"ip": str(iface), "gateway": o.gateway, "mss": o.mss, "port": 80,
               "store": STORE, "modules": MODULES, "name": o.name}
+    if o.observe:
+        config["observe"] = o.observe           # defaults; haboob.log= ... on the command line win
     t.file(CONFIG, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), part="base")
     ctx.facts["config"] = config
 

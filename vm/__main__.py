@@ -28,6 +28,8 @@ signal's number (130, 143), its checks not done.
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import sys
 import time
@@ -145,18 +147,57 @@ def _stop_on_signal(machine, sig: stop.Signals) -> str:
     return how
 
 
+_ACCESS_LINE = re.compile(r'^(\d+\.\d+\.\d+\.\d+ - - \[|\{"time":)')
+
+
+def _echo_log(line: str) -> None:
+    if _ACCESS_LINE.match(line):
+        click.echo(line)
+
+
+def metrics_url(s, opts) -> str | None:
+    """Where the guest's /metrics is reachable from here, or None."""
+    if not opts.metrics_port:
+        return None
+    if opts.net == "user":
+        return f"http://127.0.0.1:{opts.metrics_hostport}/metrics"
+    return f"http://{s.host}:{opts.metrics_port}/metrics"
+
+
 @cli.command()
 @with_common
 @click.option("--console", is_flag=True, help="show the guest's serial console")
-def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console):
+@click.option("--log", "follow_log", is_flag=True, help="follow the access log (haboob.log=console)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="the guest's metrics port (haboob.metrics=); default: the image's, else 9100 "
+                   "with --boot kernel; 0: none")
+def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console, follow_log,
+         metrics_port):
     """Boot IMAGE, print its URL, run until SIGINT (Ctrl-C) or SIGTERM, then stop it cleanly."""
     img = Image.load(image)
     opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
+    built = int(img.manifest.get("config", {}).get("observe", {}).get("metrics_port", 0) or 0)
+    if metrics_port is None:
+        metrics_port = built or (9100 if boot == "kernel" else 0)
+    elif boot != "kernel" and metrics_port != built:
+        raise click.BadParameter(f"--boot {boot} boots the medium's command line (metrics port {built}); "
+                                 f"another one needs --boot kernel", param_hint="--metrics-port")
+    if metrics_port == 80:
+        raise click.BadParameter("80 is the site's port", param_hint="--metrics-port")
+    opts.metrics_port = metrics_port
+    if follow_log:
+        if boot != "kernel":
+            raise click.BadParameter(f"--boot {boot}: the medium's command line is fixed; use --boot kernel",
+                                     param_hint="--log")
+        opts.append.append("haboob.log=console")
     qemu_binary()
     click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
+    echo = _echo_console if console else (_echo_log if follow_log else None)
     with stop.Signals() as sig:
-        with session(img, opts, echo=_echo_console if console else None) as s:
+        with session(img, opts, echo=echo) as s:
             sig.machine = s.machine
+            murl = None
+            run_file = Path(image) / "run.json"
             try:
                 with sig.interruptible():
                     ready = s.machine.wait_ready(timeout)
@@ -167,6 +208,15 @@ def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                                    f"ip netns exec {s.ns.name} curl {s.base_url}/")
                     else:
                         click.echo(f"open {s.base_url}/")
+                    murl = metrics_url(s, opts)
+                    if murl:
+                        click.echo(f"metrics {murl} (health: {murl[:-len('/metrics')]}/healthz; "
+                                   f"live: python -m vm stat {image})")
+                        try:
+                            run_file.write_text(json.dumps({"metrics": murl, "pid": os.getpid(),
+                                                            "ns": s.ns.name if s.ns else None}) + "\n")
+                        except OSError:
+                            pass
                     click.echo("Ctrl-C or SIGTERM stops it (a second one at once)", err=True)
                     while s.machine.proc.poll() is None:
                         s.machine.poll_console()
@@ -177,8 +227,28 @@ def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                     if line.startswith(COUNTERS):
                         click.echo(line)
                 sys.exit(0 if how == "powered off" or (how == "quit" and not _booted(s.machine)) else 1)
+            finally:
+                if murl:
+                    run_file.unlink(missing_ok=True)
             tail = "\n".join(s.machine.tail(5))
             raise VMError(f"the guest stopped by itself (QEMU exit {s.machine.proc.returncode}):\n{tail}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--count", type=click.IntRange(min=0), default=0, help="lines to print (0: until Ctrl-C)")
+@click.option("--interval", type=click.FloatRange(0.2, 60), default=1.0, show_default=True)
+def stat(target, count, interval):
+    """Live requests/s, bandwidth, connections and errors of a running appliance, once a
+    second, from its /metrics. TARGET: an image folder `vm boot` is running, or a metrics URL."""
+    from . import stat as st
+    try:
+        url, ns = st.resolve(target)
+        st.run(url, ns, count, interval, click.echo)
+    except st.StatError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()

@@ -110,6 +110,8 @@ class Options:
     netspec: object = None          # passthrough.NetSpec for net = socket | vfio | netmap
     disk: Path | None = None        # boot disk: this file of the image (a cloud format) instead of NAME.img
     disk_bus: str = "ide"           # ide | nvme | virtio (vm/media.py)
+    metrics_port: int = 0           # the guest's metrics port (haboob.metrics=; 0: as the image says)
+    metrics_hostport: int = 0       # user: host port forwarded to it (0: pick one)
 
 
 def free_port() -> int:
@@ -128,6 +130,8 @@ def kernel_cmdline(image: Image, opts: Options) -> str:
         over["haboob.ip"] = opts.guest_ip
     if opts.gateway:
         over["haboob.gw"] = opts.gateway
+    if opts.metrics_port:
+        over["haboob.metrics"] = str(opts.metrics_port)
     words = [w for w in words if w.split("=", 1)[0] not in over]
     words += [f"{k}={v}" for k, v in over.items()] + list(opts.append)
     return " ".join(words)
@@ -192,6 +196,8 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
             net, host, guest = user_net_for_medium(image)
         argv += ["-netdev", f"user,id=n0,net={net},host={host},"
                             f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
+                            + (f",hostfwd=tcp:127.0.0.1:{opts.metrics_hostport}-{guest}:{opts.metrics_port}"
+                               if opts.metrics_port else "")
                             + (",dhcpstart=198.18.0.9" if net == USER_NET else "")]
     elif opts.net == "tap":
         if not opts.tap:
@@ -264,6 +270,8 @@ class Machine:
         self.qmp_sock = self.tmp / "qmp.sock"
         if self.opts.net == "user" and not self.opts.hostport:
             self.opts.hostport = free_port()
+        if self.opts.net == "user" and self.opts.metrics_port and not self.opts.metrics_hostport:
+            self.opts.metrics_hostport = free_port()
         argv = self.prefix + qemu_argv(self.image, self.opts, self.serial_sock, self.serial_log, self.qmp_sock)
         self.argv = argv
         self.stderr = open(self.tmp / "qemu.stderr", "wb")

@@ -22,6 +22,8 @@ import tempfile
 
 import click
 
+from ..obs.cli_options import obs_options, obs_settings
+
 __all__ = ["serve_cmd", "check_interface"]
 
 
@@ -66,7 +68,8 @@ def _fail(msg: str):
 @click.option("--pin", is_flag=True, help="Pin worker i to the i-th CPU this process may run on.")
 @click.option("--capture", type=click.Path(dir_okay=False), default=None,
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
-def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
+@obs_options
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, **obs):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
     Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
@@ -78,6 +81,10 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
     from .serve import parse_mac, serve
     if bool(site) == bool(store):
         _fail("give exactly one of --site DIR or --store FILE")
+    try:
+        observe = obs_settings(obs)
+    except click.BadParameter as e:
+        _fail(e.message)
     try:
         itf = ipaddress.IPv4Interface(ip)
     except ValueError as e:
@@ -134,7 +141,8 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture):
         old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
         try:                                    # serve() opens and checks the store first
             counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
-                             capture=capture, on_ready=on_ready, pin=pin)
+                             capture=capture, on_ready=on_ready, pin=pin, observe=observe,
+                             drain=observe["drain"])
         except StoreError as e:
             _fail(f"--store {store}: {e}")
         except OSError as e:

@@ -554,6 +554,8 @@ class Conn:
             return False
         self.t_req = 0.0
         st.counters["http_replies"] += len(replies)
+        if st.obs is not None:
+            st.obs.replies(self, data, replies, now)            # access log / metrics (appliance/obs)
         q = self.q
         start = self.data_end
         for r in replies:

@@ -213,6 +213,8 @@ class Stack:
         self._synack_opts = Options(mss=config.mtu - 40).emit()
         self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
         self.last_error = None
+        self.obs = None             # access log / metrics hooks (appliance/obs): None = off
+        self.side = None            # other ports and draining (appliance/obs): segments without a connection
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
         self._syn_fast_ok = store is not None
@@ -408,6 +410,8 @@ class Stack:
         if tw is not None:
             if self._tw_segment(key, tw, seg, src_mac, src_ip, now):
                 return
+        if self.side is not None and self.side.segment(key, src_mac, src_ip, seg, now):
+            return                             # the metrics port, or refused while draining (appliance/obs)
         fl = seg.flags
         if seg.dport != self.cfg.port or self.store is None:
             if not fl & RST:

@@ -118,11 +118,13 @@ def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=Non
     return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
 
 
-def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None, clock=time.monotonic) -> None:
+def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None, after=None,
+             clock=time.monotonic) -> None:
     """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
     an exception out of the stack is counted (loop_stack_errors) and the loop goes on.
-    `tick()`, if given, is called once a second (with the Date refresh); `clock`
-    is the monotonic clock (tests pass a fake one: it is read once per pass
+    `tick()`, if given, is called once a second (with the Date refresh); `after(now)`
+    once per iteration, before the transmit (appliance/obs: the access log's batch);
+    `clock` is the monotonic clock (tests pass a fake one: it is read once per pass
     while frames keep coming)."""
     rx = dev.rx_batch
     tx = dev.tx_batch
@@ -196,6 +198,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
         except Exception:
             errors += 1
             deadline = None
+        if after is not None:
+            after(now)
         if txq or pending:
             tx(txq)
             txq.clear()
@@ -281,8 +285,33 @@ def _collect(stack, dev) -> Counters:
     return total
 
 
+def _observe(stack, dev, observe, worker):
+    """The appliance/obs Observer for `observe` (serve()'s dict), or None when all is off."""
+    if not observe:
+        return None
+    from ..obs import Observer, build_info, parse_allow
+    from ..obs.accesslog import AccessLog, ConsoleSink, SyslogSink, parse_destination
+    kind, where = parse_destination(observe.get("access_log", "off"))
+    port = int(observe.get("metrics_port", 0) or 0)
+    if kind == "off" and not port:
+        return None
+    log = None
+    if kind == "console":
+        log = AccessLog(ConsoleSink(stack.counters), observe.get("log_format", "combined"),
+                        int(observe.get("log_sample", 1)), stack.counters)
+    elif kind == "syslog":
+        sink = SyslogSink(stack, where[0], where[1], observe.get("hostname") or os.uname().nodename,
+                          bsd=observe.get("syslog_framing", "rfc5424") == "rfc3164")
+        log = AccessLog(sink, observe.get("log_format", "combined"), int(observe.get("log_sample", 1)),
+                        stack.counters)
+    return Observer(stack, lambda: _collect(stack, dev), log=log, metrics_port=port,
+                    metrics_allow=parse_allow(observe.get("metrics_allow")),
+                    build=build_info(stack.store, observe.get("version")), worker=worker).install()
+
+
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
-            on_stack=None, config=None, cpu=None, on_tick=None) -> Counters:
+            on_stack=None, config=None, cpu=None, on_tick=None, observe=None, drain=0.0,
+            worker=None) -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -298,9 +327,25 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
         if stack.txq:
             dev.tx_batch(stack.txq)
             stack.txq.clear()
+        obs = _observe(stack, dev, observe, worker)
+        if drain > 0:
+            from ..obs import Drain
+            stop = Drain(stack, stop, drain, obs if obs is not None and obs.metrics_port else None)
         if on_stack:
             on_stack(stack, dev)
-        run_loop(stack, dev, stop, wake_fd, tick=(lambda: on_tick(stack, dev)) if on_tick else None)
+        tick = (lambda: on_tick(stack, dev)) if on_tick else None
+        if obs is not None:
+            tick = (lambda: (obs.tick(time.monotonic()), on_tick and on_tick(stack, dev)))
+        run_loop(stack, dev, stop, wake_fd, tick=tick, after=obs.flush if obs is not None else None)
+        if obs is not None:
+            obs.flush(time.monotonic())
+        if drain > 0:
+            stack.shutdown()                # what the drain left: RST (after its timeout)
+        if stack.txq:                       # the drain's last FINs / RSTs, the log's last lines
+            dev.tx_batch(stack.txq)
+            stack.txq.clear()
+        if obs is not None and obs.log is not None:
+            obs.log.sink.close()
         return _collect(stack, dev)
     finally:
         if dev is not None:
@@ -312,17 +357,30 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
 
 
 class _Stopper:
-    """stop(): a signal arrived (flag set by the handler) or stop_event is set."""
+    """stop(): a signal arrived (flag set by the handler) or stop_event is set.
+    With `drain`, the first SIGTERM (or stop_event) only asks for a drain
+    (`drain` set, appliance/obs.Drain does it); SIGINT or a second SIGTERM set `flag`."""
 
-    def __init__(self, stop_event=None):
+    def __init__(self, stop_event=None, drain=False):
         self.flag = False
+        self.drain = False
+        self.signals = 0
+        self.drain_ok = drain
         self.event = stop_event
 
     def __call__(self):
-        return self.flag or (self.event is not None and self.event.is_set())
+        if self.event is not None and self.event.is_set():
+            if not self.drain_ok:
+                self.flag = True
+            self.drain = True
+        return self.flag or self.drain
 
     def handler(self, signum, frame):
-        self.flag = True
+        self.signals += 1
+        if signum == signal.SIGTERM and self.drain_ok and self.signals == 1:
+            self.drain = True
+        else:
+            self.flag = True
 
 
 def _install_signals(stopper):
@@ -347,9 +405,12 @@ def _install_signals(stopper):
 
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
-          pin: bool = False, config=None) -> Counters:
+          pin: bool = False, config=None, observe: dict | None = None, drain: float = 0.0) -> Counters:
     """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted) until
-    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers)."""
+    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers).
+    `observe`: access log / metrics settings (appliance/obs; keys access_log,
+    log_format, log_sample, syslog_framing, metrics_port, metrics_allow, version,
+    hostname); `drain` > 0: SIGTERM / stop_event drain for up to that many seconds."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
     if gateway:
@@ -364,7 +425,9 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     info = {"ip": addr, "prefix": prefix, "port": 80, "urls": urls, "iface": iface,
             "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
             "offload": read_offload(iface)._asdict(), "workers": workers}
-    stopper = _Stopper(stop_event)
+    if observe and observe.get("metrics_port"):
+        info["metrics_port"] = int(observe["metrics_port"])
+    stopper = _Stopper(stop_event, drain > 0)
     wake_fd, restore = _install_signals(stopper)
     try:
         if workers == 1:
@@ -373,9 +436,10 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
                 if on_ready:
                     on_ready(Ready(info, _Live(lambda: _collect(stack, dev))))
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
-                           wake_fd, ready, config, _cpu_for(0) if pin else None)
+                           wake_fd, ready, config, _cpu_for(0) if pin else None, observe=observe,
+                           drain=drain)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
-                              stopper, wake_fd, on_ready, info, pin, config)
+                              stopper, wake_fd, on_ready, info, pin, config, observe, drain)
     finally:
         restore()
 
@@ -387,7 +451,7 @@ def _cpu_for(i: int) -> int:
 
 
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config) -> Counters:
+                   wake_fd, on_ready, info, pin, config, observe=None, drain=0.0) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
@@ -408,7 +472,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                 os.close(r)
                 code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
                               f"{capture}.{i}" if capture else None, fanout, config,
-                              _cpu_for(i) if pin else None)
+                              _cpu_for(i) if pin else None, observe, drain)
                 os._exit(code)
             os.close(w)
             children[pid] = os.fdopen(r, "r")
@@ -487,11 +551,12 @@ def _die_with_parent():
         pass
 
 
-def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu) -> int:
+def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu,
+           observe=None, drain=0.0) -> int:
     out = os.fdopen(w, "w", buffering=1)
     _die_with_parent()
     try:
-        stopper = _Stopper(None)
+        stopper = _Stopper(None, drain > 0)
         wake_fd, _ = _install_signals(stopper)
 
         def ready(stack, dev):
@@ -500,7 +565,7 @@ def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanou
         def tick(stack, dev):
             out.write("LIVE " + json.dumps(dict(_collect(stack, dev))) + "\n")
         counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
-                           stopper, wake_fd, ready, config, cpu, tick)
+                           stopper, wake_fd, ready, config, cpu, tick, observe, drain, i)
         out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
         return 0
     except BaseException as e:
