@@ -76,10 +76,11 @@ from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
 from .counters import Counters
 from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
 from .icmp import ECHO_REQUEST, Icmp
-from .ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header
+from .ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
+from .udp import UdpDatagram, UdpPorts
 from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
@@ -163,6 +164,7 @@ class Stack:
         self.http_factory = http_factory
         self.http_first = http_first
         self.counters = Counters()
+        self.udp = UdpPorts(self.counters)     # port -> handler (the DHCP client binds 68)
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
@@ -343,6 +345,9 @@ class Stack:
 
     def _ipv4_in(self, eth, f, now: float, csum_ok: bool = False) -> None:
         ip = IPv4Header.parse(eth.payload)
+        if ip.proto == PROTO_UDP:
+            self._udp_in(eth, ip, now, csum_ok)
+            return
         if ip.dst != self.ipb:
             raise Malformed("ip_not_for_us")
         self._check_source(ip.src)
@@ -353,6 +358,23 @@ class Stack:
             self._icmp_in(eth, ip)
         else:
             raise Malformed("ip_unknown_protocol", str(ip.proto))
+
+    def _udp_in(self, eth, ip, now: float, csum_ok: bool) -> None:
+        d = ip.dst
+        to_us = d == self.ipb or d == b"\xff\xff\xff\xff" or (
+            self.prefix < 31 and int.from_bytes(d, "big") == self.net | (~self.netmask & MASK))
+        self._check_source(ip.src)
+        dg = UdpDatagram.parse(ip.payload, ip.src, d, verify=not csum_ok)
+        self.udp.deliver(bytes(eth.src), bytes(ip.src), bytes(d), dg, now, to_us)
+
+    def udp_send(self, dst_mac: bytes, dst_ip: bytes, sport: int, dport: int, payload: bytes,
+                 src_ip: bytes = None) -> None:
+        """Queue one UDP datagram (from our address, or `src_ip`: 0.0.0.0 before we have one)."""
+        src = src_ip if src_ip is not None else self.ipb
+        dg = UdpDatagram(sport, dport, payload).emit(src, dst_ip)
+        ip = IPv4Header(src, dst_ip, PROTO_UDP, dg).emit()
+        self.txq.append((EthernetFrame(dst_mac, self.mac, ETH_IPV4).emit() + ip, None, None))
+        self.counters["udp_out_datagrams"] += 1
 
     def _check_source(self, s: bytes) -> None:
         """RFC 1122 §3.2.1.3: no multicast, broadcast, loopback, "this network" or our own source."""
