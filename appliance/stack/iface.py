@@ -79,11 +79,16 @@ from .icmp import ECHO_REQUEST, Icmp
 from .ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
+from .route import RouteTable, TableFull
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
 from .udp import UdpDatagram, UdpPorts
 from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
+
+
+def _ip_or_none(b):
+    return ".".join(map(str, b)) if b else None
 
 _KEEP = b"keep-alive"
 _CLOSE = b"close     "
@@ -120,13 +125,13 @@ class StackConfig(NamedTuple):
 
 
 class Stack:
-    def __init__(self, store, mac: bytes, ip: str, prefix: int, gateway: str | None, offload: Offload,
+    def __init__(self, store, mac: bytes, ip: str | None, prefix: int, gateway: str | None, offload: Offload,
                  config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None):
         if isinstance(mac, str):
             mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
         if len(mac) != 6:
             raise ValueError(f"MAC address must be 6 bytes, got {mac!r}")
-        if not 0 < prefix <= 32:
+        if ip is not None and not 0 < prefix <= 32:
             raise ValueError(f"prefix length must be 1..32, got {prefix}")
         if config.syncookies not in ("auto", "always", "never"):
             raise ValueError(f"syncookies must be auto, always or never, got {config.syncookies!r}")
@@ -136,14 +141,16 @@ class Stack:
             raise ValueError(f"rcv_wnd must be 1..65535, got {config.rcv_wnd}")
         self.store = store
         self.mac = bytes(mac)
-        self.ip = ip
-        self.ipb = ip_bytes(ip)
-        self.prefix = prefix
-        self.netmask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
-        self.net = int.from_bytes(self.ipb, "big") & self.netmask
-        self.gateway = ip_bytes(gateway) if gateway else None
-        if self.gateway and not self.on_link(self.gateway):
-            raise ValueError(f"gateway {gateway} is not in {ip}/{prefix}")
+        self.routes = RouteTable()
+        self.events = []            # address events for the serve loop (see set_address): drained there
+        self.dhcp = None            # a dhcp4.Dhcp4Client once enable_dhcp() was called
+        self.dev_mtu = config.mtu
+        self._set_address(ip_bytes(ip) if ip is not None else None, prefix)
+        if gateway:
+            gw = ip_bytes(gateway)
+            if ip is None or not self.on_link(gw):
+                raise ValueError(f"gateway {gateway} is not in {ip}/{prefix}")
+            self.routes.add(b"\0\0\0\0", 0, gw, "static")
         self.offload = offload
         self.mode = 2 if offload.tso else (1 if offload.csum else 0)
         self.cfg = config
@@ -179,7 +186,7 @@ class Stack:
         self._cookies_until = -1.0
         self._chal_sec = -1
         self._chal_n = 0
-        self._gw_arp_at = 0.0
+        self._gw_arp_at = {}        # gateway -> when to ARP for it again (while unresolved)
         self.gso_csum = GSO(34, 16, 0, 54)
         self._tmpl_cache = {}       # peer MAC + IP -> (Ethernet+IP header, ip_const, pseudo_const)
         self._conn_tmpl = {}        # peer MAC + IP + port -> Stack.template()
@@ -187,8 +194,7 @@ class Stack:
         self._mss_cache = {}        # peer's MSS option -> (SMSS, aligned, tso_max, gso): see mss_params
         self._port_pre = config.port << 16
         self._tcp_tail = struct.pack("!IIBBHHH", 0, 0, 0x50, 0, 0, 0, 0)   # TCP header after the ports
-        self._synack_opts = Options(mss=config.mtu - 40).emit()
-        self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
+        self._set_mtu(config.mtu)
         self.last_error = None
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
@@ -197,12 +203,112 @@ class Stack:
     # --------------------------------------------------------------- public API
 
     def start(self, now: float) -> None:
-        """Announce our address (gratuitous ARP) and start resolving the gateway."""
+        """Announce our address (gratuitous ARP), start resolving the gateways, start DHCP."""
+        if self.ipb:
+            self._announce(now)
+        if self.dhcp is not None:
+            self.dhcp.start(now)
+        self._next = 0.0
+
+    # ------------------------------------------------- address, routes, DHCP
+
+    def _set_address(self, ipb, prefix) -> None:
+        """Our address (None: none). b"" as `ipb` never equals the fast path's 4-byte slice."""
+        self.ipb = bytes(ipb) if ipb else b""
+        self.ip = ".".join(map(str, ipb)) if ipb else None
+        self.prefix = prefix if ipb else 32
+        self.netmask = (0xFFFFFFFF << (32 - self.prefix)) & 0xFFFFFFFF
+        self.net = int.from_bytes(self.ipb, "big") & self.netmask if ipb else -1
+        self.routes.remove("connected")
+        if ipb:
+            self.routes.add(self.ipb, self.prefix, None, "connected")
+
+    def set_address(self, ipb, prefix: int, now: float, how: str = "static", event: str = "acquired") -> None:
+        """Serve on `ipb`/`prefix` from now on (None: on no address). Connections and
+        TIME-WAIT state of an old address are dropped silently (its peers cannot
+        reach it any more); the header caches, which hold our address, are cleared.
+        An event (kind, info) is queued in `events` for the console."""
+        old = self.ipb
+        if old and old != (ipb or b""):
+            for c in list(self.conns.values()):
+                self.remove(c)
+                self.counters["tcp_conns_dropped_address_change"] += 1
+            self.tw.clear()
+        self._set_address(ipb, prefix)
+        self._tmpl_cache.clear()
+        self._conn_tmpl.clear()
+        self._opts_cache.clear()
+        info = {"event": event, "ip": self.ip, "prefix": self.prefix if ipb else None, "how": how}
+        if ipb:
+            info["gateway"] = _ip_or_none(self.routes.default())
+            self._announce(now)
+        self.events.append(("address", info))
+
+    def _announce(self, now: float) -> None:
         self._arp_out(OP_REQUEST, BROADCAST, self.ipb, _ZERO_MAC)
         self.counters["arp_announcements"] += 1
-        if self.gateway:
-            self._resolve_gateway(now)
-        self._next = 0.0
+        for g in self.routes.gateways():
+            if self.arp.lookup(g, now) is None:
+                self._resolve_gateway(g, now)
+
+    def _set_mtu(self, mtu: int) -> None:
+        """The IP MTU our MSS option and segment sizes follow (a DHCP option 26 may lower
+        it below the device's, never raise it above)."""
+        mtu = max(576, min(mtu, self.dev_mtu))
+        self.cfg = self.cfg._replace(mtu=mtu)
+        self._synack_opts = Options(mss=mtu - 40).emit()
+        self._synack_ws = Options(mss=mtu - 40, wscale=0).emit()
+        self._mss_cache = {}
+
+    def enable_dhcp(self, config=None, rng=None) -> None:
+        """Acquire (and keep) the address by DHCPv4 (dhcp4.py) from `start` on."""
+        from .dhcp4 import CLIENT_PORT, DhcpConfig, Dhcp4Client
+        self.dhcp = Dhcp4Client(self.mac, self.counters, rng, config or DhcpConfig())
+        self.udp.bind(CLIENT_PORT, self._dhcp_in, any_dst=True)
+
+    def _dhcp_in(self, src_mac, src_ip, dst_ip, sport, payload, now) -> None:
+        if sport != 67:
+            raise Malformed("dhcp_bad_source_port", str(sport))
+        self.dhcp.receive(src_mac, payload, now)
+        self._dhcp_run(now)
+
+    def _dhcp_run(self, now: float) -> None:
+        """Send what the DHCP client queued; apply its events."""
+        d = self.dhcp
+        for o in d.out:
+            if o[0] == "udp":
+                self.udp_send(o[1], o[3], 68, 67, o[4], src_ip=o[2])
+            else:                                           # RFC 5227 §2.1.1 probe: sender 0.0.0.0
+                arp = ArpPacket(OP_REQUEST, self.mac, b"\0\0\0\0", _ZERO_MAC, o[1]).emit()
+                self.txq.append((EthernetFrame(BROADCAST, self.mac, ETH_ARP).emit() + arp + bytes(18), None, None))
+        d.out.clear()
+        for ev in d.events:
+            k, L = ev.kind, ev.lease
+            if k in ("acquired", "changed", "renewed"):
+                self.routes.remove("dhcp")
+                if k != "renewed":
+                    self._set_address(L.address, L.prefix)      # before the routes: gateways must be on-link
+                try:
+                    # RFC 3442: classless routes, when sent, replace the router option
+                    for net, plen, gw in L.routes:
+                        self.routes.add(net, plen, gw, "dhcp")
+                    if not L.routes and L.routers:
+                        self.routes.add(b"\0\0\0\0", 0, L.routers[0], "dhcp")
+                except TableFull:
+                    self.counters["drop_route_table_full"] += 1
+                if L.mtu:
+                    self._set_mtu(L.mtu)
+                if k == "renewed":
+                    self.counters["dhcp_leases_renewed"] += 1
+                else:
+                    self.set_address(L.address, L.prefix, now, "dhcp", k)
+                    self.events[-1][1].update(lease=L.lease_time, server=_ip_or_none(L.server), mtu=self.cfg.mtu)
+            elif k == "lost":
+                self.routes.remove("dhcp")
+                self.set_address(None, 32, now, "dhcp", "lost")
+            else:                                           # declined, no_answer: for the console
+                self.events.append((k, {"ip": _ip_or_none(L.address) if L else None}))
+        d.events.clear()
 
     def set_date(self, unix_seconds: int) -> None:
         d = imf_fixdate(int(unix_seconds))
@@ -218,11 +324,17 @@ class Stack:
             c.abort("tcp_shutdown_resets")
 
     @property
+    def gateway(self):
+        """The default route's gateway (4 bytes), if any."""
+        return self.routes.default()
+
+    @property
     def gateway_mac(self):
-        return self.arp._e.get(self.gateway, (None,))[0] if self.gateway else None
+        g = self.routes.default()
+        return self.arp._e.get(g, (None,))[0] if g else None
 
     def on_link(self, ipb: bytes) -> bool:
-        return int.from_bytes(ipb, "big") & self.netmask == self.net
+        return self.routes.on_link(ipb)
 
     def receive(self, f, now: float, csum_ok: bool = False) -> None:
         """One received frame (bytes-like). Never raises.
@@ -316,19 +428,22 @@ class Stack:
     def _arp_in(self, eth, now: float) -> None:
         a = ArpPacket.parse(eth.payload)
         cnt = self.counters
+        if self.dhcp is not None and self.dhcp.state == "probing":
+            self.dhcp.arp(a.op, a.sha, a.spa, a.tpa, now)      # RFC 5227 conflict detection
+            self._dhcp_run(now)
         if a.spa == self.ipb:
             if a.sha != self.mac:
                 cnt["arp_address_conflict"] += 1        # someone else claims our address (RFC 5227)
             raise Malformed("arp_from_our_address")
         if a.tpa == self.ipb:
-            if self.on_link(a.spa) and a.spa != b"\0\0\0\0":
+            if a.spa != b"\0\0\0\0" and (self.on_link(a.spa) or a.spa in self._gw_arp_at):
                 self.arp.learn(a.spa, a.sha, now)       # RFC 826 merge: the asker will talk to us
             if a.op == OP_REQUEST:
                 self._arp_out(OP_REPLY, eth.src, a.spa, a.sha)
                 cnt["arp_replies"] += 1
             else:
                 cnt["arp_replies_received"] += 1
-        elif a.spa in self.arp._e:
+        elif a.spa in self.arp._e or (a.spa in self._gw_arp_at and a.op == OP_REPLY):
             self.arp.learn(a.spa, a.sha, now)           # update an entry we have (RFC 826)
             cnt["arp_updates"] += 1
         else:
@@ -338,10 +453,11 @@ class Stack:
         arp = ArpPacket(op, self.mac, self.ipb, tha, tpa).emit()
         self.txq.append((EthernetFrame(dst_mac, self.mac, ETH_ARP).emit() + arp + bytes(18), None, None))
 
-    def _resolve_gateway(self, now: float) -> None:
-        self._arp_out(OP_REQUEST, BROADCAST, self.gateway, _ZERO_MAC)
-        self.counters["arp_requests"] += 1
-        self._gw_arp_at = now + 1.0
+    def _resolve_gateway(self, g: bytes, now: float) -> None:
+        if self.ipb:
+            self._arp_out(OP_REQUEST, BROADCAST, g, _ZERO_MAC)
+            self.counters["arp_requests"] += 1
+        self._gw_arp_at[g] = now + 1.0
 
     def _ipv4_in(self, eth, f, now: float, csum_ok: bool = False) -> None:
         ip = IPv4Header.parse(eth.payload)
@@ -758,10 +874,23 @@ class Stack:
                     nxt = e
                 break
             del tw[k]
-        if self.gateway and self.gateway_mac is None:
-            if now >= self._gw_arp_at:
-                self._resolve_gateway(now)
-            if self._gw_arp_at < nxt:
-                nxt = self._gw_arp_at
+        if self.dhcp is not None:
+            d = self.dhcp.poll(now)
+            if self.dhcp.out or self.dhcp.events:
+                self._dhcp_run(now)
+                d = self.dhcp.poll(now)
+            if d < nxt:
+                nxt = d
+        gw = self._gw_arp_at
+        for g in self.routes.gateways() if self.ipb else ():   # resolve every next hop in use
+            if self.arp.lookup(g, now) is None:
+                t = gw.get(g, 0.0)
+                if now >= t:
+                    self._resolve_gateway(g, now)
+                    t = gw[g]
+                if t < nxt:
+                    nxt = t
+        if len(gw) > 2 * len(self.routes) + 8:                  # bounded: forget old next hops
+            gw.clear()
         self._next = nxt
         return nxt
