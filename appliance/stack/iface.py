@@ -285,9 +285,9 @@ class Stack:
         for ev in d.events:
             k, L = ev.kind, ev.lease
             if k in ("acquired", "changed", "renewed"):
+                if k != "renewed":                              # before the routes: gateways must be on-link
+                    self.set_address(L.address, L.prefix, now, "dhcp", k)
                 self.routes.remove("dhcp")
-                if k != "renewed":
-                    self._set_address(L.address, L.prefix)      # before the routes: gateways must be on-link
                 try:
                     # RFC 3442: classless routes, when sent, replace the router option
                     for net, plen, gw in L.routes:
@@ -301,8 +301,10 @@ class Stack:
                 if k == "renewed":
                     self.counters["dhcp_leases_renewed"] += 1
                 else:
-                    self.set_address(L.address, L.prefix, now, "dhcp", k)
-                    self.events[-1][1].update(lease=L.lease_time, server=_ip_or_none(L.server), mtu=self.cfg.mtu)
+                    self.events[-1][1].update(gateway=_ip_or_none(self.routes.default()), lease=L.lease_time,
+                                              server=_ip_or_none(L.server), mtu=self.cfg.mtu)
+                    for g in self.routes.gateways():
+                        self._resolve_gateway(g, now)
             elif k == "lost":
                 self.routes.remove("dhcp")
                 self.set_address(None, 32, now, "dhcp", "lost")
