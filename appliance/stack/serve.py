@@ -86,6 +86,8 @@ def parse_mac(mac: str) -> bytes:
 
 
 def _parse_ip(ip: str):
+    if ip == "dhcp":
+        return None, 0
     try:
         itf = ipaddress.IPv4Interface(ip if "/" in ip else ip + "/24")
     except ValueError as e:
@@ -93,19 +95,25 @@ def _parse_ip(ip: str):
     return str(itf.ip), itf.network.prefixlen
 
 
-def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=None):
+def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, config=None, hostname=None):
     """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
-    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies)."""
+    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies).
+    `ip` None: the address comes from DHCP (dhcp4.py)."""
     from .iface import Stack, StackConfig
     if config is None:
         config = StackConfig(mtu=dev.mtu)
-    return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+    st = Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+    if ip is None:
+        from .dhcp4 import DhcpConfig
+        st.enable_dhcp(DhcpConfig(hostname=hostname))
+    return st
 
 
-def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None) -> None:
+def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None, on_event=None) -> None:
     """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
     an exception out of the stack is counted (loop_stack_errors) and the loop goes on.
-    `tick()`, if given, is called once a second (with the Date refresh)."""
+    `tick()`, if given, is called once a second (with the Date refresh);
+    `on_event(kind, info)` with each of the stack's events (address changes), after the timers."""
     rx = dev.rx_batch
     tx = dev.tx_batch
     receive = stack.receive
@@ -124,6 +132,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None)
     if not isinstance(pending, list):
         pending = ()
     counters = stack.counters
+    events = stack.events
     mono = time.monotonic
     poller = select.poll()
     fd = dev.fileno()
@@ -168,6 +177,12 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None)
         except Exception:
             errors += 1
             deadline = None
+        if events:
+            evs = events[:]
+            events.clear()
+            if on_event is not None:
+                for kind, info in evs:
+                    on_event(kind, info)
         if txq or pending:
             tx(txq)
             txq.clear()
@@ -250,7 +265,7 @@ def _collect(stack, dev) -> Counters:
 
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
-            on_stack=None, config=None, cpu=None, on_tick=None) -> Counters:
+            on_stack=None, config=None, cpu=None, on_tick=None, on_event=None, hostname=None) -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -261,14 +276,15 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     dev = None
     try:
         dev = _open_device(iface, capture, fanout, unicast=mac)
-        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname)
         stack.start(time.monotonic())
         if stack.txq:
             dev.tx_batch(stack.txq)
             stack.txq.clear()
         if on_stack:
             on_stack(stack, dev)
-        run_loop(stack, dev, stop, wake_fd, tick=(lambda: on_tick(stack, dev)) if on_tick else None)
+        run_loop(stack, dev, stop, wake_fd, tick=(lambda: on_tick(stack, dev)) if on_tick else None,
+                 on_event=(lambda k, i: on_event(stack, dev, k, i)) if on_event else None)
         return _collect(stack, dev)
     finally:
         if dev is not None:
@@ -315,11 +331,22 @@ def _install_signals(stopper):
 
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
-          pin: bool = False, config=None) -> Counters:
-    """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted) until
-    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers)."""
+          pin: bool = False, config=None, on_event=None, hostname: str | None = None) -> Counters:
+    """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted, or
+    "dhcp") until SIGINT/SIGTERM or `stop_event`; returns the counters (summed
+    over workers).
+
+    `info["addresses"]` lists each address served, with how it was obtained
+    ("static", "dhcp"). With "dhcp", on_ready is called once the first lease
+    is bound, and `on_event(kind, info)` with every later address event
+    (changed, lost, acquired again) and the DHCP client's notices
+    (no_answer, declined). DHCP runs in one stack: it needs workers == 1."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
+    if addr is None and gateway:
+        raise ValueError("a gateway is given by DHCP: --gateway needs a static --ip")
+    if addr is None and workers != 1:
+        raise ValueError(f"DHCP runs in one stack instance: workers must be 1 with ip=dhcp, not {workers}")
     if gateway:
         gateway = str(ipaddress.IPv4Address(gateway))
     mac_b = parse_mac(mac) if mac else None
@@ -329,19 +356,34 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
         urls = len(store.site.resources)
     from .rings.tpacket import interface_info, read_offload
     hw = interface_info(iface)
-    info = {"ip": addr, "prefix": prefix, "port": 80, "urls": urls, "iface": iface,
+    addresses = [{"ip": addr, "prefix": prefix, "how": "static", "gateway": gateway}] if addr else []
+    info = {"ip": addr, "prefix": prefix if addr else None, "addresses": addresses, "port": 80, "urls": urls,
+            "iface": iface,
             "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
             "offload": read_offload(iface)._asdict(), "workers": workers}
     stopper = _Stopper(stop_event)
     wake_fd, restore = _install_signals(stopper)
     try:
         if workers == 1:
+            fired = []
+
             def ready(stack, dev):
                 info["offload"] = dev.offload._asdict()
-                if on_ready:
+                if on_ready and stack.ip is not None:
+                    fired.append(1)
                     on_ready(Ready(info, _Live(lambda: _collect(stack, dev))))
+
+            def event(stack, dev, kind, ev):
+                if kind == "address":
+                    info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
+                    info["addresses"][:] = [ev] if ev["ip"] else []
+                if not fired and stack.ip is not None:
+                    ready(stack, dev)                   # the first lease: the ready line says where
+                elif on_event:
+                    on_event(kind, ev)
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
-                           wake_fd, ready, config, _cpu_for(0) if pin else None)
+                           wake_fd, ready, config, _cpu_for(0) if pin else None, on_event=event,
+                           hostname=hostname)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config)
     finally:
