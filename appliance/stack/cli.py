@@ -96,7 +96,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
         try:
             itf = ipaddress.IPv4Interface(ip)
         except ValueError as e:
-            _fail(f"--ip {ip!r} is neither 'dhcp' nor an IPv4 address with prefix: {e}")
+            _fail(f"--ip {ip!r} is not an IPv4 address with prefix (nor 'dhcp'): {e}")
         if "/" not in ip:
             _fail(f"--ip {ip!r} needs a prefix length, e.g. {ip}/24")
     if gateway:
