@@ -15,7 +15,12 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    drivers; loading them all costs seconds under TCG);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
    /proc/cmdline (defaults: /etc/haboob/config.json, from the build; one
-   stack instance per CPU unless haboob.workers= says otherwise);
+   stack instance per CPU unless haboob.workers= says otherwise).
+   haboob.ip=dhcp (the builder's default) takes the address from DHCPv4
+   (appliance/stack/dhcp4.py): HABOOB-READY waits for the lease and lists
+   each address with how it was obtained, HABOOB-ADDRESS lines report
+   changes, HABOOB-DHCP a server that does not answer; DHCP runs in one
+   stack instance, so haboob.ip=dhcp means one worker;
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for
@@ -243,12 +248,25 @@ def settings(config: dict, args: dict) -> dict:
     import ipaddress
     s = {"ip": args.get("ip", config.get("ip")), "gateway": args.get("gw", config.get("gateway")),
          "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)),
-         "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store")}
-    try:
-        iface = ipaddress.IPv4Interface(s["ip"])
-    except (ValueError, TypeError):
-        raise Fatal(f"haboob.ip={s['ip']!r} is not an IPv4 address with a prefix (198.18.0.1/24)") from None
-    s["ip"] = str(iface)
+         "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store"),
+         "hostname": args.get("hostname", config.get("name"))}
+    h = s["hostname"]                      # sent to the DHCP server (option 12): a plain label or nothing
+    if h is not None and not (0 < len(h) <= 63 and h.isascii() and h.replace("-", "").isalnum()):
+        s["hostname"] = None
+    if s["ip"] == "dhcp":
+        if args.get("gw"):
+            raise Fatal(f"haboob.gw={args['gw']} needs a static haboob.ip=ADDR/PREFIX (DHCP gives the gateway)")
+        s["gateway"] = None
+        if "workers" in args and args["workers"] != "1":
+            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip=dhcp runs one stack instance (workers 1)")
+        s["workers"] = "1"
+    else:
+        try:
+            iface = ipaddress.IPv4Interface(s["ip"])
+        except (ValueError, TypeError):
+            raise Fatal(f"haboob.ip={s['ip']!r} is not an IPv4 address with a prefix (198.18.0.1/24) "
+                        f"nor dhcp") from None
+        s["ip"] = str(iface)
     if s["gateway"]:
         try:
             ipaddress.IPv4Address(s["gateway"])
@@ -482,11 +500,15 @@ def boot() -> None:
         live["counters"] = ready.counters
         off = info["offload"]
         say("HABOOB-READY " + json.dumps({
-            "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
+            "ip": info.get("ip", s["ip"].split("/")[0]), "addresses": info.get("addresses"),
+            "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
             "offload": off, "workers": s["workers"], "drivers_loaded": loaded,
             "entropy_wait_ms": waited, "phases_ms": phases}))
+
+    def on_event(kind, info):              # address changes (DHCP), as they happen
+        say(("HABOOB-ADDRESS " if kind == "address" else "HABOOB-DHCP ") + json.dumps(info))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:
@@ -500,7 +522,8 @@ def boot() -> None:
 
     try:                                   # serve() opens and verifies the store itself
         counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
-                         workers=s["workers"], on_ready=on_ready, stop_event=stop)
+                         workers=s["workers"], on_ready=on_ready, stop_event=stop, on_event=on_event,
+                         hostname=s.get("hostname"))
     except StoreError as e:
         raise Fatal(f"content store {s['store']}: {e}") from None
     live["counters"] = counters if counters is not None else live["counters"]
