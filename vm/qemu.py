@@ -104,10 +104,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def image_uses_dhcp(image: Image) -> bool:
+    """The image's own command line takes the address from DHCP (haboob.ip=dhcp)."""
+    return any(w == "haboob.ip=dhcp" for w in image.cmdline.split())
+
+
 def kernel_cmdline(image: Image, opts: Options) -> str:
     words = [w for w in image.cmdline.split()]
     over = {}
-    if opts.net == "user" and opts.guest_ip is None:
+    # over user networking a DHCP image asks QEMU's DHCP server (which hands it USER_GUEST)
+    if opts.net == "user" and opts.guest_ip is None and not image_uses_dhcp(image):
         over["haboob.ip"] = f"{USER_GUEST}/24"
         over["haboob.gw"] = USER_HOST
     if opts.guest_ip:
@@ -141,6 +147,8 @@ def user_net_for_medium(image: Image) -> tuple[str, str, str]:
     address (a disk or ISO boot cannot be given another one)."""
     import ipaddress
     ip = next((w.split("=", 1)[1] for w in image.cmdline.split() if w.startswith("haboob.ip=")), None)
+    if ip == "dhcp":
+        return USER_NET, USER_HOST, USER_GUEST
     if ip is None:
         raise VMError("the image's command line has no haboob.ip=")
     guest = ipaddress.IPv4Interface(ip)
@@ -171,13 +179,16 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
     netdev = "n0"
     if opts.net == "user":
         port = opts.hostport
+        # a DHCP guest (no static address given) gets USER_GUEST, the first address QEMU hands out
+        dhcp = image_uses_dhcp(image) and opts.guest_ip is None
         if opts.boot == "kernel":
             net, host, guest = USER_NET, USER_HOST, USER_GUEST
         else:
             net, host, guest = user_net_for_medium(image)
         argv += ["-netdev", f"user,id=n0,net={net},host={host},"
                             f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
-                            + (",dhcpstart=198.18.0.9" if net == USER_NET else "")]
+                            + (f",dhcpstart={USER_GUEST}" if dhcp else
+                               ",dhcpstart=198.18.0.9" if net == USER_NET else "")]
     elif opts.net == "tap":
         if not opts.tap:
             raise VMError("--net tap needs a tap device name")
