@@ -104,16 +104,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def image_uses_dhcp(image: Image) -> bool:
-    """The image's own command line takes the address from DHCP (haboob.ip=dhcp)."""
-    return any(w == "haboob.ip=dhcp" for w in image.cmdline.split())
+def image_uses_dhcp(image: Image, opts: Options | None = None) -> bool:
+    """The guest takes its address from DHCP: the last haboob.ip= of the image's
+    command line and the appended words is `dhcp`."""
+    words = image.cmdline.split() + list(opts.append if opts is not None else ())
+    ips = [w for w in words if w.startswith("haboob.ip=")]
+    return bool(ips) and ips[-1] == "haboob.ip=dhcp"
 
 
 def kernel_cmdline(image: Image, opts: Options) -> str:
     words = [w for w in image.cmdline.split()]
     over = {}
     # over user networking a DHCP image asks QEMU's DHCP server (which hands it USER_GUEST)
-    if opts.net == "user" and opts.guest_ip is None and not image_uses_dhcp(image):
+    if opts.net == "user" and opts.guest_ip is None and not image_uses_dhcp(image, opts):
         over["haboob.ip"] = f"{USER_GUEST}/24"
         over["haboob.gw"] = USER_HOST
     if opts.guest_ip:
@@ -180,7 +183,7 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
     if opts.net == "user":
         port = opts.hostport
         # a DHCP guest (no static address given) gets USER_GUEST, the first address QEMU hands out
-        dhcp = image_uses_dhcp(image) and opts.guest_ip is None
+        dhcp = image_uses_dhcp(image, opts) and opts.guest_ip is None
         if opts.boot == "kernel":
             net, host, guest = USER_NET, USER_HOST, USER_GUEST
         else:

@@ -72,11 +72,11 @@ class Session:
 
 def guest_interface(image: Image, opts: Options) -> ipaddress.IPv4Interface | None:
     """The guest's static address, or None when it asks DHCP (haboob.ip=dhcp)."""
-    for word in kernel_cmdline(image, opts).split():
-        if word.startswith("haboob.ip="):
-            v = word.split("=", 1)[1]
-            return None if v == "dhcp" else ipaddress.IPv4Interface(v)
-    raise VMError("the kernel command line has no haboob.ip=")
+    words = [w.split("=", 1)[1] for w in kernel_cmdline(image, opts).split() if w.startswith("haboob.ip=")]
+    if not words:
+        raise VMError("the kernel command line has no haboob.ip=")
+    v = words[-1]                           # the last one counts (appliance/init.py kernel_args)
+    return None if v == "dhcp" else ipaddress.IPv4Interface(v)
 
 
 def neighbour(iface: ipaddress.IPv4Interface) -> ipaddress.IPv4Interface:
