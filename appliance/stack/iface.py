@@ -144,6 +144,7 @@ class Stack:
         self.routes = RouteTable()
         self.events = []            # address events for the serve loop (see set_address): drained there
         self.dhcp = None            # a dhcp4.Dhcp4Client once enable_dhcp() was called
+        self.ip6 = None             # an ipv6.Ipv6Host once enable_ipv6() was called
         self.dev_mtu = config.mtu
         self._set_address(ip_bytes(ip) if ip is not None else None, prefix)
         if gateway:
@@ -208,6 +209,9 @@ class Stack:
             self._announce(now)
         if self.dhcp is not None:
             self.dhcp.start(now)
+        if self.ip6 is not None:
+            self.ip6.start(now)
+            self._ip6_run()
         self._next = 0.0
 
     # ------------------------------------------------- address, routes, DHCP
@@ -260,6 +264,22 @@ class Stack:
         self._synack_ws = Options(mss=mtu - 40, wscale=0).emit()
         self._mss_cache = {}
 
+    def enable_ipv6(self, secret: bytes, config=None, rng=None) -> None:
+        """IPv6 control plane (ipv6.py: ND, SLAAC, MLDv2, ICMPv6 echo) from `start` on.
+        `secret` keys the RFC 7217 interface identifiers: keep it stable per host."""
+        import random
+        from .ipv6 import Ipv6Host
+        self.ip6 = Ipv6Host(self.mac, self.counters, secret, rng or random.SystemRandom(), config, self.dev_mtu)
+
+    def _ip6_run(self) -> None:
+        h = self.ip6
+        for fr in h.out:
+            self.txq.append((fr, None, None))
+        h.out.clear()
+        if h.events:
+            self.events.extend(h.events)
+            h.events.clear()
+
     def enable_dhcp(self, config=None, rng=None) -> None:
         """Acquire (and keep) the address by DHCPv4 (dhcp4.py) from `start` on."""
         from .dhcp4 import CLIENT_PORT, DhcpConfig, Dhcp4Client
@@ -271,6 +291,7 @@ class Stack:
             raise Malformed("dhcp_bad_source_port", str(sport))
         self.dhcp.receive(src_mac, payload, now)
         self._dhcp_run(now)
+        self._next = 0.0            # the client's deadline may have moved earlier: poll asks it again
 
     def _dhcp_run(self, now: float) -> None:
         """Send what the DHCP client queued; apply its events."""
@@ -416,6 +437,15 @@ class Stack:
         cnt = self.counters
         try:
             eth = EthernetFrame.parse(f)
+            if eth.ethertype == 0x86DD and self.ip6 is not None:
+                if not self.ip6.accepts_mac(eth.dst):
+                    raise Malformed("eth_not_for_us")
+                try:
+                    self.ip6.receive(f, now)
+                finally:
+                    self._ip6_run()
+                    self._next = 0.0    # its deadlines may have moved earlier (a new tentative address)
+                return
             if eth.dst != self.mac and eth.dst != BROADCAST:
                 raise Malformed("eth_not_for_us")
             if eth.ethertype == ETH_ARP:
@@ -881,6 +911,11 @@ class Stack:
             if self.dhcp.out or self.dhcp.events:
                 self._dhcp_run(now)
                 d = self.dhcp.poll(now)
+            if d < nxt:
+                nxt = d
+        if self.ip6 is not None:
+            d = self.ip6.poll(now)
+            self._ip6_run()
             if d < nxt:
                 nxt = d
         gw = self._gw_arp_at
