@@ -241,3 +241,17 @@ def test_fuzz_mutated_dhcp_frames_never_raise_and_tables_stay_bounded(store, mut
     assert st.counters["drop_internal_error"] == 0, st.last_error
     assert len(st.routes) <= st.routes.size and len(st.arp) <= st.arp.size
     assert 576 <= st.cfg.mtu <= 1500
+
+
+def test_replies_rearm_the_stack_poll_so_the_probe_starts_at_once(store):
+    st = dstack(store)
+    srv = Server(addr=SERVER_IP)
+    st.start(0.0)
+    st.poll(0.0)
+    (d,) = dhcp_frames(wire(st))
+    st.receive(srv.frame(srv.reply(d[BOOTP], "offer")), 0.1)
+    (r,) = dhcp_frames(wire(st))
+    st.receive(srv.frame(srv.reply(r[BOOTP], "ack")), 0.2)
+    # the first probe is due within PROBE_WAIT (1 s), not at the REQUEST's retransmission (~4 s)
+    assert st.poll(0.2) <= 1.2
+    assert st.poll(1.2) and [p[ARP].psrc for p in wire(st) if ARP in p] == ["0.0.0.0"]
