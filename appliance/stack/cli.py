@@ -71,7 +71,10 @@ def _fail(msg: str):
 @click.option("--capture", type=click.Path(dir_okay=False), default=None,
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
 @click.option("--hostname", default=None, help="Host name sent to the DHCP server (option 12).")
-def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname):
+@click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
+              help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6 "
+                   "(TCP over IPv6 is not served yet).")
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
     Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
@@ -83,6 +86,8 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
     from .serve import parse_mac, serve
     if bool(site) == bool(store):
         _fail("give exactly one of --site DIR or --store FILE")
+    if ip6 == "auto" and workers != 1:
+        _fail(f"--ip6 auto runs one stack instance: --workers must be 1, not {workers}")
     if ip == "dhcp":
         if gateway:
             _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")
@@ -141,7 +146,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
             sys.stdout.flush()
 
         def on_event(kind, info):
-            click.echo(("HABOOB-ADDRESS " if kind == "address" else "HABOOB-DHCP ") + json.dumps(info))
+            click.echo(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
             sys.stdout.flush()
 
         def on_usr1(signum, frame):             # the counters so far, without stopping
@@ -154,7 +159,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
         try:                                    # serve() opens and checks the store first
             counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
                              capture=capture, on_ready=on_ready, pin=pin, on_event=on_event,
-                             hostname=hostname)
+                             hostname=hostname, ip6=ip6)
         except StoreError as e:
             _fail(f"--store {store}: {e}")
         except OSError as e:

@@ -95,7 +95,22 @@ def _parse_ip(ip: str):
     return str(itf.ip), itf.network.prefixlen
 
 
-def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, config=None, hostname=None):
+def ip6_secret(mac: bytes, iface: str = "") -> bytes:
+    """The RFC 7217 key: stable per host and interface (machine-id when there is one).
+    Without a machine-id it is derived from the MAC only: stable, but then the
+    identifiers do not hide the MAC from someone who knows this derivation."""
+    import hashlib
+    mid = b""
+    try:
+        with open("/etc/machine-id", "rb") as f:
+            mid = f.read().strip()
+    except OSError:
+        pass
+    return hashlib.sha256(b"haboob rfc7217\0" + mid + b"\0" + iface.encode() + b"\0" + bytes(mac)).digest()
+
+
+def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, config=None, hostname=None,
+               ip6: str = "off", iface: str = ""):
     """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
     fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies).
     `ip` None: the address comes from DHCP (dhcp4.py)."""
@@ -106,6 +121,8 @@ def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, con
     if ip is None:
         from .dhcp4 import DhcpConfig
         st.enable_dhcp(DhcpConfig(hostname=hostname))
+    if ip6 == "auto":
+        st.enable_ipv6(ip6_secret(mac, iface))
     return st
 
 
@@ -265,7 +282,8 @@ def _collect(stack, dev) -> Counters:
 
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
-            on_stack=None, config=None, cpu=None, on_tick=None, on_event=None, hostname=None) -> Counters:
+            on_stack=None, config=None, cpu=None, on_tick=None, on_event=None, hostname=None,
+            ip6="off") -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -276,7 +294,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     dev = None
     try:
         dev = _open_device(iface, capture, fanout, unicast=mac)
-        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface)
         stack.start(time.monotonic())
         if stack.txq:
             dev.tx_batch(stack.txq)
@@ -331,7 +349,8 @@ def _install_signals(stopper):
 
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
-          pin: bool = False, config=None, on_event=None, hostname: str | None = None) -> Counters:
+          pin: bool = False, config=None, on_event=None, hostname: str | None = None,
+          ip6: str = "off") -> Counters:
     """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted, or
     "dhcp") until SIGINT/SIGTERM or `stop_event`; returns the counters (summed
     over workers).
@@ -340,11 +359,18 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     ("static", "dhcp"). With "dhcp", on_ready is called once the first lease
     is bound, and `on_event(kind, info)` with every later address event
     (changed, lost, acquired again) and the DHCP client's notices
-    (no_answer, declined). DHCP runs in one stack: it needs workers == 1."""
+    (no_answer, declined). DHCP runs in one stack: it needs workers == 1.
+    `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
+    addresses, ND, ping -6; TCP over IPv6 is not served yet), its addresses
+    reported as "address6" events; one worker too."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
     if addr is None and gateway:
         raise ValueError("a gateway is given by DHCP: --gateway needs a static --ip")
+    if ip6 not in ("off", "auto"):
+        raise ValueError(f"ip6 must be off or auto, not {ip6!r}")
+    if ip6 == "auto" and workers != 1:
+        raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6=auto, not {workers}")
     if addr is None and workers != 1:
         raise ValueError(f"DHCP runs in one stack instance: workers must be 1 with ip=dhcp, not {workers}")
     if gateway:
@@ -376,14 +402,18 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
             def event(stack, dev, kind, ev):
                 if kind == "address":
                     info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
-                    info["addresses"][:] = [ev] if ev["ip"] else []
+                    info["addresses"][:] = [a for a in info["addresses"] if "ip6" in a] + ([ev] if ev["ip"] else [])
+                elif kind == "address6":
+                    info["addresses"][:] = [a for a in info["addresses"] if a.get("ip6") != ev["ip6"]]
+                    if ev["event"] == "acquired":
+                        info["addresses"].append(ev)
                 if not fired and stack.ip is not None:
                     ready(stack, dev)                   # the first lease: the ready line says where
                 elif on_event:
                     on_event(kind, ev)
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None, on_event=event,
-                           hostname=hostname)
+                           hostname=hostname, ip6=ip6)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config)
     finally:
