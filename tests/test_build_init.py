@@ -59,3 +59,13 @@ def test_settings_dhcp_means_one_worker_and_no_gateway():
     # a static address on the command line overrides a dhcp build
     s = init.settings(dict(CONFIG, ip="dhcp"), {"ip": "198.18.0.9/24"})
     assert s["ip"] == "198.18.0.9/24"
+
+
+def test_settings_ip6():
+    assert init.settings(CONFIG, {})["ip6"] == "off"
+    s = init.settings(CONFIG, {"ip6": "auto"})
+    assert (s["ip6"], s["workers"], s["ip"]) == ("auto", 1, "198.18.0.1/24")
+    with pytest.raises(init.Fatal, match="haboob.ip6='on'"):
+        init.settings(CONFIG, {"ip6": "on"})
+    with pytest.raises(init.Fatal, match="haboob.ip="):
+        init.settings(CONFIG, {"ip6": "auto", "ip": "nonsense"})
