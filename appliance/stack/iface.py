@@ -918,16 +918,17 @@ class Stack:
             self._ip6_run()
             if d < nxt:
                 nxt = d
-        gw = self._gw_arp_at
-        for g in self.routes.gateways() if self.ipb else ():   # resolve every next hop in use
-            if self.arp.lookup(g, now) is None:
-                t = gw.get(g, 0.0)
-                if now >= t:
-                    self._resolve_gateway(g, now)
-                    t = gw[g]
-                if t < nxt:
-                    nxt = t
-        if len(gw) > 2 * len(self.routes) + 8:                  # bounded: forget old next hops
-            gw.clear()
+        if self.routes.gw and self.ipb:                         # resolve every next hop in use
+            gw = self._gw_arp_at
+            for g in self.routes.gw:
+                if self.arp.lookup(g, now) is None:
+                    t = gw.get(g, 0.0)
+                    if now >= t:
+                        self._resolve_gateway(g, now)
+                        t = gw[g]
+                    if t < nxt:
+                        nxt = t
+            if len(gw) > 2 * len(self.routes) + 8:              # bounded: forget old next hops
+                gw.clear()
         self._next = nxt
         return nxt

@@ -48,6 +48,7 @@ class RouteTable:
     def __init__(self, size: int = 64):
         self.size = size
         self.routes = []
+        self.gw = ()                # the gateways in use, each once (kept up to date: read per poll)
 
     def add(self, net: bytes, prefix: int, gateway: bytes | None = None, source: str = "static") -> None:
         if not 0 <= prefix <= 32 or len(net) != 4 or (gateway is not None and len(gateway) != 4):
@@ -66,9 +67,18 @@ class RouteTable:
             raise TableFull(f"route table full ({self.size} routes)")
         rs.append(r)
         rs.sort(key=lambda x: -x.prefix)
+        self._gateways()
 
     def remove(self, source: str) -> None:
         self.routes[:] = [r for r in self.routes if r.source != source]
+        self._gateways()
+
+    def _gateways(self) -> None:
+        out = []
+        for r in self.routes:
+            if r.gateway and r.gateway not in out:
+                out.append(r.gateway)
+        self.gw = tuple(out)
 
     def lookup(self, dst: bytes):
         """The next hop for `dst` (4 bytes), or None without a route."""
@@ -87,11 +97,7 @@ class RouteTable:
 
     def gateways(self) -> list:
         """The gateways in use, each once, in the table's order."""
-        out = []
-        for r in self.routes:
-            if r.gateway and r.gateway not in out:
-                out.append(r.gateway)
-        return out
+        return list(self.gw)
 
     def default(self):
         for r in self.routes:
