@@ -19,8 +19,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    haboob.ip=dhcp (the builder's default) takes the address from DHCPv4
    (appliance/stack/dhcp4.py): HABOOB-READY waits for the lease and lists
    each address with how it was obtained, HABOOB-ADDRESS lines report
-   changes, HABOOB-DHCP a server that does not answer; DHCP runs in one
-   stack instance, so haboob.ip=dhcp means one worker. haboob.ip6=auto
+   changes, HABOOB-DHCP a server that does not answer (with several
+   workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
    (default off) adds IPv6 link-local/SLAAC addresses (ping -6; TCP
    over IPv6 is not served yet), also with one worker;
 4. pick the NIC (by MAC, else the only one, else the first with carrier
@@ -270,15 +270,11 @@ def settings(config: dict, args: dict) -> dict:
         if args.get("gw"):
             raise Fatal(f"haboob.gw={args['gw']} needs a static haboob.ip=ADDR/PREFIX (DHCP gives the gateway)")
         s["gateway"] = None
-        if "workers" in args and args["workers"] != "1":
-            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip=dhcp runs one stack instance (workers 1)")
-        s["workers"] = "1"
-    elif s["ip6"] == "auto":
+    if s["ip6"] == "auto":
         if "workers" in args and args["workers"] != "1":
             raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip6=auto runs one stack instance (workers 1)")
         s["workers"] = "1"
-        s["ip"] = str(_v4(s["ip"]))
-    else:
+    if s["ip"] != "dhcp":
         s["ip"] = str(_v4(s["ip"]))
     if s["gateway"]:
         try:

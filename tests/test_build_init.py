@@ -47,15 +47,16 @@ def test_counters_line():
     assert init.counters_line(None) == "HABOOB-COUNTERS {}"
 
 
-def test_settings_dhcp_means_one_worker_and_no_gateway():
+def test_settings_dhcp_no_gateway_and_the_image_name_as_host_name():
     s = init.settings(dict(CONFIG, ip="dhcp", name="www"), {})
-    assert (s["ip"], s["gateway"], s["workers"], s["hostname"]) == ("dhcp", None, 1, "www")
+    assert (s["ip"], s["gateway"], s["workers"], s["hostname"]) == ("dhcp", None, os.cpu_count() or 1, "www")
     s = init.settings(CONFIG, {"ip": "dhcp", "workers": "1", "hostname": "bad name"})
     assert s["ip"] == "dhcp" and s["hostname"] is None
     with pytest.raises(init.Fatal, match="haboob.gw=198.18.0.2 needs a static"):
         init.settings(CONFIG, {"ip": "dhcp", "gw": "198.18.0.2"})
+    assert init.settings(CONFIG, {"ip": "dhcp", "workers": "4"})["workers"] == 4
     with pytest.raises(init.Fatal, match="haboob.workers='4'"):
-        init.settings(CONFIG, {"ip": "dhcp", "workers": "4"})
+        init.settings(CONFIG, {"ip": "dhcp", "ip6": "auto", "workers": "4"})
     # a static address on the command line overrides a dhcp build
     s = init.settings(dict(CONFIG, ip="dhcp"), {"ip": "198.18.0.9/24"})
     assert s["ip"] == "198.18.0.9/24"

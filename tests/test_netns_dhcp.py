@@ -117,3 +117,52 @@ def test_dhcp_lease_curl_and_renewal(store, tmp_path):
         # dnsmasq saw the whole exchange and the renewal from our MAC (with our host name)
         assert f"DHCPDISCOVER({link.client_if}) {MAC}" in log, log
         assert log.count(f"DHCPACK({link.client_if}) {ip} {MAC} haboob-t") >= 2, log
+
+
+def _curl(link, ip):
+    return link.client.run(["curl", "-4", "-s", "--max-time", "10", f"http://{ip}/"], text=False).stdout
+
+
+def test_dhcp_with_two_workers_the_parent_keeps_the_lease_and_restarts_them_on_a_new_one(store, tmp_path):
+    with open(os.path.join(SITE, "index.html"), "rb") as f:
+        want = f.read()
+    with netns.pair(subnet=142) as link:
+        srv = None
+        try:
+            with netns.dhcp_server(link.client, link.client_if, "198.18.142.50", "198.18.142.50",
+                                   router="198.18.142.2", extra=("--dhcp-option=58,5", "--dhcp-option=59,100")):
+                srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
+                                         link.server_if, "--ip", "dhcp", "--mac", "02:00:00:00:8e:01",
+                                         "--workers", "2"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                lines = _lines_until(srv, "HABOOB-READY ", 40)
+                assert lines, _stop(srv)[1]
+                ready = json.loads(lines[-1].split(" ", 1)[1])
+                assert ready["workers"] == 2 and ready["ip"] == "198.18.142.50"
+                assert ready["addresses"][0]["how"] == "dhcp"
+                for _ in range(6):                      # the flow hash spreads them over both workers
+                    assert _curl(link, "198.18.142.50") == want
+                time.sleep(7)                           # T1 = 5 s: the parent renews, the workers serve on
+                assert _curl(link, "198.18.142.50") == want
+            # another server that knows nothing of that lease NAKs the next renewal (authoritative):
+            # the address is lost, the workers stop, a new lease starts a new set of workers
+            with netns.dhcp_server(link.client, link.client_if, "198.18.142.60", "198.18.142.60",
+                                   router="198.18.142.2", extra=("--dhcp-authoritative", "--dhcp-option=58,5",
+                                                                 "--dhcp-option=59,100")):
+                lines = _lines_until(srv, 'HABOOB-ADDRESS {"event": "acquired"', 40)
+                assert lines, _stop(srv)[1]
+                events = [json.loads(x.split(" ", 1)[1]) for x in lines if x.startswith("HABOOB-ADDRESS ")]
+                assert [(e["event"], e["ip"]) for e in events] == [("lost", None), ("acquired", "198.18.142.60")]
+                deadline = time.monotonic() + 10
+                got = b""
+                while time.monotonic() < deadline and got != want:
+                    got = _curl(link, "198.18.142.60")
+                assert got == want
+                out, err = _stop(srv)
+            c = json.loads([x for x in out.splitlines() if x.startswith("HABOOB-COUNTERS ")][-1].split(" ", 1)[1])
+            assert c.get("dhcp_leases_bound") == 2 and c.get("dhcp_leases_renewed", 0) >= 1, c
+            assert c.get("dhcp_naks") == 1 and c.get("workers") == 2 and c.get("drop_internal_error", 0) == 0, c
+            assert c.get("http_replies", 0) >= 8, c
+        finally:
+            if srv is not None:
+                _stop(srv)

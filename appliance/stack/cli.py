@@ -91,8 +91,6 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
     if ip == "dhcp":
         if gateway:
             _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")
-        if workers != 1:
-            _fail(f"--ip dhcp runs one stack instance: --workers must be 1, not {workers}")
         if hostname is not None and not (0 < len(hostname) <= 63 and hostname.replace("-", "").isalnum()
                                          and hostname.isascii()):
             _fail(f"--hostname {hostname!r} is not a host name (1-63 letters, digits, '-')")

@@ -28,7 +28,8 @@ keeps every TCP connection on one worker), its own Stack, store mapping and
 secret: nothing is shared, no locks. Each worker reports on a pipe, one
 line each: readiness, its counters once a second (the parent keeps their
 sum as the live counters it hands to on_ready) and its counters at exit
-(the parent sums them for the result). The
+(the parent sums them for the result). With ip="dhcp" the parent also keeps
+the lease (lease.py) and restarts the workers on a new address. The
 loop is kept flat (locals for every attribute it touches per batch) since
 it runs once per wake-up at full load.
 """
@@ -359,7 +360,8 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     ("static", "dhcp"). With "dhcp", on_ready is called once the first lease
     is bound, and `on_event(kind, info)` with every later address event
     (changed, lost, acquired again) and the DHCP client's notices
-    (no_answer, declined). DHCP runs in one stack: it needs workers == 1.
+    (no_answer, declined). With several workers the parent keeps the lease
+    (lease.py) and (re)starts the workers on the leased address.
     `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
     addresses, ND, ping -6; TCP over IPv6 is not served yet), its addresses
     reported as "address6" events; one worker too."""
@@ -371,8 +373,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
         raise ValueError(f"ip6 must be off or auto, not {ip6!r}")
     if ip6 == "auto" and workers != 1:
         raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6=auto, not {workers}")
-    if addr is None and workers != 1:
-        raise ValueError(f"DHCP runs in one stack instance: workers must be 1 with ip=dhcp, not {workers}")
+
     if gateway:
         gateway = str(ipaddress.IPv4Address(gateway))
     mac_b = parse_mac(mac) if mac else None
@@ -414,6 +415,9 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None, on_event=event,
                            hostname=hostname, ip6=ip6)
+        if addr is None:
+            return _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd,
+                                       on_ready, info, pin, config, on_event, hostname)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config)
     finally:
@@ -426,8 +430,65 @@ def _cpu_for(i: int) -> int:
     return cpus[i % len(cpus)]
 
 
+def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd, on_ready, info,
+                        pin, config, on_event, hostname) -> Counters:
+    """Several workers on a DHCP address: the parent acquires and keeps the lease
+    (lease.py), starts the workers on it, and restarts them when it changes or
+    is lost. on_ready fires once, with the first set of workers."""
+    from .iface import StackConfig
+    from .lease import ParentLease
+    lease = ParentLease(iface, mac_b or hw.mac, hw.mtu, hostname, time.monotonic())
+    lease.pending = None
+    total = Counters()
+    first = True
+    try:
+        while not stopper():
+            ev = lease.pending or _wait_lease(lease, stopper, wake_fd, on_event)
+            if ev is None:
+                break
+            if not first and not lease.pending and on_event:
+                on_event("address", ev)                         # a new lease after a lost one
+            lease.pending = None
+            info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
+            info["addresses"][:] = [ev]
+            gw = ev.get("gateway")
+            if gw and ipaddress.IPv4Address(gw) not in ipaddress.IPv4Interface(f"{ev['ip']}/{ev['prefix']}").network:
+                gw = None                   # an off-link gateway (/32 leases): replies go to the sender's MAC anyway
+            cfg = config
+            if cfg is None and ev.get("mtu") and ev["mtu"] < hw.mtu:
+                cfg = StackConfig(mtu=ev["mtu"])            # option 26
+            total.merge(_serve_workers(store_path, iface, ev["ip"], ev["prefix"], gw, mac_b, capture, workers,
+                                       stopper, wake_fd, on_ready if first else None, info, pin, cfg,
+                                       lease=lease, on_event=on_event))
+            first = False
+    finally:
+        lease.close()
+    total.merge(lease.counters)
+    total["workers"] = workers
+    return total
+
+
+def _wait_lease(lease, stopper, wake_fd, on_event):
+    """Run the parent's DHCP client until it holds a lease: its "address" event (None if stopped)."""
+    poller = select.poll()
+    poller.register(lease.fileno(), select.POLLIN)
+    if wake_fd >= 0:
+        poller.register(wake_fd, select.POLLIN)
+    while not stopper():
+        deadline, evs = lease.pump(time.monotonic())
+        for kind, ev in evs:
+            if kind == "address" and ev["ip"]:
+                return ev
+            if kind != "address" and on_event:
+                on_event(kind, ev)
+        for fd, _ in poller.poll(max(0.0, min(deadline - time.monotonic(), MAX_WAIT)) * 1000.0 + 1):
+            if fd == wake_fd:
+                _drain(wake_fd)
+    return None
+
+
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config) -> Counters:
+                   wake_fd, on_ready, info, pin, config, lease=None, on_event=None) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
@@ -459,17 +520,32 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
             by_fd[f.fileno()] = pid
         if wake_fd >= 0:
             poller.register(wake_fd, select.POLLIN)
+        if lease is not None:
+            poller.register(lease.fileno(), select.POLLIN)
         open_fds = set(by_fd)
         signalled = False
+        restart = False
         while open_fds:
-            if stopper() and not signalled:
+            if (stopper() or restart) and not signalled:
                 signalled = True
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
-            for fd, _ in poller.poll(200):
+            timeout = 200
+            if lease is not None:                       # the lease: renewal, rebinding, change, loss
+                deadline, evs = lease.pump(time.monotonic())
+                for kind, ev in evs:
+                    if kind == "address" and not restart and ev["event"] in ("changed", "lost"):
+                        restart = True                  # the workers serve the old address: start over
+                        lease.pending = ev if ev["ip"] else None
+                    if on_event and (kind != "address" or ev["event"] in ("changed", "lost")):
+                        on_event(kind, ev)
+                timeout = max(1.0, min(200.0, (deadline - time.monotonic()) * 1000.0))
+            for fd, _ in poller.poll(timeout):
                 if fd == wake_fd:
                     _drain(wake_fd)
                     continue
+                if lease is not None and fd == lease.fileno():
+                    continue                            # pumped at the top of the loop
                 line = children[by_fd[fd]].readline()
                 if not line:
                     poller.unregister(fd)
