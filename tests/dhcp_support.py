@@ -64,7 +64,8 @@ class Server:
                 o.append(("rebinding_time", self.t2))
             o += self.extra if extra is None else extra
         o.append("end")
-        b = BOOTP(op=2, xid=req.xid if xid is None else xid, yiaddr=(addr or self.addr) if mtype != "nak" else "0.0.0.0",
+        yi = (addr or self.addr) if mtype != "nak" else "0.0.0.0"
+        b = BOOTP(op=2, xid=req.xid if xid is None else xid, yiaddr=yi,
                   chaddr=req.chaddr if chaddr is None else chaddr, flags=req.flags) / DHCP(options=o)
         return bytes(b)
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 from hypothesis import given, settings, strategies as st_
-from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.dhcp import BOOTP
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 

@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from appliance.stack.ipv6 import Ip6Config, solicited_node
-from tests.stack_support import SECRET, SERVER_MAC, make_stack, make_store
+from tests.stack_support import SERVER_MAC, make_stack, make_store
 
 RMAC = "02:00:00:00:00:fe"
 RLL = "fe80::1"
@@ -180,7 +180,8 @@ def test_dad_duplicate_tries_the_next_identifier(store):
     # another node's DAD probe for our tentative address is a duplicate too (RFC 4862 §5.4.3)
     g = solicited_node(second)
     probe = Ether(src=HMAC, dst="33:33:" + ":".join(f"{b:02x}" for b in g[12:])) / \
-        IPv6(src="::", dst=str(ipaddress.IPv6Address(g)), hlim=255) / ICMPv6ND_NS(tgt=str(ipaddress.IPv6Address(second)))
+        IPv6(src="::", dst=str(ipaddress.IPv6Address(g)), hlim=255) / \
+        ICMPv6ND_NS(tgt=str(ipaddress.IPv6Address(second)))
     st.receive(bytes(probe), 1.4)
     assert second not in st.ip6.addrs and st.counters["ip6_dad_duplicates"] == 2
 

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 from hypothesis import given, strategies as st_
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
