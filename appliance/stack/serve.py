@@ -440,6 +440,7 @@ def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper,
     lease = ParentLease(iface, mac_b or hw.mac, hw.mtu, hostname, time.monotonic())
     lease.pending = None
     total = Counters()
+    live = Counters()            # one object across restarts: the on_ready holder keeps seeing it
     first = True
     try:
         while not stopper():
@@ -459,7 +460,7 @@ def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper,
                 cfg = StackConfig(mtu=ev["mtu"])            # option 26
             total.merge(_serve_workers(store_path, iface, ev["ip"], ev["prefix"], gw, mac_b, capture, workers,
                                        stopper, wake_fd, on_ready if first else None, info, pin, cfg,
-                                       lease=lease, on_event=on_event))
+                                       lease=lease, on_event=on_event, live=live))
             first = False
     finally:
         lease.close()
@@ -488,11 +489,11 @@ def _wait_lease(lease, stopper, wake_fd, on_event):
 
 
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config, lease=None, on_event=None) -> Counters:
+                   wake_fd, on_ready, info, pin, config, lease=None, on_event=None, live=None) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
-    live = Counters()            # the workers' last LIVE reports, summed (Ready.counters)
+    live = Counters() if live is None else live     # the workers' last LIVE reports, summed (Ready.counters)
     last = {}                    # pid -> its last LIVE report
     ready = 0
     failed = []
@@ -561,6 +562,8 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                     live.clear()
                     for part in last.values():
                         live.merge(part)
+                    if lease is not None:
+                        live.merge(lease.counters)      # the parent's DHCP client
                     live["workers"] = workers
                 elif kind == "COUNTERS":
                     part = json.loads(data)
