@@ -39,7 +39,12 @@ came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
 address it was sent to (or, for a multicast request, our preferred
 address); an MLD query -> a report of our groups. Packet Too Big is counted
 (`icmp6_packet_too_big`); with TCP over IPv6 it will lower the path MSS.
-TCP over IPv6 is not served yet: such segments are counted and dropped.
+TCP over IPv6 is not served yet: a segment to one of our addresses is
+answered with a RST (RFC 9293 §3.10.7.1, as for a closed port: clients fail
+at once instead of timing out); an unknown next header with a Parameter
+Problem (RFC 8200 §4, RFC 4443 §3.4 code 1). ICMPv6 errors are never sent
+for multicast destinations or unspecified sources (RFC 4443 §2.4 e) and
+are rate-limited (§2.4 f: `error_rate` per second).
 """
 import hashlib
 import hmac
@@ -66,10 +71,11 @@ TWO_HOURS = 7200.0
 
 class Ip6Config:
     __slots__ = ("dad_delay", "retrans", "rs_count", "rs_interval", "max_addresses", "max_routers",
-                 "neigh_size", "neigh_ttl", "idgen_retries")
+                 "neigh_size", "neigh_ttl", "idgen_retries", "error_rate")
 
     def __init__(self, dad_delay=1.0, retrans=1.0, rs_count=3, rs_interval=4.0, max_addresses=8,
-                 max_routers=4, neigh_size=256, neigh_ttl=300.0, idgen_retries=3):
+                 max_routers=4, neigh_size=256, neigh_ttl=300.0, idgen_retries=3, error_rate=10):
+        self.error_rate = error_rate        # RSTs and ICMPv6 errors per second
         self.dad_delay = dad_delay          # RFC 4862 §5.4.2: random 0..MAX_RTR_SOLICITATION_DELAY
         self.retrans = retrans              # RFC 4861 RetransTimer
         self.rs_count = rs_count            # MAX_RTR_SOLICITATIONS
@@ -131,6 +137,8 @@ class Ipv6Host:
         self._rs_left = 0
         self._rs_at = float("inf")
         self._ra_seen = False
+        self._err_sec = -1
+        self._err_n = 0
 
     # ---------------------------------------------------------------- API
 
@@ -166,8 +174,15 @@ class Ipv6Host:
                 raise Malformed("ip6_bad_extension")
             nh, body = body[0], body[8 + body[1] * 8:]
         if nh == NH_TCP:
+            if dst[0] != 0xFF and src != UNSPEC and len(body) >= 20 and self._error_ok(now):
+                self._tcp_reset(bytes(f[6:12]), src, dst, body)
             raise Malformed("ip6_tcp_not_served")
         if nh != NH_ICMP6:
+            if dst[0] != 0xFF and src != UNSPEC and self._error_ok(now):
+                ptr = 6 if f[20] == nh else 40                    # the Next Header field that named it
+                self._send_icmp(bytes(f[6:12]), dst, src, bytes([4, 1, 0, 0]) + ptr.to_bytes(4, "big") +
+                                bytes(f[14:14 + min(40 + plen, 1232)]), hop=64)
+                self.counters["icmp6_param_problems_sent"] += 1
             raise Malformed("ip6_unknown_next_header", str(nh))
         if len(body) < 4:
             raise Malformed("icmp6_short", f"{len(body)} bytes")
@@ -426,6 +441,30 @@ class Ipv6Host:
             raise Malformed("ip6_no_address")
         self._send_icmp(src_mac, me, src, bytes([ECHO_REPLY, 0, 0, 0]) + body[4:], hop=64)
         self.counters["icmp6_echo_replies"] += 1
+
+    def _error_ok(self, now) -> bool:
+        s = int(now)
+        if s != self._err_sec:
+            self._err_sec, self._err_n = s, 0
+        self._err_n += 1
+        return self._err_n <= self.cfg.error_rate
+
+    def _tcp_reset(self, dmac, src, dst, seg):
+        """RFC 9293 §3.10.7.1: the RST answering a segment for a closed port."""
+        sport, dport, seq, ack, off, fl = struct.unpack_from("!HHIIBB", seg)
+        if fl & 0x04:
+            return                                                # never answer a RST
+        if fl & 0x10:
+            rseq, rack, rfl = ack, 0, 0x04
+        else:
+            n = len(seg) - (off >> 4) * 4 + (1 if fl & 0x02 else 0) + (1 if fl & 0x01 else 0)
+            rseq, rack, rfl = 0, (seq + n) & 0xFFFFFFFF, 0x14
+        tcp = struct.pack("!HHIIBBHHH", dport, sport, rseq, rack, 0x50, rfl, 0, 0, 0)
+        ck = csum(tcp, _pseudo(dst, src, 20, NH_TCP))
+        tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
+        ip = _HDR.pack(0x60000000, 20, NH_TCP, 64, dst, src)
+        self.out.append(struct.pack("!6s6sH", dmac, self.mac, ETH_IPV6) + ip + tcp)
+        self.counters["tcp6_rst_sent"] += 1
 
     # ----------------------------------------------------------- output
 
