@@ -55,9 +55,17 @@ with a lower sequence number). Insertion order is expiry order, so
 expiring is popping from the front.
 
 ARP (arp.py): we answer for our address, learn senders addressed to us,
-announce ourselves at `start` (gratuitous ARP, RFC 5227 §3) and resolve the
-gateway (retried every second until known). Replies always go to the source
-MAC of the frame that asked, so the cache is not on the hot path.
+announce ourselves at `start` and on every new address (gratuitous ARP, RFC
+5227 §3) and resolve every gateway of the route table (route.py; retried
+every second until known). Replies always go to the source MAC of the frame
+that asked, so neither the cache nor the routes are on the hot path.
+
+Addresses. `ip` may be None: no address until DHCP (`enable_dhcp`, dhcp4.py)
+binds one; `set_address` changes it (connections of the old one dropped,
+header caches cleared) and queues an event in `events` for the console.
+Without an address `ipb` is b"", which the fast path's 4-byte comparison
+never matches. UDP (udp.py) and, with `enable_ipv6`, IPv6 (ipv6.py) take
+the slow path; each protocol module is sans-IO and driven from here.
 
 Dates: `set_date` formats the IMF-fixdate (RFC 9110 §5.6.7) and drops the
 cache of patched response headers (`patched`), which holds, per prebuilt
