@@ -30,9 +30,9 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--site", required=True, type=click.Path(path_type=Path), help="the site folder to serve")
 @click.option("--name", help="image name (default: the site folder's name)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default: images/NAME)")
-@click.option("--ip", default="198.18.0.1/24", show_default=True,
-              help="the appliance's address (haboob.ip= on the kernel command line overrides)")
-@click.option("--gateway", help="default gateway (haboob.gw=)")
+@click.option("--ip", default="dhcp", show_default=True,
+              help="the appliance's address: dhcp, or ADDR/PREFIX (haboob.ip= on the kernel command line overrides)")
+@click.option("--gateway", help="default gateway with a static --ip (haboob.gw=)")
 @click.option("--mss", default=1448, show_default=True, type=int, help="TCP MSS the responses are cut at")
 @click.option("--kernel", type=click.Path(path_type=Path), help="a vmlinuz (bzImage) instead of Debian's")
 @click.option("--modules", type=click.Path(path_type=Path), help="its modules folder (lib/modules/RELEASE)")

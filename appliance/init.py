@@ -20,6 +20,13 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    haboob.log_sample=, haboob.log_framing=, haboob.metrics=,
    haboob.metrics_allow=, haboob.drain= (appliance/obs/options.py; the
    build's --access-log ... are the defaults);
+   haboob.ip=dhcp (the builder's default) takes the address from DHCPv4
+   (appliance/stack/dhcp4.py): HABOOB-READY waits for the lease and lists
+   each address with how it was obtained, HABOOB-ADDRESS lines report
+   changes, HABOOB-DHCP a server that does not answer (with several
+   workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
+   (default off) adds IPv6 link-local/SLAAC addresses (ping -6; TCP
+   over IPv6 is not served yet), also with one worker;
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for
@@ -244,16 +251,36 @@ def kernel_args(cmdline: str) -> dict:
     return out
 
 
+def _v4(ip):
+    import ipaddress
+    try:
+        return ipaddress.IPv4Interface(ip)
+    except (ValueError, TypeError):
+        raise Fatal(f"haboob.ip={ip!r} is not an IPv4 address with a prefix (198.18.0.1/24) nor dhcp") from None
+
+
 def settings(config: dict, args: dict) -> dict:
     import ipaddress
     s = {"ip": args.get("ip", config.get("ip")), "gateway": args.get("gw", config.get("gateway")),
          "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)),
-         "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store")}
-    try:
-        iface = ipaddress.IPv4Interface(s["ip"])
-    except (ValueError, TypeError):
-        raise Fatal(f"haboob.ip={s['ip']!r} is not an IPv4 address with a prefix (198.18.0.1/24)") from None
-    s["ip"] = str(iface)
+         "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store"),
+         "hostname": args.get("hostname", config.get("name")),
+         "ip6": args.get("ip6", config.get("ip6", "off"))}
+    if s["ip6"] not in ("off", "auto"):
+        raise Fatal(f"haboob.ip6={s['ip6']!r} is not off or auto")
+    h = s["hostname"]                      # sent to the DHCP server (option 12): a plain label or nothing
+    if h is not None and not (0 < len(h) <= 63 and h.isascii() and h.replace("-", "").isalnum()):
+        s["hostname"] = None
+    if s["ip"] == "dhcp":
+        if args.get("gw"):
+            raise Fatal(f"haboob.gw={args['gw']} needs a static haboob.ip=ADDR/PREFIX (DHCP gives the gateway)")
+        s["gateway"] = None
+    if s["ip6"] == "auto":
+        if "workers" in args and args["workers"] != "1":
+            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip6=auto runs one stack instance (workers 1)")
+        s["workers"] = "1"
+    if s["ip"] != "dhcp":
+        s["ip"] = str(_v4(s["ip"]))
     if s["gateway"]:
         try:
             ipaddress.IPv4Address(s["gateway"])
@@ -493,11 +520,15 @@ def boot() -> None:
         live["counters"] = ready.counters
         off = info["offload"]
         say("HABOOB-READY " + json.dumps({
-            "ip": info.get("ip", s["ip"].split("/")[0]), "port": info.get("port", s["port"]),
+            "ip": info.get("ip", s["ip"].split("/")[0]), "addresses": info.get("addresses"),
+            "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
             "offload": off, "workers": s["workers"], "metrics_port": info.get("metrics_port", 0), "drivers_loaded": loaded,
             "entropy_wait_ms": waited, "phases_ms": phases}))
+
+    def on_event(kind, info):              # address changes (DHCP, IPv6), as they happen
+        say(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:
@@ -511,7 +542,8 @@ def boot() -> None:
 
     try:                                   # serve() opens and verifies the store itself
         counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
-                         workers=s["workers"], on_ready=on_ready, stop_event=stop,
+                         workers=s["workers"], on_ready=on_ready, stop_event=stop, on_event=on_event,
+                         hostname=s.get("hostname"), ip6=s.get("ip6", "off"),
                          observe=dict(observe, hostname=config.get("name")), drain=observe["drain"])
     except StoreError as e:
         raise Fatal(f"content store {s['store']}: {e}") from None

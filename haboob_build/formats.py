@@ -222,7 +222,7 @@ menuentry "{title}" --id haboob {{
 }}
 
 {guard}menuentry "Haboob {name}: type the address at boot" --id haboob-ask {{
-    echo -n "Address with prefix, e.g. 198.18.0.1/24: "
+    echo -n "Address with prefix, e.g. 198.18.0.1/24, or dhcp: "
     read hb_ip
     echo -n "Gateway (empty for none): "
     read hb_gw

@@ -36,7 +36,10 @@ main()
 """
 
 
-def parse_ip(cidr: str) -> ipaddress.IPv4Interface:
+def parse_ip(cidr: str) -> ipaddress.IPv4Interface | None:
+    """The static address of --ip, or None for "dhcp"."""
+    if cidr == "dhcp":
+        return None
     try:
         iface = ipaddress.IPv4Interface(cidr)
     except ValueError:
@@ -59,6 +62,8 @@ def check_inputs(ctx: Context) -> None:
     if not o.site.is_dir():
         raise BuildError(f"--site {o.site}: not a folder")
     iface = parse_ip(o.ip)
+    if o.gateway and iface is None:
+        raise BuildError("--gateway needs a static --ip ADDR/PREFIX (with --ip dhcp the DHCP server gives it)")
     if o.gateway:
         try:
             gw = ipaddress.IPv4Address(o.gateway)
@@ -163,7 +168,7 @@ def base(ctx: Context) -> None:
     t.symlink("/lib64", "usr/lib64")
     t.file("/init", INIT.encode(), 0o755, part="appliance")
     iface = parse_ip(o.ip)
-    config = {"ip": str(iface), "gateway": o.gateway, "mss": o.mss, "port": 80,
+    config = {"ip": str(iface) if iface else "dhcp", "gateway": o.gateway, "mss": o.mss, "port": 80,
               "store": STORE, "modules": MODULES, "name": o.name}
     if o.observe:
         config["observe"] = o.observe           # defaults; haboob.log= ... on the command line win
@@ -173,7 +178,7 @@ def base(ctx: Context) -> None:
 
 def cmdline(ctx: Context) -> None:
     o = ctx.options
-    parts = ["console=ttyS0", "quiet", "panic=-1", f"haboob.ip={parse_ip(o.ip)}"]
+    parts = ["console=ttyS0", "quiet", "panic=-1", f"haboob.ip={parse_ip(o.ip) or 'dhcp'}"]
     if o.gateway:
         parts.append(f"haboob.gw={o.gateway}")
     (ctx.work / "cmdline").write_text(" ".join(parts) + "\n")

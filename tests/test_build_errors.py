@@ -56,7 +56,14 @@ def test_bad_ip(tmp_path, ip, words):
 
 
 def test_gateway_outside_network(tmp_path):
-    assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), "--gateway", "198.19.0.1"), "--gateway")
+    assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), "--ip", "198.18.0.1/24", "--gateway", "198.19.0.1"),
+                   "--gateway", "not another host")
+
+
+def test_gateway_with_dhcp(tmp_path):
+    # --ip dhcp is the default: a gateway comes from the DHCP server
+    assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), "--gateway", "198.18.0.254"),
+                   "--gateway", "needs a static --ip")
 
 
 def test_bad_mss(tmp_path):
@@ -93,3 +100,15 @@ def test_bad_source_date_epoch(tmp_path):
     import os
     env = dict(os.environ, SOURCE_DATE_EPOCH="yesterday")
     assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), env=env), "SOURCE_DATE_EPOCH")
+
+
+def test_default_address_is_dhcp_on_the_command_line_and_in_the_config(tmp_path):
+    from types import SimpleNamespace
+
+    import build
+    from haboob_build import steps
+    assert {p.name: p.default for p in build.main.params}["ip"] == "dhcp"
+    ctx = SimpleNamespace(options=SimpleNamespace(ip="dhcp", gateway=None), work=tmp_path)
+    steps.cmdline(ctx)
+    assert (tmp_path / "cmdline").read_text() == "console=ttyS0 quiet panic=-1 haboob.ip=dhcp\n"
+    assert steps.parse_ip("dhcp") is None

@@ -45,3 +45,28 @@ def test_counters_line():
             return dict(sorted(self.items()))
     assert init.counters_line(C(b=2, a=1)) == 'HABOOB-COUNTERS {"a": 1, "b": 2}'
     assert init.counters_line(None) == "HABOOB-COUNTERS {}"
+
+
+def test_settings_dhcp_no_gateway_and_the_image_name_as_host_name():
+    s = init.settings(dict(CONFIG, ip="dhcp", name="www"), {})
+    assert (s["ip"], s["gateway"], s["workers"], s["hostname"]) == ("dhcp", None, os.cpu_count() or 1, "www")
+    s = init.settings(CONFIG, {"ip": "dhcp", "workers": "1", "hostname": "bad name"})
+    assert s["ip"] == "dhcp" and s["hostname"] is None
+    with pytest.raises(init.Fatal, match="haboob.gw=198.18.0.2 needs a static"):
+        init.settings(CONFIG, {"ip": "dhcp", "gw": "198.18.0.2"})
+    assert init.settings(CONFIG, {"ip": "dhcp", "workers": "4"})["workers"] == 4
+    with pytest.raises(init.Fatal, match="haboob.workers='4'"):
+        init.settings(CONFIG, {"ip": "dhcp", "ip6": "auto", "workers": "4"})
+    # a static address on the command line overrides a dhcp build
+    s = init.settings(dict(CONFIG, ip="dhcp"), {"ip": "198.18.0.9/24"})
+    assert s["ip"] == "198.18.0.9/24"
+
+
+def test_settings_ip6():
+    assert init.settings(CONFIG, {})["ip6"] == "off"
+    s = init.settings(CONFIG, {"ip6": "auto"})
+    assert (s["ip6"], s["workers"], s["ip"]) == ("auto", 1, "198.18.0.1/24")
+    with pytest.raises(init.Fatal, match="haboob.ip6='on'"):
+        init.settings(CONFIG, {"ip6": "on"})
+    with pytest.raises(init.Fatal, match="haboob.ip="):
+        init.settings(CONFIG, {"ip6": "auto", "ip": "nonsense"})

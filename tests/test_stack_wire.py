@@ -4,7 +4,7 @@ import struct
 
 import pytest
 from hypothesis import given, strategies as st_
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -212,8 +212,8 @@ MALFORMED = [
                             TCP(dport=80, flags="S"))),
     ("ip_bad_source", bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src="198.18.0.255", dst=SERVER_IP) /
                             TCP(dport=80, flags="S"))),
-    ("ip_unknown_protocol", bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP) /
-                                  UDP(dport=53))),
+    ("ip_unknown_protocol", bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP, proto=47) /
+                                  bytes(8))),
     ("icmp_short", bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP, proto=1) /
                          b"\x08\x00")),
     ("tcp_short", bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP, proto=6) /

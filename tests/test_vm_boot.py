@@ -55,10 +55,14 @@ def test_user_networking(image, tmp_path):
 
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for the namespace and tap")
-def test_tap_in_namespace(image):
-    with session(image, Options(net="tap")) as s:
+def test_tap_in_namespace_with_dhcp(image):
+    # the guest asks DHCP (the last haboob.ip= counts): dnsmasq in the namespace answers
+    with session(image, Options(net="tap", append=["haboob.ip=dhcp"])) as s:
         ns = s.ns.name
-        s.machine.wait_ready(300)
+        ready = s.machine.wait_ready(300)
+        (a,) = ready["addresses"]
+        assert (a["ip"], a["how"], a["server"], a["lease"]) == ("198.18.0.15", "dhcp", "198.18.0.2", 120)
+        assert s.guest_ip == ready["ip"] == "198.18.0.15"
         assert_all_ok(s.call(check.fetch_all, image, s.host, s.port, sup.EXAMPLE))
         assert_all_ok(check.curl_all(image, s.base_url, site=sup.EXAMPLE, prefix=s.prefix))
         assert check.ping(s.guest_ip, prefix=s.prefix).ok

@@ -150,3 +150,34 @@ def pair(subnet: int = 0, mtu: int | None = None):
     with namespace("s") as s, namespace("c") as c, \
             veth(s, c, None, f"{client_ip}/24", mtu=mtu) as (sif, cif):
         yield Link(s, c, sif, cif, server_ip, client_ip, 24)
+
+
+@contextlib.contextmanager
+def dhcp_server(ns: Namespace, ifname: str, first: str, last: str, router: str | None = None,
+                lease: str = "2m", extra: tuple = ()):
+    """dnsmasq as a DHCPv4 server only (no DNS, no configuration file, no daemon)
+    on `ifname` inside `ns`, handing out first..last /24; stopped by pid on exit.
+    Yields the Popen; its stderr carries dnsmasq's DHCP log (--log-dhcp)."""
+    import shutil
+    import signal
+    import tempfile
+    if shutil.which("dnsmasq") is None:
+        raise NetnsError("dnsmasq is not installed (Debian: dnsmasq-base; see .ci/install.sh)")
+    with tempfile.TemporaryDirectory(prefix="haboob-dnsmasq-") as tmp:
+        argv = ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+                f"--interface={ifname}", "--bind-interfaces", "--no-ping", "--log-dhcp",
+                f"--dhcp-range={first},{last},255.255.255.0,{lease}",
+                f"--dhcp-leasefile={tmp}/leases", f"--pid-file={tmp}/pid", *extra]
+        if router:
+            argv.append(f"--dhcp-option=option:router,{router}")
+        proc = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()

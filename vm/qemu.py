@@ -120,10 +120,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def image_uses_dhcp(image: Image, opts: Options | None = None) -> bool:
+    """The guest takes its address from DHCP: the last haboob.ip= of the image's
+    command line and the appended words is `dhcp`."""
+    words = image.cmdline.split() + list(opts.append if opts is not None else ())
+    ips = [w for w in words if w.startswith("haboob.ip=")]
+    return bool(ips) and ips[-1] == "haboob.ip=dhcp"
+
+
 def kernel_cmdline(image: Image, opts: Options) -> str:
     words = [w for w in image.cmdline.split()]
     over = {}
-    if opts.net == "user" and opts.guest_ip is None:
+    # over user networking a DHCP image asks QEMU's DHCP server (which hands it USER_GUEST)
+    if opts.net == "user" and opts.guest_ip is None and not image_uses_dhcp(image, opts):
         over["haboob.ip"] = f"{USER_GUEST}/24"
         over["haboob.gw"] = USER_HOST
     if opts.guest_ip:
@@ -160,6 +169,8 @@ def user_net_for_medium(image: Image) -> tuple[str, str, str]:
     address (a disk or ISO boot cannot be given another one)."""
     import ipaddress
     ip = next((w.split("=", 1)[1] for w in image.cmdline.split() if w.startswith("haboob.ip=")), None)
+    if ip == "dhcp":
+        return USER_NET, USER_HOST, USER_GUEST
     if ip is None:
         raise VMError("the image's command line has no haboob.ip=")
     guest = ipaddress.IPv4Interface(ip)
@@ -190,6 +201,8 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
     netdev = "n0"
     if opts.net == "user":
         port = opts.hostport
+        # a DHCP guest (no static address given) gets USER_GUEST, the first address QEMU hands out
+        dhcp = image_uses_dhcp(image, opts) and opts.guest_ip is None
         if opts.boot == "kernel":
             net, host, guest = USER_NET, USER_HOST, USER_GUEST
         else:
@@ -198,7 +211,8 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
                             f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
                             + (f",hostfwd=tcp:127.0.0.1:{opts.metrics_hostport}-{guest}:{opts.metrics_port}"
                                if opts.metrics_port else "")
-                            + (",dhcpstart=198.18.0.9" if net == USER_NET else "")]
+                            + (f",dhcpstart={USER_GUEST}" if dhcp else
+                               ",dhcpstart=198.18.0.9" if net == USER_NET else "")]
     elif opts.net == "tap":
         if not opts.tap:
             raise VMError("--net tap needs a tap device name")

@@ -5,10 +5,12 @@ tests share.
 Machine, and yields a Session telling where the appliance is reachable:
 
 - user: QEMU's slirp on 198.18.0.0/24, the guest at 198.18.0.15, host port
-  127.0.0.1:PORT forwarded to its port 80;
+  127.0.0.1:PORT forwarded to its port 80 (a haboob.ip=dhcp image gets that
+  address from slirp's DHCP server);
 - tap with a name: an existing tap in our namespace, QEMU beside it;
 - tap without a name: a fresh namespace (vm/netns.py) holding a tap with
-  an address next to the guest's, QEMU run inside it; clients run in that
+  an address next to the guest's (for a DHCP image: 198.18.0.2, and dnsmasq
+  handing the guest 198.18.0.15), QEMU run inside it; clients run in that
   namespace (`Session.prefix` for programs, `Session.call` for Python code,
   through a thread that setns(2)'s into it).
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import netns
 from .image import Image, VMError
-from .qemu import USER_GUEST, Machine, Options, kernel_cmdline
+from .qemu import USER_GUEST, USER_HOST, Machine, Options, kernel_cmdline
 
 CLONE_NEWNET = 0x40000000
 
@@ -70,11 +72,13 @@ class Session:
         return box["value"]
 
 
-def guest_interface(image: Image, opts: Options) -> ipaddress.IPv4Interface:
-    for word in kernel_cmdline(image, opts).split():
-        if word.startswith("haboob.ip="):
-            return ipaddress.IPv4Interface(word.split("=", 1)[1])
-    raise VMError("the kernel command line has no haboob.ip=")
+def guest_interface(image: Image, opts: Options) -> ipaddress.IPv4Interface | None:
+    """The guest's static address, or None when it asks DHCP (haboob.ip=dhcp)."""
+    words = [w.split("=", 1)[1] for w in kernel_cmdline(image, opts).split() if w.startswith("haboob.ip=")]
+    if not words:
+        raise VMError("the kernel command line has no haboob.ip=")
+    v = words[-1]                           # the last one counts (appliance/init.py kernel_args)
+    return None if v == "dhcp" else ipaddress.IPv4Interface(v)
 
 
 def neighbour(iface: ipaddress.IPv4Interface) -> ipaddress.IPv4Interface:
@@ -98,17 +102,27 @@ def session(image: Image, opts: Options, echo=None):
         if opts.net in ("socket", "vfio", "netmap"):
             # the guest is on a network we do not set up: reachable at its own address, if at all
             guest = guest_interface(image, opts)
+            if guest is None:
+                raise VMError(f"--net {opts.net}: a DHCP image on a network we do not set up; "
+                              f"give its address (--guest-ip)")
             m = stack.enter_context(Machine(image, opts, echo=echo))
             yield Session(m, str(guest.ip), 80, str(guest.ip))
             return
         if opts.net != "tap":
             raise VMError(f"--net {opts.net!r}: use user[:PORT] or tap[:IFNAME]")
         guest = guest_interface(image, opts)
+        if guest is None and opts.tap:
+            raise VMError("--net tap:IFNAME with a DHCP image: give its address (--guest-ip)")
         if not opts.tap:
             if os.geteuid() != 0:
                 raise VMError("--net tap without a name makes a network namespace: run as root")
             ns = stack.enter_context(netns.namespace("v"))
-            opts.tap = stack.enter_context(netns.tap(ns, str(neighbour(guest))))
+            if guest is None:               # a DHCP image: dnsmasq in the namespace hands it USER_GUEST
+                guest = ipaddress.IPv4Interface(f"{USER_GUEST}/24")
+                opts.tap = stack.enter_context(netns.tap(ns, f"{USER_HOST}/24"))
+                stack.enter_context(netns.dhcp_server(ns, opts.tap, USER_GUEST, USER_GUEST, router=USER_HOST))
+            else:
+                opts.tap = stack.enter_context(netns.tap(ns, str(neighbour(guest))))
             prefix = ns.argv([])
         m = stack.enter_context(Machine(image, opts, prefix=prefix, echo=echo))
         yield Session(m, str(guest.ip), 80, str(guest.ip), ns=ns, prefix=prefix)

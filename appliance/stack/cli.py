@@ -7,7 +7,10 @@ addresses parse; the store opens or the site compiles), then hand over to
 `appliance.stack.serve.serve`. Output on stdout is two lines of JSON, the
 same as inside the image:
 
-    HABOOB-READY {"ip": ..., "port": 80, "urls": ..., "iface": ..., ...}
+    HABOOB-READY {"ip": ..., "addresses": [{"ip", "prefix", "how", ...}], "port": 80, ...}
+    HABOOB-ADDRESS {"event": "changed"|"lost"|"acquired", "ip": ..., "how": "dhcp", ...}
+                                   (with --ip dhcp: each address change as it happens;
+                                    HABOOB-DHCP {"event": "no_answer"|"declined"} notices)
     HABOOB-COUNTERS {...}          (after SIGINT/SIGTERM; on SIGUSR1, the
                                     counters so far, and serving goes on)
 
@@ -58,7 +61,8 @@ def _fail(msg: str):
 @click.option("--site", type=click.Path(file_okay=False), help="Site directory (compiled to a temporary store first).")
 @click.option("--store", type=click.Path(dir_okay=False), help="A compiled content store file.")
 @click.option("--iface", required=True, help="Interface to serve on (up, without an IPv4 address).")
-@click.option("--ip", "ip", required=True, help="Our address with prefix, e.g. 198.18.0.1/24.")
+@click.option("--ip", "ip", required=True,
+              help="Our address with prefix, e.g. 198.18.0.1/24, or 'dhcp' (DHCPv4: the ready line waits for a lease).")
 @click.option("--gateway", default=None, help="IPv4 gateway for clients outside the prefix.")
 @click.option("--mac", default=None,
               help="Our MAC (default: the interface's). Another one than the interface's keeps our "
@@ -68,8 +72,12 @@ def _fail(msg: str):
 @click.option("--pin", is_flag=True, help="Pin worker i to the i-th CPU this process may run on.")
 @click.option("--capture", type=click.Path(dir_okay=False), default=None,
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
+@click.option("--hostname", default=None, help="Host name sent to the DHCP server (option 12).")
+@click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
+              help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6 "
+                   "(TCP over IPv6 is not served yet).")
 @obs_options
-def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, **obs):
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, **obs):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
     Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
@@ -85,12 +93,22 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, **obs
         observe = obs_settings(obs)
     except click.BadParameter as e:
         _fail(e.message)
-    try:
-        itf = ipaddress.IPv4Interface(ip)
-    except ValueError as e:
-        _fail(f"--ip {ip!r} is not an IPv4 address with prefix: {e}")
-    if "/" not in ip:
-        _fail(f"--ip {ip!r} needs a prefix length, e.g. {ip}/24")
+    if ip6 == "auto" and workers != 1:
+        _fail(f"--ip6 auto runs one stack instance: --workers must be 1, not {workers}")
+    if ip == "dhcp":
+        if gateway:
+            _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")
+        if hostname is not None and not (0 < len(hostname) <= 63 and hostname.replace("-", "").isalnum()
+                                         and hostname.isascii()):
+            _fail(f"--hostname {hostname!r} is not a host name (1-63 letters, digits, '-')")
+        itf = None
+    else:
+        try:
+            itf = ipaddress.IPv4Interface(ip)
+        except ValueError as e:
+            _fail(f"--ip {ip!r} is not an IPv4 address with prefix (nor 'dhcp'): {e}")
+        if "/" not in ip:
+            _fail(f"--ip {ip!r} needs a prefix length, e.g. {ip}/24")
     if gateway:
         try:
             gw = ipaddress.IPv4Address(gateway)
@@ -132,6 +150,10 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, **obs
             click.echo("HABOOB-READY " + json.dumps(ready.info))
             sys.stdout.flush()
 
+        def on_event(kind, info):
+            click.echo(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
+            sys.stdout.flush()
+
         def on_usr1(signum, frame):             # the counters so far, without stopping
             c = live.get("counters")
             click.echo("HABOOB-COUNTERS " + json.dumps(c.as_dict() if c is not None else {}))
@@ -141,8 +163,8 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, **obs
         old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
         try:                                    # serve() opens and checks the store first
             counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
-                             capture=capture, on_ready=on_ready, pin=pin, observe=observe,
-                             drain=observe["drain"])
+                             capture=capture, on_ready=on_ready, pin=pin, on_event=on_event,
+                             hostname=hostname, ip6=ip6, observe=observe, drain=observe["drain"])
         except StoreError as e:
             _fail(f"--store {store}: {e}")
         except OSError as e:

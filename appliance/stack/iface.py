@@ -74,9 +74,17 @@ with a lower sequence number). Insertion order is expiry order, so
 expiring is popping from the front.
 
 ARP (arp.py): we answer for our address, learn senders addressed to us,
-announce ourselves at `start` (gratuitous ARP, RFC 5227 §3) and resolve the
-gateway (retried every second until known). Replies always go to the source
-MAC of the frame that asked, so the cache is not on the hot path.
+announce ourselves at `start` and on every new address (gratuitous ARP, RFC
+5227 §3) and resolve every gateway of the route table (route.py; retried
+every second until known). Replies always go to the source MAC of the frame
+that asked, so neither the cache nor the routes are on the hot path.
+
+Addresses. `ip` may be None: no address until DHCP (`enable_dhcp`, dhcp4.py)
+binds one; `set_address` changes it (connections of the old one dropped,
+header caches cleared) and queues an event in `events` for the console.
+Without an address `ipb` is b"", which the fast path's 4-byte comparison
+never matches. UDP (udp.py) and, with `enable_ipv6`, IPv6 (ipv6.py) take
+the slow path; each protocol module is sans-IO and driven from here.
 
 Dates: `set_date` formats the IMF-fixdate (RFC 9110 §5.6.7) and drops the
 cache of patched response headers (`patched`), which holds, per prebuilt
@@ -95,13 +103,19 @@ from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
 from .counters import Counters
 from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
 from .icmp import ECHO_REQUEST, Icmp
-from .ipv4 import PROTO_ICMP, PROTO_TCP, IPv4Header
+from .ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
+from .route import RouteTable, TableFull
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
+from .udp import UdpDatagram, UdpPorts
 from .wire import Malformed, csum, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
+
+
+def _ip_or_none(b):
+    return ".".join(map(str, b)) if b else None
 
 _KEEP = b"keep-alive"
 _CLOSE = b"close     "
@@ -142,13 +156,13 @@ class StackConfig(NamedTuple):
 
 
 class Stack:
-    def __init__(self, store, mac: bytes, ip: str, prefix: int, gateway: str | None, offload: Offload,
+    def __init__(self, store, mac: bytes, ip: str | None, prefix: int, gateway: str | None, offload: Offload,
                  config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None):
         if isinstance(mac, str):
             mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
         if len(mac) != 6:
             raise ValueError(f"MAC address must be 6 bytes, got {mac!r}")
-        if not 0 < prefix <= 32:
+        if ip is not None and not 0 < prefix <= 32:
             raise ValueError(f"prefix length must be 1..32, got {prefix}")
         if config.syncookies not in ("auto", "always", "never"):
             raise ValueError(f"syncookies must be auto, always or never, got {config.syncookies!r}")
@@ -158,14 +172,17 @@ class Stack:
             raise ValueError(f"rcv_wnd must be 1..65535, got {config.rcv_wnd}")
         self.store = store
         self.mac = bytes(mac)
-        self.ip = ip
-        self.ipb = ip_bytes(ip)
-        self.prefix = prefix
-        self.netmask = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
-        self.net = int.from_bytes(self.ipb, "big") & self.netmask
-        self.gateway = ip_bytes(gateway) if gateway else None
-        if self.gateway and not self.on_link(self.gateway):
-            raise ValueError(f"gateway {gateway} is not in {ip}/{prefix}")
+        self.routes = RouteTable()
+        self.events = []            # address events for the serve loop (see set_address): drained there
+        self.dhcp = None            # a dhcp4.Dhcp4Client once enable_dhcp() was called
+        self.ip6 = None             # an ipv6.Ipv6Host once enable_ipv6() was called
+        self.dev_mtu = config.mtu
+        self._set_address(ip_bytes(ip) if ip is not None else None, prefix)
+        if gateway:
+            gw = ip_bytes(gateway)
+            if ip is None or not self.on_link(gw):
+                raise ValueError(f"gateway {gateway} is not in {ip}/{prefix}")
+            self.routes.add(b"\0\0\0\0", 0, gw, "static")
         self.offload = offload
         self.mode = 2 if offload.tso else (1 if offload.csum else 0)
         self.cfg = config
@@ -186,6 +203,7 @@ class Stack:
         self.http_factory = http_factory
         self.http_first = http_first
         self.counters = Counters()
+        self.udp = UdpPorts(self.counters)     # port -> handler (the DHCP client binds 68)
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
@@ -202,7 +220,7 @@ class Stack:
         self._pressure_until = float("inf") if config.syncookies == "always" else -1.0
         self._chal_sec = -1
         self._chal_n = 0
-        self._gw_arp_at = 0.0
+        self._gw_arp_at = {}        # gateway -> when to ARP for it again (while unresolved)
         self.gso_csum = GSO(34, 16, 0, 54)
         self._tmpl_cache = {}       # peer MAC + IP -> (Ethernet+IP header, ip_const, pseudo_const)
         self._conn_tmpl = {}        # peer MAC + IP + port -> Stack.template()
@@ -210,8 +228,7 @@ class Stack:
         self._mss_cache = {}        # peer's MSS option -> (SMSS, aligned, tso_max, gso): see mss_params
         self._port_pre = config.port << 16
         self._tcp_tail = struct.pack("!IIBBHHH", 0, 0, 0x50, 0, 0, 0, 0)   # TCP header after the ports
-        self._synack_opts = Options(mss=config.mtu - 40).emit()
-        self._synack_ws = Options(mss=config.mtu - 40, wscale=0).emit()
+        self._set_mtu(config.mtu)
         self.last_error = None
         self.obs = None             # access log / metrics hooks (appliance/obs): None = off
         self.side = None            # other ports and draining (appliance/obs): segments without a connection
@@ -222,12 +239,134 @@ class Stack:
     # --------------------------------------------------------------- public API
 
     def start(self, now: float) -> None:
-        """Announce our address (gratuitous ARP) and start resolving the gateway."""
+        """Announce our address (gratuitous ARP), start resolving the gateways, start DHCP."""
+        if self.ipb:
+            self._announce(now)
+        if self.dhcp is not None:
+            self.dhcp.start(now)
+        if self.ip6 is not None:
+            self.ip6.start(now)
+            self._ip6_run()
+        self._next = 0.0
+
+    # ------------------------------------------------- address, routes, DHCP
+
+    def _set_address(self, ipb, prefix) -> None:
+        """Our address (None: none). b"" as `ipb` never equals the fast path's 4-byte slice."""
+        self.ipb = bytes(ipb) if ipb else b""
+        self.ip = ".".join(map(str, ipb)) if ipb else None
+        self.prefix = prefix if ipb else 32
+        self.netmask = (0xFFFFFFFF << (32 - self.prefix)) & 0xFFFFFFFF
+        self.net = int.from_bytes(self.ipb, "big") & self.netmask if ipb else -1
+        self.routes.remove("connected")
+        if ipb:
+            self.routes.add(self.ipb, self.prefix, None, "connected")
+
+    def set_address(self, ipb, prefix: int, now: float, how: str = "static", event: str = "acquired") -> None:
+        """Serve on `ipb`/`prefix` from now on (None: on no address). Connections and
+        TIME-WAIT state of an old address are dropped silently (its peers cannot
+        reach it any more); the header caches, which hold our address, are cleared.
+        An event (kind, info) is queued in `events` for the console."""
+        old = self.ipb
+        if old and old != (ipb or b""):
+            for c in list(self.conns.values()):
+                self.remove(c)
+                self.counters["tcp_conns_dropped_address_change"] += 1
+            self.tw.clear()
+        self._set_address(ipb, prefix)
+        self._tmpl_cache.clear()
+        self._conn_tmpl.clear()
+        self._opts_cache.clear()
+        info = {"event": event, "ip": self.ip, "prefix": self.prefix if ipb else None, "how": how}
+        if ipb:
+            info["gateway"] = _ip_or_none(self.routes.default())
+            self._announce(now)
+        self.events.append(("address", info))
+
+    def _announce(self, now: float) -> None:
         self._arp_out(OP_REQUEST, BROADCAST, self.ipb, _ZERO_MAC)
         self.counters["arp_announcements"] += 1
-        if self.gateway:
-            self._resolve_gateway(now)
-        self._next = 0.0
+        for g in self.routes.gateways():
+            if self.arp.lookup(g, now) is None:
+                self._resolve_gateway(g, now)
+
+    def _set_mtu(self, mtu: int) -> None:
+        """The IP MTU our MSS option and segment sizes follow (a DHCP option 26 may lower
+        it below the device's, never raise it above)."""
+        mtu = max(576, min(mtu, self.dev_mtu))
+        self.cfg = self.cfg._replace(mtu=mtu)
+        self._synack_opts = Options(mss=mtu - 40).emit()
+        self._synack_ws = Options(mss=mtu - 40, wscale=0).emit()
+        self._mss_cache = {}
+
+    def enable_ipv6(self, secret: bytes, config=None, rng=None) -> None:
+        """IPv6 control plane (ipv6.py: ND, SLAAC, MLDv2, ICMPv6 echo) from `start` on.
+        `secret` keys the RFC 7217 interface identifiers: keep it stable per host."""
+        import random
+        from .ipv6 import Ipv6Host
+        self.ip6 = Ipv6Host(self.mac, self.counters, secret, rng or random.SystemRandom(), config, self.dev_mtu)
+
+    def _ip6_run(self) -> None:
+        h = self.ip6
+        for fr in h.out:
+            self.txq.append((fr, None, None))
+        h.out.clear()
+        if h.events:
+            self.events.extend(h.events)
+            h.events.clear()
+
+    def enable_dhcp(self, config=None, rng=None) -> None:
+        """Acquire (and keep) the address by DHCPv4 (dhcp4.py) from `start` on."""
+        from .dhcp4 import CLIENT_PORT, DhcpConfig, Dhcp4Client
+        self.dhcp = Dhcp4Client(self.mac, self.counters, rng, config or DhcpConfig())
+        self.udp.bind(CLIENT_PORT, self._dhcp_in, any_dst=True)
+
+    def _dhcp_in(self, src_mac, src_ip, dst_ip, sport, payload, now) -> None:
+        if sport != 67:
+            raise Malformed("dhcp_bad_source_port", str(sport))
+        self.dhcp.receive(src_mac, payload, now)
+        self._dhcp_run(now)
+        self._next = 0.0            # the client's deadline may have moved earlier: poll asks it again
+
+    def _dhcp_run(self, now: float) -> None:
+        """Send what the DHCP client queued; apply its events."""
+        d = self.dhcp
+        for o in d.out:
+            if o[0] == "udp":
+                self.udp_send(o[1], o[3], 68, 67, o[4], src_ip=o[2])
+            else:                                           # RFC 5227 §2.1.1 probe: sender 0.0.0.0
+                arp = ArpPacket(OP_REQUEST, self.mac, b"\0\0\0\0", _ZERO_MAC, o[1]).emit()
+                self.txq.append((EthernetFrame(BROADCAST, self.mac, ETH_ARP).emit() + arp + bytes(18), None, None))
+        d.out.clear()
+        for ev in d.events:
+            k, L = ev.kind, ev.lease
+            if k in ("acquired", "changed", "renewed"):
+                if k != "renewed":                              # before the routes: gateways must be on-link
+                    self.set_address(L.address, L.prefix, now, "dhcp", k)
+                self.routes.remove("dhcp")
+                try:
+                    # RFC 3442: classless routes, when sent, replace the router option
+                    for net, plen, gw in L.routes:
+                        self.routes.add(net, plen, gw, "dhcp")
+                    if not L.routes and L.routers:
+                        self.routes.add(b"\0\0\0\0", 0, L.routers[0], "dhcp")
+                except TableFull:
+                    self.counters["drop_route_table_full"] += 1
+                if L.mtu:
+                    self._set_mtu(L.mtu)
+                if k == "renewed":
+                    self.counters["dhcp_leases_renewed"] += 1
+                else:
+                    self.events[-1][1].update(gateway=_ip_or_none(self.routes.default()), lease=L.lease_time,
+                                              server=_ip_or_none(L.server), mtu=self.cfg.mtu)
+                    for g in self.routes.gateways():
+                        self._resolve_gateway(g, now)
+            elif k == "lost":
+                self.routes.remove("dhcp")
+                self.set_address(None, 32, now, "dhcp", "lost")
+            else:                                           # declined, no_answer: for the console
+                self.events.append((k, {"ip": _ip_or_none(L.address) if L else None}))
+        d.events.clear()
 
     def set_date(self, unix_seconds: int) -> None:
         d = imf_fixdate(int(unix_seconds))
@@ -243,11 +382,17 @@ class Stack:
             c.abort("tcp_shutdown_resets")
 
     @property
+    def gateway(self):
+        """The default route's gateway (4 bytes), if any."""
+        return self.routes.default()
+
+    @property
     def gateway_mac(self):
-        return self.arp._e.get(self.gateway, (None,))[0] if self.gateway else None
+        g = self.routes.default()
+        return self.arp._e.get(g, (None,))[0] if g else None
 
     def on_link(self, ipb: bytes) -> bool:
-        return int.from_bytes(ipb, "big") & self.netmask == self.net
+        return self.routes.on_link(ipb)
 
     def receive(self, f, now: float, csum_ok: bool = False) -> None:
         """One received frame (bytes-like). Never raises.
@@ -327,6 +472,15 @@ class Stack:
         cnt = self.counters
         try:
             eth = EthernetFrame.parse(f)
+            if eth.ethertype == 0x86DD and self.ip6 is not None:
+                if not self.ip6.accepts_mac(eth.dst):
+                    raise Malformed("eth_not_for_us")
+                try:
+                    self.ip6.receive(f, now)
+                finally:
+                    self._ip6_run()
+                    self._next = 0.0    # its deadlines may have moved earlier (a new tentative address)
+                return
             if eth.dst != self.mac and eth.dst != BROADCAST:
                 raise Malformed("eth_not_for_us")
             if eth.ethertype == ETH_ARP:
@@ -341,19 +495,22 @@ class Stack:
     def _arp_in(self, eth, now: float) -> None:
         a = ArpPacket.parse(eth.payload)
         cnt = self.counters
+        if self.dhcp is not None and self.dhcp.state == "probing":
+            self.dhcp.arp(a.op, a.sha, a.spa, a.tpa, now)      # RFC 5227 conflict detection
+            self._dhcp_run(now)
         if a.spa == self.ipb:
             if a.sha != self.mac:
                 cnt["arp_address_conflict"] += 1        # someone else claims our address (RFC 5227)
             raise Malformed("arp_from_our_address")
         if a.tpa == self.ipb:
-            if self.on_link(a.spa) and a.spa != b"\0\0\0\0":
+            if a.spa != b"\0\0\0\0" and (self.on_link(a.spa) or a.spa in self._gw_arp_at):
                 self.arp.learn(a.spa, a.sha, now)       # RFC 826 merge: the asker will talk to us
             if a.op == OP_REQUEST:
                 self._arp_out(OP_REPLY, eth.src, a.spa, a.sha)
                 cnt["arp_replies"] += 1
             else:
                 cnt["arp_replies_received"] += 1
-        elif a.spa in self.arp._e:
+        elif a.spa in self.arp._e or (a.spa in self._gw_arp_at and a.op == OP_REPLY):
             self.arp.learn(a.spa, a.sha, now)           # update an entry we have (RFC 826)
             cnt["arp_updates"] += 1
         else:
@@ -363,13 +520,17 @@ class Stack:
         arp = ArpPacket(op, self.mac, self.ipb, tha, tpa).emit()
         self.txq.append((EthernetFrame(dst_mac, self.mac, ETH_ARP).emit() + arp + bytes(18), None, None))
 
-    def _resolve_gateway(self, now: float) -> None:
-        self._arp_out(OP_REQUEST, BROADCAST, self.gateway, _ZERO_MAC)
-        self.counters["arp_requests"] += 1
-        self._gw_arp_at = now + 1.0
+    def _resolve_gateway(self, g: bytes, now: float) -> None:
+        if self.ipb:
+            self._arp_out(OP_REQUEST, BROADCAST, g, _ZERO_MAC)
+            self.counters["arp_requests"] += 1
+        self._gw_arp_at[g] = now + 1.0
 
     def _ipv4_in(self, eth, f, now: float, csum_ok: bool = False) -> None:
         ip = IPv4Header.parse(eth.payload)
+        if ip.proto == PROTO_UDP:
+            self._udp_in(eth, ip, now, csum_ok)
+            return
         if ip.dst != self.ipb:
             raise Malformed("ip_not_for_us")
         self._check_source(ip.src)
@@ -380,6 +541,23 @@ class Stack:
             self._icmp_in(eth, ip)
         else:
             raise Malformed("ip_unknown_protocol", str(ip.proto))
+
+    def _udp_in(self, eth, ip, now: float, csum_ok: bool) -> None:
+        d = ip.dst
+        to_us = d == self.ipb or d == b"\xff\xff\xff\xff" or (
+            self.prefix < 31 and int.from_bytes(d, "big") == self.net | (~self.netmask & MASK))
+        self._check_source(ip.src)
+        dg = UdpDatagram.parse(ip.payload, ip.src, d, verify=not csum_ok)
+        self.udp.deliver(bytes(eth.src), bytes(ip.src), bytes(d), dg, now, to_us)
+
+    def udp_send(self, dst_mac: bytes, dst_ip: bytes, sport: int, dport: int, payload: bytes,
+                 src_ip: bytes = None) -> None:
+        """Queue one UDP datagram (from our address, or `src_ip`: 0.0.0.0 before we have one)."""
+        src = src_ip if src_ip is not None else self.ipb
+        dg = UdpDatagram(sport, dport, payload).emit(src, dst_ip)
+        ip = IPv4Header(src, dst_ip, PROTO_UDP, dg).emit()
+        self.txq.append((EthernetFrame(dst_mac, self.mac, ETH_IPV4).emit() + ip, None, None))
+        self.counters["udp_out_datagrams"] += 1
 
     def _check_source(self, s: bytes) -> None:
         """RFC 1122 §3.2.1.3: no multicast, broadcast, loopback, "this network" or our own source."""
@@ -791,10 +969,29 @@ class Stack:
                     nxt = e
                 break
             del tw[k]
-        if self.gateway and self.gateway_mac is None:
-            if now >= self._gw_arp_at:
-                self._resolve_gateway(now)
-            if self._gw_arp_at < nxt:
-                nxt = self._gw_arp_at
+        if self.dhcp is not None:
+            d = self.dhcp.poll(now)
+            if self.dhcp.out or self.dhcp.events:
+                self._dhcp_run(now)
+                d = self.dhcp.poll(now)
+            if d < nxt:
+                nxt = d
+        if self.ip6 is not None:
+            d = self.ip6.poll(now)
+            self._ip6_run()
+            if d < nxt:
+                nxt = d
+        if self.routes.gw and self.ipb:                         # resolve every next hop in use
+            gw = self._gw_arp_at
+            for g in self.routes.gw:
+                if self.arp.lookup(g, now) is None:
+                    t = gw.get(g, 0.0)
+                    if now >= t:
+                        self._resolve_gateway(g, now)
+                        t = gw[g]
+                    if t < nxt:
+                        nxt = t
+            if len(gw) > 2 * len(self.routes) + 8:              # bounded: forget old next hops
+                gw.clear()
         self._next = nxt
         return nxt

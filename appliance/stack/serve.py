@@ -42,7 +42,8 @@ keeps every TCP connection on one worker), its own Stack, store mapping and
 secret: nothing is shared, no locks. Each worker reports on a pipe, one
 line each: readiness, its counters once a second (the parent keeps their
 sum as the live counters it hands to on_ready) and its counters at exit
-(the parent sums them for the result). The
+(the parent sums them for the result). With ip="dhcp" the parent also keeps
+the lease (lease.py) and restarts the workers on a new address. The
 loop is kept flat (locals for every attribute it touches per batch) since
 it runs once per wake-up at full load.
 """
@@ -102,6 +103,8 @@ def parse_mac(mac: str) -> bytes:
 
 
 def _parse_ip(ip: str):
+    if ip == "dhcp":
+        return None, 0
     try:
         itf = ipaddress.IPv4Interface(ip if "/" in ip else ip + "/24")
     except ValueError as e:
@@ -109,23 +112,46 @@ def _parse_ip(ip: str):
     return str(itf.ip), itf.network.prefixlen
 
 
-def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=None):
+def ip6_secret(mac: bytes, iface: str = "") -> bytes:
+    """The RFC 7217 key: stable per host and interface (machine-id when there is one).
+    Without a machine-id it is derived from the MAC only: stable, but then the
+    identifiers do not hide the MAC from someone who knows this derivation."""
+    import hashlib
+    mid = b""
+    try:
+        with open("/etc/machine-id", "rb") as f:
+            mid = f.read().strip()
+    except OSError:
+        pass
+    return hashlib.sha256(b"haboob rfc7217\0" + mid + b"\0" + iface.encode() + b"\0" + bytes(mac)).digest()
+
+
+def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, config=None, hostname=None,
+               ip6: str = "off", iface: str = ""):
     """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
-    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies)."""
+    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies).
+    `ip` None: the address comes from DHCP (dhcp4.py)."""
     from .iface import Stack, StackConfig
     if config is None:
         config = StackConfig(mtu=dev.mtu)
-    return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+    st = Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+    if ip is None:
+        from .dhcp4 import DhcpConfig
+        st.enable_dhcp(DhcpConfig(hostname=hostname))
+    if ip6 == "auto":
+        st.enable_ipv6(ip6_secret(mac, iface))
+    return st
 
 
 def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None, after=None,
-             clock=time.monotonic) -> None:
+             clock=time.monotonic, on_event=None) -> None:
     """Drive `stack` from `dev` until `stop()` is true. Never raises for a frame:
     an exception out of the stack is counted (loop_stack_errors) and the loop goes on.
     `tick()`, if given, is called once a second (with the Date refresh); `after(now)`
     once per iteration, before the transmit (appliance/obs: the access log's batch);
     `clock` is the monotonic clock (tests pass a fake one: it is read once per pass
-    while frames keep coming)."""
+    while frames keep coming); `on_event(kind, info)` with each of the stack's events
+    (address changes), after the timers."""
     rx = dev.rx_batch
     tx = dev.tx_batch
     receive = stack.receive
@@ -144,6 +170,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     if not isinstance(pending, list):
         pending = ()
     counters = stack.counters
+    events = stack.events
     mono = clock
     poller = select.poll()
     fd = dev.fileno()
@@ -198,6 +225,12 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
         except Exception:
             errors += 1
             deadline = None
+        if events:
+            evs = events[:]
+            events.clear()
+            if on_event is not None:
+                for kind, info in evs:
+                    on_event(kind, info)
         if after is not None:
             after(now)
         if txq or pending:
@@ -311,7 +344,7 @@ def _observe(stack, dev, observe, worker):
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
             on_stack=None, config=None, cpu=None, on_tick=None, observe=None, drain=0.0,
-            worker=None) -> Counters:
+            worker=None, on_event=None, hostname=None, ip6="off") -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -322,7 +355,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     dev = None
     try:
         dev = _open_device(iface, capture, fanout, unicast=mac)
-        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface)
         stack.start(time.monotonic())
         if stack.txq:
             dev.tx_batch(stack.txq)
@@ -336,7 +369,8 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
         tick = (lambda: on_tick(stack, dev)) if on_tick else None
         if obs is not None:
             tick = (lambda: (obs.tick(time.monotonic()), on_tick and on_tick(stack, dev)))
-        run_loop(stack, dev, stop, wake_fd, tick=tick, after=obs.flush if obs is not None else None)
+        run_loop(stack, dev, stop, wake_fd, tick=tick, after=obs.flush if obs is not None else None,
+                 on_event=(lambda k, i: on_event(stack, dev, k, i)) if on_event else None)
         if obs is not None:
             obs.flush(time.monotonic())
         if drain > 0:
@@ -405,14 +439,34 @@ def _install_signals(stopper):
 
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
-          pin: bool = False, config=None, observe: dict | None = None, drain: float = 0.0) -> Counters:
-    """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted) until
-    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers).
+          pin: bool = False, config=None, observe: dict | None = None, drain: float = 0.0,
+          on_event=None, hostname: str | None = None, ip6: str = "off") -> Counters:
+    """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted, or
+    "dhcp") until SIGINT/SIGTERM or `stop_event`; returns the counters (summed
+    over workers).
+
     `observe`: access log / metrics settings (appliance/obs; keys access_log,
     log_format, log_sample, syslog_framing, metrics_port, metrics_allow, version,
-    hostname); `drain` > 0: SIGTERM / stop_event drain for up to that many seconds."""
+    hostname); `drain` > 0: SIGTERM / stop_event drain for up to that many seconds.
+
+    `info["addresses"]` lists each address served, with how it was obtained
+    ("static", "dhcp"). With "dhcp", on_ready is called once the first lease
+    is bound, and `on_event(kind, info)` with every later address event
+    (changed, lost, acquired again) and the DHCP client's notices
+    (no_answer, declined). With several workers the parent keeps the lease
+    (lease.py) and (re)starts the workers on the leased address.
+    `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
+    addresses, ND, ping -6; TCP over IPv6 is not served yet), its addresses
+    reported as "address6" events; one worker too."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
+    if addr is None and gateway:
+        raise ValueError("a gateway is given by DHCP: --gateway needs a static --ip")
+    if ip6 not in ("off", "auto"):
+        raise ValueError(f"ip6 must be off or auto, not {ip6!r}")
+    if ip6 == "auto" and workers != 1:
+        raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6=auto, not {workers}")
+
     if gateway:
         gateway = str(ipaddress.IPv4Address(gateway))
     mac_b = parse_mac(mac) if mac else None
@@ -422,7 +476,9 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
         urls = len(store.site.resources)
     from .rings.tpacket import interface_info, read_offload
     hw = interface_info(iface)
-    info = {"ip": addr, "prefix": prefix, "port": 80, "urls": urls, "iface": iface,
+    addresses = [{"ip": addr, "prefix": prefix, "how": "static", "gateway": gateway}] if addr else []
+    info = {"ip": addr, "prefix": prefix if addr else None, "addresses": addresses, "port": 80, "urls": urls,
+            "iface": iface,
             "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
             "offload": read_offload(iface)._asdict(), "workers": workers}
     if observe and observe.get("metrics_port"):
@@ -431,13 +487,32 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     wake_fd, restore = _install_signals(stopper)
     try:
         if workers == 1:
+            fired = []
+
             def ready(stack, dev):
                 info["offload"] = dev.offload._asdict()
-                if on_ready:
+                if on_ready and stack.ip is not None:
+                    fired.append(1)
                     on_ready(Ready(info, _Live(lambda: _collect(stack, dev))))
+
+            def event(stack, dev, kind, ev):
+                if kind == "address":
+                    info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
+                    info["addresses"][:] = [a for a in info["addresses"] if "ip6" in a] + ([ev] if ev["ip"] else [])
+                elif kind == "address6":
+                    info["addresses"][:] = [a for a in info["addresses"] if a.get("ip6") != ev["ip6"]]
+                    if ev["event"] == "acquired":
+                        info["addresses"].append(ev)
+                if not fired and stack.ip is not None:
+                    ready(stack, dev)                   # the first lease: the ready line says where
+                elif on_event:
+                    on_event(kind, ev)
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None, observe=observe,
-                           drain=drain)
+                           drain=drain, on_event=event, hostname=hostname, ip6=ip6)
+        if addr is None:
+            return _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd,
+                                       on_ready, info, pin, config, on_event, hostname, observe, drain)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config, observe, drain)
     finally:
@@ -450,12 +525,72 @@ def _cpu_for(i: int) -> int:
     return cpus[i % len(cpus)]
 
 
+def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd, on_ready, info,
+                        pin, config, on_event, hostname, observe=None, drain=0.0) -> Counters:
+    """Several workers on a DHCP address: the parent acquires and keeps the lease
+    (lease.py), starts the workers on it, and restarts them when it changes or
+    is lost. on_ready fires once, with the first set of workers."""
+    from .iface import StackConfig
+    from .lease import ParentLease
+    lease = ParentLease(iface, mac_b or hw.mac, hw.mtu, hostname, time.monotonic())
+    lease.pending = None
+    total = Counters()
+    live = Counters()            # one object across restarts: the on_ready holder keeps seeing it
+    first = True
+    try:
+        while not stopper():
+            ev = lease.pending or _wait_lease(lease, stopper, wake_fd, on_event)
+            if ev is None:
+                break
+            if not first and not lease.pending and on_event:
+                on_event("address", ev)                         # a new lease after a lost one
+            lease.pending = None
+            info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
+            info["addresses"][:] = [ev]
+            gw = ev.get("gateway")
+            if gw and ipaddress.IPv4Address(gw) not in ipaddress.IPv4Interface(f"{ev['ip']}/{ev['prefix']}").network:
+                gw = None                   # an off-link gateway (/32 leases): replies go to the sender's MAC anyway
+            cfg = config
+            if cfg is None and ev.get("mtu") and ev["mtu"] < hw.mtu:
+                cfg = StackConfig(mtu=ev["mtu"])            # option 26
+            total.merge(_serve_workers(store_path, iface, ev["ip"], ev["prefix"], gw, mac_b, capture, workers,
+                                       stopper, wake_fd, on_ready if first else None, info, pin, cfg,
+                                       observe=observe, drain=drain, lease=lease, on_event=on_event,
+                                       live=live))
+            first = False
+    finally:
+        lease.close()
+    total.merge(lease.counters)
+    total["workers"] = workers
+    return total
+
+
+def _wait_lease(lease, stopper, wake_fd, on_event):
+    """Run the parent's DHCP client until it holds a lease: its "address" event (None if stopped)."""
+    poller = select.poll()
+    poller.register(lease.fileno(), select.POLLIN)
+    if wake_fd >= 0:
+        poller.register(wake_fd, select.POLLIN)
+    while not stopper():
+        deadline, evs = lease.pump(time.monotonic())
+        for kind, ev in evs:
+            if kind == "address" and ev["ip"]:
+                return ev
+            if kind != "address" and on_event:
+                on_event(kind, ev)
+        for fd, _ in poller.poll(max(0.0, min(deadline - time.monotonic(), MAX_WAIT)) * 1000.0 + 1):
+            if fd == wake_fd:
+                _drain(wake_fd)
+    return None
+
+
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config, observe=None, drain=0.0) -> Counters:
+                   wake_fd, on_ready, info, pin, config, observe=None, drain=0.0, lease=None, on_event=None,
+                   live=None) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
-    live = Counters()            # the workers' last LIVE reports, summed (Ready.counters)
+    live = Counters() if live is None else live     # the workers' last LIVE reports, summed (Ready.counters)
     last = {}                    # pid -> its last LIVE report
     ready = 0
     failed = []
@@ -483,17 +618,32 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
             by_fd[f.fileno()] = pid
         if wake_fd >= 0:
             poller.register(wake_fd, select.POLLIN)
+        if lease is not None:
+            poller.register(lease.fileno(), select.POLLIN)
         open_fds = set(by_fd)
         signalled = False
+        restart = False
         while open_fds:
-            if stopper() and not signalled:
+            if (stopper() or restart) and not signalled:
                 signalled = True
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
-            for fd, _ in poller.poll(200):
+            timeout = 200
+            if lease is not None:                       # the lease: renewal, rebinding, change, loss
+                deadline, evs = lease.pump(time.monotonic())
+                for kind, ev in evs:
+                    if kind == "address" and not restart and ev["event"] in ("changed", "lost"):
+                        restart = True                  # the workers serve the old address: start over
+                        lease.pending = ev if ev["ip"] else None
+                    if on_event and (kind != "address" or ev["event"] in ("changed", "lost")):
+                        on_event(kind, ev)
+                timeout = max(1.0, min(200.0, (deadline - time.monotonic()) * 1000.0))
+            for fd, _ in poller.poll(timeout):
                 if fd == wake_fd:
                     _drain(wake_fd)
                     continue
+                if lease is not None and fd == lease.fileno():
+                    continue                            # pumped at the top of the loop
                 line = children[by_fd[fd]].readline()
                 if not line:
                     poller.unregister(fd)
@@ -509,6 +659,8 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                     live.clear()
                     for part in last.values():
                         live.merge(part)
+                    if lease is not None:
+                        live.merge(lease.counters)      # the parent's DHCP client
                     live["workers"] = workers
                 elif kind == "COUNTERS":
                     part = json.loads(data)
