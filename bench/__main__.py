@@ -251,22 +251,28 @@ def micro_cmd(mode, size, requests, reps, profile):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--offload", type=click.Choice(["sw", "csum", "tso"]), default="sw", show_default=True,
               help="The stack's offload mode (TSO frames are cut as the kernel would before checking).")
-@click.option("--tracemalloc", "trace", is_flag=True, help="Also trace live Python memory (about 2x slower).")
+@click.option("--tracemalloc", "trace", is_flag=True, help="Also trace live Python memory (several times slower).")
 @click.option("--idle", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
               help="Then open this many idle connections, let the idle timeout close them, and report "
-                   "memory (live objects and RSS) at each point.")
+                   "memory at each point: RSS (a run without tracemalloc) and live objects (a run with it).")
+@click.option("--costs", is_flag=True, help="Only measure what each table entry and a connection cost in "
+                                            "live memory (the figures of docs/internals.md) and exit.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every figure to this file.")
-def fuzz_cmd(frames, requests, seed, offload, trace, idle, json_out):
+def fuzz_cmd(frames, requests, seed, offload, trace, idle, costs, json_out):
     """Fuzz the stack in memory (bench/fuzz.py): random and mutated frames and
     HTTP requests, every emitted frame checked (checksums, the peer's window),
     clean pipelines' bytes compared. Exits non-zero on an internal error, a bad
     frame, a wrong byte, a window violation, a table over its bound, or a
     connection left behind."""
     from . import fuzz
+    if costs:
+        click.echo(fuzz.costs_text(fuzz.costs()))
+        return
     res = fuzz.run(frames=frames, requests=requests, seed=seed, offload=offload, trace=trace, check_bounds=True,
                    progress=lambda m: click.echo("  " + m, err=True))
-    if idle:
-        res["idle"] = fuzz.idle(idle, seed, trace=True)
+    if idle:    # twice: RSS without tracemalloc (whose own tables are in RSS), live objects with it
+        res["idle"] = fuzz.idle(idle, seed, trace=False)
+        res["idle_traced"] = fuzz.idle(idle, seed, trace=True)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

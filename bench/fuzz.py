@@ -409,6 +409,9 @@ class Peer:
                     rng.choice(("fin", "fin", "rst", "silent", "idle", "halfclose")))
         self.seg_max = 1460 if kind == "clean" else rng.choice((1, 7, 100, 536, 1460))
         self.parked = False         # out of the ticked pool (Fuzzer.step), still routed
+        self.rto = 0.3
+        self.ack_pending = 0        # in-order segments not yet acknowledged (delayed ACK)
+        self.ack_due = 0.0
         self.last_rtx = now
         self.ack_t = now            # when the server last acknowledged new request bytes
 
@@ -430,6 +433,8 @@ class Peer:
             win, ws = self._window(now)
             if flags & 0x04 == 0:
                 flags |= 0x10
+        if flags & 0x10:
+            self.ack_pending = 0
         raw = tcp_frame(self.mac, self.ip, self.port, seq, ack, flags, win, payload, opts)
         if track and self.rcv_nxt is not None and not flags & 0x06 and self.state != "syn":
             # the window of an acceptable segment becomes the edge the stack must respect
@@ -473,19 +478,26 @@ class Peer:
             win, ws = self._window(now)
             if (win << ws) >= self.adv_space + min(self.buf // 2, 1460) or (win and not self.adv_space):
                 self._send(self._seq(), 0x10, now=now)      # window update
-        # request bytes
+        if self.ack_pending and now >= self.ack_due:
+            self._send(self._seq(), 0x10, now=now)          # our delayed ACK
+        # request bytes: new ones at SND.NXT (max_sent); after a timeout, go back to the
+        # first unacknowledged byte (`sent`), with our newest ACK and window, as Linux
+        # does; our ACKs carry SND.NXT
         base = (self.iss + 1) & MASK
         if self.sent < self.acked:
             self.sent = self.acked
-        if self.sent > self.acked and now - self.ack_t > 0.3 and now - self.last_rtx > 0.3:
-            self.sent = self.acked                          # RTO: go back, with our newest ACK and window
+        if self.max_sent > self.acked and now - self.ack_t > self.rto and now - self.last_rtx > self.rto:
+            self.sent = self.acked
             self.last_rtx = now
+            self.rto = min(2 * self.rto, 4.0)               # RFC 6298 (5.5)
             self.fz.counts["peer_retransmits"] += 1
         budget = 4
         while self.sent < len(self.out) and budget:
             budget -= 1
             n = min(self.seg_max, len(self.out) - self.sent, 1460)
-            if self.ooo and rng.random() < 0.3 and self.sent + n < len(self.out):
+            if self.sent < self.max_sent:
+                n = min(n, self.max_sent - self.sent)
+            elif self.ooo and rng.random() < 0.3 and self.sent + n < len(self.out):
                 # the next segment first, then this one (a reordering network)
                 m = min(n, len(self.out) - self.sent - n)
                 self._send((base + self.sent + n) & MASK, 0x18, self.out[self.sent + n:self.sent + n + m], now=now)
@@ -495,11 +507,11 @@ class Peer:
                 self._send((base + self.sent) & MASK, 0x18, payload, now=now)      # a duplicate
             self.sent += n
             self.max_sent = max(self.max_sent, self.sent)
-        if self.sent == len(self.out) and self.state == "est":
+        if self.max_sent == len(self.out) and self.state == "est":
             self._finish(now)
 
     def _seq(self):
-        return (self.iss + 1 + self.sent + (1 if self.fin_sent else 0)) & MASK
+        return (self.iss + 1 + self.max_sent + (1 if self.fin_sent else 0)) & MASK
 
     def _finish(self, now):
         """All requests sent: how this peer ends."""
@@ -539,10 +551,12 @@ class Peer:
             if a <= len(self.out) and a > self.acked:
                 self.acked = a
                 self.progress = self.ack_t = now
+                self.rto = 0.3
         n = len(payload)
         if n:
             if self.checked:
                 fz.check_window(self, seq, n)
+            whole = False
             if seq == self.rcv_nxt:
                 room = (self.edge - seq) & MASK if self.edge is not None else n
                 take = 0 if room >= HALF else min(n, room)     # bytes beyond our window are dropped
@@ -552,8 +566,13 @@ class Peer:
                 if self.stream is not None:
                     self.stream += payload[:take]
                 self.progress = now
+                whole = take == n
             fz.counts["peer_acks"] += 1
-            self._send(self._seq(), 0x10, now=now)
+            if whole and not self.ack_pending and not flags & 0x01:
+                self.ack_pending += 1                       # delayed: every second segment, or 40 ms
+                self.ack_due = now + 0.04
+            else:
+                self._send(self._seq(), 0x10, now=now)
         if flags & 0x01 and ((seq + n) & MASK) == self.rcv_nxt and not self.got_fin:
             self.got_fin = True
             self.rcv_nxt = (self.rcv_nxt + 1) & MASK
@@ -561,7 +580,7 @@ class Peer:
                 self._send(self._seq(), 0x10, now=now)
                 self.state = "done"
             elif self.kind == "clean" or self.end in ("fin", "idle", "silent"):
-                self.sent = len(self.out)
+                self.sent = self.max_sent = len(self.out)
                 self._send(self._seq(), 0x11, now=now)
                 self.fin_sent = True
                 self.state = "closing"
@@ -762,7 +781,7 @@ class Fuzzer:
             p.tick(self.now)
             if p.state == "done" or (p.state == "silent" and p.kind != "clean"):
                 self.retire(p)
-            elif p.end == "idle" and p.state == "est" and p.sent == len(p.out) and p.acked == p.sent:
+            elif p.end == "idle" and p.state == "est" and p.acked == len(p.out) and not p.ack_pending:
                 # a keep-alive peer waiting for the server's idle timeout: it leaves the pool
                 # (not to hold a slot for a minute) but still answers the server's FIN
                 self.counts["requests"] += p.requests_sent()
@@ -806,10 +825,11 @@ class Fuzzer:
         self.drain()
 
 
-def drive(fz, frames, requests, clean=4, hostile=48, pipeline=(100, 600), progress=None) -> None:
+def drive(fz, frames, requests, clean=4, hostile=48, pipeline=(100, 600), progress=None, patience=60.0) -> None:
     """Push `frames` garbage frames and `requests` HTTP requests (from up to `clean`
     slow pipelines and `hostile` peers at a time) through `fz`; garbage goes in
-    proportion to the requests planned so far."""
+    proportion to the requests planned so far. At the end, pipelines still going
+    get `patience` (fake) seconds from their start to finish."""
     rng = fz.rng
     g = fz.garbage
     c = fz.counts
@@ -840,7 +860,7 @@ def drive(fz, frames, requests, clean=4, hostile=48, pipeline=(100, 600), progre
         fz.step()
         if planned >= requests and c["garbage_frames"] - g0 >= frames and fz.peer_list:
             # let the long pipelines finish (not forever); the rest go silent (finish())
-            if all(p.kind != "clean" or fz.now - p.created > 60 for p in fz.peer_list):
+            if all(p.kind != "clean" or fz.now - p.created > patience for p in fz.peer_list):
                 break
         if progress and time.perf_counter() - last_report > 5:
             last_report = time.perf_counter()
@@ -916,8 +936,7 @@ def idle(n=50_000, seed=0, trace=True) -> dict:
         m = {"start": (rss(), live_kb())}
         for i in range(n):
             p = fz.new_peer("clean", [])
-            p.end = "fin"
-        fz.step()
+            p.end = "idle"                                  # it answers the server's FIN with its own
         m["open"] = (rss(), live_kb())
         opened = len(fz.st.conns)
         # the server's idle timeout: FIN; the peers answer with theirs (Peer.on_segment)
@@ -971,11 +990,192 @@ def text_report(res: dict) -> str:
     for v in res["violations"]:
         lines.append("  " + v)
     if "idle" in res:
-        i = res["idle"]
+        i, t = res["idle"], res.get("idle_traced", {"memory": {}})
         lines.append(f"idle: {i['connections']} connections opened, {i['left']} left after the idle timeout "
-                     "and TIME-WAIT; memory (kB):")
+                     "and TIME-WAIT; memory (kB): RSS, anonymous (without tracemalloc); live objects "
+                     "(tracemalloc): the stack's, everything (the fuzzer's peers too)")
         for k, v in i["memory"].items():
-            lv = v["live_kb"] or {}
-            lines.append(f"  {k:15s} RSS {v['rss_kb']}, anonymous {v['anon_kb']}, live (tracemalloc): the stack's "
+            lv = t["memory"].get(k, {}).get("live_kb") or {}
+            lines.append(f"  {k:15s} RSS {v['rss_kb']}, anonymous {v['anon_kb']}; live: the stack's "
                          f"{lv.get('stack')}, everything {lv.get('all')}")
+    return "\n".join(lines)
+
+
+def costs() -> dict:
+    """Bytes of live memory (tracemalloc) that each
+    table costs per entry when clients fill it with distinct keys, and what one
+    connection costs idle and at its worst. The figures of docs/internals.md,
+    "Memory bounds"."""
+    from appliance.stack.iface import (CONN_TMPL_MAX, HDR_CACHE_MAX, MSS_CACHE_MAX, OPTS_CACHE_MAX,
+                                       TMPL_CACHE_MAX)
+    from appliance.stack import isn as isn_mod
+    out = {}
+    _tm.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="haboob-costs-") as tmp:
+            store = make_site(tmp)
+            cfg = StackConfig()
+
+            def fresh():
+                st = Stack(store, SERVER_MAC, "198.18.0.1", 16, None, Offload(), cfg, secret=b"c" * 32)
+                st.set_date(DATE_UNIX)
+                return st
+
+            def per_entry(name, bound, fill, n=2000):
+                st = fresh()
+                fill(st, 0)                          # lazily made things out of the way
+                fill(st, n + 1)
+                a = live_kb_exact()
+                for i in range(1, n + 1):
+                    fill(st, i)
+                b = live_kb_exact()
+                per = (b - a) / n
+                out[name] = {"bound": bound, "bytes_per_entry": round(per), "worst_kb": round(per * bound / 1024)}
+
+            def syn_tables(st, i):
+                ip, mac = client_addr(i)
+                st.template(mac, ip, 1024 + i)
+            per_entry("conn_tmpl (+ tmpl_cache)", CONN_TMPL_MAX, syn_tables)
+
+            def opts(st, i):
+                ip, mac = client_addr(i)
+                t = st.template(mac, ip, 1024 + i)
+                st.opts_template(t[0], t[1], st._synack_ws)
+            per_entry("opts_cache (+ templates)", OPTS_CACHE_MAX, opts)
+            per_entry("isn_cache", isn_mod._FCACHE_MAX, lambda st, i: st.isn.isn(client_addr(i)[0] + SERVER_IP +
+                                                                                   (1024 + i).to_bytes(4, "big"), 1.0))
+            per_entry("mss_cache", MSS_CACHE_MAX, lambda st, i: st.mss_params(100 + i), n=MSS_CACHE_MAX - 2)
+            per_entry("arp", cfg.arp_cache_size, lambda st, i: st.arp.learn(client_addr(i)[0], client_addr(i)[1], 1.0),
+                      n=cfg.arp_cache_size - 2)
+
+            def tw(st, i):
+                ip, mac = client_addr(i)
+                st.tw[ip + SERVER_IP + (1024 + i).to_bytes(2, "big") + b"\0\x50"] = (1060.0 + i, 12345678 + i,
+                                                                                         87654321 + i, mac)
+            per_entry("time_wait", cfg.max_conns, tw)
+            hdr_n = min(HDR_CACHE_MAX, 2 * len(store.site.responses))
+            resps = store.site.responses
+            per_entry("hdr_cache", hdr_n, lambda st, i: st.patched(resps[i % len(resps)], bool(i // len(resps) & 1)),
+                      n=hdr_n - 1)
+            lim = HTTPConnection(store.site, store.blob).limits
+            cache = HTTPConnection.reply_cache(store.site)
+            cache.clear()
+            a = live_kb_exact()
+            n = 0
+            while cache.nbytes + 4000 <= lim.cache_bytes:
+                HTTPConnection(store.site, store.blob).receive(b"GET /?%d HTTP/1.1\r\nHost: h\r\nX: %s\r\n\r\n"
+                                                              % (n, b"a" * 3950))
+                n += 1
+            b = live_kb_exact()
+            out["reply_cache, full in bytes (4 KB keys)"] = {"entries": n, "worst_kb": round((b - a) / 1024)}
+            cache.clear()
+            a = live_kb_exact()
+            for n in range(lim.cache_entries):
+                HTTPConnection(store.site, store.blob).receive(b"GET /?%d HTTP/1.1\r\nHost: h\r\nX: %s\r\n\r\n"
+                                                              % (n, b"a" * (lim.cache_bytes // lim.cache_entries - 45)))
+            b = live_kb_exact()
+            out["reply_cache, full in entries (256 B keys)"] = {"entries": len(cache),
+                                                                 "worst_kb": round((b - a) / 1024)}
+            cache.clear()
+            for k, v in conn_costs(fresh, store).items():
+                out[k] = v
+            store.close()
+    finally:
+        _tm.stop()
+    return out
+
+
+def live_kb_exact() -> int:
+    """Live traced bytes after a collection (tracemalloc must be on). Everything, not
+    only appliance/ allocations: table keys are often the client's bytes."""
+    gc.collect()
+    return _tm.get_traced_memory()[0]
+
+
+def conn_costs(fresh, store) -> dict:
+    """One connection's live bytes: idle after the handshake, keep-alive after a
+    request, and at its worst: a request head just under Limits.max_head buffered;
+    the out-of-order queue full (ooo_segments segments, ooo_limit bytes); the send
+    queue full of dynamic (206) replies behind a zero window, at max_queued and
+    with what the one delivery that crosses it can add (a hole filled, with all
+    the queued out-of-order requests behind it)."""
+    out = {}
+    st = fresh()
+    mac, ip = bytes([2, 0, 0, 0, 0, 9]), bytes([198, 18, 9, 9])
+    lim = HTTPConnection(store.site, store.blob).limits
+    cfg = st.cfg
+
+    def handshake(port, win=0):
+        st.receive(tcp_frame(mac, ip, port, 1000, 0, 0x02, 0, opts=b"\x02\x04\x05\xb4"), 1.0)
+        sisn = struct.unpack_from("!I", st.txq[0][0], 38)[0]
+        st.txq.clear()
+        st.receive(tcp_frame(mac, ip, port, 1001, sisn + 1, 0x10, win), 1.0)   # window 0: nothing goes out
+        st.txq.clear()
+        return sisn + 1
+
+    def send(port, seq, ack, data, win=0):
+        st.receive(tcp_frame(mac, ip, port, seq, ack, 0x18, win, data), 2.0)
+        st.txq.clear()
+        return seq + len(data)
+
+    handshake(30000)                                          # lazily made things out of the way
+    n = 200
+    a = live_kb_exact()
+    for i in range(n):
+        handshake(31000 + i)
+    out["connection, idle after the handshake"] = {"bytes": round((live_kb_exact() - a) / n)}
+    get = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    a = live_kb_exact()
+    for i in range(n):
+        ack = handshake(33000 + i, 65535)
+        send(33000 + i, 1001, ack, get, 65535)
+        rlen = len(reply_bytes(HTTPConnection(store.site, store.blob).receive(get)[0], store.blob))
+        st.receive(tcp_frame(mac, ip, 33000 + i, 1001 + len(get), ack + rlen, 0x10, 65535), 2.0)
+        st.txq.clear()
+    out["connection, keep-alive after a request"] = {"bytes": round((live_kb_exact() - a) / n)}
+    # a head just under max_head, buffered
+    a = live_kb_exact()
+    ack = handshake(32001)
+    head = b"GET / HTTP/1.1\r\nX: " + b"h" * (lim.max_head - 40)
+    seq = 1001
+    for i in range(0, len(head), 1460):
+        seq = send(32001, seq, ack, head[i:i + 1460])
+    n = len(head)
+    del head                                                  # (this copy is not the stack's)
+    out["connection, request head buffered"] = {"bytes": live_kb_exact() - a, "head": n}
+    # the out-of-order queue full: requests beyond a hole
+    req = b"GET / HTTP/1.1\r\nHost:a\r\nRange:bytes=0-0\r\n\r\n"
+    seg = req * (cfg.ooo_limit // cfg.ooo_segments // len(req))
+    a = live_kb_exact()
+    ack = handshake(32002)
+    nxt = 1001 + len(seg)
+    for i in range(cfg.ooo_segments):
+        nxt = send(32002, nxt, ack, seg)
+    c = st.conns[ip + SERVER_IP + (32002).to_bytes(2, "big") + b"\0\x50"]
+    out["connection, out-of-order queue full"] = {"bytes": live_kb_exact() - a, "segments": len(c.ooo),
+                                                  "queued_bytes": c.ooo_bytes}
+    # the send queue: pipelined Range requests (each reply a dynamic header and a body view)
+    a = live_kb_exact()
+    ack = handshake(32000)
+    c = st.conns[ip + SERVER_IP + (32000).to_bytes(2, "big") + b"\0\x50"]
+    seq = 1001
+    while len(c.q) < cfg.max_queued:
+        seq = send(32000, seq, ack, req * (1460 // len(req)))
+    out["connection, send queue at max_queued (206 replies)"] = {"bytes": live_kb_exact() - a, "items": len(c.q)}
+    # then the worst: the queue one below the limit, the out-of-order queue full
+    # behind a hole, and the hole filled: one delivery of all of it
+    nxt = seq + len(seg)
+    for i in range(cfg.ooo_segments):
+        nxt = send(32000, nxt, ack, seg)
+    del c.q[cfg.max_queued - 1:]
+    c.data_end = c.q[-1][1]
+    send(32000, seq, ack, seg)
+    out["connection, worst (send queue after one delivery)"] = {"bytes": live_kb_exact() - a, "items": len(c.q)}
+    return out
+
+
+def costs_text(res: dict) -> str:
+    lines = ["live bytes per table entry and per connection (tracemalloc):"]
+    for k, v in res.items():
+        lines.append(f"  {k}: " + ", ".join(f"{a} {b}" for a, b in v.items()))
     return "\n".join(lines)
