@@ -34,7 +34,12 @@ runs on until the stack has expired everything: the connection and
 TIME-WAIT tables must be empty.
 
 `run()` returns a dict of figures (also used by tests/test_stack_fuzz.py
-and tests/test_stack_memory.py, with small quotas).
+and tests/test_stack_memory.py, with small quotas). `idle(n)` opens n idle
+connections and lets the idle timeout close them, for RSS against live
+objects; `costs()` measures what each table entry and a connection cost
+(docs/internals.md, "Memory bounds"). The fuzzer runs in the stack's
+process, so RSS includes its own peers; tracemalloc figures are given for
+the stack's allocations (appliance/ code) apart.
 """
 from __future__ import annotations
 
@@ -470,6 +475,9 @@ class Peer:
             if now - self.created > 1.0:
                 self.state = "done"             # no SYN-ACK (cookies, limits, a mutated SYN): give up
             return
+        if self.state == "closing" and now - self.progress > 3.0:
+            self.state = "done"                 # our FIN unanswered (e.g. a mutated copy reset the 4-tuple)
+            return
         rng = self.fz.rng
         # the application reads
         if self.unread:
@@ -786,7 +794,7 @@ class Fuzzer:
                 # (not to hold a slot for a minute) but still answers the server's FIN
                 self.counts["requests"] += p.requests_sent()
                 p.parked = True
-            elif self.now - p.created > 120.0:
+            elif self.now - p.created > (120.0 if p.kind == "clean" else 20.0):
                 p.state = "silent"
                 self.retire(p)
             if not p.parked and p.key in self.peers:
@@ -882,7 +890,9 @@ def run(frames=1_000_000, requests=100_000, seed=0, offload="sw", clean=4, hosti
         traced0 = live_kb()
         c = fz.counts
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         drive(fz, frames, requests, clean, hostile, pipeline, progress)
+        cpu = time.process_time() - cpu0
         busy = time.perf_counter() - t0
         gc.collect()
         mem_peak = rss()
@@ -895,8 +905,9 @@ def run(frames=1_000_000, requests=100_000, seed=0, offload="sw", clean=4, hosti
         traced1 = live_kb()
         st = fz.st
         total = c["garbage_frames"] + c["peer_frames"]
-        res = dict(seed=seed, offload=offload, seconds=round(busy, 1),
-                   frames_per_s=round(total / busy) if busy else 0, **c,
+        res = dict(seed=seed, offload=offload, seconds=round(busy, 1), cpu_seconds=round(cpu, 1),
+                   frames_per_s=round(total / busy) if busy else 0,
+                   frames_per_cpu_s=round(total / cpu) if cpu else 0, **c,
                    frames_in=total, drop_internal_error=st.counters["drop_internal_error"],
                    last_error=st.last_error, drops={k: v for k, v in st.counters.drops().items()},
                    counters=st.counters.as_dict(), violations=fz.violations, bad_frame_heads=fz.bad,
@@ -965,8 +976,9 @@ def text_report(res: dict) -> str:
     lines = [
         f"fuzz (seed {res['seed']}, offload {res['offload']}): {res['frames_in']} frames in "
         f"({res['garbage_frames']} random/mutated, {res['peer_frames']} from {res['peers']} TCP peers), "
-        f"{res['requests']} HTTP requests, {res['frames_out']} frames out, {res['seconds']} s "
-        f"= {res['frames_per_s']} frames/s; {res['fake_seconds']} s of fake time",
+        f"{res['requests']} HTTP requests, {res['frames_out']} frames out, in {res['seconds']} s "
+        f"({res['cpu_seconds']} s of CPU): {res['frames_per_s']} frames/s ({res['frames_per_cpu_s']} per CPU "
+        f"second, the fuzzer's own work included); {res['fake_seconds']} s of fake time",
         f"drop_internal_error: {res['drop_internal_error']}" + (f" ({res['last_error']})" if res['last_error'] else ""),
         f"frames out with a bad checksum or length: {res['bad_frames_out']}",
         f"window violations (data beyond the peer's latest right edge): {res['window_violations']} "
