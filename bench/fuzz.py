@@ -68,6 +68,7 @@ DATE_UNIX = 1764150000
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _TCP_IN = struct.Struct("!HHIIBBH")
+_clock = time.perf_counter
 
 SITE = {
     "index.html": b"<!doctype html><title>fuzz</title><p>hello\n",
@@ -658,6 +659,7 @@ class Fuzzer:
                            zero_window_probes=0, wrong_bytes_peers=0, clean_peers_verified=0, requests=0,
                            peer_retransmits=0, peer_acks=0, peers=0, ack_storms=0, bound_exceeded=0)
         self.violations = []        # the first few, for the report
+        self.stack_time = 0.0       # seconds spent inside Stack.receive and Stack.poll
         self.next_client = 0
         self.bad = []
         self.max_tables = {}
@@ -672,7 +674,9 @@ class Fuzzer:
 
     def push(self, raw, garbage=False):
         self.counts["garbage_frames" if garbage else "peer_frames"] += 1
+        t = _clock()
         self.st.receive(raw, self.now)
+        self.stack_time += _clock() - t
         self.drain()
 
     def drain(self):
@@ -782,7 +786,9 @@ class Fuzzer:
 
     def step(self):
         self.now += self.dt
+        t = _clock()
         self.st.poll(self.now)
+        self.stack_time += _clock() - t
         self.drain()
         live = []
         for p in self.peer_list:
@@ -842,10 +848,13 @@ def drive(fz, frames, requests, clean=4, hostile=48, pipeline=(100, 600), progre
     g = fz.garbage
     c = fz.counts
     g0 = c["garbage_frames"]
-    planned = 0
+    r0 = c["requests"]
+    planned = 0                 # requests of the live peers + those sent by the retired ones
     last_report = time.perf_counter()
-    while c["garbage_frames"] - g0 < frames or planned < requests or fz.peer_list:
+    while c["garbage_frames"] - g0 < frames or c["requests"] - r0 < requests or fz.peer_list:
         n_clean = sum(1 for p in fz.peer_list if p.kind == "clean")
+        # the quota counts requests whose bytes were all sent (Peer.requests_sent)
+        planned = c["requests"] - r0 + sum(len(p.ends) for p in fz.peer_list)
         while planned < requests and len(fz.peer_list) < clean + hostile:
             if n_clean < clean:
                 k = min(rng.randrange(*pipeline), requests - planned)
@@ -866,13 +875,15 @@ def drive(fz, frames, requests, clean=4, hostile=48, pipeline=(100, 600), progre
         for _ in range(min(200, target - (c["garbage_frames"] - g0))):
             fz.push(g.frame(), garbage=True)
         fz.step()
-        if planned >= requests and c["garbage_frames"] - g0 >= frames and fz.peer_list:
+        if c["requests"] - r0 >= requests and c["garbage_frames"] - g0 >= frames and fz.peer_list:
             # let the long pipelines finish (not forever); the rest go silent (finish())
             if all(p.kind != "clean" or fz.now - p.created > patience for p in fz.peer_list):
                 break
+        if fz.now - 1000.0 > 1e6:
+            raise RuntimeError("the fuzz run makes no progress (the stack takes no connections?)")
         if progress and time.perf_counter() - last_report > 5:
             last_report = time.perf_counter()
-            progress(f"{c['garbage_frames'] - g0} garbage frames, {planned} requests planned, "
+            progress(f"{c['garbage_frames'] - g0} garbage frames, {c['requests'] - r0} requests sent, "
                      f"{len(fz.st.conns)} connections, fake time {fz.now - 1000:.0f} s")
 
 
@@ -907,7 +918,8 @@ def run(frames=1_000_000, requests=100_000, seed=0, offload="sw", clean=4, hosti
         total = c["garbage_frames"] + c["peer_frames"]
         res = dict(seed=seed, offload=offload, seconds=round(busy, 1), cpu_seconds=round(cpu, 1),
                    frames_per_s=round(total / busy) if busy else 0,
-                   frames_per_cpu_s=round(total / cpu) if cpu else 0, **c,
+                   frames_per_cpu_s=round(total / cpu) if cpu else 0, stack_seconds=round(fz.stack_time, 1),
+                   stack_frames_per_s=round(total / fz.stack_time) if fz.stack_time else 0, **c,
                    frames_in=total, drop_internal_error=st.counters["drop_internal_error"],
                    last_error=st.last_error, drops={k: v for k, v in st.counters.drops().items()},
                    counters=st.counters.as_dict(), violations=fz.violations, bad_frame_heads=fz.bad,
@@ -978,7 +990,8 @@ def text_report(res: dict) -> str:
         f"({res['garbage_frames']} random/mutated, {res['peer_frames']} from {res['peers']} TCP peers), "
         f"{res['requests']} HTTP requests, {res['frames_out']} frames out, in {res['seconds']} s "
         f"({res['cpu_seconds']} s of CPU): {res['frames_per_s']} frames/s ({res['frames_per_cpu_s']} per CPU "
-        f"second, the fuzzer's own work included); {res['fake_seconds']} s of fake time",
+        f"second, the fuzzer's own work included); inside the stack {res['stack_seconds']} s = "
+        f"{res['stack_frames_per_s']} frames/s; {res['fake_seconds']} s of fake time",
         f"drop_internal_error: {res['drop_internal_error']}" + (f" ({res['last_error']})" if res['last_error'] else ""),
         f"frames out with a bad checksum or length: {res['bad_frames_out']}",
         f"window violations (data beyond the peer's latest right edge): {res['window_violations']} "
