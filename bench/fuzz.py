@@ -624,7 +624,8 @@ def live_kb() -> dict | None:
         return None
     gc.collect()
     snap = _tm.take_snapshot().filter_traces([_tm.Filter(True, _APPLIANCE)])
-    return {"all": _tm.get_traced_memory()[0] // 1024, "stack": sum(s.size for s in snap.statistics("filename")) // 1024}
+    stack = sum(s.size for s in snap.statistics("filename"))
+    return {"all": _tm.get_traced_memory()[0] // 1024, "stack": stack // 1024}
 
 
 def rss() -> dict:
@@ -1002,7 +1003,8 @@ def text_report(res: dict) -> str:
         f"tables over their bound: {res['bound_exceeded']}; left after the clock ran out: "
         f"{res['conns_left']} connections, {res['time_wait_left']} TIME-WAIT",
         "memory (kB)  start -> busy -> end: RSS {} -> {} -> {}, anonymous {} -> {} -> {}".format(
-            *(m[k].get("VmRSS") for k in ("start", "busy", "end")), *(m[k].get("RssAnon") for k in ("start", "busy", "end"))),
+            *(m[k].get("VmRSS") for k in ("start", "busy", "end")),
+            *(m[k].get("RssAnon") for k in ("start", "busy", "end"))),
     ]
     if "traced_kb" in res:
         t = res["traced_kb"]
