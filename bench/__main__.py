@@ -8,7 +8,8 @@ bench.png (bench/plot.py) and table.md (bench/report.py) into --out.
 Namespaces and processes are removed on the way out, also on Ctrl-C or
 SIGTERM (turned into KeyboardInterrupt so every context manager unwinds).
 `python -m bench render FILE` redraws the plot and table from a JSON;
-`python -m bench profile` samples the appliance under load with py-spy.
+`python -m bench profile` samples the appliance under load with py-spy;
+`python -m bench fuzz` fuzzes the stack in memory (bench/fuzz.py).
 """
 from __future__ import annotations
 
@@ -286,6 +287,45 @@ def micro_cmd(mode, size, requests, reps, profile, log):
                    f"per phase: {phases}")
         if profile:
             click.echo(micro.run(m, size_b, requests, profile=True, log=log)["profile"])
+
+
+@main.command("fuzz")
+@click.option("--frames", type=click.IntRange(0, 100_000_000), default=1_000_000, show_default=True,
+              help="Random and mutated frames (every layer) to push.")
+@click.option("--requests", type=click.IntRange(0, 10_000_000), default=100_000, show_default=True,
+              help="HTTP requests (mostly mutated; long pipelines read slowly among them).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--offload", type=click.Choice(["sw", "csum", "tso"]), default="sw", show_default=True,
+              help="The stack's offload mode (TSO frames are cut as the kernel would before checking).")
+@click.option("--tracemalloc", "trace", is_flag=True, help="Also trace live Python memory (several times slower).")
+@click.option("--idle", type=click.IntRange(0, 1_000_000), default=0, show_default=True,
+              help="Then open this many idle connections, let the idle timeout close them, and report "
+                   "memory at each point: RSS (a run without tracemalloc) and live objects (a run with it).")
+@click.option("--costs", is_flag=True, help="Only measure what each table entry and a connection cost in "
+                                            "live memory (the figures of docs/internals.md) and exit.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write every figure to this file.")
+def fuzz_cmd(frames, requests, seed, offload, trace, idle, costs, json_out):
+    """Fuzz the stack in memory (bench/fuzz.py): random and mutated frames and
+    HTTP requests, every emitted frame checked (checksums, the peer's window),
+    clean pipelines' bytes compared. Exits non-zero on an internal error, a bad
+    frame, a wrong byte, a window violation, a table over its bound, or a
+    connection left behind."""
+    from . import fuzz
+    if costs:
+        click.echo(fuzz.costs_text(fuzz.costs()))
+        return
+    res = fuzz.run(frames=frames, requests=requests, seed=seed, offload=offload, trace=trace, check_bounds=True,
+                   progress=lambda m: click.echo("  " + m, err=True))
+    if idle:    # twice: RSS without tracemalloc (whose own tables are in RSS), live objects with it
+        res["idle"] = fuzz.idle(idle, seed, trace=False)
+        res["idle_traced"] = fuzz.idle(idle, seed, trace=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    click.echo(fuzz.text_report(res))
+    bad = fuzz.failures(res)
+    if bad:
+        raise click.ClickException("fuzz failed: " + "; ".join(bad))
 
 
 if __name__ == "__main__":

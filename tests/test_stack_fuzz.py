@@ -155,3 +155,55 @@ def test_mutated_segments_of_a_live_connection(store, steps):
     data, _ = c2.get("/odd.txt")
     assert data == expected(store, "/odd.txt")
     consistent(stack)
+
+
+# ---------------------------------------------------------------- bench fuzz, short
+# `python -m bench fuzz` (bench/fuzz.py) runs a million frames; here a short run
+# of the same fuzzer, in both offload modes, with all its checks.
+
+@pytest.fixture(scope="module", params=[("sw", 10000, 800), ("tso", 3000, 300)], ids=["sw", "tso"])
+def short_fuzz(request):
+    from bench import fuzz
+    offload, frames, requests = request.param
+    return fuzz.run(frames=frames, requests=requests, seed=11, offload=offload, check_bounds=True), frames, requests
+
+
+def test_short_fuzz_run(short_fuzz):
+    res, frames, requests = short_fuzz
+    assert res["drop_internal_error"] == 0, res["last_error"]
+    assert res["garbage_frames"] == frames and res["requests"] >= 0.9 * requests
+    assert res["bad_frames_out"] == 0, res["bad_frame_heads"]
+    assert res["wrong_bytes_peers"] == 0 and res["clean_peers_verified"] >= 1, res["violations"]
+    assert res["bound_exceeded"] == 0, res["violations"]
+    assert res["conns_left"] == 0 and res["time_wait_left"] == 0
+    # every layer was reached and refused what it should
+    for reason in ("eth_unknown_type", "arp_unsupported", "ip_bad_version", "ip_options", "ip_fragment",
+                   "ip_bad_length", "icmp_short", "tcp_bad_offset", "tcp_bad_options", "tcp_closed_port",
+                   "tcp_syn_fin"):
+        assert res["drops"].get("drop_" + reason), reason
+    c = res["counters"]
+    assert c["http_replies"] > 0.5 * requests
+    if res["offload"] == "sw":          # the longer run: pipelines hit backpressure, segments came out of order
+        assert c.get("tcp_rx_backpressure") and c.get("tcp_rx_out_of_order_queued"), c
+
+
+def test_short_fuzz_run_respects_the_window(short_fuzz):
+    res = short_fuzz[0]
+    assert res["window_violations"] == 0, res["violations"]
+
+
+def test_fuzz_window_check_counts_data_beyond_the_edge(tmp_path):
+    """The fuzzer's window check itself: a segment past the latest edge counts, one
+    within does not, a 1-byte probe into a zero window does not."""
+    from bench import fuzz
+    fz = fuzz.Fuzzer(fuzz.make_site(str(tmp_path)))
+    p = fuzz.Peer(fz, *fuzz.client_addr(1), 40000, "clean", [], fz.now)
+    p.edge, p.max_edge = 5000, 9000
+    fz.check_window(p, 4000, 1000)
+    fz.check_window(p, 5000, 1)
+    assert fz.counts["window_violations"] == 0 and fz.counts["zero_window_probes"] == 1
+    fz.check_window(p, 4500, 1000)
+    assert fz.counts["window_violations"] == 1 and fz.counts["window_excess_max"] == 500
+    assert fz.counts["window_violations_max"] == 0
+    fz.check_window(p, 8500, 1000)
+    assert fz.counts["window_violations"] == 2 and fz.counts["window_violations_max"] == 1

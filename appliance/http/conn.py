@@ -161,6 +161,19 @@ def _parse_range(value: bytes, size: int):
     return a, min(b, size - 1)
 
 
+class _ReplyCache(dict):
+    """The shared reply cache: a dict (lookups stay C-speed) that counts its keys' bytes."""
+    __slots__ = ("nbytes",)
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def clear(self):
+        super().clear()
+        self.nbytes = 0
+
+
 class HTTPConnection:
     """The HTTP state of one TCP connection. No sockets, no clock."""
 
@@ -189,7 +202,7 @@ class HTTPConnection:
                 pass
         cache = caches.get(self.limits)
         if cache is None:
-            cache = caches[self.limits] = {}
+            cache = caches[self.limits] = _ReplyCache()
         self._cache = cache
 
     @staticmethod
@@ -198,7 +211,8 @@ class HTTPConnection:
         whole body-less request -> its Reply. For a fresh connection whose first
         bytes are a key, receive() returns exactly that Reply, so a connection that
         sends one request and closes needs no HTTPConnection. (Bounded by clearing
-        it in place: the dict itself stays the same.)"""
+        it in place, at `Limits.cache_entries` entries or `cache_bytes` bytes of
+        keys: the dict itself stays the same.)"""
         return HTTPConnection(site, None)._cache
 
     def now(self, date: bytes):
@@ -323,9 +337,10 @@ class HTTPConnection:
         elif fresh and end == n and reply.response is not None and len(head) <= lim.cache_key_max \
                 and lim.cache_entries:
             cache = self._cache
-            if len(cache) >= lim.cache_entries:
-                cache.clear()       # bounded; junk requests cannot grow it
+            if len(cache) >= lim.cache_entries or cache.nbytes + n > lim.cache_bytes:
+                cache.clear()       # bounded in entries and bytes; junk requests cannot grow it
             cache[buf] = reply
+            cache.nbytes += n
         return reply
 
     def _check_line(self, buf, p):

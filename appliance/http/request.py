@@ -49,10 +49,10 @@ class Limits:
     """Request size limits (bytes); over them the request gets 414/431/413."""
 
     __slots__ = ("max_request_line", "max_head", "max_fields", "max_body", "max_chunk_line", "cache_entries",
-                 "cache_key_max")
+                 "cache_key_max", "cache_bytes")
 
     def __init__(self, max_request_line=8192, max_head=16384, max_fields=100, max_body=1 << 20,
-                 max_chunk_line=1024, cache_entries=4096, cache_key_max=4096):
+                 max_chunk_line=1024, cache_entries=4096, cache_key_max=4096, cache_bytes=1 << 20):
         self.max_request_line = max_request_line    # request-line, else 414 (RFC 9112 §3)
         self.max_head = max_head                    # whole head, else 431 (RFC 6585 §5)
         self.max_fields = max_fields                # number of field lines, else 431
@@ -60,6 +60,7 @@ class Limits:
         self.max_chunk_line = max_chunk_line        # chunk-size line incl. extensions, else 400
         self.cache_entries = cache_entries          # the shared raw-request -> Reply cache
         self.cache_key_max = cache_key_max          # requests longer than this are not cached
+        self.cache_bytes = cache_bytes              # ... and its keys' bytes in all
 
 
 # RFC 9110 §9: registered methods other than GET/HEAD get 405; unknown ones 501.

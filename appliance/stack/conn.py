@@ -31,8 +31,8 @@ replies) the payload is summed in software and counted
 pseudo-header sum; mode 2 (TSO) sends GSO super-frames of up to `tso_max`.
 
 Receive side: in-order data goes to the HTTP layer at once. Out-of-order
-segments are kept in a small queue (`ooo`, at most `cfg.ooo_limit` bytes;
-beyond it they are dropped, RFC 9293 §3.10.7.4 allows both) and answered
+segments are kept in a small queue (`ooo`, at most `cfg.ooo_limit` bytes
+in `cfg.ooo_segments` segments; beyond it they are dropped, RFC 9293 §3.10.7.4 allows both) and answered
 with an immediate duplicate ACK (RFC 5681 §4.2); when the hole is filled the
 queued bytes follow. Requests are small, so the limit is a few segments. Data is handed to the HTTPConnection; the ACK rides on the
 response (lazy ACK), or is sent after `delack` when no response results, or
@@ -400,7 +400,9 @@ class Conn:
             if seq != rn:
                 if ((seq - rn) & MASK) < HALF:
                     # out of order: keep it if small (the dup ACK asks for the hole)
-                    if state in _RX_DATA and self.ooo_bytes + plen <= st.cfg.ooo_limit:
+                    # (bounded in bytes and in segments: tiny segments would cost ~150 bytes each)
+                    if (state in _RX_DATA and self.ooo_bytes + plen <= st.cfg.ooo_limit
+                            and (len(self.ooo) < st.cfg.ooo_segments or seq in self.ooo)):
                         st.counters["tcp_rx_out_of_order_queued"] += 1
                         old = self.ooo.get(seq)
                         if old is not None:                 # a retransmitted copy replaces it

@@ -104,6 +104,7 @@ from .counters import Counters
 from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
 from .icmp import ECHO_REQUEST, Icmp
 from .ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, IPv4Header
+from . import isn as _isn
 from .isn import IsnGenerator
 from .rings.base import GSO, Offload
 from .route import RouteTable, TableFull
@@ -127,6 +128,13 @@ _IP_FIXED = struct.Struct("!HHHBBH").pack_into      # at 16: total length, id, f
 # a cookie SYN-ACK: Ethernet, IPv4 (44 bytes, DF, TTL 64), TCP with the MSS option
 _COOKIE_SA = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHHI").pack
 _PRESSURE_S = 10.0              # "under pressure" for this long after the SYN backlog was last full
+# Entries of the caches keyed by what clients send (cleared when full; the
+# bounds in bytes are in docs/internals.md, "Memory bounds")
+TMPL_CACHE_MAX = 4096           # peer MAC + IP
+CONN_TMPL_MAX = 16384           # peer MAC + IP + port
+OPTS_CACHE_MAX = 16384          # (template, SYN-ACK options)
+MSS_CACHE_MAX = 1024            # peer's MSS option
+HDR_CACHE_MAX = 8192            # prebuilt response x Connection value (not client-keyed: the store's size)
 
 
 class StackConfig(NamedTuple):
@@ -152,6 +160,7 @@ class StackConfig(NamedTuple):
     challenge_ack_limit: int = 1000  # per second, the whole stack (RFC 5961 §7)
     tso_max: int = 62000            # payload bytes per GSO super-frame (< 64 KB with headers)
     ooo_limit: int = 16384          # out-of-order bytes kept per connection
+    ooo_segments: int = 64          # ... in at most this many segments (each costs ~150 bytes of overhead)
     max_queued: int = 256           # replies queued per connection before request data is refused
 
 
@@ -197,6 +206,7 @@ class Stack:
                 http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
                 # a fresh connection's first segment: the shared reply cache first (Conn._deliver)
                 http_first = HTTPConnection.reply_cache(site).get
+                self._reply_limits = HTTPConnection(site, blob).limits
         else:
             self.smss = 0
             self.blob = None
@@ -380,6 +390,28 @@ class Stack:
         wait for a server that is going away; the loop sends txq one last time."""
         for c in list(self.conns.values()):
             c.abort("tcp_shutdown_resets")
+
+    def tables(self) -> dict:
+        """name -> (entries, bound or None) of every table the stack keeps; for tests
+        and the fuzz command (control path). The reply cache is the HTTP layer's,
+        shared by the site's connections."""
+        cfg = self.cfg
+        t = {"conns": (len(self.conns), cfg.max_conns), "time_wait": (len(self.tw), cfg.max_conns),
+             "wheel_slots": (len(self._wheel), None), "wheel_heap": (len(self._slots), None),
+             "wheel_entries": (sum(map(len, self._wheel.values())), cfg.max_conns),
+             "hdr_cache": (len(self._hdr_cache), HDR_CACHE_MAX), "tmpl_cache": (len(self._tmpl_cache), TMPL_CACHE_MAX),
+             "conn_tmpl": (len(self._conn_tmpl), CONN_TMPL_MAX), "opts_cache": (len(self._opts_cache), OPTS_CACHE_MAX),
+             "mss_cache": (len(self._mss_cache), MSS_CACHE_MAX), "arp": (len(self.arp), self.arp.size),
+             "isn_cache": (len(self.isn._fcache), _isn._FCACHE_MAX), "counters": (len(self.counters), None),
+             "ooo_segments": (max((len(c.ooo) for c in self.conns.values()), default=0), cfg.ooo_segments),
+             "ooo_bytes": (max((c.ooo_bytes for c in self.conns.values()), default=0), cfg.ooo_limit),
+             "send_queue": (max((len(c.q) for c in self.conns.values()), default=0), None)}
+        if self.http_first is not None:
+            cache = self.http_first.__self__
+            lim = self._reply_limits
+            t["reply_cache"] = (len(cache), lim.cache_entries)
+            t["reply_cache_bytes"] = (cache.nbytes, lim.cache_bytes)
+        return t
 
     @property
     def gateway(self):
@@ -782,7 +814,7 @@ class Stack:
             h += opts
             hl = 20 + len(opts)
             _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 20 + hl)) % 0xFFFF)
-            if len(self._opts_cache) >= 16384:
+            if len(self._opts_cache) >= OPTS_CACHE_MAX:
                 self._opts_cache.clear()
             v = self._opts_cache[k] = (bytes(h), hl, int.from_bytes(opts, "big"))
         return v
@@ -859,7 +891,7 @@ class Stack:
             if self.mode == 0 and self.smss:
                 mss = min(mss, self.smss)
             mss = max(mss, 64)
-            if len(self._mss_cache) >= 1024:
+            if len(self._mss_cache) >= MSS_CACHE_MAX:
                 self._mss_cache.clear()
             v = self._mss_cache[peer_mss] = (mss, mss == self.smss, max(mss, (cfg.tso_max // mss) * mss),
                                              GSO(34, 16, mss, 54))
@@ -883,7 +915,7 @@ class Stack:
             t += struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, peer_ip)
             ip_const = int.from_bytes(t[14:34], "big") % 0xFFFF
             pseudo = (int.from_bytes(self.ipb + peer_ip, "big") + PROTO_TCP) % 0xFFFF
-            if len(self._tmpl_cache) >= 4096:
+            if len(self._tmpl_cache) >= TMPL_CACHE_MAX:
                 self._tmpl_cache.clear()
             pv = self._tmpl_cache[p] = (bytes(t), ip_const, pseudo)
         t, ip_const, pseudo = pv
@@ -891,7 +923,7 @@ class Stack:
         t = t + ports.to_bytes(4, "big") + self._tcp_tail
         ctl = bytearray(t)
         _IP_FIXED(ctl, 16, 40, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 40)) % 0xFFFF)
-        if len(self._conn_tmpl) >= 16384:
+        if len(self._conn_tmpl) >= CONN_TMPL_MAX:
             self._conn_tmpl.clear()
         v = self._conn_tmpl[k] = (t, ip_const, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
         return v
@@ -916,7 +948,7 @@ class Stack:
             if hl & 1:
                 delta <<= 8
             sum0 = (resp.sums[0] + delta) % 0xFFFF
-            if len(self._hdr_cache) >= 8192:
+            if len(self._hdr_cache) >= HDR_CACHE_MAX:
                 self._hdr_cache.clear()
             v = self._hdr_cache[k] = (hdr, sum0, self.blob[off + hl:off + resp.length])
         return v
