@@ -216,6 +216,8 @@ def load_modules(path: str) -> list[str]:
     if not match:                             # a device we cannot match: try every driver
         match = [m["name"] for m in drivers]
     load(closure(match))
+    # disk controllers for the configuration volume: only when their device is present
+    load(closure(m["name"] for m in mods if m["role"] == "storage" and any(matches(p) for p in m["aliases"])))
     return match
 
 
@@ -261,6 +263,7 @@ def settings(config: dict, args: dict) -> dict:
     if not s["workers"].isdigit() or not 1 <= int(s["workers"]) <= 256:
         raise Fatal(f"haboob.workers={s['workers']!r} is not a number of workers (1..256)")
     s["workers"] = int(s["workers"])
+    s.update({k: args[k] for k in ("tls_cert", "tls_key") if k in args})    # from a configuration volume
     return s
 
 
@@ -449,10 +452,14 @@ def boot() -> None:
     except (OSError, ValueError) as e:
         raise Fatal(f"{CONFIG}: {e}") from None
     with open("/proc/cmdline") as f:
-        s = settings(config, kernel_args(f.read()))
+        cmdline = kernel_args(f.read())
+    settings(config, cmdline)               # a bad command line is fatal before anything else
 
     loaded = load_modules(config.get("modules", "/etc/haboob/modules"))
     phases["modules_loaded"] = ms_since_boot()
+    # build defaults < configuration volume < command line (appliance/configvol.py)
+    from appliance import configvol
+    s = settings(config, configvol.read_settings(mount, say, config, cmdline))
     nic = find_nic(s["mac"])
     if nic["carrier"] is None:              # (with several NICs find_nic has waited already)
         link_up(nic["iface"])

@@ -37,7 +37,11 @@ PLATFORM = [
     "button",                           # ACPI power button: QMP system_powerdown
     "evdev",                            # ... whose key press PID 1 reads from /dev/input
 ]
-ROOT_MODULES = BUSES + NIC_DRIVERS + PLATFORM
+# The configuration volume (appliance/configvol.py): its file systems always,
+# the disk controllers only when PID 1 sees a device they drive (modalias).
+FILESYSTEMS = ["vfat", "nls_cp437", "nls_ascii", "nls_utf8", "isofs"]
+STORAGE = ["virtio_blk", "ahci", "ata_piix", "sd_mod", "sr_mod"]
+ROOT_MODULES = BUSES + NIC_DRIVERS + PLATFORM + FILESYSTEMS + STORAGE
 
 DEBIAN_META = "linux-image-amd64"
 

@@ -85,10 +85,10 @@ def test_modules_listed_in_dependency_order(files):
     names = [w[0] for w in lines]
     for name, path, role, needs, *aliases in lines:
         assert path in files
-        assert role in ("always", "driver", "dep")
+        assert role in ("always", "driver", "storage", "dep")
         for d in ([] if needs == "-" else needs.split(",")):
             assert names.index(d) < names.index(name), f"{name} needs {d}, listed later"
-        assert bool(aliases) == (role == "driver")
+        assert bool(aliases) == (role in ("driver", "storage"))
     roles = {w[0]: w[2] for w in lines}
     assert roles["virtio_net"] == "driver" and roles["virtio_pci"] == "always"
     assert roles["failover"] == roles["net_failover"] == "dep"

@@ -4,6 +4,7 @@
                                  [--memory MB] [--capture FILE.pcap] [--console]
                                  [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
+                                 [--config DIR]   (a configuration volume: build.py config-volume)
     python -m vm test images/www [--net ...] [--site DIR]
     python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
 
@@ -56,9 +57,15 @@ def parse_net(value: str) -> dict:
 
 
 def make_options(net, smp, memory, capture, bzimage=False, boot="kernel", firmware="bios",
-                 nic="virtio") -> Options:
+                 nic="virtio", config=None) -> Options:
     o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage, boot=boot, firmware=firmware,
                 nic=nic)
+    if config is not None:                  # checked now, written per boot (vm/media.py)
+        from .media import MediaError, config_volume_settings
+        try:
+            o.config, o.config_ip = Path(config).resolve(), config_volume_settings(config).get("ip")
+        except MediaError as e:
+            raise click.BadParameter(str(e), param_hint="--config") from None
     if capture:
         capture = Path(capture).resolve()
         if not capture.parent.is_dir():
@@ -84,6 +91,8 @@ common = [
     click.option("--timeout", default=300, show_default=True, type=float, help="seconds to wait for ready"),
     click.option("--bzimage", is_flag=True, help="boot vmlinuz with its decompressor, not the extracted "
                                                  "kernel via PVH (slower under TCG)"),
+    click.option("--config", type=click.Path(path_type=Path, file_okay=False),
+                 help="attach DIR as a configuration volume (haboob.conf, tls/; see build.py config-volume)"),
 ]
 
 
@@ -105,10 +114,10 @@ def _echo_console(line: str) -> None:
 @cli.command()
 @with_common
 @click.option("--console", is_flag=True, help="show the guest's serial console")
-def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console):
+def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, console):
     """Boot IMAGE, print its URL, run until Ctrl-C (then stop it cleanly)."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
     qemu_binary()
     click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
     with session(img, opts, echo=_echo_console if console else None) as s:
@@ -139,10 +148,10 @@ def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
 @with_common
 @click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, site, as_json):
+def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, site, as_json):
     """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
     qemu_binary()
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")

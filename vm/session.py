@@ -69,6 +69,8 @@ class Session:
 
 
 def guest_interface(image: Image, opts: Options) -> ipaddress.IPv4Interface:
+    if opts.config_ip:                      # a configuration volume's address beats the image's
+        return ipaddress.IPv4Interface(opts.config_ip)
     for word in kernel_cmdline(image, opts).split():
         if word.startswith("haboob.ip="):
             return ipaddress.IPv4Interface(word.split("=", 1)[1])
@@ -91,7 +93,8 @@ def session(image: Image, opts: Options, echo=None):
         prefix: list[str] = []
         if opts.net == "user":
             m = stack.enter_context(Machine(image, opts, echo=echo))
-            yield Session(m, "127.0.0.1", opts.hostport, USER_GUEST)
+            yield Session(m, "127.0.0.1", opts.hostport, opts.config_ip.split("/")[0] if opts.config_ip
+                          else USER_GUEST)
             return
         if opts.net in ("socket", "vfio", "netmap"):
             # the guest is on a network we do not set up: reachable at its own address, if at all
