@@ -98,7 +98,7 @@ def config_volume(folder, out):
         raise click.ClickException(str(e)) from None
     shown = " ".join(f"haboob.{k}={v}" for k, v in got.items() if not k.startswith("tls_"))
     click.echo(f"wrote {out} (label {configvol.LABEL}): {shown or 'no network settings'}"
-               + (" + TLS certificate and key" if "tls_cert" in got else ""), err=True)
+               + (" + TLS certificate and key" if (Path(folder) / "tls").is_dir() else ""), err=True)
 
 
 if __name__ == "__main__":

@@ -430,15 +430,19 @@ def merge(config: dict, volume: dict, cmdline: dict) -> dict:
     return out
 
 
-def read_settings(mount, say, config: dict, cmdline: dict, root: str = "/run/haboob/volume") -> dict:
+def read_settings(mount, say, config: dict, cmdline: dict, prepare=None, root: str = "/run/haboob/volume",
+                  sys_block: str = "/sys/class/block", dev: str = "/dev") -> dict:
     """PID 1's one call: the haboob.KEY args to use (merge() of the build defaults, the first
-    configuration volume found, and the command line). Never raises: a bad or unreadable
-    volume is a HABOOB-WARN line and the built-in settings."""
+    configuration volume found, and the command line). prepare(): called once a volume is
+    found, before mounting it (loads the file system modules). Never raises: a bad or
+    unreadable volume is a HABOOB-WARN line and the built-in settings."""
     volume: dict = {}
     try:
-        vols = find_volumes()
+        vols = find_volumes(sys_block, dev)
         if vols:
             dev, fstype, label = vols[0]
+            if prepare is not None:
+                prepare()
             volume = _read_volume(mount, dev, fstype, label, root)
             shown = " ".join(f"haboob.{k}={v}" for k, v in volume.items() if k in KEYS)
             say(f"haboob: configuration volume {label} on {dev}: {shown or 'no network settings'}")

@@ -15,7 +15,9 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    drivers; loading them all costs seconds under TCG);
 3. read haboob.ip= / haboob.gw= / haboob.mac= / haboob.workers= from
    /proc/cmdline (defaults: /etc/haboob/config.json, from the build; one
-   stack instance per CPU unless haboob.workers= says otherwise);
+   stack instance per CPU unless haboob.workers= says otherwise), and
+   the same words from a configuration volume if a disk carries one
+   (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for
@@ -219,6 +221,23 @@ def load_modules(path: str) -> list[str]:
     # disk controllers for the configuration volume: only when their device is present
     load(closure(m["name"] for m in mods if m["role"] == "storage" and any(matches(p) for p in m["aliases"])))
     return match
+
+
+def load_role(path: str, role: str) -> list[str]:
+    """Load the modules of one ROLE of /etc/haboob/modules (e.g. 'fs': the configuration
+    volume's file systems, only once one is found), each after what it needs."""
+    mods = read_module_list(path)
+    by_name = {m["name"]: m for m in mods}
+    want, todo = set(), [m["name"] for m in mods if m["role"] == role]
+    while todo:
+        n = todo.pop()
+        if n not in want and n in by_name:
+            want.add(n)
+            todo += by_name[n]["needs"]
+    for m in mods:
+        if m["name"] in want:
+            load_module(m["name"], m["path"])
+    return sorted(m["name"] for m in mods if m["role"] == role)
 
 
 def power_off() -> None:
@@ -459,7 +478,9 @@ def boot() -> None:
     phases["modules_loaded"] = ms_since_boot()
     # build defaults < configuration volume < command line (appliance/configvol.py)
     from appliance import configvol
-    s = settings(config, configvol.read_settings(mount, say, config, cmdline))
+    modules = config.get("modules", "/etc/haboob/modules")
+    s = settings(config, configvol.read_settings(mount, say, config, cmdline,
+                                                 prepare=lambda: load_role(modules, "fs")))
     nic = find_nic(s["mac"])
     if nic["carrier"] is None:              # (with several NICs find_nic has waited already)
         link_up(nic["iface"])

@@ -88,7 +88,7 @@ def packages(ctx: Context) -> None:
 def kernel(ctx: Context) -> None:
     k = kernel_mod.locate(ctx, ctx.options.modules)
     ctx.add_input("kernel", k.vmlinuz)
-    always = kernel_mod.BUSES + kernel_mod.PLATFORM + kernel_mod.FILESYSTEMS
+    always = kernel_mod.BUSES + kernel_mod.PLATFORM
     nic_roots = drivers.module_roots(list(ctx.options.nic_drivers))
     mods = kernel_mod.resolve(ctx, k, kernel_mod.BUSES + nic_roots + kernel_mod.PLATFORM
                               + kernel_mod.FILESYSTEMS + kernel_mod.STORAGE)
@@ -103,15 +103,15 @@ def kernel(ctx: Context) -> None:
         ctx.tree.file(path, data, part="kernel-modules")
         role = ("always" if name in map(kernel_mod.norm, always) else
                 "driver" if name in map(kernel_mod.norm, nic_roots) else
-                "storage" if name in map(kernel_mod.norm, kernel_mod.STORAGE) else "dep")
+                "storage" if name in map(kernel_mod.norm, kernel_mod.STORAGE) else
+                "fs" if name in map(kernel_mod.norm, kernel_mod.FILESYSTEMS) else "dep")
         words = [name, path, role, ",".join(k.needs.get(name, [])) or "-"]
         if role in ("driver", "storage"):
             words += k.aliases.get(name, [])
             for other in also.get(name, []):        # hv_netvsc: hv_vmbus's ACPI device selects it
                 words += [a for a in k.aliases.get(kernel_mod.norm(other), []) if a not in words]
-            if name in ("sd_mod", "sr_mod"):        # their SCSI devices appear only once a controller runs
-                for other in ("ahci", "ata_piix"):
-                    words += [a for a in k.aliases.get(other, []) if a not in words]
+            if name in ("sd_mod", "sr_mod"):        # their SCSI devices appear only once AHCI runs
+                words += [a for a in k.aliases.get("ahci", []) if a not in words]
         lines.append(" ".join(words))
     ctx.tree.file(MODULES, ("\n".join(lines) + "\n").encode(), part="base")
     shutil.copyfile(k.vmlinuz, ctx.work / "vmlinuz")

@@ -85,7 +85,7 @@ def test_modules_listed_in_dependency_order(files):
     names = [w[0] for w in lines]
     for name, path, role, needs, *aliases in lines:
         assert path in files
-        assert role in ("always", "driver", "storage", "dep")
+        assert role in ("always", "driver", "storage", "fs", "dep")
         for d in ([] if needs == "-" else needs.split(",")):
             assert names.index(d) < names.index(name), f"{name} needs {d}, listed later"
         assert bool(aliases) == (role in ("driver", "storage"))
