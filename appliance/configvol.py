@@ -9,9 +9,13 @@ after the storage and file system modules are loaded:
    straight from its first sectors (`volume_label`): the FAT boot sector's
    volume label (0x2B for FAT12/16, 0x47 for FAT32) or the ISO 9660
    primary volume descriptor's volume id (0x8028, ECMA-119 8.4.5);
-2. the first volume by label priority is mounted read-only with init.py's
-   mount(), its few files are read (each at most MAX_FILE bytes) and it is
-   unmounted again; TLS files are copied to RUN (RAM) and passed on as paths;
+2. the volumes are mounted read-only with init.py's mount(), by label
+   priority, until one carries settings; its few files are read (each at
+   most MAX_FILE bytes) and it is unmounted again; TLS files are copied to
+   RUN (RAM) and passed on as paths. The disk image's EFI system partition
+   is labelled HABOOB too (haboob_build/formats.py): it is read like any
+   other, so a haboob.conf dropped onto a boot stick configures it, and
+   without one it is skipped silently;
 3. the files are parsed into haboob.KEY=VALUE settings, the same words as
    the kernel command line (`haboob.ip`, `haboob.gw`, `haboob.mac`,
    `haboob.workers`), validated here so that a bad volume never reaches
@@ -375,8 +379,6 @@ def parse_files(label: str, files: dict) -> dict:
                 raise ConfigError(name, "not a PEM file (no -----BEGIN line)")
         if ("tls/fullchain.pem" in files) != ("tls/key.pem" in files):
             raise ConfigError("tls/", "needs both fullchain.pem and key.pem")
-        if not files:
-            raise ConfigError("haboob.conf", "missing (the volume holds nothing haboob reads)")
     elif label == "CIDATA":
         if "meta-data" not in files:
             raise ConfigError("meta-data", "missing (NoCloud needs it)")
@@ -438,14 +440,14 @@ def read_settings(mount, say, config: dict, cmdline: dict, prepare=None, root: s
     unreadable volume is a HABOOB-WARN line and the built-in settings."""
     volume: dict = {}
     try:
-        vols = find_volumes(sys_block, dev)
-        if vols:
-            dev, fstype, label = vols[0]
-            if prepare is not None:
+        for i, (path, fstype, label) in enumerate(find_volumes(sys_block, dev)):
+            if i == 0 and prepare is not None:
                 prepare()
-            volume = _read_volume(mount, dev, fstype, label, root)
-            shown = " ".join(f"haboob.{k}={v}" for k, v in volume.items() if k in KEYS)
-            say(f"haboob: configuration volume {label} on {dev}: {shown or 'no network settings'}")
+            volume = _read_volume(mount, path, fstype, label, root)
+            if volume:                    # else an empty one (the boot disk's EFI partition): the next
+                shown = " ".join(f"haboob.{k}={v}" for k, v in volume.items() if k in KEYS)
+                say(f"haboob: configuration volume {label} on {path}: {shown or 'no network settings'}")
+                break
     except ConfigError as e:
         say(f"HABOOB-WARN configuration volume: {e}; using the built-in settings")
         volume = {}

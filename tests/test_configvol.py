@@ -291,6 +291,19 @@ def test_unmountable_volume_is_a_warning_not_a_crash(tmp_path):
                        "No such device; using the built-in settings"]
 
 
+def test_empty_haboob_volume_is_skipped_for_the_next_one(tmp_path):
+    """The boot disk's EFI partition is labelled HABOOB and holds no haboob.conf: no warning,
+    and a NoCloud volume beside it still counts."""
+    d = Devices(tmp_path)
+    d.add("vda1", fat(tmp_path / "esp.img", "HABOOB", {"EFI/BOOT/BOOTX64.EFI": b"MZ"}))
+    d.add("vdb", iso(tmp_path / "seed.iso", "cidata", {"meta-data": b"instance-id: i\n",
+                                                      "network-config": V2.encode()}))
+    assert d.read(CONFIG)["ip"] == "198.18.3.9/24"
+    assert d.mounts == [(str(d.dev / "vda1"), "vfat"), (str(d.dev / "vdb"), "iso9660")]
+    assert d.lines == [f"haboob: configuration volume CIDATA on {d.dev}/vdb: haboob.ip=198.18.3.9/24 "
+                       "haboob.gw=198.18.3.1 haboob.mac=52:54:00:12:34:56"]
+
+
 def test_no_volume_no_line(tmp_path):
     d = Devices(tmp_path)
     (tmp_path / "blank").write_bytes(bytes(4096))
