@@ -14,7 +14,8 @@ after the storage and file system modules are loaded:
    most MAX_FILE bytes) and it is unmounted again; TLS files are copied to
    RUN (RAM) and passed on as paths. The disk image's EFI system partition
    is labelled HABOOB too (haboob_build/formats.py): it is read like any
-   other, so a haboob.conf dropped onto a boot stick configures it, and
+   other (a haboob.conf put there configures a SATA/virtio disk made from
+   NAME.img; USB sticks are not read: no usb-storage in the image), and
    without one it is skipped silently;
 3. the files are parsed into haboob.KEY=VALUE settings, the same words as
    the kernel command line (`haboob.ip`, `haboob.gw`, `haboob.mac`,
