@@ -143,6 +143,14 @@ def test_precedence_defaults_volume_command_line():
                                                                              "workers": "2"}
 
 
+def test_pid1_settings_carry_the_volume_tls_paths():
+    from appliance.init import settings
+    s = settings({"ip": "198.18.0.1/24"}, cv.merge({"ip": "198.18.0.1/24"},
+                                                   {"ip": "198.18.7.9/24", "tls_cert": "/run/c", "tls_key": "/run/k"},
+                                                   {"ip": "198.18.0.1/24"}))
+    assert (s["ip"], s["tls_cert"], s["tls_key"]) == ("198.18.7.9/24", "/run/c", "/run/k")
+
+
 # -- labels from real file system images -------------------------------------------------------
 
 def fat(path: Path, label: str, files: dict, fat32: bool = False) -> Path:

@@ -128,7 +128,8 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
     from . import media
     try:
         if opts.config is not None:
-            return [*media.config_args(opts.config, workdir), *medium_args(image, replace(opts, config=None), workdir)]
+            return [*media.config_args(opts.config, workdir),
+                    *medium_args(image, replace(opts, config=None), workdir)]
         if opts.boot == "kernel":
             return [*media.firmware_args(opts.firmware, workdir),
                     "-kernel", str(direct_kernel(image.vmlinuz) if opts.direct else image.vmlinuz),
