@@ -3,6 +3,7 @@
 
     ./build.py --site ./www                 # -> images/www/{vmlinuz,initrd.img,cmdline,manifest.json}
     python -m vm boot images/www            # boot it under QEMU
+    ./build.py config-volume DIR --out cfg.img   # a configuration volume (haboob_build/configvol.py)
 
 The work happens in haboob_build/ (a straight list of steps, see
 haboob_build/steps.py). The image is assembled in a temporary folder beside
@@ -94,5 +95,25 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
                            "build with --ip 10.0.2.2/24 --gateway 10.0.2.1 for the pool (docs/deploy.md)", err=True)
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the volume image to write")
+def config_volume(folder, out):
+    """Write DIR (haboob.conf, tls/fullchain.pem, tls/key.pem) as a FAT volume labelled HABOOB,
+    read by the appliance at boot (attach it as a disk; `vm boot --config DIR` does)."""
+    from haboob_build import configvol
+    try:
+        got = configvol.write(folder, out)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from None
+    shown = " ".join(f"haboob.{k}={v}" for k, v in got.items() if not k.startswith("tls_"))
+    click.echo(f"wrote {out} (label {configvol.LABEL}): {shown or 'no network settings'}"
+               + (" + TLS certificate and key" if (Path(folder) / "tls").is_dir() else ""), err=True)
+
+
 if __name__ == "__main__":
-    main(prog_name="build.py")
+    import sys
+    if sys.argv[1:2] == ["config-volume"]:          # a second command beside the build itself
+        config_volume(sys.argv[2:], prog_name="build.py config-volume")
+    else:
+        main(prog_name="build.py")

@@ -27,6 +27,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
    (default off) adds IPv6 link-local/SLAAC addresses (ping -6; TCP
    over IPv6 is not served yet), also with one worker;
+   the same words from a configuration volume if a disk carries one
+   (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for
@@ -228,7 +230,26 @@ def load_modules(path: str) -> list[str]:
     if not match:                             # a device we cannot match: try every driver
         match = [m["name"] for m in drivers]
     load(closure(match))
+    # disk controllers for the configuration volume: only when their device is present
+    load(closure(m["name"] for m in mods if m["role"] == "storage" and any(matches(p) for p in m["aliases"])))
     return match
+
+
+def load_role(path: str, role: str) -> list[str]:
+    """Load the modules of one ROLE of /etc/haboob/modules (e.g. 'fs': the configuration
+    volume's file systems, only once one is found), each after what it needs."""
+    mods = read_module_list(path)
+    by_name = {m["name"]: m for m in mods}
+    want, todo = set(), [m["name"] for m in mods if m["role"] == role]
+    while todo:
+        n = todo.pop()
+        if n not in want and n in by_name:
+            want.add(n)
+            todo += by_name[n]["needs"]
+    for m in mods:
+        if m["name"] in want:
+            load_module(m["name"], m["path"])
+    return sorted(m["name"] for m in mods if m["role"] == role)
 
 
 def power_off() -> None:
@@ -293,6 +314,7 @@ def settings(config: dict, args: dict) -> dict:
     if not s["workers"].isdigit() or not 1 <= int(s["workers"]) <= 256:
         raise Fatal(f"haboob.workers={s['workers']!r} is not a number of workers (1..256)")
     s["workers"] = int(s["workers"])
+    s.update({k: args[k] for k in ("tls_cert", "tls_key") if k in args})    # from a configuration volume
     return s
 
 
@@ -481,16 +503,21 @@ def boot() -> None:
     except (OSError, ValueError) as e:
         raise Fatal(f"{CONFIG}: {e}") from None
     with open("/proc/cmdline") as f:
-        args = kernel_args(f.read())
-    s = settings(config, args)
+        cmdline = kernel_args(f.read())
+    settings(config, cmdline)               # a bad command line is fatal before anything else
     try:                                    # haboob.log= haboob.metrics= ... (appliance/obs/options.py)
         from appliance.obs.options import from_kernel_args
-        observe = from_kernel_args(args, config.get("observe"))
+        observe = from_kernel_args(cmdline, config.get("observe"))
     except ValueError as e:
         raise Fatal(f"kernel command line: {e}") from None
 
     loaded = load_modules(config.get("modules", "/etc/haboob/modules"))
     phases["modules_loaded"] = ms_since_boot()
+    # build defaults < configuration volume < command line (appliance/configvol.py)
+    from appliance import configvol
+    modules = config.get("modules", "/etc/haboob/modules")
+    s = settings(config, configvol.read_settings(mount, say, config, cmdline,
+                                                 prepare=lambda: load_role(modules, "fs")))
     nic = find_nic(s["mac"])
     if nic["carrier"] is None:              # (with several NICs find_nic has waited already)
         link_up(nic["iface"])

@@ -98,7 +98,8 @@ def kernel(ctx: Context) -> None:
     ctx.add_input("kernel", k.vmlinuz)
     always = kernel_mod.BUSES + kernel_mod.PLATFORM
     nic_roots = drivers.module_roots(list(ctx.options.nic_drivers))
-    mods = kernel_mod.resolve(ctx, k, kernel_mod.BUSES + nic_roots + kernel_mod.PLATFORM)
+    mods = kernel_mod.resolve(ctx, k, kernel_mod.BUSES + nic_roots + kernel_mod.PLATFORM
+                              + kernel_mod.FILESYSTEMS + kernel_mod.STORAGE)
     also = drivers.match_also(list(ctx.options.nic_drivers))
     # One line per module, in load order: NAME PATH ROLE NEEDS [ALIAS...]. PID 1
     # loads the "always" ones, then only the NIC drivers whose modalias patterns
@@ -109,12 +110,16 @@ def kernel(ctx: Context) -> None:
         path = f"/usr/lib/modules/{k.release}/{name}.ko"
         ctx.tree.file(path, data, part="kernel-modules")
         role = ("always" if name in map(kernel_mod.norm, always) else
-                "driver" if name in map(kernel_mod.norm, nic_roots) else "dep")
+                "driver" if name in map(kernel_mod.norm, nic_roots) else
+                "storage" if name in map(kernel_mod.norm, kernel_mod.STORAGE) else
+                "fs" if name in map(kernel_mod.norm, kernel_mod.FILESYSTEMS) else "dep")
         words = [name, path, role, ",".join(k.needs.get(name, [])) or "-"]
-        if role == "driver":
+        if role in ("driver", "storage"):
             words += k.aliases.get(name, [])
             for other in also.get(name, []):        # hv_netvsc: hv_vmbus's ACPI device selects it
                 words += [a for a in k.aliases.get(kernel_mod.norm(other), []) if a not in words]
+            if name in ("sd_mod", "sr_mod"):        # their SCSI devices appear only once AHCI runs
+                words += [a for a in k.aliases.get("ahci", []) if a not in words]
         lines.append(" ".join(words))
     ctx.tree.file(MODULES, ("\n".join(lines) + "\n").encode(), part="base")
     shutil.copyfile(k.vmlinuz, ctx.work / "vmlinuz")

@@ -4,6 +4,7 @@
                                  [--memory MB] [--capture FILE.pcap] [--console]
                                  [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
+                                 [--config DIR]   (a configuration volume: build.py config-volume)
     python -m vm test images/www [--net ...] [--site DIR]
     python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
 
@@ -73,9 +74,18 @@ def parse_net(value: str) -> dict:
 
 
 def make_options(net, smp, memory, capture, bzimage=False, boot="kernel", firmware="bios",
-                 nic="virtio") -> Options:
+                 nic="virtio", config=None) -> Options:
     o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage, boot=boot, firmware=firmware,
                 nic=nic)
+    if config is not None:                  # checked now, written per boot (vm/media.py)
+        from .media import MediaError, config_volume_settings
+        try:
+            o.config, o.config_ip = Path(config).resolve(), config_volume_settings(config).get("ip")
+            if o.config_ip == "dhcp":           # the guest asks DHCP: as for a DHCP image
+                o.config_ip = None
+                o.append.append("haboob.ip=dhcp")
+        except MediaError as e:
+            raise click.BadParameter(str(e), param_hint="--config") from None
     if capture:
         capture = Path(capture).resolve()
         if not capture.parent.is_dir():
@@ -101,6 +111,8 @@ common = [
     click.option("--timeout", default=300, show_default=True, type=float, help="seconds to wait for ready"),
     click.option("--bzimage", is_flag=True, help="boot vmlinuz with its decompressor, not the extracted "
                                                  "kernel via PVH (slower under TCG)"),
+    click.option("--config", type=click.Path(path_type=Path, file_okay=False),
+                 help="attach DIR as a configuration volume (haboob.conf, tls/; see build.py config-volume)"),
 ]
 
 
@@ -171,11 +183,11 @@ def metrics_url(s, opts) -> str | None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="the guest's metrics port (haboob.metrics=); default: the image's, else 9100 "
                    "with --boot kernel; 0: none")
-def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console, follow_log,
+def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, console, follow_log,
          metrics_port):
     """Boot IMAGE, print its URL, run until SIGINT (Ctrl-C) or SIGTERM, then stop it cleanly."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
     built = int(img.manifest.get("config", {}).get("observe", {}).get("metrics_port", 0) or 0)
     if metrics_port is None:
         metrics_port = built or (9100 if boot == "kernel" else 0)
@@ -255,10 +267,10 @@ def stat(target, count, interval):
 @with_common
 @click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, site, as_json):
+def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, site, as_json):
     """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
     qemu_binary()
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")

@@ -9,6 +9,11 @@ The medium is attached read-only in spirit (snapshot=on: guest writes go
 to a temporary overlay), so booting never changes the image. For UEFI,
 OVMF's code is mapped read-only and a private copy of its variable store
 is made per boot (OVMF writes boot entries into it).
+
+`--config DIR` (config_args) writes DIR as a configuration volume
+(haboob_build/configvol.py, the same writer as `build.py config-volume`)
+into the boot's work folder and attaches it read-only as a virtio disk,
+which the appliance reads at boot (appliance/configvol.py).
 """
 from __future__ import annotations
 
@@ -105,3 +110,26 @@ def boot_args(boot: str, image_dir: Path, name: str | None = None, disk: Path | 
         return ["-drive", f"if=none,id=hbcd,format=raw,media=cdrom,readonly=on,file={f}",
                 "-device", "ide-cd,drive=hbcd,bootindex=1"]
     raise MediaError(f"--boot {boot}: unknown; known: {', '.join(BOOTS)}")
+
+
+def config_volume_settings(folder: Path) -> dict:
+    """The settings a configuration volume DIR carries (MediaError if the DIR is bad)."""
+    from haboob_build import configvol
+    from haboob_build.errors import BuildError
+    try:
+        return configvol.parse_files(configvol.LABEL, configvol.check_dir(Path(folder)))
+    except BuildError as e:
+        raise MediaError(str(e)) from None
+
+
+def config_args(folder: Path, workdir: Path) -> list[str]:
+    """QEMU argv attaching DIR, written as a configuration volume in workdir."""
+    from haboob_build import configvol
+    from haboob_build.errors import BuildError
+    out = Path(workdir) / "config-volume.img"
+    try:
+        configvol.write(Path(folder), out)
+    except BuildError as e:
+        raise MediaError(str(e)) from None
+    return ["-drive", f"if=none,id=hbcfg,format=raw,readonly=on,file={out}",
+            "-device", "virtio-blk-pci,drive=hbcfg"]

@@ -45,7 +45,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .image import Image, VMError
@@ -112,6 +112,8 @@ class Options:
     disk_bus: str = "ide"           # ide | nvme | virtio (vm/media.py)
     metrics_port: int = 0           # the guest's metrics port (haboob.metrics=; 0: as the image says)
     metrics_hostport: int = 0       # user: host port forwarded to it (0: pick one)
+    config: Path | None = None      # a configuration volume's DIR, attached as a disk (vm/media.py)
+    config_ip: str | None = None    # the address that volume gives the guest (the tap goes beside it)
 
 
 def free_port() -> int:
@@ -132,7 +134,8 @@ def kernel_cmdline(image: Image, opts: Options) -> str:
     words = [w for w in image.cmdline.split()]
     over = {}
     # over user networking a DHCP image asks QEMU's DHCP server (which hands it USER_GUEST)
-    if opts.net == "user" and opts.guest_ip is None and not image_uses_dhcp(image, opts):
+    if (opts.net == "user" and opts.guest_ip is None and opts.config_ip is None
+            and not image_uses_dhcp(image, opts)):
         over["haboob.ip"] = f"{USER_GUEST}/24"
         over["haboob.gw"] = USER_HOST
     if opts.guest_ip:
@@ -150,6 +153,9 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
     """-kernel/-initrd/-append, or (--boot disk|iso) firmware + the medium, GRUB's command line."""
     from . import media
     try:
+        if opts.config is not None:
+            return [*media.config_args(opts.config, workdir),
+                    *medium_args(image, replace(opts, config=None), workdir)]
         if opts.boot == "kernel":
             return [*media.firmware_args(opts.firmware, workdir),
                     "-kernel", str(direct_kernel(image.vmlinuz) if opts.direct else image.vmlinuz),
@@ -164,11 +170,12 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
         raise VMError(str(e)) from None
 
 
-def user_net_for_medium(image: Image) -> tuple[str, str, str]:
+def user_net_for_medium(image: Image, ip: str | None = None) -> tuple[str, str, str]:
     """(net, host, guest) for slirp when the guest takes the image's own
-    address (a disk or ISO boot cannot be given another one)."""
+    address (a disk or ISO boot cannot be given another one), or ip (a
+    configuration volume's)."""
     import ipaddress
-    ip = next((w.split("=", 1)[1] for w in image.cmdline.split() if w.startswith("haboob.ip=")), None)
+    ip = ip or next((w.split("=", 1)[1] for w in image.cmdline.split() if w.startswith("haboob.ip=")), None)
     if ip == "dhcp":
         return USER_NET, USER_HOST, USER_GUEST
     if ip is None:
@@ -202,11 +209,11 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
     if opts.net == "user":
         port = opts.hostport
         # a DHCP guest (no static address given) gets USER_GUEST, the first address QEMU hands out
-        dhcp = image_uses_dhcp(image, opts) and opts.guest_ip is None
-        if opts.boot == "kernel":
+        dhcp = image_uses_dhcp(image, opts) and opts.guest_ip is None and opts.config_ip is None
+        if opts.boot == "kernel" and opts.config_ip is None:
             net, host, guest = USER_NET, USER_HOST, USER_GUEST
         else:
-            net, host, guest = user_net_for_medium(image)
+            net, host, guest = user_net_for_medium(image, opts.config_ip)
         argv += ["-netdev", f"user,id=n0,net={net},host={host},"
                             f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
                             + (f",hostfwd=tcp:127.0.0.1:{opts.metrics_hostport}-{guest}:{opts.metrics_port}"

@@ -74,6 +74,8 @@ class Session:
 
 def guest_interface(image: Image, opts: Options) -> ipaddress.IPv4Interface | None:
     """The guest's static address, or None when it asks DHCP (haboob.ip=dhcp)."""
+    if opts.config_ip:                      # a configuration volume's address beats the image's
+        return ipaddress.IPv4Interface(opts.config_ip)
     words = [w.split("=", 1)[1] for w in kernel_cmdline(image, opts).split() if w.startswith("haboob.ip=")]
     if not words:
         raise VMError("the kernel command line has no haboob.ip=")
@@ -97,7 +99,8 @@ def session(image: Image, opts: Options, echo=None):
         prefix: list[str] = []
         if opts.net == "user":
             m = stack.enter_context(Machine(image, opts, echo=echo))
-            yield Session(m, "127.0.0.1", opts.hostport, USER_GUEST)
+            yield Session(m, "127.0.0.1", opts.hostport, opts.config_ip.split("/")[0] if opts.config_ip
+                          else USER_GUEST)
             return
         if opts.net in ("socket", "vfio", "netmap"):
             # the guest is on a network we do not set up: reachable at its own address, if at all
