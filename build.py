@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from haboob_build import drivers, formats
+from haboob_build import cloud, drivers, formats
 from haboob_build.context import Options
 from haboob_build.errors import BuildError
 from haboob_build.steps import STEPS, build_image
@@ -35,8 +35,9 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--compress-level", default=19, show_default=True, type=click.IntRange(1, 19),
               help="zstd level for the initramfs")
 @click.option("--formats", "formats_", default="all", show_default=True,
-              help="deploy formats to write beside the kernel and initrd: iso, img, pxe, qcow2 "
-                   "(comma-separated), all, or none")
+              help="deploy formats to write beside the kernel and initrd (comma-separated): "
+                   "iso, img, pxe, qcow2 (together: all), aws, gce, azure, kubevirt, openstack "
+                   "(together: cloud; each with its deploy/ template where there is one), or none")
 @click.option("--nic-drivers", default="all", show_default=True,
               help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
@@ -53,6 +54,7 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         fmts = formats.parse_formats(formats_)
         formats.check_tools(fmts)
         nics = drivers.parse_nic_drivers(nic_drivers)
+        cloud.check_drivers(fmts, nics)             # a cloud format needs its platform's NIC driver
     except BuildError as e:
         raise click.ClickException(str(e)) from None
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
@@ -72,8 +74,14 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
             what = {"iso": f"{out}/{name}.iso (CD or USB stick: dd if={out}/{name}.iso of=/dev/sdX bs=4M)",
                     "img": f"{out}/{name}.img (raw GPT disk, BIOS+UEFI: dd to a disk or USB stick)",
                     "pxe": f"{out}/pxe/ (iPXE: chain boot.ipxe)",
-                    "qcow2": f"{out}/{name}.qcow2 (OpenStack, KubeVirt, libvirt)"}[f]
+                    "qcow2": f"{out}/{name}.qcow2 (OpenStack, KubeVirt, libvirt)"}.get(f)
+            if f in cloud.PLATFORMS:
+                what = f"{out}/{cloud.PLATFORMS[f].file.format(name=name)} ({f}); upload and register it:\n      " + \
+                    "\n      ".join(cloud.commands(f, name, str(out)))
             click.echo(f"  {what}", err=True)
+            if f == "kubevirt" and ip != "10.0.2.2/24":
+                click.echo("      note: KubeVirt's masquerade binding gives every VM 10.0.2.2/24 (gateway 10.0.2.1); "
+                           "build with --ip 10.0.2.2/24 --gateway 10.0.2.1 for the pool (docs/deploy.md)", err=True)
 
 
 if __name__ == "__main__":

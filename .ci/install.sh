@@ -11,10 +11,12 @@ apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils ovmf \
     grub-pc-bin grub-efi-amd64-bin grub-common xorriso mtools dosfstools fdisk gdisk \
     shim-signed grub-efi-amd64-signed \
-    busybox-static cpio zstd xz-utils \
+    busybox-static cpio zstd xz-utils tar gzip skopeo \
     python3.11 python3.11-minimal \
-    nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps \
+    nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps haproxy \
     dnsmasq-base
 # nginx from the package is only our benchmark baseline: keep the service off.
 systemctl disable --now nginx >/dev/null 2>&1 || true
+# HAProxy likewise: vm fleet runs its own instance with its own configuration.
+systemctl disable --now haproxy >/dev/null 2>&1 || true
 python3 -m pip install -q -r requirements.txt

@@ -16,6 +16,15 @@ runs in "Safe Mode" (one queue, no RSS), which still serves. Firmware is
 never included implicitly (licence); `firmware_files` finds the files a
 set of modules asks for in a firmware folder the user names, for the
 builder to copy to /lib/firmware in the image.
+
+Drivers behind a bus of their own: PID 1 loads a NIC driver when one of
+its modalias patterns matches a device present at boot. hv_netvsc's
+devices (vmbus:...) exist only once hv_vmbus runs, so hv_netvsc also
+matches on hv_vmbus's own patterns (`match_also`: the ACPI VMBUS device
+Hyper-V and Azure present). hv_netvsc is not in the default set: hv_vmbus
+refuses to load off Hyper-V (ENODEV), and PID 1 loads every driver when
+none matches, so it belongs only in images meant for Azure/Hyper-V
+(--nic-drivers all,hv_netvsc).
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from .errors import BuildError
 class Driver:
     modules: tuple[str, ...]        # roots to load, in order; dependencies are added by analysis
     hardware: str                   # what it drives, for --nic-drivers help and the docs
+    match_also: tuple[str, ...] = ()    # modules whose modalias patterns also select this driver
 
 
 NIC_DRIVERS: dict[str, Driver] = {
@@ -43,12 +53,15 @@ NIC_DRIVERS: dict[str, Driver] = {
     "bnxt": Driver(("bnxt_en",), "Broadcom NetXtreme-C/E (BCM573xx/574xx)"),
     "vmxnet3": Driver(("vmxnet3",), "VMware VMXNET3"),
     "ena": Driver(("ena",), "Amazon EC2 Elastic Network Adapter"),
+    "gve": Driver(("gve",), "Google Compute Engine gVNIC"),
+    "hv_netvsc": Driver(("hv_vmbus", "hv_netvsc"), "Hyper-V / Azure synthetic NIC (netvsc)",
+                        match_also=("hv_vmbus",)),
 }
 
 # Other spellings people use: module names, dashes.
-ALIASES = {"virtio": "virtio_net", "mlx5_core": "mlx5", "bnxt_en": "bnxt"}
+ALIASES = {"virtio": "virtio_net", "mlx5_core": "mlx5", "bnxt_en": "bnxt", "gvnic": "gve", "netvsc": "hv_netvsc"}
 
-DEFAULT = list(NIC_DRIVERS)
+DEFAULT = [n for n in NIC_DRIVERS if n != "hv_netvsc"]       # 'all'; see the module docstring
 
 
 def canonical(name: str) -> str:
@@ -62,18 +75,29 @@ def canonical(name: str) -> str:
 
 
 def parse_nic_drivers(text: str | None) -> list[str]:
-    """'all' / None -> every known driver; 'e1000,ixgbe' -> those, deduplicated, in the order given."""
+    """'all' / None -> the default set; 'e1000,ixgbe' -> those, deduplicated, in
+    the order given; 'all,hv_netvsc' -> the default set and hv_netvsc."""
     if text is None or text.strip().lower() in ("", "all", "default"):
         return list(DEFAULT)
     out: list[str] = []
     for word in text.split(","):
         if not word.strip():
             continue
-        n = canonical(word)
-        if n not in out:
-            out.append(n)
+        for n in (DEFAULT if word.strip().lower() in ("all", "default") else [canonical(word)]):
+            if n not in out:
+                out.append(n)
     if not out:
         raise BuildError("--nic-drivers: no driver named (give e.g. 'virtio_net,e1000' or 'all')")
+    return out
+
+
+def match_also(names: list[str]) -> dict[str, list[str]]:
+    """{driver module: [modules whose modalias patterns also select it]} for these drivers."""
+    out: dict[str, list[str]] = {}
+    for n in names:
+        d = NIC_DRIVERS[canonical(n)]
+        if d.match_also:
+            out[d.modules[-1]] = list(d.match_also)
     return out
 
 

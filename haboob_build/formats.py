@@ -1,4 +1,6 @@
-"""Deploy formats: hybrid ISO, raw GPT disk, PXE folder, qcow2.
+"""Deploy formats: hybrid ISO, raw GPT disk, PXE folder, qcow2, and the
+cloud formats of cloud.py (aws, gce, azure, kubevirt, openstack) made from
+the same raw disk.
 
 Theory of operation: every writer takes the three boot inputs the builder
 produces (vmlinuz, initrd.img and the kernel command line) and writes one
@@ -52,11 +54,16 @@ from pathlib import Path
 from .context import sha256_file
 from .errors import BuildError
 
-FORMATS = ("iso", "img", "pxe", "qcow2")
+from .cloud import CLOUD_FORMATS
+
+FORMATS = ("iso", "img", "pxe", "qcow2")          # 'all'
+KNOWN = FORMATS + CLOUD_FORMATS                    # 'cloud' is the second part
+NEEDS_DISK = ("img", "qcow2") + CLOUD_FORMATS
+NEEDS_QCOW2 = ("qcow2", "kubevirt", "openstack")
 
 # Which formats come out byte-identical from identical inputs (checked by
-# tests/test_deploy_formats.py, which builds each twice).
-REPRODUCIBLE = {"iso": True, "img": True, "pxe": True, "qcow2": True}
+# tests/test_deploy_formats.py and tests/test_deploy_cloud.py, which build each twice).
+REPRODUCIBLE = {f: True for f in KNOWN}
 
 GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")
 GRUB_EFI_DIR = Path("/usr/lib/grub/x86_64-efi")
@@ -73,6 +80,12 @@ _TOOLS = {
               ("qemu-img", "qemu-utils")],
     "pxe": [],
 }
+for _f in CLOUD_FORMATS:
+    _TOOLS[_f] = list(_TOOLS["img"])
+_TOOLS["gce"] += [("tar", "tar"), ("gzip", "gzip")]
+_TOOLS["azure"] += [("qemu-img", "qemu-utils")]
+_TOOLS["kubevirt"] += [("qemu-img", "qemu-utils")]
+_TOOLS["openstack"] += [("qemu-img", "qemu-utils")]
 
 # GRUB modules built into the disk's core images. Everything grub.cfg uses
 # is built in, so the disk needs no module folder; grub-mkimage adds the
@@ -95,21 +108,23 @@ class FormatError(BuildError):
 # ---------------------------------------------------------------- options
 
 def parse_formats(text: str) -> list[str]:
-    """'iso,img' / 'all' / 'none' -> the list, in canonical order.
+    """'iso,img' / 'all' / 'cloud' / 'none' -> the list, in canonical order
+    ('all' is the four local formats, 'cloud' the cloud ones; both may be
+    combined with names: 'all,aws').
 
-    qcow2 is converted from the raw disk, so asking for it builds the disk
-    in a scratch place if 'img' itself was not asked for."""
+    qcow2 and the cloud formats are made from the raw disk, so asking for
+    them builds the disk in a scratch place if 'img' itself was not asked for."""
     text = (text or "").strip().lower()
     if text in ("", "none"):
         return []
-    if text == "all":
-        return list(FORMATS)
-    wanted = [w.strip() for w in text.split(",") if w.strip()]
-    bad = [w for w in wanted if w not in FORMATS]
+    wanted = []
+    for w in (w.strip() for w in text.split(",") if w.strip()):
+        wanted += list(FORMATS) if w == "all" else list(CLOUD_FORMATS) if w == "cloud" else [w]
+    bad = [w for w in wanted if w not in KNOWN]
     if bad:
         raise FormatError(f"--formats: unknown format {', '.join(map(repr, bad))}; "
-                          f"known: {', '.join(FORMATS)}, or 'all' / 'none'")
-    return [f for f in FORMATS if f in wanted]
+                          f"known: {', '.join(KNOWN)}, or 'all' / 'cloud' / 'none'")
+    return [f for f in KNOWN if f in wanted]
 
 
 def missing_tools(formats) -> list[str]:
@@ -422,8 +437,9 @@ def _make_fat(path: Path, size: int, files: dict[str, Path], label: str, serial:
 
 
 def make_disk(vmlinuz, initrd, cmdline: str, out, *, name: str, epoch: int, timeout: int = 3,
-              extra_mib: int = 8, secure_boot: str = "auto") -> Path:
-    """A raw GPT disk image bootable by BIOS and UEFI firmware.
+              extra_mib: int = 8, secure_boot: str = "auto", size_multiple: int = ALIGN) -> Path:
+    """A raw GPT disk image bootable by BIOS and UEFI firmware, its size a
+    multiple of size_multiple (1 MiB; Compute Engine wants whole GiB).
 
     secure_boot: "on" puts the signed shim + GRUB chain on the ESP (boots
     with Secure Boot enabled, with Debian's signed kernel); "off" our own
@@ -460,6 +476,9 @@ def make_disk(vmlinuz, initrd, cmdline: str, out, *, name: str, epoch: int, time
         esp_first = bios_first + bios_size
         esp_sectors = esp_size // SECTOR
         total = esp_first + esp_sectors + ALIGN // SECTOR     # 1 MiB tail for the backup GPT
+        if size_multiple % ALIGN:
+            raise FormatError(f"disk size multiple {size_multiple} is not a whole number of MiB")
+        total = -(-total * SECTOR // size_multiple) * size_multiple // SECTOR
         parts = [Part(bios_first, bios_first + bios_size - 1, BIOS_BOOT_TYPE,
                       _derived_uuid(seed, "bios-boot"), "BIOS boot"),
                  Part(esp_first, esp_first + esp_sectors - 1, ESP_TYPE,
@@ -577,40 +596,75 @@ def make_pxe(vmlinuz, initrd, cmdline: str, out_dir, *, name: str, epoch: int | 
 def write_formats(formats, folder, *, name: str, vmlinuz, initrd, cmdline: str, epoch: int,
                   log=lambda msg: None) -> dict:
     """Write the asked formats into `folder`; return the manifest's
-    "formats" entry: {fmt: {"files": {relpath: {"size", "sha256"}}, "reproducible"}}."""
+    "formats" entry: {fmt: {"files": {relpath: {"size", "sha256"}}, "reproducible"}},
+    the cloud formats with their "platform" facts (NIC driver, commands)."""
+    from . import cloud
     folder = Path(folder)
     check_tools(formats)
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, list[Path]] = {}
-    if "iso" in formats:
-        log(f"format iso: {name}.iso")
-        made["iso"] = [make_iso(vmlinuz, initrd, cmdline, folder / f"{name}.iso", name=name, epoch=epoch)]
-    raw = None
-    if "img" in formats or "qcow2" in formats:
-        log(f"format img: {name}.img")
-        target = folder / f"{name}.img" if "img" in formats else folder / f".{name}.img.scratch"
-        raw = make_disk(vmlinuz, initrd, cmdline, target, name=name, epoch=epoch)
-        if "img" in formats:
-            made["img"] = [raw]
+    scratch: list[Path] = []            # intermediate files not asked for, removed at the end
     try:
-        if "qcow2" in formats:
+        if "iso" in formats:
+            log(f"format iso: {name}.iso")
+            made["iso"] = [make_iso(vmlinuz, initrd, cmdline, folder / f"{name}.iso", name=name, epoch=epoch)]
+        raw = None
+        if any(f in NEEDS_DISK for f in formats):
+            log(f"format img: {name}.img")
+            target = folder / f"{name}.img" if "img" in formats else folder / f".{name}.img.scratch"
+            raw = make_disk(vmlinuz, initrd, cmdline, target, name=name, epoch=epoch)
+            if "img" in formats:
+                made["img"] = [raw]
+            else:
+                scratch.append(raw)
+        qcow2 = None
+        if any(f in NEEDS_QCOW2 for f in formats):
             log(f"format qcow2: {name}.qcow2")
-            made["qcow2"] = [make_qcow2(raw, folder / f"{name}.qcow2")]
+            wanted = "qcow2" in formats or "openstack" in formats
+            qcow2 = make_qcow2(raw, folder / (f"{name}.qcow2" if wanted else f".{name}.qcow2.scratch"))
+            if "qcow2" in formats:
+                made["qcow2"] = [qcow2]
+            if not wanted:
+                scratch.append(qcow2)
+        seed = _seed(Path(vmlinuz), Path(initrd), cmdline, name, epoch)
+        for fmt in (f for f in cloud.CLOUD_FORMATS if f in formats):
+            out = folder / cloud.PLATFORMS[fmt].file.format(name=name)
+            log(f"format {fmt}: {out.name}")
+            if fmt == "aws":
+                files = [cloud.make_aws(raw, out)]
+            elif fmt == "gce":
+                # disk.raw must be a whole number of GiB: the same disk, the backup GPT at the GiB end
+                big = make_disk(vmlinuz, initrd, cmdline, folder / f".{name}.gce.scratch", name=name,
+                                epoch=epoch, size_multiple=cloud.GIB)
+                scratch.append(big)
+                files = [cloud.make_gce(big, out, epoch=epoch)]
+            elif fmt == "azure":
+                files = [cloud.make_azure(raw, out, epoch=epoch, seed=seed)]
+            elif fmt == "kubevirt":
+                files = [cloud.make_kubevirt(qcow2, out, name=name, epoch=epoch)]
+            else:                       # openstack: the qcow2 itself
+                files = [qcow2]
+            if cloud.PLATFORMS[fmt].template:
+                files.append(cloud.write_template(fmt, folder, name))
+            made[fmt] = files
+        if "pxe" in formats:
+            log("format pxe: pxe/")
+            d = make_pxe(vmlinuz, initrd, cmdline, folder / "pxe", name=name, epoch=epoch)
+            made["pxe"] = [d / "vmlinuz", d / "initrd.img", d / "boot.ipxe"]
     finally:
-        if raw is not None and "img" not in formats:
-            raw.unlink(missing_ok=True)
-    if "pxe" in formats:
-        log("format pxe: pxe/")
-        d = make_pxe(vmlinuz, initrd, cmdline, folder / "pxe", name=name, epoch=epoch)
-        made["pxe"] = [d / "vmlinuz", d / "initrd.img", d / "boot.ipxe"]
+        for p in scratch:
+            p.unlink(missing_ok=True)
     out = {}
     for fmt, files in made.items():
         out[fmt] = {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                               for p in files},
                     "reproducible": REPRODUCIBLE[fmt]}
-        if fmt in ("img", "qcow2"):
+        if fmt in NEEDS_DISK:
             # which UEFI loader the disk carries (make_disk's secure_boot="auto")
             out[fmt]["uefi_secure_boot"] = secure_boot_available()
+        if fmt in cloud.PLATFORMS:
+            out[fmt]["platform"] = {"nic_driver": cloud.PLATFORMS[fmt].nic, "boot": ["bios", "uefi"],
+                                    "commands": cloud.commands(fmt, name, "IMAGE_DIR")}
     return out
 
 
@@ -643,9 +697,13 @@ def tool_versions(fmts) -> dict:
     """The versions of the tools that wrote the formats: inputs of the
     bytes as much as the kernel is (another GRUB, another image)."""
     probes = {"grub-mkimage": ["grub-mkimage", "--version"], "xorriso": ["xorriso", "-version"],
-              "mtools": ["mformat", "--version"], "qemu-img": ["qemu-img", "--version"]}
+              "mtools": ["mformat", "--version"], "qemu-img": ["qemu-img", "--version"],
+              "tar": ["tar", "--version"], "gzip": ["gzip", "--version"]}
     used = {"iso": ["grub-mkimage", "xorriso", "mtools"], "img": ["grub-mkimage", "mtools"],
-            "qcow2": ["grub-mkimage", "mtools", "qemu-img"], "pxe": []}
+            "qcow2": ["grub-mkimage", "mtools", "qemu-img"], "pxe": [],
+            "aws": ["grub-mkimage", "mtools"], "gce": ["grub-mkimage", "mtools", "tar", "gzip"],
+            "azure": ["grub-mkimage", "mtools", "qemu-img"], "kubevirt": ["grub-mkimage", "mtools", "qemu-img"],
+            "openstack": ["grub-mkimage", "mtools", "qemu-img"]}
     out = {}
     for tool in sorted({t for f in fmts for t in used[f]}):
         try:

@@ -96,6 +96,7 @@ def kernel(ctx: Context) -> None:
     always = kernel_mod.BUSES + kernel_mod.PLATFORM
     nic_roots = drivers.module_roots(list(ctx.options.nic_drivers))
     mods = kernel_mod.resolve(ctx, k, kernel_mod.BUSES + nic_roots + kernel_mod.PLATFORM)
+    also = drivers.match_also(list(ctx.options.nic_drivers))
     # One line per module, in load order: NAME PATH ROLE NEEDS [ALIAS...]. PID 1
     # loads the "always" ones, then only the NIC drivers whose modalias patterns
     # match a device present (loading every driver costs seconds under TCG),
@@ -109,6 +110,8 @@ def kernel(ctx: Context) -> None:
         words = [name, path, role, ",".join(k.needs.get(name, [])) or "-"]
         if role == "driver":
             words += k.aliases.get(name, [])
+            for other in also.get(name, []):        # hv_netvsc: hv_vmbus's ACPI device selects it
+                words += [a for a in k.aliases.get(kernel_mod.norm(other), []) if a not in words]
         lines.append(" ".join(words))
     ctx.tree.file(MODULES, ("\n".join(lines) + "\n").encode(), part="base")
     shutil.copyfile(k.vmlinuz, ctx.work / "vmlinuz")

@@ -17,7 +17,9 @@ from appliance.content.store import Store
 from appliance.http import HTTPConnection, reply_bytes
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "www")
-DATE = b"Sun, 06 Nov 1994 08:49:37 GMT"
+# "now" for the HTTP tests: after the example files' mtimes (SDE), as a real clock would be
+# (an If-Modified-Since later than now is ignored, RFC 9110 §13.1.3)
+DATE = b"Tue, 01 Dec 2026 10:00:00 GMT"
 SDE = 1700000000
 
 

@@ -61,6 +61,13 @@ def error_of(store, raw):
     (b"GET /\xff HTTP/1.1\r\nHost: t\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1, 2\r\n\r\nab", 400),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 5, 5\r\n\r\nhello", 400),    # a list (§6.3)
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 5,5\r\n\r\nhello", 400),
+    (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400),
+    (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 400),                                # empty Host
+    (b"GET / HTTP/1.1\r\nHost: \t \r\n\r\n", 400),
+    (b"GET / HTTP/1.0\r\nHost:\r\n\r\n", 400),                                # no host in an http URI
+    (b"GET /%00 HTTP/1.1\r\nHost: t\r\n\r\n", 400),                           # NUL in the path
     (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
     (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0x10\r\n\r\n", 400),
@@ -120,6 +127,18 @@ def test_get_with_chunked_body_is_discarded(store, step):
            + b"HEAD /about.html HTTP/1.1\r\nHost: t\r\n\r\n")
     sts, conn = statuses(store, raw, step)
     assert sts == [200, 200] and not conn.closed
+
+
+def test_empty_host_is_allowed_with_an_absolute_form_target(store):
+    """RFC 9112 §3.2.2: the authority of an absolute-form target is used, Host ignored."""
+    sts, conn = statuses(store, b"GET http://t/ HTTP/1.1\r\nHost:\r\n\r\n")
+    assert sts == [200] and not conn.closed
+
+
+def test_content_length_single_value_still_frames_the_body(store):
+    body = b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"
+    raw = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length:  %d \r\n\r\n" % len(body) + body
+    assert statuses(store, raw + b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")[0] == [200, 200]
 
 
 def test_post_is_refused_and_closed_when_it_has_content(store):

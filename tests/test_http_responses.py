@@ -153,9 +153,21 @@ def test_target_forms_and_normalization(store, target, rel):
 
 
 @pytest.mark.parametrize("target", ["/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/..%2f..%2fetc/passwd",
-                                    "/%ff", "/%00"])
+                                    "/%ff"])
 def test_never_escapes_root(store, target):
     assert one(store, target)[0] == 404
+
+
+@pytest.mark.parametrize("target", ["/%00", "/about.html%00", "/a%00/../about.html", "/x?%00", "http://t/%00"])
+def test_nul_in_decoded_path_is_400(store, target):
+    """Issue 10 item 5: a NUL in the decoded path is a bad request (400 and close, as
+    nginx), not a missing file; in the query it is not part of the path."""
+    data, conn = get(store, target)
+    status, h, _ = httpclient_parse(data)
+    if "?" in target:
+        assert status == 404 and not conn.closed
+    else:
+        assert status == 400 and conn.closed and h["connection"] == "close"
 
 
 def test_if_none_match_304(store):
@@ -176,10 +188,26 @@ def test_if_modified_since(store):
     assert one(store, "/about.html", f"If-Modified-Since: {lm}")[0] == 304
     assert one(store, "/about.html", "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT")[0] == 200
     assert one(store, "/about.html", "If-Modified-Since: Friday, 31-Dec-99 23:59:59 GMT")[0] == 200
-    assert one(store, "/about.html", "If-Modified-Since: Fri Dec 31 23:59:59 2100")[0] == 304
+    assert one(store, "/about.html", "If-Modified-Since: Tue, 01 Dec 2026 09:59:59 GMT")[0] == 304
+    assert one(store, "/about.html", f"If-Modified-Since: {DATE.decode()}")[0] == 304     # = now: valid
     assert one(store, "/about.html", "If-Modified-Since: garbage")[0] == 200
     # If-None-Match takes precedence (RFC 9110 §13.1.3)
     assert one(store, "/about.html", 'If-None-Match: "x"', f"If-Modified-Since: {lm}")[0] == 200
+
+
+@pytest.mark.parametrize("ims", ["Tue, 01 Dec 2026 10:00:01 GMT", "Fri Dec 31 23:59:59 2100",
+                                 "Friday, 31-Dec-60 23:59:59 GMT"])
+def test_if_modified_since_in_the_future_is_ignored(store, ims):
+    """Issue 10 item 5, RFC 9110 §13.1.3: a date later than the server's current time
+    (the Date it sends) is invalid and the field is ignored: the full 200. The reply
+    is not cached: once the clock has passed that date, the same bytes get 304."""
+    from appliance.http import HTTPConnection
+    status, h, body, _ = one(store, "/about.html", f"If-Modified-Since: {ims}")
+    assert status == 200 and body == read("about.html") and h["date"] == DATE.decode()
+    raw = f"GET /about.html HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: {ims}\r\n\r\n".encode()
+    later = HTTPConnection(store.site, store.blob)
+    later.now(b"Sat, 01 Jan 2101 00:00:00 GMT")
+    assert [r.status for r in later.receive(raw)] == [304]      # (not the first one's 200 from the cache)
 
 
 def test_range_206(store):

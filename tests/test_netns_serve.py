@@ -249,6 +249,37 @@ def test_pipelined_requests_in_one_segment(served):
     assert resps[0][1][b"connection"] == b"keep-alive"
 
 
+CLIENT_BAD = r"""
+import socket, sys, json
+out = []
+for mode in ("tls", "half-close"):
+    s = socket.create_connection((sys.argv[1], 80), timeout=10)   # well below the 30 s request timeout
+    if mode == "tls":       # a TLS ClientHello's first bytes on port 80
+        s.sendall(bytes.fromhex("16030100c4010000c00303") + bytes(32))
+    else:                   # an incomplete request, then FIN
+        s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n")
+        s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        b = s.recv(65536)   # until the server's FIN; socket.timeout fails the test
+        if not b:
+            break
+        data += b
+    out.append(data.decode("latin-1"))
+print(json.dumps(out))
+"""
+
+
+def test_bad_bytes_and_half_close_get_400_without_waiting(served):
+    """Issue 10 item 4: garbage is answered at once and a half-close after an incomplete
+    request gets 400 (both followed by the server's FIN), not left to request_timeout."""
+    link, _ = served
+    r = link.client.run([sys.executable, "-c", CLIENT_BAD, link.server_ip], timeout=30)
+    for data in json.loads(r.stdout):
+        (status, fields, _), = _split_responses(data.encode("latin-1"))
+        assert status == 400 and fields[b"connection"] == b"close", data[:200]
+
+
 def test_wrk_short_run_has_no_errors(served):
     link, _ = served
     r = link.client.run(["wrk", "-t1", "-c8", "-d2s", "--timeout", "5s", f"http://{link.server_ip}/index.html"],

@@ -77,32 +77,7 @@ def test_vm_test_command_passes(image):
     assert "boot to ready:" in proc.stdout and "FAIL" not in proc.stdout
 
 
-def test_vm_boot_prints_url_and_stops_cleanly_on_ctrl_c(image):
-    import re
-    import signal
-    import urllib.request
-    proc = subprocess.Popen([sys.executable, "-m", "vm", "boot", str(image.folder)], cwd=sup.REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # SIGINT as at a terminal, also when the suite runs as a background job
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        url = None
-        for line in proc.stdout:
-            m = re.match(r"open (http://127\.0\.0\.1:\d+/)$", line.strip())
-            if m:
-                url = m.group(1)
-                break
-        assert url, proc.stderr.read()
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            assert resp.read() == (sup.EXAMPLE / "index.html").read_bytes()
-        proc.send_signal(signal.SIGINT)                     # what Ctrl-C does
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        assert "stopped cleanly" in err and "HABOOB-COUNTERS" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+# `vm boot` printing its URL and stopping on signals: tests/test_vm_signals.py
 
 
 def test_only_the_nic_driver_for_the_device_present_is_loaded():

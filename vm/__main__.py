@@ -5,26 +5,42 @@
                                  [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
     python -m vm test images/www [--net ...] [--site DIR]
+    python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
 
-`boot` waits for the ready line, prints the URL, and on Ctrl-C stops the
-guest cleanly through QMP (the ACPI power button). `test` boots, fetches
-every URL of the manifest and compares it with the site, checks HEAD and
-404 (and ping on tap), reports boot-to-ready time, powers the guest off
-via QMP, and exits 0 only when everything passed.
+`boot` waits for the ready line, prints the URL, and runs until SIGINT
+(Ctrl-C) or SIGTERM. `test` boots, fetches every URL of the manifest and
+compares it with the site, checks HEAD and 404 (and ping on tap), reports
+boot-to-ready time, powers the guest off via QMP, and exits 0 only when
+everything passed.
+
+Stopping (vm/stop.py), the same for SIGINT and SIGTERM and however the
+command was started (a script's background job inherits SIGINT ignored;
+the handlers are our own): the ACPI power button through QMP, up to 60 s
+for the guest to power off (3 s while it is still booting: PID 1 is not
+watching the button yet), then QMP quit, then SIGKILL; every wait has a
+deadline, QMP calls included. A second signal kills QEMU at once. It says
+what it does on stderr: "SIGTERM: stopping (...) ...", then "stopped
+cleanly", "stopped: the guest was still booting (QEMU quit via QMP)", or
+why QEMU was killed. Exit status after a signal: `boot` 0 when stopped
+cleanly (or while booting), 1 when QEMU had to be killed; `test` 128 + the
+signal's number (130, 143), its checks not done.
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from . import check
+from . import check, stop
 from .image import Image, VMError
-from .qemu import BootError, Options, kvm_usable, qemu_binary
+from .qemu import COUNTERS, QMP_TIMEOUT, READY, BootError, Options, kvm_usable, qemu_binary
 from .session import session
+
+STOP_TIMEOUT = 60       # s for the guest to power off after the ACPI power button
 
 
 def parse_net(value: str) -> dict:
@@ -101,37 +117,68 @@ def _echo_console(line: str) -> None:
     click.echo(f"| {line}")
 
 
+def _booted(machine) -> bool:
+    return any(READY in line for line in machine.lines)
+
+
+def _how_it_ended(how: str, machine, sig: stop.Signals) -> str:
+    if how == "powered off":
+        return "stopped cleanly"
+    if how == "quit":
+        return ("stopped: the guest was still booting (QEMU quit via QMP)" if not _booted(machine) else
+                f"the guest did not power off within {STOP_TIMEOUT}s; QEMU quit via QMP")
+    if how == "killed":
+        if sig.count >= 2:
+            return f"second signal ({signal.Signals(sig.last).name}): killed QEMU at once"
+        if machine.qmp_hung:
+            return f"QEMU did not answer QMP within {QMP_TIMEOUT:g}s; killed it"
+        return "the guest did not power off in time; killed it"
+    return f"QEMU exited with status {machine.proc.returncode}"
+
+
+def _stop_on_signal(machine, sig: stop.Signals) -> str:
+    """The stop a signal asked for, said on stderr; returns Machine.stop()'s word for how it ended."""
+    click.echo(f"{sig.name}: stopping (ACPI power button via QMP; a second signal kills QEMU at once) ...",
+               err=True)
+    how = machine.stop(STOP_TIMEOUT)
+    click.echo(_how_it_ended(how, machine, sig), err=True)
+    return how
+
+
 @cli.command()
 @with_common
 @click.option("--console", is_flag=True, help="show the guest's serial console")
 def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, console):
-    """Boot IMAGE, print its URL, run until Ctrl-C (then stop it cleanly)."""
+    """Boot IMAGE, print its URL, run until SIGINT (Ctrl-C) or SIGTERM, then stop it cleanly."""
     img = Image.load(image)
     opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic)
     qemu_binary()
     click.echo(f"booting {image} ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...", err=True)
-    with session(img, opts, echo=_echo_console if console else None) as s:
-        ready = s.machine.wait_ready(timeout)
-        click.echo(f"ready in {ready['ms_since_boot']} ms after kernel start "
-                   f"({ready['host_seconds']:.1f}s wall): {ready['urls']} URLs")
-        if s.ns:
-            click.echo(f"open {s.base_url}/ from the namespace: ip netns exec {s.ns.name} curl {s.base_url}/")
-        else:
-            click.echo(f"open {s.base_url}/")
-        click.echo("Ctrl-C stops it", err=True)
-        try:
-            while s.machine.proc.poll() is None:
-                s.machine.poll_console()
-                time.sleep(0.2)
+    with stop.Signals() as sig:
+        with session(img, opts, echo=_echo_console if console else None) as s:
+            sig.machine = s.machine
+            try:
+                with sig.interruptible():
+                    ready = s.machine.wait_ready(timeout)
+                    click.echo(f"ready in {ready['ms_since_boot']} ms after kernel start "
+                               f"({ready['host_seconds']:.1f}s wall): {ready['urls']} URLs")
+                    if s.ns:
+                        click.echo(f"open {s.base_url}/ from the namespace: "
+                                   f"ip netns exec {s.ns.name} curl {s.base_url}/")
+                    else:
+                        click.echo(f"open {s.base_url}/")
+                    click.echo("Ctrl-C or SIGTERM stops it (a second one at once)", err=True)
+                    while s.machine.proc.poll() is None:
+                        s.machine.poll_console()
+                        time.sleep(0.2)
+            except stop.Stop:
+                how = _stop_on_signal(s.machine, sig)
+                for line in s.machine.lines:
+                    if line.startswith(COUNTERS):
+                        click.echo(line)
+                sys.exit(0 if how == "powered off" or (how == "quit" and not _booted(s.machine)) else 1)
             tail = "\n".join(s.machine.tail(5))
             raise VMError(f"the guest stopped by itself (QEMU exit {s.machine.proc.returncode}):\n{tail}")
-        except KeyboardInterrupt:
-            click.echo("stopping (ACPI power button via QMP) ...", err=True)
-            clean = s.machine.powerdown(60)
-            for line in s.machine.lines:
-                if line.startswith("HABOOB-COUNTERS"):
-                    click.echo(line)
-            click.echo("stopped cleanly" if clean else "the guest did not power off in time; killed it", err=True)
 
 
 @cli.command()
@@ -146,17 +193,29 @@ def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")
     results: list[check.Result] = []
-    with session(img, opts) as s:
-        ready = s.machine.wait_ready(timeout)
-        results.append(check.Result("ready line", ready.get("urls") == len(img.urls),
-                                    f"{ready.get('urls')} URLs (manifest: {len(img.urls)})"))
-        results += s.call(check.fetch_all, img, s.host, s.port, site)
-        if opts.net == "tap":
-            results.append(check.ping(s.guest_ip, prefix=s.prefix))
-        clean = s.machine.powerdown(60)
-        results.append(check.Result("clean stop via QMP system_powerdown", clean,
-                                    "counters printed" if any("HABOOB-COUNTERS" in l for l in s.machine.lines)
-                                    else "no counters line"))
+    with stop.Signals() as sig:
+        with session(img, opts) as s:
+            sig.machine = s.machine
+            try:
+                with sig.interruptible():
+                    ready = s.machine.wait_ready(timeout)
+                    results.append(check.Result("ready line", ready.get("urls") == len(img.urls),
+                                                f"{ready.get('urls')} URLs (manifest: {len(img.urls)})"))
+                    results += s.call(check.fetch_all, img, s.host, s.port, site)
+                    if opts.net == "tap":
+                        results.append(check.ping(s.guest_ip, prefix=s.prefix))
+            except stop.Stop:
+                _stop_on_signal(s.machine, sig)
+                sys.exit(sig.exit_status)
+            how = s.machine.stop(STOP_TIMEOUT)      # a signal now is counted; a second one kills QEMU
+            counters = any(COUNTERS in l for l in s.machine.lines)
+            results.append(check.Result("clean stop via QMP system_powerdown", how == "powered off",
+                                        ("counters printed" if counters else "no counters line")
+                                        + ("" if how == "powered off" else f"; QEMU {how}")))
+            if sig.count:
+                click.echo(f"{sig.name} while the guest was powering off: {_how_it_ended(how, s.machine, sig)}",
+                           err=True)
+                sys.exit(sig.exit_status)
     failed = [r for r in results if not r.ok]
     if as_json:
         click.echo(json.dumps({"ready": ready, "results": [r.__dict__ for r in results]}, indent=1))
@@ -167,6 +226,40 @@ def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                    f"{ready['host_seconds']:.2f}s wall ({'KVM' if kvm_usable() else 'TCG'})")
         click.echo(f"{len(results) - len(failed)}/{len(results)} passed")
     sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-n", "count", default=2, show_default=True, type=int, help="how many appliances")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="the balancer's port on 127.0.0.1 "
+                                                                       "(default: a free one)")
+@click.option("--smp", default=1, show_default=True, type=click.IntRange(1, 64), help="vCPUs per appliance")
+@click.option("--memory", type=click.IntRange(32, 1 << 20), help="MB per appliance (default: the image's)")
+@click.option("--timeout", default=400, show_default=True, type=float, help="seconds to wait for each ready")
+def fleet(image, count, port, smp, memory, timeout):
+    """N appliances of IMAGE behind HAProxy on 127.0.0.1; restarts a stopped one; Ctrl-C tears all down."""
+    from .fleet import Fleet, preflight
+    img = Image.load(image)
+    preflight(img, count, smp, memory)              # before anything starts
+    qemu_binary()
+    f = Fleet(img, count, smp=smp, memory=memory, port=port, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"booting {count} appliances ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...",
+               err=True)
+    try:
+        with f.run(timeout):
+            click.echo(f"balancer: {f.url}")
+            click.echo(f"namespace: {f.ns.name}; HAProxy stats: {f.stats_socket}; members:")
+            for m in f.members:
+                click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
+            click.echo("Ctrl-C stops them all", err=True)
+            while True:
+                for m in f.watch():
+                    click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
+                if f.haproxy.poll() is not None:
+                    raise VMError(f"HAProxy exited ({f.haproxy.returncode})")
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        click.echo("stopped: appliances powered off, balancer and namespace removed", err=True)
 
 
 def main():

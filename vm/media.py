@@ -69,11 +69,27 @@ def image_name(image_dir: Path) -> str:
         return Path(image_dir).resolve().name
 
 
-def boot_args(boot: str, image_dir: Path, name: str | None = None) -> list[str]:
+DISK_FORMATS = {".img": "raw", ".raw": "raw", ".qcow2": "qcow2", ".vhd": "vpc"}
+DISK_BUSES = {"ide": "ide-hd", "nvme": "nvme,serial=haboob", "virtio": "virtio-blk-pci"}
+
+
+def boot_args(boot: str, image_dir: Path, name: str | None = None, disk: Path | None = None,
+              bus: str = "ide") -> list[str]:
     """QEMU argv that attaches the boot medium (disk or iso) of an image folder.
-    (`--boot kernel` needs no medium: vm/qemu.py passes -kernel/-initrd itself.)"""
+    (`--boot kernel` needs no medium: vm/qemu.py passes -kernel/-initrd itself.)
+    disk: another disk file of the image (a cloud format: NAME-aws.raw,
+    NAME-azure.vhd), its format from its suffix; bus: ide, nvme (as EC2
+    Nitro attaches volumes) or virtio."""
     image_dir = Path(image_dir)
     name = name or image_name(image_dir)
+    if bus not in DISK_BUSES:
+        raise MediaError(f"disk bus {bus!r}: unknown; known: {', '.join(DISK_BUSES)}")
+    if boot == "disk" and disk is not None:
+        disk = Path(disk)
+        if disk.suffix not in DISK_FORMATS or not disk.is_file():
+            raise MediaError(f"--boot disk: {disk} is not a disk file ({', '.join(DISK_FORMATS)})")
+        return ["-drive", f"if=none,id=hbdisk,format={DISK_FORMATS[disk.suffix]},file={disk},snapshot=on",
+                "-device", f"{DISK_BUSES[bus]},drive=hbdisk,bootindex=1"]
     if boot == "disk":
         for f in (image_dir / f"{name}.img", image_dir / f"{name}.qcow2"):
             if f.is_file():

@@ -9,9 +9,17 @@ wrapping it. `Machine` is a context manager around one QEMU process:
   everything the guest prints to the log file even when no one is
   connected (so nothing is lost before we attach), and we can still type
   into it (the key 'c' asks PID 1 for its counters);
-- QMP is a second unix socket (qemu.qmp's synchronous client); the clean
-  stop is `system_powerdown` (the ACPI power button, which PID 1 watches)
-  and, if the guest does not stop in time, `quit`, then SIGKILL;
+- QMP is a second unix socket (qemu.qmp's asyncio client, run on the
+  Machine's own event loop); connecting and every command have a deadline
+  (QMP_TIMEOUT): a QEMU that does not answer by then is taken as hung;
+- the clean stop (`stop()`) is `system_powerdown` (the ACPI power button,
+  which PID 1 watches) and a wait for the guest to power off; if it does
+  not in time, `quit`, then SIGKILL. Every wait has a deadline. Before the
+  ready line PID 1 is not watching the button yet (the press is lost), so
+  a stop while booting waits only BOOTING_GRACE before `quit`. `kill()`
+  SIGKILLs QEMU at once through a pidfd (never another process that got
+  its pid after it exited); it is safe to call from a signal handler
+  (vm/stop.py: a second signal);
 - `-no-reboot` with the guest's `panic=-1` turns a kernel panic into QEMU
   exiting, so every failure ends the process instead of hanging.
 
@@ -28,6 +36,7 @@ exit, also on error.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -51,6 +60,9 @@ USER_NET = "198.18.0.0/24"
 USER_HOST = "198.18.0.2"
 USER_GUEST = "198.18.0.15"
 DEFAULT_MAC = "52:54:00:12:34:56"
+QMP_TIMEOUT = 5.0       # s to connect to QMP and for each command's answer
+BOOTING_GRACE = 3.0     # s a stop before the ready line waits for a power-off before QMP quit
+QUIT_TIMEOUT = 5.0      # s for QEMU to exit after QMP quit, then SIGKILL
 
 
 def kvm_usable() -> bool:
@@ -96,6 +108,8 @@ class Options:
     firmware: str = "bios"          # bios (SeaBIOS) | uefi (OVMF)
     nic: str = "virtio"             # virtio | e1000 | e1000e
     netspec: object = None          # passthrough.NetSpec for net = socket | vfio | netmap
+    disk: Path | None = None        # boot disk: this file of the image (a cloud format) instead of NAME.img
+    disk_bus: str = "ide"           # ide | nvme | virtio (vm/media.py)
 
 
 def free_port() -> int:
@@ -140,7 +154,8 @@ def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
             raise VMError(f"--boot {opts.boot} boots the command line in the medium's grub.cfg; changing "
                           f"the address or the command line needs --boot kernel (or the GRUB menu)")
         return [*media.firmware_args(opts.firmware, workdir),
-                *media.boot_args(opts.boot, image.folder, name=image.manifest.get("name"))]
+                *media.boot_args(opts.boot, image.folder, name=image.manifest.get("name"), disk=opts.disk,
+                                 bus=opts.disk_bus)]
     except media.MediaError as e:
         raise VMError(str(e)) from None
 
@@ -232,6 +247,10 @@ class BootError(VMError):
         super().__init__(reason + ("\n  console: " + "\n  console: ".join(tail) if tail else ""))
 
 
+class QMPTimeout(VMError):
+    """QEMU did not answer QMP within QMP_TIMEOUT: it is hung, only SIGKILL stops it."""
+
+
 class Machine:
     def __init__(self, image: Image, opts: Options | None = None, prefix: list[str] | None = None,
                  echo=None):
@@ -247,6 +266,9 @@ class Machine:
         self.lines: list[str] = []
         self.started = 0.0
         self._qmp = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfd: int | None = None
+        self.qmp_hung = False           # a QMP connect or command went unanswered
 
     # -- life cycle --
     def start(self) -> "Machine":
@@ -262,6 +284,10 @@ class Machine:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr,
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            self._pidfd = os.pidfd_open(self.proc.pid)      # still our unreaped child: it is QEMU
+        except (AttributeError, OSError):
+            self._pidfd = None
         return self
 
     def __enter__(self):
@@ -271,29 +297,73 @@ class Machine:
         self.close()
 
     def close(self) -> None:
+        """Stop QEMU if it still runs (QMP quit, then SIGKILL; no power-off wait) and remove everything."""
         try:
             if self.proc and self.proc.poll() is None:
-                try:
-                    self.qmp("quit")
-                except Exception:
-                    pass
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+                self._quit_or_kill()
         finally:
-            if self._qmp is not None:
-                try:
-                    self._qmp.close()
-                except Exception:
-                    pass
-                self._qmp = None
+            self._qmp_disconnect()
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
+            if self._pidfd is not None:
+                fd, self._pidfd = self._pidfd, None     # None first: kill() from a handler uses the pid
+                os.close(fd)
             if getattr(self, "stderr", None):
                 self.stderr.close()
             if self.tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 self.tmp = None
+
+    def kill(self) -> None:
+        """SIGKILL QEMU now, by its pidfd (or pid). Async-signal-safe enough for a Python signal handler:
+        no locks, no waiting; the waits, which poll the process, see it gone."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        except OSError:         # gone already (ESRCH)
+            pass
+
+    def _quit_or_kill(self) -> None:
+        if not self.qmp_hung:
+            try:
+                self.qmp("quit")
+            except Exception:       # QMP gone, hung or QEMU exiting: the wait decides
+                pass
+            if self.wait_exit(0 if self.qmp_hung else QUIT_TIMEOUT) is not None:
+                return
+        self.kill()
+        self.proc.wait(10)      # SIGKILL: only a process stuck in the kernel survives this long
+
+    def stop(self, timeout: float = 60) -> str:
+        """The clean stop, every wait bounded: the ACPI power button (QMP system_powerdown) and up to
+        `timeout` s (BOOTING_GRACE before the ready line) for the guest to power off; then QMP quit;
+        then SIGKILL. Returns how QEMU ended: "powered off" (by the guest), "quit", "killed" (by us),
+        or "exited" (it had exited already, or with an error of its own)."""
+        if self.proc.poll() is None:
+            self.poll_console()
+            booted = any(READY in line for line in self.lines)
+            try:
+                self.qmp("system_powerdown")
+            except Exception:       # hung (QMP_TIMEOUT), or QEMU gone: the next steps decide
+                pass
+            if not self.qmp_hung:
+                self.wait_exit(timeout if booted else min(timeout, BOOTING_GRACE))
+            if self.proc.poll() is None:
+                self._quit_or_kill()
+                self.poll_console()
+                return self._ended("quit")
+            self.poll_console()
+            return self._ended("powered off")
+        return "exited"
+
+    def _ended(self, clean: str) -> str:
+        rc = self.proc.returncode
+        return clean if rc == 0 else "killed" if rc == -signal.SIGKILL else "exited"
 
     # -- console --
     def poll_console(self) -> list[str]:
@@ -375,24 +445,50 @@ class Machine:
             return None
 
     # -- QMP --
+    def _qmp_run(self, coro, what: str):
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, QMP_TIMEOUT))
+        except asyncio.TimeoutError:
+            self.qmp_hung = True
+            raise QMPTimeout(f"QEMU did not answer QMP {what} within {QMP_TIMEOUT:g}s") from None
+
+    def _qmp_disconnect(self) -> None:
+        client, self._qmp = self._qmp, None
+        if client is not None:
+            try:
+                self._loop.run_until_complete(asyncio.wait_for(client.disconnect(), QMP_TIMEOUT))
+            except (Exception, asyncio.CancelledError):     # broken or hung: the socket goes with the loop
+                pass
+
     def qmp(self, cmd: str, **args):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        """One QMP command's answer; QMPTimeout if QEMU does not answer within QMP_TIMEOUT."""
+        from qemu.qmp import QMPClient
+        if self.qmp_hung:
+            raise QMPTimeout("QEMU did not answer QMP before: not asking again")
         if self._qmp is None:
             deadline = time.monotonic() + 10
             while not self.qmp_sock.exists():
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise VMError("QMP socket did not appear")
+                if self.proc.poll() is not None:
+                    raise VMError("QMP socket did not appear (QEMU exited)")
+                if time.monotonic() > deadline:
+                    self.qmp_hung = True    # QEMU runs but never opened QMP: no use waiting again
+                    raise QMPTimeout("QMP socket did not appear within 10s")
                 time.sleep(0.05)
-            client = QEMUMonitorProtocol(str(self.qmp_sock))
-            client.connect()
-            self._qmp = client
-        return self._qmp.cmd(cmd, **args)
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            self._qmp = QMPClient()
+            try:
+                self._qmp_run(self._qmp.connect(str(self.qmp_sock)), "connect")
+            except BaseException:
+                self._qmp_disconnect()
+                raise
+        return self._qmp_run(self._qmp.execute(cmd, args or None), cmd)
 
     def powerdown(self, timeout: float = 60) -> bool:
-        """Clean stop: the ACPI power button via QMP; True if the guest powered itself off in time."""
+        """The ACPI power button via QMP; True if the guest powered itself off within timeout."""
         if self.proc.poll() is not None:
             return False
         self.qmp("system_powerdown")
         code = self.wait_exit(timeout)
         self.poll_console()
-        return code is not None
+        return code == 0

@@ -62,7 +62,9 @@ class Session:
                 box["value"] = fn(*args, **kw)
             except BaseException as e:      # handed to the caller's thread
                 box["error"] = e
-        t = threading.Thread(target=run)    # setns changes only this thread
+        # setns changes only this thread; a daemon, so that a signal that interrupts join()
+        # (vm/stop.py) does not leave the exit waiting for its fetches to time out
+        t = threading.Thread(target=run, daemon=True)
         t.start()
         t.join()
         if "error" in box:

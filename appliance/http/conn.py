@@ -16,10 +16,19 @@ After a reply with close=True (errors, "Connection: close", HTTP/1.0 without
 keep-alive) the connection is `closed` and ignores further input. Nothing
 here raises on bad input: a `ProtocolError` becomes its error reply.
 
+Bad input is answered as soon as it is certain: a request-line that no
+further bytes can make valid gets its 400 at the first impossible byte
+(`check_request_line`, run on every incomplete head; on a complete one only
+when parsing failed, so that the status does not depend on how the bytes
+were cut), and `eof()` (the client half-closed) answers a request begun but
+not complete with 400, as nginx does.
+
 Hot path: a shared, bounded cache (on the Site) maps the exact bytes of a
 segment that is one whole body-less request to its Reply; replies are a
 pure function of those bytes (the Date is the stack's business), so the
-common keep-alive GET costs one dict lookup.
+common keep-alive GET costs one dict lookup. The one exception, a 200 because
+If-Modified-Since lies in the future (it may turn into a 304 later), is not
+cached (`_volatile`).
 
 Selection (RFC 9110): path lookup -> 301 for "/dir" -> content coding by
 Accept-Encoding (§12.5.3) -> preconditions in the order of §13.2.2:
@@ -28,7 +37,7 @@ If-Modified-Since -> 304 -> Range with If-Range for GET (§14) -> 206 / 416
 -> the full 200 (or its HEAD twin).
 """
 from .dates import parse_date, format_date
-from .request import Limits, ProtocolError, NotFound, parse_head, decode_target, KNOWN_METHODS
+from .request import Limits, ProtocolError, NotFound, parse_head, decode_target, check_request_line, KNOWN_METHODS
 
 __all__ = ["Reply", "HTTPConnection", "reply_bytes"]
 
@@ -167,6 +176,8 @@ class HTTPConnection:
         self._pending = None        # (Request) whose body is being discarded
         self._body_total = 0
         self._date = getattr(site, "date", b"Thu, 01 Jan 1970 00:00:00 GMT")
+        self._now_t = None          # self._date as unix time, parsed when first needed
+        self._volatile = False      # the reply just selected depends on the time: not cacheable
         # One cache per (site, limits): a reply is a pure function of the bytes only
         # under the same limits.
         caches = getattr(site, "cache", None)
@@ -195,6 +206,7 @@ class HTTPConnection:
         if len(date) != 29:
             raise ValueError("now(): the date must be a 29-byte IMF-fixdate")
         self._date = bytes(date)
+        self._now_t = None
 
     # -- input ---------------------------------------------------------------
 
@@ -242,6 +254,22 @@ class HTTPConnection:
             self._pos = 0
         return replies
 
+    def eof(self) -> list:
+        """The client half-closed (its FIN): no more bytes come. A request begun and
+        not complete never will be: its 400 (nginx answers so too), else nothing.
+        The connection is closed either way."""
+        if self.closed:
+            return []
+        self.closed = True
+        pending = self._pending
+        buf = self._buf
+        self._buf = b""
+        self._pos = 0
+        if pending is None and not buf:
+            return []       # between requests (empty lines before a request were consumed)
+        head = pending.method == b"HEAD" if pending is not None else buf[:5] == b"HEAD "
+        return [self._error(400, head)]
+
     def _next_request(self, fresh):
         buf = self._buf
         p = self._pos
@@ -263,13 +291,17 @@ class HTTPConnection:
         elif pos >= 0:
             head, end = buf[p:pos], pos + 3
         else:
-            self._check_incomplete(buf[p:])
+            self._check_incomplete(buf, p)
             return None
         lim = self.limits
-        if len(head) > lim.max_head:
-            nl = head.find(b"\n")
-            raise ProtocolError(414 if nl < 0 or nl > lim.max_request_line else 431, "request head too large")
-        req = parse_head(head, lim)
+        try:
+            if len(head) > lim.max_head:
+                nl = head.find(b"\n")
+                raise ProtocolError(414 if nl < 0 or nl > lim.max_request_line else 431, "request head too large")
+            req = parse_head(head, lim)
+        except ProtocolError:
+            self._check_line(buf, p)    # a bad request-line byte first: as when it came alone
+            raise
         self._pos = end
         if req.chunked or req.content_length:
             if req.method not in (b"GET", b"HEAD"):
@@ -286,7 +318,9 @@ class HTTPConnection:
                 self._remaining = req.content_length
             return self._discard_body()
         reply = self._reply_for(req)
-        if fresh and end == n and reply.response is not None and len(head) <= lim.cache_key_max \
+        if self._volatile:
+            self._volatile = False      # (set by _reply_for: this reply depends on the time)
+        elif fresh and end == n and reply.response is not None and len(head) <= lim.cache_key_max \
                 and lim.cache_entries:
             cache = self._cache
             if len(cache) >= lim.cache_entries:
@@ -294,15 +328,26 @@ class HTTPConnection:
             cache[buf] = reply
         return reply
 
-    def _check_incomplete(self, buf):
+    def _check_line(self, buf, p):
+        """The request-line starting at `p` (its first max_request_line bytes, at most
+        up to its LF) can still become valid; else ProtocolError(400)."""
+        nl = buf.find(b"\n", p)
+        e = nl + 1 if nl >= 0 else len(buf)
+        m = p + self.limits.max_request_line
+        check_request_line(buf, p, e if e < m else m)
+
+    def _check_incomplete(self, buf, p):
+        """The head starting at `p` is not complete: reject it now if it cannot become
+        valid (400) or has outgrown the limits (414, 431)."""
         lim = self.limits
-        nl = buf.find(b"\n")
+        self._check_line(buf, p)
+        nl = buf.find(b"\n", p)
         if nl < 0:
-            if len(buf) > lim.max_request_line:
+            if len(buf) - p > lim.max_request_line:
                 raise ProtocolError(414, "request-line too long")
-        elif nl > lim.max_request_line + 1:
+        elif nl - p > lim.max_request_line + 1:
             raise ProtocolError(414, "request-line too long")
-        if len(buf) > lim.max_head:
+        if len(buf) - p > lim.max_head:
             raise ProtocolError(431, "request head too large")
 
     def _take_line(self, buf, limit: int, status: int, reason: str):
@@ -443,7 +488,15 @@ class HTTPConnection:
             if ims is not None and len(ims) == 1:
                 t = parse_date(ims[0])
                 if t is not None and res.last_modified <= t:
-                    return Reply(304, close, res.gzip_not_modified if gz else res.not_modified)
+                    now = self._now_t
+                    if now is None:
+                        now = self._now_t = parse_date(self._date)
+                    if now is None or t <= now:
+                        return Reply(304, close, res.gzip_not_modified if gz else res.not_modified)
+                    # RFC 9110 §13.1.3: a date later than the server's current time is
+                    # invalid, and an invalid If-Modified-Since is ignored. Later it may be
+                    # valid: the 200 is not cached.
+                    self._volatile = True
 
         if head:
             return Reply(200, close, res.gzip_head if gz else res.head)

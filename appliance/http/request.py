@@ -7,9 +7,17 @@ answer with. It is strict where leniency would let two parsers disagree
 about framing (the request-smuggling rules of RFC 9112 §6.3 and §11.2):
 whitespace before a field's colon, obs-fold, CR or NUL in values, both
 Content-Length and Transfer-Encoding, Transfer-Encoding in HTTP/1.0,
-conflicting Content-Length values are all 400. It is lenient where RFC 9112
-§2.2 allows it: a bare LF ends a line, empty lines before a request are
-skipped (by the caller).
+a Content-Length that is a list (even "5, 5"), an empty Host on an
+origin-form request are all 400. It is lenient where RFC 9112 §2.2 allows
+it: a bare LF ends a line, empty lines before a request are skipped (by the
+caller).
+
+`check_request_line` looks at the start of a request-line that is still
+arriving and raises ProtocolError(400) at the first byte no valid
+request-line can have there (method token, SP, request-target, SP,
+"HTTP/" DIGIT "." DIGIT, CRLF), so garbage, binary or a TLS ClientHello
+is answered at once rather than at the request timeout (nginx does the
+same). It accepts exactly the lines `parse_head` accepts, and their prefixes.
 
 `decode_target` maps the request-target (origin-form or absolute-form,
 RFC 9112 §3.2) to the normalized, percent-decoded path used as the lookup
@@ -19,7 +27,7 @@ removed (RFC 3986 §5.2.4) after decoding, never rising above "/".
 import re
 
 __all__ = ["ProtocolError", "Limits", "Request", "parse_head", "decode_target", "NotFound",
-           "KNOWN_METHODS"]
+           "KNOWN_METHODS", "check_request_line"]
 
 
 class ProtocolError(Exception):
@@ -31,7 +39,7 @@ class ProtocolError(Exception):
 
 
 class NotFound(ProtocolError):
-    """The target is well-formed but names nothing a site can have (not UTF-8, NUL): 404."""
+    """The target is well-formed but names nothing a site can have (not UTF-8): 404."""
 
     def __init__(self, message: str):
         super().__init__(404, message)
@@ -65,6 +73,11 @@ _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(:[0-9]*)?\Z")
 _HEX = b"0123456789abcdefABCDEF"
+# The prefixes of a request-line (RFC 9112 §3): every optional group is the rest
+# of the line, and no two parts share a byte, so the match ends at the first byte
+# that cannot belong to any valid line (the same grammar as parse_head's checks).
+_LINE_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?: (?:[\x21-\x7e]+(?: (?:H(?:T(?:T(?:P(?:/(?:[0-9]"
+                          rb"(?:\.(?:[0-9]\r?\n?)?)?)?)?)?)?)?)?)?)?)?")
 
 
 class Request:
@@ -88,6 +101,15 @@ class Request:
 
     def __repr__(self):
         return f"Request({self.method!r}, {self.target!r}, HTTP/{self.version[0]}.{self.version[1]})"
+
+
+def check_request_line(buf: bytes, start: int, end: int) -> None:
+    """ProtocolError(400) if buf[start:end], the first bytes of a request-line (up
+    to its LF at most, after any empty lines), can begin no valid request-line."""
+    m = _LINE_PREFIX.match(buf, start, end)
+    bad = start if m is None else m.end()
+    if bad < end:
+        raise ProtocolError(400, f"invalid request-line: byte {buf[bad]:#04x} at offset {bad - start}")
 
 
 def _tokens(value: bytes):
@@ -142,6 +164,11 @@ def parse_head(head: bytes, limits: Limits) -> Request:
             raise ProtocolError(400, "missing Host header field")   # RFC 9112 §3.2
     elif len(hosts) > 1 or not _HOST.match(hosts[0]):
         raise ProtocolError(400, "invalid Host header field")
+    elif not hosts[0] and target[:1] == b"/":
+        # The target URI of an origin-form request takes its authority from Host
+        # (RFC 9112 §3.3), and an "http" URI with an empty host is invalid (RFC 9110
+        # §4.2.1). An absolute-form request carries its own; Host is ignored (§3.2.2).
+        raise ProtocolError(400, "empty Host header field")
 
     conn = fields.get(b"connection")
     tokens = _tokens(b",".join(conn)) if conn else ()
@@ -171,10 +198,11 @@ def parse_head(head: bytes, limits: Limits) -> Request:
                 raise ProtocolError(501, "unknown transfer coding")   # RFC 9112 §6.1
         chunked = True
     elif cl is not None:
-        vals = {v.strip(b" \t") for v in b",".join(cl).split(b",")}
-        if len(vals) != 1:
-            raise ProtocolError(400, "conflicting Content-Length values")   # RFC 9110 §8.6
-        v = vals.pop()
+        # RFC 9112 §6.3: a list, even of equal values ("5, 5", or the field twice), may
+        # be rejected as invalid; we do, as nginx does: one reading of the framing only.
+        if len(cl) != 1 or b"," in cl[0]:
+            raise ProtocolError(400, "Content-Length is a list")
+        v = cl[0]
         if not v.isdigit() or len(v) > 18:
             raise ProtocolError(400, "invalid Content-Length")
         content_length = int(v)
@@ -202,8 +230,9 @@ def _unquote(s: bytes) -> bytes:
 
 
 def decode_target(target: bytes) -> str:
-    """The normalized lookup path of a request-target; ProtocolError(400) if malformed,
-    NotFound if it names something no site file can be (not UTF-8, NUL)."""
+    """The normalized lookup path of a request-target; ProtocolError(400) if malformed
+    (a NUL in the decoded path too, as nginx), NotFound if it names something no
+    site file can be (not UTF-8)."""
     if target[:1] != b"/":
         low = target[:8].lower()
         if low.startswith(b"http://") or low.startswith(b"https://"):
@@ -224,7 +253,7 @@ def decode_target(target: bytes) -> str:
         raise ProtocolError(400, "fragment in request-target")
     raw = _unquote(target)
     if b"\0" in raw:
-        raise NotFound("NUL in path")
+        raise ProtocolError(400, "NUL in the decoded path")
     try:
         path = raw.decode("utf-8")
     except UnicodeDecodeError:

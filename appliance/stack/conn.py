@@ -37,6 +37,31 @@ with an immediate duplicate ACK (RFC 5681 §4.2); when the hole is filled the
 queued bytes follow. Requests are small, so the limit is a few segments. Data is handed to the HTTPConnection; the ACK rides on the
 response (lazy ACK), or is sent after `delack` when no response results, or
 at once for every second full segment, a FIN or an out-of-order segment.
+The peer's FIN goes to the HTTP layer too (`eof()`): a request it left
+incomplete gets its 400 before our FIN.
+
+The peer's window. RFC 9293 §3.10.7.4 takes SEG.WND "If (SND.WL1 < SEG.SEQ or
+(SND.WL1 = SEG.SEQ and SND.WL2 =< SEG.ACK))". That alone is not enough here:
+a pipelining client whose request bytes we refused (backpressure) has moved
+SND.WL1 past RCV.NXT with its newer segments, and its retransmissions of the
+refused bytes (SEG.SEQ < SND.WL1) carry newer ACKs with smaller windows; a
+window ignored while SND.UNA advances, measured from the new SND.UNA, runs
+past the edge the client advertised. So, like Linux (tcp_may_update_window),
+every acceptable ACK that advances SND.UNA also updates the window; otherwise
+the RFC rule applies; an ACK below SND.UNA never does ("If SND.UNA =< SEG.ACK
+=< SND.NXT, the send window should be updated"). The update records the right
+edge `snd_edge` = SEG.ACK + SEG.WND, and every send path is bounded by it,
+not by SND.WND: output() (new data and the go-back after an RTO),
+_retransmit_first (fast retransmit, NewReno partial ACKs), window probes
+(`tcp_tx_window_stale` counts an output() that found SND.WND beyond the
+edge, i.e. a path that moved SND.UNA without the window: it stays 0).
+The edge moves left only if the peer shrinks its window ("a sending TCP peer
+MUST be robust against window shrinking", §3.8.6): then retransmissions are
+cut to it (`tcp_tx_window_clamped`) and a zero window is probed with one byte
+at SND.UNA (§3.8.6.1), the only byte ever sent past the edge. While probing,
+the probes' ACKs are not duplicate ACKs (RFC 5681 §2 asks for outstanding
+data and an unchanged window; the probe's byte is outstanding only
+nominally) and never trigger a fast retransmit.
 
 Congestion control is NewReno (cc.py), the RTO estimator RFC 6298
 (timers.py). RFC 5961: RSTs must match RCV.NXT exactly (else challenge ACK),
@@ -87,7 +112,7 @@ _HTTP_DONE = _HttpDone()
 class Conn:
     __slots__ = ("st", "key", "state", "peer_mac", "peer_ip", "peer_port",
                  "tmpl", "ip_const", "pseudo", "tcp_const", "ctl_tmpl", "mode", "mss", "aligned", "tso_max", "rwnd",
-                 "iss", "irs", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_ws", "max_snd_wnd",
+                 "iss", "irs", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_edge", "snd_ws", "max_snd_wnd",
                  "wl1", "wl2", "rcv_nxt", "rcv_unacked", "ws_ok",
                  "cc", "rtt", "rtt_t", "rtt_seq", "q", "data_end", "fin_pending", "fin_seq",
                  "http", "date_gen", "t_rtx", "persist", "persist_iv", "t_ack", "t_req", "last_act",
@@ -116,6 +141,7 @@ class Conn:
         self.snd_ws = peer_ws or 0          # RFC 7323 §2.2: only when both sides sent the option
         self.snd_wnd = peer_wnd             # the window of a SYN is never scaled (RFC 7323 §2.2)
         self.max_snd_wnd = peer_wnd
+        self.snd_edge = (iss + peer_wnd) & MASK   # right edge: SEG.ACK + SEG.WND of the last window update
         self.wl1 = irs
         self.wl2 = iss
         self.rcv_nxt = (irs + 1) & MASK
@@ -169,21 +195,21 @@ class Conn:
             return
         if end == 54 and flags == 0x10 and off == 0x50 and seq == self.rcv_nxt:
             # Header prediction (RFC 9293 §3.10.7.4; Van Jacobson's BSD fast path): a pure
-            # in-order ACK of new data, outside fast recovery and persist, that may update
-            # the window (SND.WL1 <= SEG.SEQ, SND.WL2 <= SEG.ACK). The same steps as
-            # _new_ack (_acked + NewReno.on_ack) + the window update, with the
-            # window update written out.
+            # in-order ACK of new data, outside fast recovery and persist. An ACK that
+            # advances SND.UNA always updates the window (see _window_update). The same
+            # steps as _new_ack (_acked + NewReno.on_ack) + _window_update, written out.
             una = self.snd_una
             d = (ack - una) & MASK
             cc = self.cc
             if (d and d <= ((self.snd_max - una) & MASK) and not cc.in_recovery and not self.persist
-                    and ((seq - self.wl1) & MASK) < HALF and ((ack - self.wl2) & MASK) < HALF and not self.ooo):
+                    and not self.ooo):
                 self._acked(ack, now)
                 self.st.counters["tcp_bytes_acked"] += d
                 cc.grow(d)                                  # NewReno.on_ack outside recovery
                 self.t_rtx = 0.0 if ack == self.snd_max else now + self.rtt.rto   # RFC 6298 (5.2), (5.3)
                 wnd = win << self.snd_ws
                 self.snd_wnd = wnd
+                self.snd_edge = (ack + wnd) & MASK
                 self.wl1 = seq
                 self.wl2 = ack
                 if wnd > self.max_snd_wnd:
@@ -200,8 +226,8 @@ class Conn:
             elif d or (end == 54 and wnd == self.snd_wnd and self.snd_max != una):
                 self._segment(seq, ack, off, flags, win, f, end, now)
                 return
-            if seq != self.wl1 or ack != self.wl2 or wnd != self.snd_wnd or self.persist:
-                self._window_update(seq, ack, wnd)
+            if d or seq != self.wl1 or ack != self.wl2 or wnd != self.snd_wnd or self.persist:
+                self._window_update(seq, ack, wnd, d)
             if end > 54:
                 if len(self.q) >= self.st.cfg.max_queued:
                     self._segment(seq, ack, off, flags, win, f, end, now)   # backpressure
@@ -227,6 +253,7 @@ class Conn:
         self.state = ESTABLISHED
         self.snd_una = (self.snd_una + 1) & MASK            # our SYN is acknowledged
         self.snd_wnd = wnd = win << self.snd_ws
+        self.snd_edge = (self.snd_una + wnd) & MASK
         if wnd > self.max_snd_wnd:
             self.max_snd_wnd = wnd
         self.wl1 = seq
@@ -331,24 +358,30 @@ class Conn:
             state = ESTABLISHED
             una = self.snd_una
         wnd = win << self.snd_ws
+        adv = 0
         if ack != una:
             d = (ack - una) & MASK
             if d <= ((self.snd_max - una) & MASK):
                 self._new_ack(ack, d, now)
+                adv = d
             elif d >= HALF:
                 if ((una - ack) & MASK) > self.max_snd_wnd:
                     st.counters["tcp_ack_too_old"] += 1         # RFC 5961 §5.2
                     self._challenge(now)
                     return
-                # an old duplicate ACK: ignore it, go on with the text
+                adv = -1        # an old duplicate ACK: its window is stale; go on with the text
             else:
                 st.counters["drop_tcp_ack_unsent"] += 1         # acks something not yet sent
                 self._ctl(self.snd_nxt, ACK)
                 return
         elif (not plen and not flags & FIN and wnd == self.snd_wnd and self.snd_max != una
-              and state != SYN_RCVD):
-            self._dupack(now)                                   # RFC 5681 §2 duplicate ACK
-        self._window_update(seq, ack, wnd)
+              and wnd and not self.persist and state != SYN_RCVD):
+            # RFC 5681 §2 duplicate ACK. Not while probing a zero window: the probe's
+            # byte is outstanding and every probe is answered by the same ACK with the
+            # same (zero) window, which is not a sign of loss.
+            self._dupack(now)
+        if adv >= 0:                                            # RFC 9293: SND.UNA =< SEG.ACK
+            self._window_update(seq, ack, wnd, adv)
         if self.state == CLOSED:
             return
         # our FIN acknowledged?
@@ -427,6 +460,9 @@ class Conn:
                 s = self.state
                 if s == ESTABLISHED:
                     self.state = CLOSE_WAIT
+                    http = self.http
+                    if http is not None and not http.closed:
+                        self._deliver(None, now)                # the end of the requests: a partial one gets 400
                     self.close()                                # answer what was asked, then FIN
                 elif s == FIN_WAIT_1:
                     if self.snd_una == ((self.fin_seq + 1) & MASK):
@@ -442,12 +478,15 @@ class Conn:
                 self.ack_now = True                             # a retransmitted FIN: ACK again
         self.output(now)
 
-    def _window_update(self, seq: int, ack: int, wnd: int) -> None:
-        """RFC 9293 §3.10.7.4: take the peer's window from the newest segment (the
-        SND.WL1/SND.WL2 rule); a window that opens ends the persist state. (The
-        pure-ACK fast path in segment() inlines this on purpose.)"""
-        if ((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF):
+    def _window_update(self, seq: int, ack: int, wnd: int, adv) -> None:
+        """Take the peer's window (SND.UNA =< SEG.ACK; `adv`: the ACK advanced SND.UNA)
+        by the rule of the theory of operation: from every ACK that advances SND.UNA,
+        else by SND.WL1/SND.WL2 (RFC 9293 §3.10.7.4). The right edge SEG.ACK + SEG.WND
+        becomes the limit of every send path; a window that opens ends the persist
+        state. (The pure-ACK fast path in segment() inlines this on purpose.)"""
+        if adv or (((seq - self.wl1) & MASK) < HALF and (seq != self.wl1 or ((ack - self.wl2) & MASK) < HALF)):
             self.snd_wnd = wnd
+            self.snd_edge = (ack + wnd) & MASK
             self.wl1 = seq
             self.wl2 = ack
             if wnd > self.max_snd_wnd:
@@ -481,7 +520,8 @@ class Conn:
         return out, 0
 
     def _deliver(self, data, now: float) -> bool:
-        """In-order request bytes to the HTTP layer; queue the replies (True if any)."""
+        """In-order request bytes to the HTTP layer; queue the replies (True if any).
+        `data` None: the peer's FIN (HTTPConnection.eof), only once `http` exists."""
         http = self.http
         st = self.st
         if http is None:
@@ -506,9 +546,9 @@ class Conn:
             if self.date_gen != st.date_gen and st.date is not None:
                 http.now(st.date)
                 self.date_gen = st.date_gen
-            replies = http.receive(bytes(data))
+            replies = http.receive(bytes(data)) if data is not None else http.eof()
         if not replies:
-            if not self.t_req:                                  # a request has started
+            if not self.t_req and data is not None:             # a request has started
                 t = self.t_req = now + st.cfg.request_timeout
                 st.arm(self, t)
             return False
@@ -585,6 +625,14 @@ class Conn:
             return
         it, o = self._find(una)
         n = min(it[2] - o, self.mss - (o % self.mss if self.aligned else 0))
+        wlim = (self.snd_edge - una) & MASK
+        if wlim < n or wlim >= HALF:
+            # the window shrank below the segment: send what fits, nothing into a zero
+            # window (the RTO / persist timer goes on)
+            self.st.counters["tcp_tx_window_clamped"] += 1
+            if wlim == 0 or wlim >= HALF:
+                return
+            n = wlim
         fl = ACK
         if n == it[2] - o:
             fl |= PSH
@@ -657,11 +705,18 @@ class Conn:
             if nxt == una and now - self.last_tx > self.rtt.rto and cc.cwnd > cc.iw:
                 cc.cwnd = cc.iw                     # RFC 5681 §4.1: restart window after idle
                 self.st.counters["tcp_cwnd_restarts"] += 1
-            wnd = cc.cwnd if cc.cwnd < self.snd_wnd else self.snd_wnd
+            counters = self.st.counters
+            # the usable window ends at the right edge the peer advertised last, and
+            # nowhere else (see the theory of operation)
+            wlim = (self.snd_edge - una) & MASK
+            if wlim >= HALF:
+                wlim = 0                                    # the peer shrank its window behind SND.UNA
+            if wlim < self.snd_wnd:
+                counters["tcp_tx_window_stale"] += 1       # a path moved SND.UNA without the window
+            wnd = cc.cwnd if cc.cwnd < wlim else wlim
             smax = self.snd_max
             mss = self.mss
             mode = self.mode
-            counters = self.st.counters
             q = self.q
             while nxt != end:
                 inflight = (nxt - una) & MASK
@@ -715,7 +770,7 @@ class Conn:
             self.snd_max = smax
             if sent:
                 self.last_tx = now
-            if not sent and nxt == una and self.snd_wnd < mss and not self.t_rtx and end != nxt:
+            if not sent and nxt == una and wlim < mss and not self.t_rtx and end != nxt:
                 # zero (or tiny) window and nothing in flight: persist (RFC 9293 §3.8.6.1)
                 self.persist = True
                 self.persist_iv = self.rtt.rto
@@ -855,8 +910,13 @@ class Conn:
         if self.persist:
             # window probe: one byte of new data (RFC 9293 §3.8.6.1), not counted in
             # flight; if the peer takes it, its ACK moves SND.UNA past SND.NXT
-            st.counters["tcp_window_probes"] += 1
             una = self.snd_una
+            if 0 < ((self.snd_edge - una) & MASK) < HALF:
+                self.persist = False                        # the window is open: no probe
+                self.t_rtx = 0.0
+                self.output(now)
+                return
+            st.counters["tcp_window_probes"] += 1
             if una != self.data_end:
                 it, o = self._find(una)
                 self._xmit(una, ACK, it, o, 1, 0 if self.mode == 0 else 1)
