@@ -131,6 +131,7 @@ class Ipv6Host:
         self._rs_left = 0
         self._rs_at = float("inf")
         self._ra_seen = False
+        self.too_big = None                 # callback(icmp6 body, now) for Packet Too Big (TCP's SMSS)
 
     # ---------------------------------------------------------------- API
 
@@ -195,6 +196,8 @@ class Ipv6Host:
             self._mld_report(self._groups - {ALL_NODES})
         elif t == 2:
             self.counters["icmp6_packet_too_big"] += 1
+            if self.too_big is not None:
+                self.too_big(body, now)                 # the Stack lowers the connection's MSS
         else:
             self.counters["icmp6_ignored"] += 1
 
