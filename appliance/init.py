@@ -21,8 +21,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    each address with how it was obtained, HABOOB-ADDRESS lines report
    changes, HABOOB-DHCP a server that does not answer; DHCP runs in one
    stack instance, so haboob.ip=dhcp means one worker. haboob.ip6=auto
-   (default off) adds IPv6 link-local/SLAAC addresses (ping -6; TCP
-   over IPv6 is not served yet), also with one worker;
+   (default off) adds IPv6 link-local/SLAAC addresses (ping -6, the
+   site over TCP/IPv6), also with one worker;
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
    kernel would otherwise answer our TCP segments with RSTs), and wait for

@@ -13,7 +13,10 @@ IPv4/TCP frame to our MAC and address without IP options or fragmentation,
 verifies the IP header and TCP checksums (C-speed sums, wire.py) and looks
 the connection up by the raw 12 bytes of addresses and ports sliced from the
 frame. Segments without a connection (SYNs, stray ACKs, TIME-WAIT) are
-handled from the same raw header. Everything else takes the slow path
+handled from the same raw header. A frame the IPv4 fast path does not
+take and that is IPv6 with next header TCP goes to the IPv6 fast path
+(`_tcp6`: the same steps with the IPv6 offsets, a 36-byte key, `Conn6`;
+see docs/internals.md). Everything else takes the slow path
 through the checked parsers of ethernet/arp/ipv4/icmp/tcp, which name the
 reason of every drop. A device that has validated (or itself produced) the
 TCP checksum says so with `receive(frame, now, csum_ok=True)`: virtio

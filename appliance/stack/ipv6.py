@@ -38,8 +38,10 @@ override, with our link-layer address; to all-nodes when the solicitation
 came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
 address it was sent to (or, for a multicast request, our preferred
 address); an MLD query -> a report of our groups. Packet Too Big is counted
-(`icmp6_packet_too_big`); with TCP over IPv6 it will lower the path MSS.
-TCP over IPv6 is not served yet: such segments are counted and dropped.
+(`icmp6_packet_too_big`) and handed to `too_big` (the Stack: it lowers the
+connection's SMSS). TCP segments to a preferred address take the Stack's
+IPv6 fast path (iface.py) and never come here; the others (extension headers,
+a tentative address) are counted (`drop_ip6_tcp_not_served`) and dropped.
 """
 import hashlib
 import hmac

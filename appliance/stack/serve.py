@@ -361,7 +361,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (changed, lost, acquired again) and the DHCP client's notices
     (no_answer, declined). DHCP runs in one stack: it needs workers == 1.
     `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
-    addresses, ND, ping -6; TCP over IPv6 is not served yet), its addresses
+    addresses, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
     reported as "address6" events; one worker too."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
