@@ -25,8 +25,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    each address with how it was obtained, HABOOB-ADDRESS lines report
    changes, HABOOB-DHCP a server that does not answer (with several
    workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
-   (default off) adds IPv6 link-local/SLAAC addresses (ping -6; TCP
-   over IPv6 is not served yet), also with one worker;
+   (default off) adds IPv6 link-local/SLAAC addresses (ping -6, the
+   site over TCP/IPv6), also with one worker;
    the same words from a configuration volume if a disk carries one
    (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier

@@ -270,7 +270,9 @@ def synflood_cmd(rate, duration, modes, servers, size, store):
 @click.option("--profile", is_flag=True, help="Also print cProfile's table for one more run.")
 @click.option("--access-log", "log", type=click.Choice(["off", "combined", "json"]), default="off",
               show_default=True, help="With the access log on (lines to /dev/null; appliance/obs).")
-def micro_cmd(mode, size, requests, reps, profile, log):
+@click.option("--family", type=click.Choice(["4", "6"]), default="4", show_default=True,
+              help="IPv4 or IPv6 (TCP over IPv6 to the stack's link-local address).")
+def micro_cmd(mode, size, requests, reps, profile, log, family):
     """The stack's Python work per request, in memory: no kernel, no network,
     no root (bench/micro.py). Prints µs per request and per phase."""
     from . import micro
@@ -279,14 +281,14 @@ def micro_cmd(mode, size, requests, reps, profile, log):
     except SizeError as e:
         raise click.BadParameter(str(e), param_hint="--size")
     for m in (("close", "keepalive") if mode == "both" else (mode,)):
-        runs = [micro.run(m, size_b, requests, log=log) for _ in range(reps)]
+        runs = [micro.run(m, size_b, requests, log=log, family=int(family)) for _ in range(reps)]
         best = min(runs, key=lambda r: r["us_per_req"])
         med = sorted(r["us_per_req"] for r in runs)[len(runs) // 2]
         phases = ", ".join(f"{k} {v:.2f}" for k, v in best["phases_us"].items())
-        click.echo(f"{m:9s} {size}: {best['us_per_req']:.2f} µs/request (median of {reps}: {med:.2f}); "
+        click.echo(f"{m:9s} {size}{'' if family == '4' else ' IPv6'}: {best['us_per_req']:.2f} µs/request (median of {reps}: {med:.2f}); "
                    f"per phase: {phases}")
         if profile:
-            click.echo(micro.run(m, size_b, requests, profile=True, log=log)["profile"])
+            click.echo(micro.run(m, size_b, requests, profile=True, log=log, family=int(family))["profile"])
 
 
 @main.command("fuzz")

@@ -14,6 +14,8 @@ the number to move when working on the per-connection hot path.
 
 Frames are handed over with `csum_ok=True` (a local sender's NEEDS_CSUM
 frames, as on veth) and the stack runs in TSO mode (veth's offloads).
+`family=6`: the same over IPv6 to the stack's link-local address (its
+control plane brought up with a fake clock first; the store cut at 1440).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 
 
-def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
+def frame4(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
     """An Ethernet/IPv4/TCP frame from the client, checksums complete."""
     thl = 20 + len(opts)
     tcp = _TCP.pack(sport, 80, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
@@ -50,16 +52,37 @@ def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts
     return SERVER_MAC + CLIENT_MAC + b"\x08\x00" + bytes(ip) + tcp
 
 
-def make_stack(size: int, workdir: str) -> tuple[Stack, str]:
+_IP6 = struct.Struct("!IHBB16s16s")
+CLIENT_IP6 = bytes.fromhex("fe800000000000000000000000000002")
+
+
+def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
+    """An Ethernet/IPv6/TCP frame from the client to `dst`, checksum complete."""
+    thl = 20 + len(opts)
+    tcp = _TCP.pack(sport, 80, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
+    ck = csum(tcp, int.from_bytes(CLIENT_IP6 + dst, "big") + 6 + len(tcp))
+    tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
+    return SERVER_MAC + CLIENT_MAC + b"\x86\xdd" + _IP6.pack(0x60000000, len(tcp), 6, 64, CLIENT_IP6, dst) + tcp
+
+
+def make_stack(size: int, workdir: str, family: int = 4) -> tuple[Stack, str]:
     site = os.path.join(workdir, "site")
     os.makedirs(site, exist_ok=True)
     name = f"f{size}.bin"
     with open(os.path.join(site, name), "wb") as f:
         f.write(bytes((i * 7 + (i >> 8)) & 0xFF for i in range(size)))
     out = os.path.join(workdir, "micro.store")
-    compile_site(site, out, Options())
+    compile_site(site, out, Options() if family == 4 else Options(mss=1440))
     st = Stack(Store.open(out), SERVER_MAC, "198.18.0.1", 24, None, Offload(csum=True, tso=True),
                StackConfig(), secret=b"m" * 32)
+    if family == 6:
+        import random
+        st.enable_ipv6(b"m" * 32, rng=random.Random(1))
+        st.start(0.0)
+        t = 0.0
+        while t < 5.0:                  # DAD of the link-local address (fake clock)
+            t = max(t + 0.01, min(st.poll(t), 5.0))
+        st.txq.clear()
     st.set_date(int(time.time()))
     return st, "/" + name
 
@@ -68,6 +91,10 @@ def _out_seqs(txq) -> list:
     """(seq, flags, payload length) of each frame the stack queued."""
     res = []
     for head, payload, _ in txq:
+        if head[12] == 0x86:
+            seq, = struct.unpack_from("!I", head, 58)
+            res.append((seq, head[67], ((head[18] << 8) | head[19]) - ((head[66] >> 4) << 2)))
+            continue
         seq, = struct.unpack_from("!I", head, 38)
         thl = (head[46] >> 4) << 2
         tl = (head[16] << 8) | head[17]
@@ -76,12 +103,18 @@ def _out_seqs(txq) -> list:
 
 
 def run(mode: str = "close", size: int = 4096, requests: int = 20000, ports: int = 64,
-        profile: bool = False, log: str = "off") -> dict:
+        profile: bool = False, log: str = "off", family: int = 4) -> dict:
     """Returns {"us_per_req", "requests", ...}; with profile=True also "profile" (text).
     `log` "combined"/"json": the access log on (appliance/obs), its batch flushed after
-    every frame (the worst case: one frame per loop iteration), lines to /dev/null."""
+    every frame (the worst case: one frame per loop iteration), lines to /dev/null.
+    `family` 6: TCP over IPv6 to the stack's link-local address."""
     with tempfile.TemporaryDirectory() as tmp:
-        st, path = make_stack(size, tmp)
+        st, path = make_stack(size, tmp, family)
+        if family == 6:
+            ll = next(iter(st.ip6.addrs))
+            mk = lambda *a, **k: frame6(ll, *a, **k)        # noqa: E731
+        else:
+            mk = frame4
         flush = None
         if log != "off":
             from appliance.obs import Observer
@@ -123,33 +156,33 @@ def run(mode: str = "close", size: int = 4096, requests: int = 20000, ports: int
                 now += 0.0001
                 sport = 40000 + i % ports
                 cseq = (i * 2654435761) & 0xFFFFFFFF
-                out = _out_seqs(deliver(frame(sport, cseq, 0, 0x02, opts=SYN_OPTS), "syn"))
+                out = _out_seqs(deliver(mk(sport, cseq, 0, 0x02, opts=SYN_OPTS), "syn"))
                 s_isn = out[0][0]
                 cseq = (cseq + 1) & 0xFFFFFFFF
                 sack = (s_isn + 1) & 0xFFFFFFFF
-                deliver(frame(sport, cseq, sack, 0x10), "handshake ack")
-                out = _out_seqs(deliver(frame(sport, cseq, sack, 0x18, req), "request"))
+                deliver(mk(sport, cseq, sack, 0x10), "handshake ack")
+                out = _out_seqs(deliver(mk(sport, cseq, sack, 0x18, req), "request"))
                 cseq = (cseq + len(req)) & 0xFFFFFFFF
                 sent = sum(n for _, _, n in out) + 1     # + the FIN
                 if not out or not out[-1][1] & 0x01:
                     raise RuntimeError(f"no FIN with the reply: {out}")
                 sack = (sack + sent) & 0xFFFFFFFF
-                deliver(frame(sport, cseq, sack, 0x10), "ack of reply+fin")
-                deliver(frame(sport, cseq, sack, 0x11), "fin")
+                deliver(mk(sport, cseq, sack, 0x10), "ack of reply+fin")
+                deliver(mk(sport, cseq, sack, 0x11), "fin")
                 done += 1
         else:
             sport = 40000
-            out = _out_seqs(deliver(frame(sport, 1, 0, 0x02, opts=SYN_OPTS), "syn"))
+            out = _out_seqs(deliver(mk(sport, 1, 0, 0x02, opts=SYN_OPTS), "syn"))
             cseq, sack = 2, (out[0][0] + 1) & 0xFFFFFFFF
-            deliver(frame(sport, cseq, sack, 0x10), "handshake ack")
+            deliver(mk(sport, cseq, sack, 0x10), "handshake ack")
             spent = 0.0
             phases.clear()
             for i in range(requests):
                 now += 0.0001
-                out = _out_seqs(deliver(frame(sport, cseq, sack, 0x18, req), "request"))
+                out = _out_seqs(deliver(mk(sport, cseq, sack, 0x18, req), "request"))
                 cseq = (cseq + len(req)) & 0xFFFFFFFF
                 sack = (sack + sum(n for _, _, n in out)) & 0xFFFFFFFF
-                deliver(frame(sport, cseq, sack, 0x10), "ack of reply")
+                deliver(mk(sport, cseq, sack, 0x10), "ack of reply")
                 done += 1
         c = st.counters
         if c.get("http_replies", 0) != done or c.get("drop_internal_error", 0):

@@ -11,6 +11,7 @@ offload. Tests then assert on the scapy packets.
 import os
 
 from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from appliance.content.compiler import Options, compile_site
@@ -59,6 +60,13 @@ def make_stack(store, offload=Offload(), **cfg):
 def check_frame(raw: bytes):
     """Parse a wire frame with scapy and verify every checksum by recomputing it with scapy."""
     p = Ether(raw)
+    if IPv6 in p:
+        assert p[IPv6].plen == len(raw) - 54, "IPv6 payload length"
+        if TCP in p:
+            q = Ether(raw)
+            del q[TCP].chksum
+            assert Ether(bytes(q))[TCP].chksum == p[TCP].chksum, f"bad TCP checksum in {p.summary()}"
+        return p
     if IP in p:
         q = Ether(raw)
         del q[IP].chksum

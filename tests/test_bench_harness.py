@@ -160,3 +160,8 @@ def test_micro_drives_whole_connections_through_the_stack():
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr
     assert "close" in p.stdout and "keepalive" in p.stdout and "µs/request" in p.stdout
+    # over IPv6 (the link-local address): the same checks of every reply and TIME-WAIT
+    r = micro.run("close", 4096, 200, family=6)
+    assert r["requests"] == 200
+    r = micro.run("keepalive", 4096, 200, family=6)
+    assert r["requests"] == 200

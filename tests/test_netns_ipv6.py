@@ -1,7 +1,7 @@
 """`python -m appliance serve --ip6 auto`: link-local and SLAAC addresses with a
 real router advertiser (dnsmasq --enable-ra in the client namespace), and
 ping -6 from the Linux client to both (neighbour discovery and ICMPv6 echo
-against the kernel's implementation). TCP over IPv6 is not served yet."""
+against the kernel's implementation). TCP over IPv6: test_netns_tcp6.py."""
 import json
 import os
 import select

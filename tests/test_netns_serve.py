@@ -114,16 +114,18 @@ def served(store):
         assert srv.counters.get("loop_stack_errors", 0) == 0, srv.counters
 
 
-def mirror(link, dest, files=None):
+def mirror(link, dest, files=None, host=None):
     """wget --mirror of the site into `dest`, plus every file the links do not
-    reach; returns {relpath: bytes} of what was downloaded."""
+    reach; returns {relpath: bytes} of what was downloaded. `host`: the URL's
+    host part (default the server's IPv4 address; "[addr]" for IPv6)."""
     files = files or site_files()
+    host = host or link.server_ip
     link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=3", "--timeout=20",
-                     "-P", dest, f"http://{link.server_ip}/"], timeout=180, check=False)
+                     "-P", dest, f"http://{host}/"], timeout=180, check=False)
     got = read_tree(dest)
     rest = [k for k in files if k not in got and not k.endswith("404.html")]
     if rest:
-        urls = "\n".join(f"http://{link.server_ip}/{k}" for k in rest)
+        urls = "\n".join(f"http://{host}/{k}" for k in rest)
         lst = os.path.join(dest, "..", "rest.txt")
         with open(lst, "w") as fh:
             fh.write(urls + "\n")

@@ -46,6 +46,11 @@ _MASK = 0xFFFFFFFF
 _HALF = 0x80000000
 
 
+def _addr(ipb: bytes) -> str:
+    """A peer's address as text: dotted IPv4, or IPv6 (RFC 5952) for a Conn6."""
+    return ".".join(map(str, ipb)) if len(ipb) == 4 else str(ipaddress.IPv6Address(bytes(ipb)))
+
+
 def parse_allow(spec) -> list:
     """'198.18.0.0/15,10.0.0.1' -> [(net, mask)]; ValueError naming the bad prefix."""
     out = []
@@ -218,7 +223,7 @@ class Observer:
             obs_h(ttlb)
             if self.log is not None:
                 body = sent - hl if sent > hl else 0
-                done.append((t, ".".join(map(str, c.peer_ip)), c.peer_port, f[0], f[1], f[2], status, body, sent,
+                done.append((t, _addr(c.peer_ip), c.peer_port, f[0], f[1], f[2], status, body, sent,
                              ttlb, variant, cached, tls, f[3], f[4]))
         cnt["http_response_bytes"] += nbytes
         self.pending = keep
@@ -246,6 +251,8 @@ class Observer:
     def segment(self, key, src_mac, src_ip, seg, now) -> bool:
         """A segment without a connection (after TIME-WAIT): True if handled here."""
         st = self.stack
+        if len(src_ip) != 4:                        # IPv6: the metrics port and the drain's refusal
+            return False                            # are IPv4-only for now (the default path answers)
         fl = seg.flags
         if seg.dport == self.metrics_port:
             if fl & 0x17 != 0x02:                   # SYN only (no ACK/RST/FIN): else the default path

@@ -23,8 +23,8 @@ Sinks never block serving. `ConsoleSink` writes to its own non-blocking open
 file description of stdout (a full pipe or a slow serial console drops lines,
 counted in `log_lines_dropped`). `SyslogSink` sends one UDP datagram per line
 (RFC 5426) in RFC 5424 form (RFC 3164 framing as an option) through the stack
-itself: the appliance has no kernel IP address. It builds its IPv4/UDP frames
-with `udp_frame` below, which is all the UDP it needs; the collector's MAC is
+itself: the appliance has no kernel IP address. Its datagrams go out through
+the stack's UDP (`Stack.udp_send`, udp.py); the collector's MAC is
 resolved through the stack's ARP (or the gateway's, off-link). Lines wait
 for ARP in a bounded queue; a collector that is down costs nothing (UDP), so
 lines are only dropped (and counted) when ARP gets no answer.
@@ -37,7 +37,7 @@ import os
 import struct
 import time
 
-__all__ = ["AccessLog", "ConsoleSink", "SyslogSink", "escape", "parse_destination", "udp_frame"]
+__all__ = ["AccessLog", "ConsoleSink", "SyslogSink", "escape", "parse_destination"]
 
 _ESC = {i: f"\\x{i:02x}" for i in range(256) if i < 0x20 or i >= 0x7f or i in (0x22, 0x5c)}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -163,26 +163,6 @@ class ConsoleSink:
             self.own = False
 
 
-_UDP = struct.Struct("!HHHH")
-_IP = struct.Struct("!BBHHHBBH4s4s")
-
-
-def udp_frame(dst_mac: bytes, src_mac: bytes, src: bytes, dst: bytes, sport: int, dport: int,
-              payload: bytes, ident: int = 0) -> bytes:
-    """One Ethernet + IPv4 + UDP frame (RFC 768, checksum over the pseudo header, RFC 791 DF unset)."""
-    n = 8 + len(payload)
-    s = int.from_bytes(src + dst, "big") + 17 + n
-    hdr = _UDP.pack(sport, dport, n, 0)
-    body = hdr + payload
-    v = int.from_bytes(body, "big")
-    if n & 1:
-        v <<= 8
-    c = (-(v + s)) % 0xFFFF or 0xFFFF      # RFC 768: a computed 0 is sent as all ones
-    body = _UDP.pack(sport, dport, n, c) + payload
-    ip = bytearray(_IP.pack(0x45, 0, 20 + n, ident & 0xFFFF, 0, 64, 17, 0, src, dst))
-    ic = (-int.from_bytes(ip, "big")) % 0xFFFF
-    ip[10:12] = ic.to_bytes(2, "big")
-    return dst_mac + src_mac + b"\x08\x00" + bytes(ip) + body
 
 
 class SyslogSink:
@@ -203,7 +183,6 @@ class SyslogSink:
         self.pid = str(os.getpid())
         self.wait = []
         self.arp_at = 0.0
-        self.ident = 0
         self.max_payload = stack.cfg.mtu - 28
 
     def _mac(self, now):
@@ -243,11 +222,8 @@ class SyslogSink:
         if mac is None:
             return
         st = self.stack
-        txq = st.txq
         for p in self.wait:
-            self.ident += 1
-            txq.append((udp_frame(mac, st.mac, st.ipb, self.dst, self.SPORT, self.port, p, self.ident),
-                        None, None))
+            st.udp_send(mac, self.dst, self.SPORT, self.port, p)        # udp.py (RFC 768)
         st.counters["log_syslog_datagrams"] += len(self.wait)
         self.wait.clear()
 

@@ -74,8 +74,8 @@ def _fail(msg: str):
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
 @click.option("--hostname", default=None, help="Host name sent to the DHCP server (option 12).")
 @click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
-              help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6 "
-                   "(TCP over IPv6 is not served yet).")
+              help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6, "
+                   "and the site over TCP/IPv6 on the same port.")
 @obs_options
 def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, **obs):
     """Serve a site on a network interface until SIGINT/SIGTERM.

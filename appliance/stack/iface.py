@@ -13,7 +13,10 @@ IPv4/TCP frame to our MAC and address without IP options or fragmentation,
 verifies the IP header and TCP checksums (C-speed sums, wire.py) and looks
 the connection up by the raw 12 bytes of addresses and ports sliced from the
 frame. Segments without a connection (SYNs, stray ACKs, TIME-WAIT) are
-handled from the same raw header. Everything else takes the slow path
+handled from the same raw header. A frame the IPv4 fast path does not
+take and that is IPv6 with next header TCP goes to the IPv6 fast path
+(`_tcp6`: the same steps with the IPv6 offsets, a 36-byte key, `Conn6`;
+see docs/internals.md). Everything else takes the slow path
 through the checked parsers of ethernet/arp/ipv4/icmp/tcp, which name the
 reason of every drop. A device that has validated (or itself produced) the
 TCP checksum says so with `receive(frame, now, csum_ok=True)`: virtio
@@ -99,7 +102,7 @@ from typing import NamedTuple
 
 from ..http.dates import format_date as imf_fixdate      # RFC 9110 §5.6.7, 29 bytes
 from .arp import OP_REPLY, OP_REQUEST, ArpCache, ArpPacket
-from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
+from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, Conn6, MASK, HALF
 from .counters import Counters
 from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
 from .icmp import ECHO_REQUEST, Icmp
@@ -135,6 +138,8 @@ CONN_TMPL_MAX = 16384           # peer MAC + IP + port
 OPTS_CACHE_MAX = 16384          # (template, SYN-ACK options)
 MSS_CACHE_MAX = 1024            # peer's MSS option
 HDR_CACHE_MAX = 8192            # prebuilt response x Connection value (not client-keyed: the store's size)
+_IP6 = struct.Struct("!IHBB16s16s")                 # version/class/flow, payload length, next header, hops, src, dst
+_V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 class StackConfig(NamedTuple):
@@ -232,6 +237,8 @@ class Stack:
         self._chal_n = 0
         self._gw_arp_at = {}        # gateway -> when to ARP for it again (while unresolved)
         self.gso_csum = GSO(34, 16, 0, 54)
+        self.gso_csum6 = GSO(54, 16, 0, 74, 4)     # IPv6: TCP at 54, gso_type TCPV6
+        self._gso6 = {}
         self._tmpl_cache = {}       # peer MAC + IP -> (Ethernet+IP header, ip_const, pseudo_const)
         self._conn_tmpl = {}        # peer MAC + IP + port -> Stack.template()
         self._opts_cache = {}       # (template, TCP options) -> Stack.opts_template()
@@ -280,9 +287,11 @@ class Stack:
         old = self.ipb
         if old and old != (ipb or b""):
             for c in list(self.conns.values()):
-                self.remove(c)
-                self.counters["tcp_conns_dropped_address_change"] += 1
-            self.tw.clear()
+                if len(c.key) == 12:                # IPv4 ones (IPv6 keys are 36 bytes)
+                    self.remove(c)
+                    self.counters["tcp_conns_dropped_address_change"] += 1
+            for k in [k for k in self.tw if len(k) == 12]:
+                del self.tw[k]
         self._set_address(ipb, prefix)
         self._tmpl_cache.clear()
         self._conn_tmpl.clear()
@@ -307,6 +316,8 @@ class Stack:
         self.cfg = self.cfg._replace(mtu=mtu)
         self._synack_opts = Options(mss=mtu - 40).emit()
         self._synack_ws = Options(mss=mtu - 40, wscale=0).emit()
+        self._synack6_opts = Options(mss=mtu - 60).emit()          # IPv6: 40 bytes of IP header
+        self._synack6_ws = Options(mss=mtu - 60, wscale=0).emit()
         self._mss_cache = {}
 
     def enable_ipv6(self, secret: bytes, config=None, rng=None) -> None:
@@ -315,6 +326,7 @@ class Stack:
         import random
         from .ipv6 import Ipv6Host
         self.ip6 = Ipv6Host(self.mac, self.counters, secret, rng or random.SystemRandom(), config, self.dev_mtu)
+        self.ip6.too_big = self._too_big
 
     def _ip6_run(self) -> None:
         h = self.ip6
@@ -322,8 +334,48 @@ class Stack:
             self.txq.append((fr, None, None))
         h.out.clear()
         if h.events:
+            for kind, info in h.events:
+                if info.get("event") in ("lost", "duplicate"):
+                    self._drop_address6(info["ip6"])
             self.events.extend(h.events)
             h.events.clear()
+
+    def _drop_address6(self, text: str) -> None:
+        """An IPv6 address went away: its connections and TIME-WAIT state with it."""
+        import ipaddress
+        a = ipaddress.IPv6Address(text).packed
+        for c in list(self.conns.values()):
+            if c.key[16:32] == a and len(c.key) == 36:
+                self.remove(c)
+                self.counters["tcp_conns_dropped_address_change"] += 1
+        for k in [k for k in self.tw if k[16:32] == a and len(k) == 36]:
+            del self.tw[k]
+
+    def _too_big(self, body: bytes, now: float) -> None:
+        """ICMPv6 Packet Too Big (RFC 4443 §3.2) for one of our connections: lower its
+        SMSS to the reported MTU - 60 (RFC 8201 §4: never below the IPv6 minimum MTU
+        1280) and resend what is in flight in the smaller segments. Accepted only
+        when the quoted segment matches a connection and a sequence number in
+        flight (RFC 8201 §5.2, RFC 5927 §4.1), since anyone can send one."""
+        cnt = self.counters
+        if len(body) < 8 + 40 + 8 or body[8] >> 4 != 6 or body[14] != 6:
+            raise Malformed("icmp6_too_big_short")
+        inner = body[8:]
+        key = inner[24:40] + inner[8:24] + inner[42:44] + inner[40:42]
+        c = self.conns.get(key)
+        if c is None:
+            raise Malformed("icmp6_too_big_no_connection")
+        seq = int.from_bytes(inner[44:48], "big")
+        if not ((seq - c.snd_una) & MASK) < ((c.snd_max - c.snd_una) & MASK):
+            raise Malformed("icmp6_too_big_not_in_flight")
+        mtu = min(max(int.from_bytes(body[4:8], "big"), 1280), self.cfg.mtu)
+        if not c.set_mss(mtu - 60):
+            cnt["icmp6_too_big_not_lower"] += 1
+            return
+        cnt["tcp_pmtu_lowered"] += 1
+        c.snd_nxt = c.snd_una                       # resend in the new size (cf. Linux tcp_simple_retransmit)
+        c.rtt_t = 0.0
+        c.output(now)
 
     def enable_dhcp(self, config=None, rng=None) -> None:
         """Acquire (and keep) the address by DHCPv4 (dhcp4.py) from `start` on."""
@@ -481,10 +533,51 @@ class Stack:
                     except Malformed as e:
                         self.counters["drop_" + e.reason] += 1
                     return
+            if n >= 74 and b[12] == 0x86 and b[13] == 0xDD and b[20] == 6 and self.ip6 is not None:
+                self._tcp6(b, n, now, csum_ok)
+                return
             self._slow(b, now, csum_ok)
         except Exception as e:          # a bug must not stop the server: count it, keep the text
             self.counters["drop_internal_error"] += 1
             self.last_error = f"{type(e).__name__}: {e}"
+
+    def _tcp6(self, b: bytes, n: int, now: float, csum_ok: bool) -> None:
+        """An IPv6 frame with next header TCP (RFC 8200, no extension headers): the
+        IPv4 fast path's steps with the IPv6 offsets. The connection key is the raw 36
+        bytes of addresses and ports (22..58); Conn.segment gets the frame from byte
+        20 on, where the TCP header sits at 34 as in an IPv4 frame (see Conn6)."""
+        a = self.ip6.addrs.get(b[38:54])
+        if a is None or a.state != "preferred" or b[0:6] != self.mac or b[14] >> 4 != 6:
+            self._slow(b, now, csum_ok)                 # ip6.receive names the drop
+            return
+        cnt = self.counters
+        plen = (b[18] << 8) | b[19]
+        if plen < 20 or 54 + plen > n:
+            cnt["drop_ip6_bad_length"] += 1
+            return
+        end = 54 + plen
+        if not csum_ok and not sum_ok(b[22:end], 6 + plen):     # pseudo header: addresses, length, 6
+            cnt["drop_tcp_bad_checksum"] += 1
+            return
+        key = b[22:58]
+        c = self.conns.get(key)
+        if c is not None:
+            cnt["tcp_in_segments"] += 1
+            c.segment(b[20:end], end - 20, now)
+            return
+        try:
+            src = b[22:38]
+            if src[0] == 0xFF or src in (bytes(15) + b"\1", bytes(16)) or src[:12] == _V4MAPPED or src in self.ip6.addrs:
+                raise Malformed("ip6_bad_source")
+            hl = (b[66] >> 4) << 2
+            if hl < 20 or 54 + hl > end:
+                raise Malformed("tcp_bad_offset", str(hl))
+            sport, dport, seq, ack, _, fl, win = _TCPH.unpack_from(b, 54)
+            opts = Options.parse(b[74:54 + hl]) if hl > 20 else _NO_OPTIONS
+            self._tcp_in(b[6:12], src, TcpSegment(sport, dport, seq, ack, fl, win, opts, b[54 + hl:end]),
+                         b[20:end], end - 20, now, b[38:54])
+        except Malformed as e:
+            cnt["drop_" + e.reason] += 1
 
     def poll(self, now: float) -> float:
         """Run the timers that are due; return the next deadline (monotonic seconds)."""
@@ -607,10 +700,11 @@ class Stack:
         self.txq.append((EthernetFrame(eth.src, self.mac, ETH_IPV4).emit() + out, None, None))
         self.counters["icmp_echo_replies"] += 1
 
-    def _tcp_in(self, src_mac: bytes, src_ip: bytes, seg, f, end: int, now: float) -> None:
-        """A checked TCP segment (IPv4 header at 14, no options) of frame `f` ending at `end`."""
+    def _tcp_in(self, src_mac: bytes, src_ip: bytes, seg, f, end: int, now: float, ours=None) -> None:
+        """A checked TCP segment of frame `f` (TCP header at 34) ending at `end`. `ours`:
+        our IPv6 address it came to (an IPv6 frame from byte 20 on); None for IPv4."""
         cnt = self.counters
-        key = src_ip + self.ipb + struct.pack("!HH", seg.sport, seg.dport)
+        key = src_ip + (self.ipb if ours is None else ours) + struct.pack("!HH", seg.sport, seg.dport)
         c = self.conns.get(key)
         if c is not None:                      # e.g. broadcast destination MAC: still ours
             cnt["tcp_in_segments"] += 1
@@ -618,14 +712,14 @@ class Stack:
             return
         tw = self.tw.get(key)
         if tw is not None:
-            if self._tw_segment(key, tw, seg, src_mac, src_ip, now):
+            if self._tw_segment(key, tw, seg, src_mac, src_ip, now, ours):
                 return
         if self.side is not None and self.side.segment(key, src_mac, src_ip, seg, now):
             return                             # the metrics port, or refused while draining (appliance/obs)
         fl = seg.flags
         if seg.dport != self.cfg.port or self.store is None:
             if not fl & RST:
-                self._reset_for(src_mac, src_ip, seg)
+                self._reset_for(src_mac, src_ip, seg, ours)
             raise Malformed("tcp_closed_port", str(seg.dport))
         if fl & RST:
             raise Malformed("tcp_rst_no_connection")
@@ -634,7 +728,7 @@ class Stack:
                 mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
                 if mss is not None and len(self.conns) < self.cfg.max_conns:
                     cnt["tcp_syncookies_accepted"] += 1
-                    c = Conn(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
+                    c = (Conn if ours is None else Conn6)(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
                              (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
@@ -644,7 +738,7 @@ class Stack:
                     self.established(c, False)
                     c.segment(f, end, now)
                     return
-            self._reset_for(src_mac, src_ip, seg)
+            self._reset_for(src_mac, src_ip, seg, ours)
             raise Malformed("tcp_ack_no_connection")
         if not fl & SYN:
             raise Malformed("tcp_no_connection")
@@ -655,15 +749,25 @@ class Stack:
         if self.n_synrcvd >= self.cfg.syn_backlog or now < self._pressure_until:
             if self.cfg.syncookies == "never":
                 raise Malformed("tcp_syn_backlog_full")
-            self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now)
+            if ours is None:
+                self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now)
+            else:                                       # IPv6: the MSS is MTU - 60
+                mss = min(seg.options.mss or 1220, self.cfg.mtu - 60)
+                cookie = self.isn.cookie(key, seg.seq, mss, now)
+                self._cookies_until = now + 130.0
+                if self.n_synrcvd >= self.cfg.syn_backlog and self.cfg.syncookies == "auto":
+                    self._pressure_until = now + _PRESSURE_S
+                self._emit_tcp(src_mac, src_ip, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK,
+                               SYN | ACK, Options(mss=self.cfg.mtu - 60), src=ours)
+                cnt["tcp_syncookies_sent"] += 1
             return
         self._open(key, src_mac, src_ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale,
-                   seg.window, now)
+                   seg.window, now, Conn if ours is None else Conn6)
 
-    def _open(self, key, mac, ip, port, seq, mss, ws, win, now) -> None:
-        """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn and our SYN-ACK."""
+    def _open(self, key, mac, ip, port, seq, mss, ws, win, now, cls=Conn) -> None:
+        """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn (Conn6 for IPv6) and our SYN-ACK."""
         cnt = self.counters
-        c = Conn(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
+        c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
         self.n_synrcvd += 1
@@ -751,7 +855,7 @@ class Stack:
             return min(cfg.syn_retries, cfg.syn_retries_pressure)
         return cfg.syn_retries
 
-    def _tw_segment(self, key, tw, seg, src_mac, src_ip, now) -> bool:
+    def _tw_segment(self, key, tw, seg, src_mac, src_ip, now, ours=None) -> bool:
         """A segment for a TIME-WAIT connection; False to process it as new (a new SYN)."""
         expiry, snd_nxt, rcv_nxt, mac = tw
         fl = seg.flags
@@ -779,22 +883,29 @@ class Stack:
             del self.tw[key]                            # restart 2*MSL (keeps the table in expiry order)
             self.tw[key] = (now + self.cfg.time_wait, snd_nxt, rcv_nxt, mac)
         cnt["tcp_time_wait_acks"] += 1
-        self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, snd_nxt, rcv_nxt, ACK)
+        self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, snd_nxt, rcv_nxt, ACK, src=ours)
         return True
 
-    def _reset_for(self, src_mac, src_ip, seg) -> None:
+    def _reset_for(self, src_mac, src_ip, seg, ours=None) -> None:
         """RFC 9293 §3.10.7.1: a RST answering a segment that has no connection."""
         if seg.flags & ACK:
-            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, seg.ack, 0, RST)
+            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, seg.ack, 0, RST, src=ours)
         else:
-            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK)
+            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, 0, (seg.seq + seg.seg_len) & MASK, RST | ACK,
+                           src=ours)
         self.counters["tcp_rst_sent"] += 1
 
-    def _emit_tcp(self, dmac, dst, sport, dport, seq, ack, flags, options=Options(), window=None) -> None:
+    def _emit_tcp(self, dmac, dst, sport, dport, seq, ack, flags, options=Options(), window=None, src=None) -> None:
+        """One segment without a connection; `src`: our IPv6 address (None: IPv4)."""
         win = self.cfg.rcv_wnd if window is None else window
-        tcp = TcpSegment(sport, dport, seq, ack, flags, win if not flags & RST else 0, options).emit(self.ipb, dst)
-        ip = IPv4Header(self.ipb, bytes(dst), PROTO_TCP, tcp).emit()
-        self.txq.append((EthernetFrame(bytes(dmac), self.mac, ETH_IPV4).emit() + ip, None, None))
+        tcp = TcpSegment(sport, dport, seq, ack, flags, win if not flags & RST else 0, options).emit(
+            self.ipb if src is None else src, dst)
+        if src is None:
+            ip = IPv4Header(self.ipb, bytes(dst), PROTO_TCP, tcp).emit()
+            self.txq.append((EthernetFrame(bytes(dmac), self.mac, ETH_IPV4).emit() + ip, None, None))
+        else:
+            ip = _IP6.pack(0x60000000, len(tcp), PROTO_TCP, 64, bytes(src), bytes(dst)) + tcp
+            self.txq.append((EthernetFrame(bytes(dmac), self.mac, 0x86DD).emit() + ip, None, None))
         self.counters["tcp_out_segments"] += 1
 
     # ------------------------------------------------------ services for Conn
@@ -813,7 +924,10 @@ class Stack:
             h = bytearray(tmpl)
             h += opts
             hl = 20 + len(opts)
-            _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 20 + hl)) % 0xFFFF)
+            if len(tmpl) == 74:
+                h[18:20] = hl.to_bytes(2, "big")          # IPv6 payload length (no header checksum)
+            else:
+                _IP_FIXED(h, 16, 20 + hl, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 20 + hl)) % 0xFFFF)
             if len(self._opts_cache) >= OPTS_CACHE_MAX:
                 self._opts_cache.clear()
             v = self._opts_cache[k] = (bytes(h), hl, int.from_bytes(opts, "big"))
@@ -908,6 +1022,8 @@ class Stack:
         v = self._conn_tmpl.get(k)
         if v is not None:
             return v
+        if len(peer_ip) != 4:
+            return self._template6(k, peer_mac, peer_ip, peer_port)
         p = peer_mac + peer_ip
         pv = self._tmpl_cache.get(p)
         if pv is None:
@@ -927,6 +1043,38 @@ class Stack:
             self._conn_tmpl.clear()
         v = self._conn_tmpl[k] = (t, ip_const, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
         return v
+
+    def _template6(self, k, peer_mac: bytes, addrs: bytes, peer_port: int):
+        """template() for IPv6 (Conn6): `addrs` is the peer's address then ours. The
+        Ethernet+IPv6+TCP header (74 bytes), ip_const 0 (IPv6 has no header
+        checksum), the pseudo-header constant sum(src, dst) + 6 (RFC 8200 §8.1: the
+        length is added per segment, as for IPv4), `ctl` with payload length 20."""
+        pv = self._tmpl_cache.get(peer_mac + addrs)
+        if pv is None:
+            peer, ours = addrs[:16], addrs[16:32]
+            t = EthernetFrame(peer_mac, self.mac, 0x86DD).emit() + _IP6.pack(0x60000000, 0, PROTO_TCP, 64, ours, peer)
+            pseudo = (int.from_bytes(addrs, "big") + PROTO_TCP) % 0xFFFF
+            if len(self._tmpl_cache) >= 4096:
+                self._tmpl_cache.clear()
+            pv = self._tmpl_cache[peer_mac + addrs] = (bytes(t), 0, pseudo)
+        t, _, pseudo = pv
+        ports = self._port_pre | peer_port
+        t = t + ports.to_bytes(4, "big") + self._tcp_tail
+        ctl = bytearray(t)
+        ctl[18:20] = b"\0\x14"
+        if len(self._conn_tmpl) >= 16384:
+            self._conn_tmpl.clear()
+        v = self._conn_tmpl[k] = (t, 0, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
+        return v
+
+    def gso6(self, mss: int):
+        """The GSO descriptor of an IPv6 connection's super-frames (TCPV6, 74-byte headers)."""
+        g = self._gso6.get(mss)
+        if g is None:
+            if len(self._gso6) >= 1024:
+                self._gso6.clear()
+            g = self._gso6[mss] = GSO(54, 16, mss, 74, 4)
+        return g
 
     def patched(self, resp, close: bool):
         """(header bytes with Date and Connection written, first segment's sum, body view)."""

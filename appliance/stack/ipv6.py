@@ -38,10 +38,10 @@ override, with our link-layer address; to all-nodes when the solicitation
 came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
 address it was sent to (or, for a multicast request, our preferred
 address); an MLD query -> a report of our groups. Packet Too Big is counted
-(`icmp6_packet_too_big`); with TCP over IPv6 it will lower the path MSS.
-TCP over IPv6 is not served yet: a segment to one of our addresses is
-answered with a RST (RFC 9293 §3.10.7.1, as for a closed port: clients fail
-at once instead of timing out); an unknown next header with a Parameter
+(`icmp6_packet_too_big`) and handed to `too_big` (the Stack: it lowers the
+connection's SMSS). TCP segments to a preferred address take the Stack's
+IPv6 fast path (iface.py) and never come here; the others (extension headers,
+a tentative address) are counted (`drop_ip6_tcp_not_served`) and dropped. An unknown next header gets a Parameter
 Problem (RFC 8200 §4, RFC 4443 §3.4 code 1). ICMPv6 errors are never sent
 for multicast destinations or unspecified sources (RFC 4443 §2.4 e) and
 are rate-limited (§2.4 f: `error_rate` per second).
@@ -139,6 +139,7 @@ class Ipv6Host:
         self._ra_seen = False
         self._err_sec = -1
         self._err_n = 0
+        self.too_big = None                 # callback(icmp6 body, now) for Packet Too Big (TCP's SMSS)
 
     # ---------------------------------------------------------------- API
 
@@ -210,6 +211,8 @@ class Ipv6Host:
             self._mld_report(self._groups - {ALL_NODES})
         elif t == 2:
             self.counters["icmp6_packet_too_big"] += 1
+            if self.too_big is not None:
+                self.too_big(body, now)                 # the Stack lowers the connection's MSS
         else:
             self.counters["icmp6_ignored"] += 1
 

@@ -456,7 +456,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (no_answer, declined). With several workers the parent keeps the lease
     (lease.py) and (re)starts the workers on the leased address.
     `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
-    addresses, ND, ping -6; TCP over IPv6 is not served yet), its addresses
+    addresses, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
     reported as "address6" events; one worker too."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)

@@ -18,10 +18,12 @@ batch). A Frame is
   flags VIRTIO_NET_HDR_F_NEEDS_CSUM with `csum_start`/`csum_offset` (the TCP
   checksum field then holds the folded, *not* complemented, pseudo-header sum
   including the TCP length of the whole frame, as Linux expects for
-  CHECKSUM_PARTIAL), and when `gso_size` > 0, gso_type TCPV4 with `hdr_len`
+  CHECKSUM_PARTIAL), and when `gso_size` > 0, `gso_type` (TCPV4, or TCPV6
+  for IPv6 frames) with `hdr_len`
   (the length of Ethernet+IP+TCP headers): a super-frame of up to 64 KB that
   the kernel or NIC cuts into `gso_size` payloads (IP id incremented per
-  segment, PSH/FIN only on the last one, as Linux's tcp_gso_segment does).
+  segment, PSH/FIN only on the last one, as Linux's tcp_gso_segment does;
+  for IPv6 the payload length per segment, there is no id or header checksum).
 
 `Offload` says what the device can do; the stack only emits gso frames for
 capabilities that are set (csum for NEEDS_CSUM, tso for gso_size > 0).
@@ -44,6 +46,7 @@ class GSO(NamedTuple):
     csum_offset: int        # offset of the checksum field from csum_start (16 for TCP)
     gso_size: int           # payload bytes per segment; 0 = checksum offload only
     hdr_len: int            # Ethernet+IP+TCP header length (for GSO)
+    gso_type: int = 1       # virtio_net_hdr gso_type: 1 TCPV4, 4 TCPV6
 
 
 Frame = tuple  # (head: bytes-like, payload: bytes-like | None, gso: GSO | None)

@@ -54,12 +54,18 @@ def virtio_complete(frame) -> list:
     body = data[hl:]
     out = []
     chunks = [body[i:i + gso.gso_size] for i in range(0, len(body), gso.gso_size)] or [b""]
+    v6 = data[12:14] == b"\x86\xdd"
+    if v6:                      # GSO TCPv6 (tcp6_gso_segment): payload length per segment
+        src, dst = bytes(data[ip + 8:ip + 24]), bytes(data[ip + 24:ip + 40])
     for i, chunk in enumerate(chunks):
         seg = bytearray(data[:hl]) + chunk
         last = i == len(chunks) - 1
-        struct.pack_into("!HH", seg, ip + 2, hl - ip + len(chunk), (ip_id + i) & 0xFFFF)
-        seg[ip + 10:ip + 12] = b"\0\0"
-        seg[ip + 10:ip + 12] = _csum(seg[ip:tcp]).to_bytes(2, "big")
+        if v6:
+            struct.pack_into("!H", seg, ip + 4, hl - tcp + len(chunk))
+        else:
+            struct.pack_into("!HH", seg, ip + 2, hl - ip + len(chunk), (ip_id + i) & 0xFFFF)
+            seg[ip + 10:ip + 12] = b"\0\0"
+            seg[ip + 10:ip + 12] = _csum(seg[ip:tcp]).to_bytes(2, "big")
         struct.pack_into("!I", seg, tcp + 4, (seq + i * gso.gso_size) & 0xFFFFFFFF)
         f = flags
         if not last:

@@ -97,7 +97,7 @@ TP_STATUS_SEND_REQUEST = 1
 TP_STATUS_WRONG_FORMAT = 4
 
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
-VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV4 = 1       # (GSO.gso_type carries it: 4 for TCPV6)
 VNET_HDR_LEN = 10                 # struct virtio_net_hdr (no num_buffers)
 
 TPACKET2_HDR = struct.Struct("=IIIHH")   # tp_status, tp_len, tp_snaplen, tp_mac, tp_net
@@ -508,7 +508,7 @@ class TpacketDevice:
                 elif not gso[2]:
                     pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, total, 0, gso[0], gso[1])
                 else:
-                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+                    pack_vnet(mm, off + TPACKET2_DATA, VIRTIO_NET_HDR_F_NEEDS_CSUM, gso[4],
                               gso[3], gso[2], gso[0], gso[1])
                 pack_sl(mm, off, TP_STATUS_SEND_REQUEST, total + VNET_HDR_LEN)
             else:
@@ -556,7 +556,7 @@ class TpacketDevice:
         parts = [head] if payload is None else [head, payload]
         if self.vnet:
             parts.insert(0, ZERO_VNET if gso is None else VNET.pack(
-                VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4 if gso[2] else 0,
+                VIRTIO_NET_HDR_F_NEEDS_CSUM, gso[4] if gso[2] else 0,
                 gso[3], gso[2], gso[0], gso[1]))
         return parts
 
