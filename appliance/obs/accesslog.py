@@ -34,7 +34,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import struct
 import time
 
 __all__ = ["AccessLog", "ConsoleSink", "SyslogSink", "escape", "parse_destination"]
