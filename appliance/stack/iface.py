@@ -116,11 +116,12 @@ class StackConfig(NamedTuple):
     tso_max: int = 62000            # payload bytes per GSO super-frame (< 64 KB with headers)
     ooo_limit: int = 16384          # out-of-order bytes kept per connection
     max_queued: int = 256           # replies queued per connection before request data is refused
+    tls_port: int = 443             # HTTPS, when the Stack has a TlsServer (tls.py)
 
 
 class Stack:
     def __init__(self, store, mac: bytes, ip: str, prefix: int, gateway: str | None, offload: Offload,
-                 config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None):
+                 config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None, tls=None):
         if isinstance(mac, str):
             mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
         if len(mac) != 6:
@@ -163,6 +164,13 @@ class Stack:
         self.http_factory = http_factory
         self.http_first = http_first
         self.counters = Counters()
+        self.tls = tls              # a tls.TlsServer: HTTPS on cfg.tls_port (TlsConn), or None
+        if tls is not None:
+            if config.tls_port == config.port:
+                raise ValueError(f"tls_port and port are both {config.port}")
+            tls.bind(self.counters)
+            from .tls import TlsConn
+            self._tls_conn = TlsConn
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
@@ -384,7 +392,7 @@ class Stack:
             if self._tw_segment(key, tw, seg, src_mac, src_ip, now):
                 return
         fl = seg.flags
-        if seg.dport != self.cfg.port or self.store is None:
+        if (seg.dport != self.cfg.port and (self.tls is None or seg.dport != self.cfg.tls_port)) or self.store is None:
             if not fl & RST:
                 self._reset_for(src_mac, src_ip, seg)
             raise Malformed("tcp_closed_port", str(seg.dport))
@@ -395,8 +403,9 @@ class Stack:
                 mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
                 if mss is not None and len(self.conns) < self.cfg.max_conns:
                     cnt["tcp_syncookies_accepted"] += 1
-                    c = Conn(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
-                             (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
+                    c = (Conn if seg.dport == self.cfg.port else self._tls_conn)(
+                        self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
+                        (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
                     self.conns[key] = c
@@ -418,7 +427,7 @@ class Stack:
             mss = min(seg.options.mss or 536, self.cfg.mtu - 40)
             cookie = self.isn.cookie(key, seg.seq, mss, now)
             self._cookies_until = now + 130.0
-            self._emit_tcp(src_mac, src_ip, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
+            self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, cookie, (seg.seq + 1) & MASK, SYN | ACK,
                            Options(mss=self.cfg.mtu - 40))
             cnt["tcp_syncookies_sent"] += 1
             return
@@ -430,7 +439,8 @@ class Stack:
     def _open(self, key, mac, ip, port, seq, mss, ws, win, now) -> None:
         """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn and our SYN-ACK."""
         cnt = self.counters
-        c = Conn(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
+        cls = Conn if self.tls is None or key[10:12] == self._port_b else self._tls_conn
+        c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
         self.n_synrcvd += 1
@@ -632,14 +642,17 @@ class Stack:
                                              GSO(34, 16, mss, 54))
         return v
 
-    def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
+    def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int, lport: int = 0):
         """A connection's header templates and checksum constants: (template, ip_const,
         pseudo_const, tcp_const, ctl), all sums mod 0xFFFF. `template` is the
         Ethernet+IPv4+TCP header with addresses and ports; `ctl` the same with the IP
         total length and checksum of a 40-byte datagram (a bare ACK, FIN or RST)
         already in place. The Ethernet+IP part is cached per peer, the whole per
-        peer and port: a client opens many connections and reuses its ports."""
+        peer and port: a client opens many connections and reuses its ports.
+        `lport`: our port when it is not cfg.port (HTTPS)."""
         k = peer_mac + peer_ip + peer_port.to_bytes(2, "big")
+        if lport:
+            k += lport.to_bytes(2, "big")
         v = self._conn_tmpl.get(k)
         if v is not None:
             return v
@@ -654,7 +667,7 @@ class Stack:
                 self._tmpl_cache.clear()
             pv = self._tmpl_cache[p] = (bytes(t), ip_const, pseudo)
         t, ip_const, pseudo = pv
-        ports = self._port_pre | peer_port
+        ports = (lport << 16 if lport else self._port_pre) | peer_port
         t = t + ports.to_bytes(4, "big") + self._tcp_tail
         ctl = bytearray(t)
         _IP_FIXED(ctl, 16, 40, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 40)) % 0xFFFF)
