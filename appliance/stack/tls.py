@@ -89,11 +89,11 @@ class TlsError(Exception):
     """Bad certificate or key material: the message names the file and the problem (never key bytes)."""
 
 
-def _decode_cert(path):
+def _decode_cert(path, what):
     try:
         return ssl._ssl._test_decode_cert(path)
     except (ssl.SSLError, OSError) as e:
-        raise TlsError(f"{path}: not a PEM certificate ({getattr(e, 'reason', None) or e})") from None
+        raise TlsError(f"{what}: not a valid PEM certificate ({getattr(e, 'reason', None) or e})") from None
 
 
 def _pem_blocks(text: str, path: str):
@@ -125,7 +125,7 @@ def check_chain(certfile: str, keyfile: str, tmpdir: str = None) -> dict:
             p = os.path.join(d, f"{i}.pem")
             with open(p, "w") as f:
                 f.write(b + "\n")
-            infos.append(_decode_cert(p))
+            infos.append(_decode_cert(p, f"certificate file {certfile}, certificate {i + 1}"))
     try:
         der = ssl.PEM_cert_to_DER_cert(blocks[0] + "\n")
     except ValueError as e:
