@@ -312,3 +312,48 @@ def test_bad_key_and_chain_errors(tmp_path, cert):
     rev.write_text(open(ca[0]).read() + open(leaf[0]).read())
     with pytest.raises(TlsError, match="out of order"):
         TlsServer(str(rev), leaf[1])
+
+
+def test_hsts_header_on_https_only(store, cert):
+    st = tls_stack(store, cert, tls_kw={"hsts": 31536000})
+    c = connect(st, cert)
+    c.request(b"GET /odd.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+    plain = expected(store, "/odd.txt")
+    head, body = plain.split(b"\r\n\r\n", 1)
+    assert c.plain == head + b"\r\nStrict-Transport-Security: max-age=31536000\r\n\r\n" + body
+    h = Client(st, port=45000)
+    h.connect()
+    assert h.get("/odd.txt")[0] == plain                 # port 80 (--http serve): unchanged
+
+
+def test_http_redirect_mode_308(store, cert):
+    from appliance.http.redirect import redirect_factory
+    srv = TlsServer(cert[0], cert[1])
+    from tests.stack_support import make_stack
+    st = make_stack(store, tls=srv, http_factory=redirect_factory(store.site, store.blob, "www.test"))
+    h = Client(st, port=45001)
+    h.connect()
+    body, _ = h.get("/docs/a%20b?q=1")                  # Host: t
+    assert body.startswith(b"HTTP/1.1 308 Permanent Redirect\r\n")
+    assert b"\r\nLocation: https://t/docs/a%20b?q=1\r\n" in body
+    assert body.endswith(b"Content-Length: 0\r\n\r\n")
+    h2 = Client(st, port=45002)
+    h2.connect()
+    out = h2.send("PA", data=b"GET /x HTTP/1.1\r\nHost: bad_host!\r\n\r\n")
+    body2, _ = h2.fetch(out)
+    assert b"\r\nLocation: https://www.test/x\r\n" in body2
+    c = connect(st, cert, port=45003)                    # HTTPS still serves the site
+    c.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.plain == expected(store, "/")
+
+
+def test_http_off_resets_port_80(store, cert):
+    from tests.stack_support import make_stack
+    st = make_stack(store, tls=TlsServer(cert[0], cert[1]), port=0)
+    h = Client(st, port=45004)
+    out = h.syn()
+    assert [p[TCP].flags for p in out if TCP in p] == ["RA"]
+    assert st.counters["drop_tcp_closed_port"] == 1
+    c = connect(st, cert, port=45005)
+    c.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.plain == expected(store, "/")

@@ -46,12 +46,7 @@ def make_ca(d, name="ca"):
 
 def tls_stack(store, cert, *, tls_kw=None, **cfg):
     srv = TlsServer(cert[0], cert[1], **(tls_kw or {}))
-    st = make_stack(store, **cfg)
-    st.tls = srv                        # (make_stack has no tls argument: attach as Stack.__init__ does)
-    srv.bind(st.counters)
-    from appliance.stack.tls import TlsConn
-    st._tls_conn = TlsConn
-    return st
+    return make_stack(store, tls=srv, **cfg)
 
 
 def client_context(cafile, version=None):

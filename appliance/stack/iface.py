@@ -27,7 +27,9 @@ its first data (default: appliance.http.HTTPConnection on the store; a
 connection whose one segment is a cached whole request that closes it is
 answered from the shared reply cache and needs none).
 
-Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port`: a SYN creates a
+Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port` and, with a
+TlsServer (`tls=`, tls.py), on `cfg.tls_port`, whose connections are
+TlsConns (SYNs to it take the general path, not the fast one): a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
 Window Scale 0 (we take its scaling; our own window stays <= 65535). We never
 offer SACK or timestamps. When `syn_backlog` half-open connections exist (or
@@ -94,7 +96,7 @@ _IP_FIXED = struct.Struct("!HHHBBH").pack_into      # at 16: total length, id, f
 
 
 class StackConfig(NamedTuple):
-    port: int = 80                  # the listening TCP port
+    port: int = 80                  # the listening TCP port (plain HTTP; 0: none, HTTPS only)
     mtu: int = 1500                 # the device's IP MTU: our MSS option is mtu - 40
     max_conns: int = 65536          # connections (all states but TIME-WAIT); SYNs beyond are dropped
     syn_backlog: int = 1024         # half-open connections before SYN cookies are used
@@ -149,13 +151,15 @@ class Stack:
         self.cfg = config
         self.isn = IsnGenerator(secret if secret is not None else os.urandom(32))
         http_first = None
+        site_http = None
         if store is not None:
             self.smss = store.mss
             self.blob = store.blob
+            from appliance.http import HTTPConnection
+            site, blob = store.site, store.blob
+            site_http = lambda: HTTPConnection(site, blob)    # noqa: E731
             if http_factory is None:
-                from appliance.http import HTTPConnection
-                site, blob = store.site, store.blob
-                http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
+                http_factory = site_http
                 # a fresh connection's first segment: the shared reply cache first (Conn._deliver)
                 http_first = HTTPConnection.reply_cache(site).get
         else:
@@ -168,7 +172,7 @@ class Stack:
         if tls is not None:
             if config.tls_port == config.port:
                 raise ValueError(f"tls_port and port are both {config.port}")
-            tls.bind(self.counters)
+            tls.bind(self.counters, site_http)     # HTTPS always serves the site (not http_factory)
             from .tls import TlsConn
             self._tls_conn = TlsConn
         self.txq = []
@@ -198,7 +202,7 @@ class Stack:
         self.last_error = None
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
-        self._syn_fast_ok = store is not None and config.syncookies != "always"
+        self._syn_fast_ok = store is not None and config.syncookies != "always" and config.port != 0
 
     # --------------------------------------------------------------- public API
 
@@ -392,7 +396,8 @@ class Stack:
             if self._tw_segment(key, tw, seg, src_mac, src_ip, now):
                 return
         fl = seg.flags
-        if (seg.dport != self.cfg.port and (self.tls is None or seg.dport != self.cfg.tls_port)) or self.store is None:
+        if ((seg.dport != self.cfg.port or not seg.dport) and (self.tls is None or seg.dport != self.cfg.tls_port)
+                or self.store is None):
             if not fl & RST:
                 self._reset_for(src_mac, src_ip, seg)
             raise Malformed("tcp_closed_port", str(seg.dport))

@@ -93,13 +93,20 @@ def _parse_ip(ip: str):
     return str(itf.ip), itf.network.prefixlen
 
 
-def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=None):
+def make_stack(store, mac: bytes, ip: str, prefix: int, gateway, dev, config=None, tls=None):
     """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
-    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies)."""
+    fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies).
+    `tls`: None, or {"server": tls.TlsServer, "http": "serve"|"redirect"|"off",
+    "default_host": name for redirects without a usable Host}."""
     from .iface import Stack, StackConfig
     if config is None:
-        config = StackConfig(mtu=dev.mtu)
-    return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+        config = StackConfig(mtu=dev.mtu, port=0 if tls and tls["http"] == "off" else 80)
+    factory = None
+    if tls and tls["http"] == "redirect":
+        from ..http.redirect import redirect_factory
+        factory = redirect_factory(store.site, store.blob, tls["default_host"], config.tls_port)
+    return Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32), http_factory=factory,
+                 tls=tls["server"] if tls else None)
 
 
 def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None) -> None:
@@ -250,7 +257,7 @@ def _collect(stack, dev) -> Counters:
 
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
-            on_stack=None, config=None, cpu=None, on_tick=None) -> Counters:
+            on_stack=None, config=None, cpu=None, on_tick=None, tls=None) -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -261,7 +268,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     dev = None
     try:
         dev = _open_device(iface, capture, fanout, unicast=mac)
-        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, tls)
         stack.start(time.monotonic())
         if stack.txq:
             dev.tx_batch(stack.txq)
@@ -315,9 +322,11 @@ def _install_signals(stopper):
 
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
-          pin: bool = False, config=None) -> Counters:
+          pin: bool = False, config=None, tls=None) -> Counters:
     """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted) until
-    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers)."""
+    SIGINT/SIGTERM or `stop_event`; returns the counters (summed over workers).
+    `tls`: HTTPS beside HTTP (see make_stack); the TlsServer is made before the
+    workers fork, so they share its session ticket keys (a client resumes on any)."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
     if gateway:
@@ -332,6 +341,11 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     info = {"ip": addr, "prefix": prefix, "port": 80, "urls": urls, "iface": iface,
             "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
             "offload": read_offload(iface)._asdict(), "workers": workers}
+    if tls:
+        srv = tls["server"]
+        info["port"] = 0 if tls["http"] == "off" else 80
+        info["https"] = {"port": 443, "http": tls["http"], "names": srv.names, "not_after": srv.info["not_after"],
+                         "fingerprint_sha256": srv.info["fingerprint_sha256"]}
     stopper = _Stopper(stop_event)
     wake_fd, restore = _install_signals(stopper)
     try:
@@ -341,9 +355,9 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
                 if on_ready:
                     on_ready(Ready(info, _Live(lambda: _collect(stack, dev))))
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
-                           wake_fd, ready, config, _cpu_for(0) if pin else None)
+                           wake_fd, ready, config, _cpu_for(0) if pin else None, tls=tls)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
-                              stopper, wake_fd, on_ready, info, pin, config)
+                              stopper, wake_fd, on_ready, info, pin, config, tls)
     finally:
         restore()
 
@@ -355,7 +369,7 @@ def _cpu_for(i: int) -> int:
 
 
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config) -> Counters:
+                   wake_fd, on_ready, info, pin, config, tls=None) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
@@ -376,7 +390,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                 os.close(r)
                 code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
                               f"{capture}.{i}" if capture else None, fanout, config,
-                              _cpu_for(i) if pin else None)
+                              _cpu_for(i) if pin else None, tls)
                 os._exit(code)
             os.close(w)
             children[pid] = os.fdopen(r, "r")
@@ -455,7 +469,7 @@ def _die_with_parent():
         pass
 
 
-def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu) -> int:
+def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu, tls=None) -> int:
     out = os.fdopen(w, "w", buffering=1)
     _die_with_parent()
     try:
@@ -468,7 +482,7 @@ def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanou
         def tick(stack, dev):
             out.write("LIVE " + json.dumps(dict(_collect(stack, dev))) + "\n")
         counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
-                           stopper, wake_fd, ready, config, cpu, tick)
+                           stopper, wake_fd, ready, config, cpu, tick, tls)
         out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
         return 0
     except BaseException as e:

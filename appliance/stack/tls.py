@@ -141,9 +141,10 @@ def check_chain(certfile: str, keyfile: str, tmpdir: str = None) -> dict:
         reason = (e.reason or "").lower()
         if "mismatch" in reason:
             raise TlsError(f"key file {keyfile}: does not match the certificate in {certfile}") from None
-        raise TlsError(f"key file {keyfile}: not a usable PEM private key ({e.reason or e.library})") from None
+        raise TlsError(f"key file {keyfile}: not a usable PEM private key"
+                       + (f" ({e.reason.lower()})" if e.reason else "")) from None
     leaf = infos[0]
-    names = [v for k, v in leaf.get("subjectAltName", ()) if k == "DNS"]
+    names = [v for k, v in leaf.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
     if not names:
         names = [v for rdn in leaf.get("subject", ()) for k, v in rdn if k == "commonName"]
     ts = ssl.cert_time_to_seconds(leaf["notAfter"])
@@ -181,12 +182,15 @@ class TlsServer:
         self.info = check_chain(certfile, keyfile)
         self.names = self.info["names"]
         self.counters = {}
+        self.http_factory = None
         self.handshaking = {}       # TlsConn -> None: handshakes in progress
         self.ctx = self._context()
         self.rotated_at = now
 
-    def bind(self, counters) -> None:
+    def bind(self, counters, http_factory) -> None:
+        """Called by the Stack: its counters and the site's HTTPConnection factory."""
         self.counters = counters
+        self.http_factory = http_factory
 
     def _context(self):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -275,7 +279,7 @@ class TlsConn(Conn):
                 self.abort("tls_drop_handshake_limit")
                 return True                                 # (nothing more to send: no ACK after the RST)
             srv.maybe_rotate(now)
-            s = self.tls = _Session(srv, st.http_factory())
+            s = self.tls = _Session(srv, srv.http_factory())
             srv.handshaking[self] = None
             cnt["tls_handshakes_started"] += 1
             t = self.t_req = now + srv.handshake_timeout
