@@ -17,7 +17,7 @@ def make_cert(d, name="srv", days=30, key="ec", cn="www.test", names=NAMES, ca=N
     """A self-signed (or `ca`-signed: (cert, key)) certificate and key in `d`; returns (cert, key) paths."""
     crt, k = os.path.join(d, name + ".crt"), os.path.join(d, name + ".key")
     newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if key == "ec" else ["-newkey", "rsa:2048"]
-    san = "subjectAltName=" + ",".join("DNS:" + n for n in names)
+    san = "subjectAltName=" + ",".join(("IP:" if n[0].isdigit() else "DNS:") + n for n in names)
     if ca is None:
         subprocess.run(["openssl", "req", "-x509", *newkey, "-nodes", "-keyout", k, "-out", crt,
                         "-days", str(days), "-subj", "/CN=" + cn, "-addext", san],

@@ -188,7 +188,8 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, tls_c
             except (TlsError, RuntimeError) as e:
                 _fail(str(e))
             default_host = next((n for n in srv.names if not n.startswith("*")), ip.split("/")[0])
-            tls = {"server": srv, "http": http_mode or "redirect", "default_host": default_host}
+            tls = {"server": srv, "http": http_mode or "redirect", "default_host": default_host,
+                       "self_signed": bool(names)}
         if os.geteuid() != 0:
             _fail("serving needs root (AF_PACKET rings, CAP_NET_RAW)")
         why = check_interface(iface)

@@ -346,6 +346,8 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
         info["port"] = 0 if tls["http"] == "off" else 80
         info["https"] = {"port": 443, "http": tls["http"], "names": srv.names, "not_after": srv.info["not_after"],
                          "fingerprint_sha256": srv.info["fingerprint_sha256"]}
+        if tls.get("self_signed"):
+            info["https"]["self_signed_cert"] = srv.certfile     # for clients to trust (never the key)
     stopper = _Stopper(stop_event)
     wake_fd, restore = _install_signals(stopper)
     try:

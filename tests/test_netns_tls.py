@@ -1,0 +1,174 @@
+"""HTTPS from `python -m appliance serve` on a veth pair, checked with real clients:
+curl (TLS 1.3, TLS 1.2), openssl s_client (ALPN, SNI, resumption), Python's
+ssl + http.client (keep-alive), wget --mirror of the example site over HTTPS
+byte for byte, the 308 redirect on port 80, HSTS, a self-signed run with
+port 80 off. Namespaces and servers are removed by the fixtures."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_netns_serve import assert_mirror_exact, read_tree, running_server, site_files
+from tests.tls_support import make_ca, make_cert
+from vm import netns
+
+pytestmark = pytest.mark.netns
+
+SUBNET = 112
+IP = f"198.18.{SUBNET}.1"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from appliance.content.compiler import compile_site
+    from tests.test_netns_serve import SITE
+    path = str(tmp_path_factory.mktemp("tls-store") / "www.store")
+    compile_site(SITE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    ca = make_ca(d)
+    leaf = make_cert(d, "www", ca=ca, names=("www.test", IP))
+    chain = os.path.join(d, "fullchain.pem")
+    with open(chain, "w") as f:
+        f.write(open(leaf[0]).read() + open(ca[0]).read())
+    return {"ca": ca[0], "cert": chain, "key": leaf[1], "dir": d}
+
+
+@pytest.fixture(scope="module")
+def https(store, pki):
+    with netns.pair(subnet=SUBNET) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store, "--tls-cert", pki["cert"],
+                            "--tls-key", pki["key"], "--http", "redirect", "--hsts", "600") as srv:
+            yield link, srv
+        c = srv.counters
+        assert c is not None, srv.stderr
+        assert c.get("drop_internal_error", 0) == 0, c
+        assert c.get("loop_stack_errors", 0) == 0, c
+        assert c.get("tls_handshakes_full", 0) >= 3 and c.get("tls_handshakes_resumed", 0) >= 1, c
+        assert c.get("tls_version_TLSv1.3", 0) and c.get("tls_version_TLSv1.2", 0), c
+        key = "".join(open(pki["key"]).read().splitlines()[1:-1])
+        assert key[:32] not in json.dumps(c) and key[:32] not in srv.stderr
+
+
+def curl(link, *args, **kw):
+    return link.client.run(["curl", "-sS", "--max-time", "20", *args], text=False, **kw)
+
+
+@pytest.mark.parametrize("opts,version", [(["--tlsv1.3"], "TLSv1.3"), (["--tlsv1.2", "--tls-max", "1.2"], "TLSv1.2")])
+def test_curl_https_versions(https, pki, opts, version):
+    link, srv = https
+    assert srv.ready["https"]["port"] == 443 and IP in srv.ready["https"]["names"]
+    r = curl(link, "-v", "-D", "-", "--cacert", pki["ca"], *opts, f"https://{IP}/")
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert body == site_files()["index.html"]
+    assert b"\r\nStrict-Transport-Security: max-age=600" in head
+    err = r.stderr.decode()
+    assert f"SSL connection using {version}" in err, err
+    assert "ALPN: server accepted http/1.1" in err or "ALPN, server accepted to use http/1.1" in err, err
+    if version == "TLSv1.2":
+        suite = err.split(f"SSL connection using {version} / ", 1)[1].split()[0]
+        assert suite.startswith("ECDHE-") and ("GCM" in suite or "CHACHA20" in suite), suite
+
+
+def test_http_port_80_redirects_with_308(https):
+    link, _ = https
+    r = curl(link, "-D", "-", "-o", "/dev/null", f"http://{IP}/css/site.css?v=1")
+    head = r.stdout.decode()
+    assert head.startswith("HTTP/1.1 308 ")
+    assert f"\r\nLocation: https://{IP}/css/site.css?v=1\r\n" in head
+    assert "Strict-Transport-Security" not in head          # RFC 6797 §7.2: not over plain HTTP
+
+
+def test_openssl_s_client_alpn_sni_resumption(https, pki, tmp_path):
+    link, _ = https
+    sess = str(tmp_path / "sess.pem")
+    req = b"GET /about.html HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n"
+    base = ["openssl", "s_client", "-connect", f"{IP}:443", "-servername", "www.test", "-alpn", "http/1.1",
+            "-CAfile", pki["ca"], "-ign_eof"]
+    r1 = link.client.run(base + ["-sess_out", sess], input=req, text=False, timeout=30, check=False)
+    out1 = r1.stdout.decode(errors="replace")
+    assert "ALPN protocol: http/1.1" in out1
+    assert "Verify return code: 0 (ok)" in out1
+    assert "New, TLSv1.3" in out1
+    assert site_files()["about.html"] in r1.stdout
+    r2 = link.client.run(base + ["-sess_in", sess], input=req, text=False, timeout=30, check=False)
+    out2 = r2.stdout.decode(errors="replace")
+    assert "Reused, TLSv1.3" in out2, out2[:2000]
+    assert site_files()["about.html"] in r2.stdout
+    r3 = link.client.run(base[:-1] + ["-tls1_2", "-sess_out", sess], input=b"", timeout=30, check=False,
+                         text=False)
+    r4 = link.client.run(base[:-1] + ["-tls1_2", "-sess_in", sess], input=b"", timeout=30, check=False,
+                         text=False)
+    assert b"New, TLSv1.2" in r3.stdout and b"Reused, TLSv1.2" in r4.stdout
+
+
+CLIENT_KEEPALIVE = r"""
+import http.client, json, ssl, sys, hashlib
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+c = http.client.HTTPSConnection(sys.argv[1], 443, timeout=15, context=ctx)
+out = []
+for path in sys.argv[3:]:
+    c.request("GET", path, headers={"Accept-Encoding": "identity"})
+    r = c.getresponse()
+    body = r.read()
+    out.append([path, r.status, hashlib.sha256(body).hexdigest()])
+out.append(["port", c.sock.getsockname()[1], c.sock.version()])
+print(json.dumps(out))
+"""
+
+
+def test_python_https_keepalive(https, pki):
+    link, _ = https
+    files = site_files()
+    paths = ["/index.html", "/css/site.css", "/img/logo.png", "/downloads/data.txt", "/about.html"]
+    r = link.client.run([sys.executable, "-c", CLIENT_KEEPALIVE, IP, pki["ca"], *paths], timeout=60)
+    out = json.loads(r.stdout)
+    for path, status, digest in out[:-1]:
+        assert status == 200 and digest == hashlib.sha256(files[path[1:]]).hexdigest(), path
+    assert out[-1][2] == "TLSv1.3"
+
+
+def test_wget_mirror_over_https_byte_exact(https, pki, tmp_path):
+    link, _ = https
+    dest = str(tmp_path / "m")
+    files = site_files()
+    link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=3", "--timeout=20",
+                     "--ca-certificate", pki["ca"], "-P", dest, f"https://{IP}/"], timeout=180, check=False)
+    got = read_tree(dest)
+    rest = [k for k in files if k not in got and not k.endswith("404.html")]
+    if rest:                            # files no link reaches
+        lst = str(tmp_path / "rest.txt")
+        with open(lst, "w") as fh:
+            fh.write("".join(f"https://{IP}/{k}\n" for k in rest))
+        link.client.run(["wget", "-q", "-x", "-nH", "--tries=3", "--timeout=20", "--ca-certificate", pki["ca"],
+                         "-P", dest, "-i", lst], timeout=180)
+        got = read_tree(dest)
+    assert_mirror_exact(got)
+
+
+def test_self_signed_with_http_off(store, tmp_path):
+    with netns.pair(subnet=SUBNET + 1) as link:
+        with running_server(link.server, link.server_if, link.server_ip, store,
+                            "--tls-self-signed", f"www.test,{link.server_ip}", "--http", "off") as srv:
+            crt = srv.ready["https"]["self_signed_cert"]
+            assert srv.ready["port"] == 0
+            local = str(tmp_path / "trust.pem")
+            with open(crt) as f, open(local, "w") as g:
+                g.write(f.read())
+            r = curl(link, "--cacert", local, f"https://{link.server_ip}/")
+            assert r.stdout == site_files()["index.html"]
+            r = curl(link, "--resolve", f"www.test:443:{link.server_ip}", "--cacert", local, "https://www.test/")
+            assert r.stdout == site_files()["index.html"]
+            r = curl(link, f"http://{link.server_ip}/", check=False)
+            assert r.returncode == 7                            # port 80: connection refused (RST)
+        assert "not for production" in srv.stderr
+        assert srv.counters.get("drop_tcp_closed_port", 0) >= 1
+        assert not os.path.exists(crt)                         # the run's key and certificate are gone
