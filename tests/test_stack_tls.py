@@ -357,3 +357,50 @@ def test_http_off_resets_port_80(store, cert):
     c = connect(st, cert, port=45005)
     c.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
     assert c.plain == expected(store, "/")
+
+
+def _serve_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "appliance", "serve", "--store", "none.store", "--iface", "nope0",
+                           "--ip", "198.18.9.1/24", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_refuses_bad_tls_material_naming_the_file(tmp_path, cert):
+    d = str(tmp_path)
+    other = make_cert(d, "other")
+    key_body = "".join(open(other[1]).read().splitlines()[1:-1])
+    r = _serve_cli("--tls-cert", cert[0], "--tls-key", other[1])
+    assert r.returncode == 2
+    assert f"key file {other[1]}: does not match the certificate in {cert[0]}" in r.stderr
+    assert key_body[:32] not in r.stderr + r.stdout
+    junk = tmp_path / "junk.key"
+    junk.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    r = _serve_cli("--tls-cert", cert[0], "--tls-key", str(junk))
+    assert r.returncode == 2 and f"key file {junk}: not a usable PEM private key" in r.stderr
+    r = _serve_cli("--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", cert[1])
+    assert r.returncode == 2 and "missing.pem: does not exist" in r.stderr
+    r = _serve_cli("--tls-cert", cert[0])
+    assert r.returncode == 2 and "both --tls-cert and --tls-key" in r.stderr
+    r = _serve_cli("--hsts", "10")
+    assert r.returncode == 2 and "need HTTPS" in r.stderr
+
+
+def test_cli_expiry_warning_and_expired(tmp_path):
+    import time
+    from appliance.stack.cli import load_tls
+    from appliance.stack.tls import TlsError
+    soon = make_cert(str(tmp_path), "soon", days=5)
+    r = _serve_cli("--tls-cert", soon[0], "--tls-key", soon[1])
+    assert f"warning: certificate file {soon[0]} expires within 30 days" in r.stderr
+    assert "(4 days)" in r.stderr or "(5 days)" in r.stderr
+    assert "interface 'nope0' does not exist" in r.stderr          # checked first, then the interface
+    with pytest.raises(TlsError, match="expired on"):
+        load_tls(soon[0], soon[1], 0, now_unix=time.time() + 10 * 86400)
+
+
+def test_cli_self_signed_warns_not_for_production():
+    r = _serve_cli("--tls-self-signed", "www.test,198.18.9.1")
+    assert "self-signed certificate for www.test, 198.18.9.1" in r.stderr
+    assert "not for production" in r.stderr
+    assert "HTTPS certificate for www.test, 198.18.9.1" in r.stderr
