@@ -51,8 +51,8 @@ def https(store, pki):
         assert c is not None, srv.stderr
         assert c.get("drop_internal_error", 0) == 0, c
         assert c.get("loop_stack_errors", 0) == 0, c
-        assert c.get("tls_handshakes_full", 0) >= 3 and c.get("tls_handshakes_resumed", 0) >= 1, c
-        assert c.get("tls_version_TLSv1.3", 0) and c.get("tls_version_TLSv1.2", 0), c
+        assert c.get("tls_handshakes_full", 0) >= 1, c      # (what else depends on the tests selected)
+        assert sum(v for k, v in c.items() if k.startswith("tls_handshake_failed_")) == 0, c
         key = "".join(open(pki["key"]).read().splitlines()[1:-1])
         assert key[:32] not in json.dumps(c) and key[:32] not in srv.stderr
 
@@ -136,22 +136,46 @@ def test_python_https_keepalive(https, pki):
     assert out[-1][2] == "TLSv1.3"
 
 
-def test_wget_mirror_over_https_byte_exact(https, pki, tmp_path):
-    link, _ = https
-    dest = str(tmp_path / "m")
+def mirror_https(link, dest, ca, ip):
+    """wget --mirror over HTTPS, plus every file no link reaches: {relpath: bytes}."""
     files = site_files()
-    link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=3", "--timeout=20",
-                     "--ca-certificate", pki["ca"], "-P", dest, f"https://{IP}/"], timeout=180, check=False)
+    link.client.run(["wget", "-q", "--mirror", "-nH", "-e", "robots=off", "--tries=5", "--timeout=20",
+                     "--ca-certificate", ca, "-P", dest, f"https://{ip}/"], timeout=240, check=False)
     got = read_tree(dest)
     rest = [k for k in files if k not in got and not k.endswith("404.html")]
-    if rest:                            # files no link reaches
-        lst = str(tmp_path / "rest.txt")
+    if rest:
+        lst = dest + ".rest.txt"
         with open(lst, "w") as fh:
-            fh.write("".join(f"https://{IP}/{k}\n" for k in rest))
-        link.client.run(["wget", "-q", "-x", "-nH", "--tries=3", "--timeout=20", "--ca-certificate", pki["ca"],
-                         "-P", dest, "-i", lst], timeout=180)
+            fh.write("".join(f"https://{ip}/{k}\n" for k in rest))
+        link.client.run(["wget", "-q", "-x", "-nH", "--tries=5", "--timeout=20", "--ca-certificate", ca,
+                         "-P", dest, "-i", lst], timeout=240)
         got = read_tree(dest)
+    return got
+
+
+def test_wget_mirror_over_https_byte_exact(https, pki, tmp_path):
+    link, _ = https
+    assert_mirror_exact(mirror_https(link, str(tmp_path / "m"), pki["ca"], IP))
+
+
+def test_mirror_over_https_through_lossy_reordering_link(store, tmp_path):
+    """5% loss, 5% reordering, 2% duplication both ways: retransmissions come
+    from the ciphertext queue, and every file arrives byte-exact."""
+    from tests.test_netns_impair import impaired_link
+    d = str(tmp_path)
+    ip = f"198.18.{SUBNET + 2}.1"
+    ca = make_ca(d)
+    leaf = make_cert(d, "lossy", ca=ca, names=("www.test", ip))
+    with impaired_link(SUBNET + 2, loss=0.05, reorder=0.05, dup=0.02, seed=11) as (link, stats):
+        with running_server(link.server, link.server_if, link.server_ip, store, "--tls-cert", leaf[0],
+                            "--tls-key", leaf[1], "--http", "off") as srv:
+            got = mirror_https(link, str(tmp_path / "m"), ca[0], ip)
     assert_mirror_exact(got)
+    assert stats["dropped"] > 0 and stats["reordered"] > 0, stats
+    c = srv.counters
+    assert c.get("drop_internal_error", 0) == 0, c
+    assert c.get("tcp_retransmits", 0) + c.get("tcp_fast_retransmit", 0) > 0, c
+    assert c.get("tls_handshakes_full", 0) >= 1, c
 
 
 def test_self_signed_with_http_off(store, tmp_path):
