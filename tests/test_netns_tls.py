@@ -1,5 +1,6 @@
 """HTTPS from `python -m appliance serve` on a veth pair, checked with real clients:
-curl (TLS 1.3, TLS 1.2), openssl s_client (ALPN, SNI, resumption), Python's
+curl (TLS 1.3, TLS 1.2), openssl s_client (ALPN, SNI, resumption, a refused
+renegotiation), Python's
 ssl + http.client (keep-alive), wget --mirror of the example site over HTTPS
 byte for byte, the 308 redirect on port 80, HSTS, a self-signed run with
 port 80 off. Namespaces and servers are removed by the fixtures."""
@@ -196,3 +197,37 @@ def test_self_signed_with_http_off(store, tmp_path):
         assert "not for production" in srv.stderr
         assert srv.counters.get("drop_tcp_closed_port", 0) >= 1
         assert not os.path.exists(crt)                         # the run's key and certificate are gone
+
+
+RENEG = r"""
+import subprocess, sys, time
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+time.sleep(1.0)
+for line in (b"R\n", b"GET /about.html HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n"):
+    try:
+        p.stdin.write(line); p.stdin.flush()
+    except BrokenPipeError:
+        break
+    time.sleep(1.0)
+try:
+    p.stdin.close()
+except BrokenPipeError:
+    pass
+sys.stdout.buffer.write(p.stdout.read())
+p.wait(timeout=20)
+"""
+
+
+def test_renegotiation_refused(https, pki):
+    link, _ = https
+    argv = ["openssl", "s_client", "-connect", f"{IP}:443", "-servername", "www.test", "-tls1_2",
+            "-CAfile", pki["ca"]]
+    r = link.client.run([sys.executable, "-c", RENEG, *argv], text=False, timeout=60, check=False)
+    out = r.stdout.decode(errors="replace")
+    assert "New, TLSv1.2" in out and "RENEGOTIATING" in out, (out[-2000:], r.stderr)
+    # OP_NO_RENEGOTIATION: the renegotiating ClientHello is answered by a no_renegotiation alert
+    # (RFC 5246 §7.2.2), which s_client treats as the end
+    assert "no renegotiation" in out, out[-2000:]
+    assert b"</html>" not in r.stdout
+    r = curl(link, "--cacert", pki["ca"], f"https://{IP}/about.html")
+    assert r.stdout == site_files()["about.html"]              # and the server goes on serving
