@@ -404,3 +404,23 @@ def test_cli_self_signed_warns_not_for_production():
     assert "self-signed certificate for www.test, 198.18.9.1" in r.stderr
     assert "not for production" in r.stderr
     assert "HTTPS certificate for www.test, 198.18.9.1" in r.stderr
+
+
+def test_syn_cookies_on_the_tls_port(store, cert):
+    st = tls_stack(store, cert, syncookies="always")
+    c = connect(st, cert, port=45010)
+    assert st.counters["tcp_syncookies_accepted"] == 1
+    c.request(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.plain == expected(store, "/big.bin")
+    sa = c.synack
+    assert sa[TCP].sport == 443
+
+
+def test_encrypted_key_is_refused_not_prompted(tmp_path, cert):
+    import subprocess
+    from appliance.stack.tls import TlsError
+    enc = str(tmp_path / "enc.key")
+    subprocess.run(["openssl", "pkey", "-in", cert[1], "-aes256", "-passout", "pass:secret", "-out", enc],
+                   check=True, capture_output=True)
+    with pytest.raises(TlsError, match="enc.key: not a usable PEM private key"):
+        TlsServer(cert[0], enc)

@@ -136,12 +136,12 @@ def check_chain(certfile: str, keyfile: str, tmpdir: str = None) -> dict:
                            f"issued by certificate {i + 2} (leaf first, then each issuer)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ctx.load_cert_chain(certfile, keyfile)
+        ctx.load_cert_chain(certfile, keyfile, password=_no_password)
     except ssl.SSLError as e:
         reason = (e.reason or "").lower()
         if "mismatch" in reason:
             raise TlsError(f"key file {keyfile}: does not match the certificate in {certfile}") from None
-        raise TlsError(f"key file {keyfile}: not a usable PEM private key"
+        raise TlsError(f"key file {keyfile}: not a usable PEM private key (or one encrypted with a passphrase)"
                        + (f" ({e.reason.lower()})" if e.reason else "")) from None
     leaf = infos[0]
     names = [v for k, v in leaf.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
@@ -150,6 +150,11 @@ def check_chain(certfile: str, keyfile: str, tmpdir: str = None) -> dict:
     ts = ssl.cert_time_to_seconds(leaf["notAfter"])
     return {"names": names, "not_after": leaf["notAfter"], "not_after_ts": ts,
             "fingerprint_sha256": hashlib.sha256(der).hexdigest(), "chain": len(infos)}
+
+
+def _no_password():
+    """An encrypted key is refused, never prompted for (OpenSSL's default reads the terminal)."""
+    return b""
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -200,7 +205,7 @@ class TlsServer:
         ctx.set_ciphers(CIPHERS_12)
         ctx.set_alpn_protocols(["http/1.1"])
         ctx.num_tickets = self.num_tickets
-        ctx.load_cert_chain(self.certfile, self.keyfile)      # checked in check_chain
+        ctx.load_cert_chain(self.certfile, self.keyfile, password=_no_password)   # checked in check_chain
         ctx.sni_callback = self._sni
         return ctx
 
@@ -247,7 +252,7 @@ class _Session:
         self.obj = srv.ctx.wrap_bio(self.rx, self.tx, server_side=True)
         self.http = http
         self.done = False           # handshake complete
-        self.pending = []           # [header bytes, body view] of replies not fully encrypted, and close flags
+        self.pending = []           # (header bytes, body view, close) of replies not fully encrypted
         self.off = 0                # plaintext bytes of pending[0] already encrypted
         self.nrec = 0               # records of pending[0] written so far
         self.small = 0              # plaintext bytes of a small record (SMSS - overhead)
