@@ -23,7 +23,9 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
    come from a predictable fallback;
-6. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
+6. with HTTPS in the config (build.py --tls-*), load and check the
+   certificate chain and key (appliance.stack.tls; bad ones are fatal);
+7. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
    content store (a corrupt one is fatal: say so and stop), and its
    on_ready callback prints the HABOOB-READY line.
 
@@ -436,6 +438,20 @@ def counters_line(counters) -> str:
 
 # -- the boot -------------------------------------------------------------------------------------
 
+def load_tls(t: dict, ip: str) -> dict:
+    """The `tls` argument of serve() from the config's {"cert", "key", "http", "hsts"}."""
+    import time
+    from appliance.stack.tls import TlsError, TlsServer
+    try:
+        srv = TlsServer(t["cert"], t["key"], hsts=int(t.get("hsts", 0)), now=time.monotonic())
+    except TlsError as e:
+        raise Fatal(f"HTTPS: {e}") from None
+    if srv.info["not_after_ts"] <= time.time():
+        say(f"haboob: warning: the certificate expired on {srv.info['not_after']}")
+    host = next((n for n in srv.names if not n.startswith("*")), ip.split("/")[0])
+    return {"server": srv, "http": t.get("http", "redirect"), "default_host": host}
+
+
 def boot() -> None:
     phases["python_started"] = ms_since_boot()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -471,6 +487,9 @@ def boot() -> None:
         raise Fatal(f"the stack is not importable: {type(e).__name__}: {e}") from None
     if not os.path.exists(s["store"]):
         raise Fatal(f"content store {s['store']}: missing from the image")
+    tls = None
+    if config.get("tls"):
+        tls = load_tls(config["tls"], s["ip"])
 
     live = {"counters": None}
 
@@ -486,7 +505,8 @@ def boot() -> None:
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
             "offload": off, "workers": s["workers"], "drivers_loaded": loaded,
-            "entropy_wait_ms": waited, "phases_ms": phases}))
+            "entropy_wait_ms": waited, "phases_ms": phases,
+            **({"https": info["https"]} if "https" in info else {})}))
 
     def on_signal(signum, frame):
         if signum == signal.SIGUSR1:
@@ -500,7 +520,7 @@ def boot() -> None:
 
     try:                                   # serve() opens and verifies the store itself
         counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
-                         workers=s["workers"], on_ready=on_ready, stop_event=stop)
+                         workers=s["workers"], on_ready=on_ready, stop_event=stop, tls=tls)
     except StoreError as e:
         raise Fatal(f"content store {s['store']}: {e}") from None
     live["counters"] = counters if counters is not None else live["counters"]

@@ -147,9 +147,33 @@ def check_chain(certfile: str, keyfile: str, tmpdir: str = None) -> dict:
     names = [v for k, v in leaf.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
     if not names:
         names = [v for rdn in leaf.get("subject", ()) for k, v in rdn if k == "commonName"]
-    ts = ssl.cert_time_to_seconds(leaf["notAfter"])
+    ts = cert_time(leaf["notAfter"], certfile)
     return {"names": names, "not_after": leaf["notAfter"], "not_after_ts": ts,
             "fingerprint_sha256": hashlib.sha256(der).hexdigest(), "chain": len(infos)}
+
+
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+
+
+def cert_time(text: str, what: str = "certificate") -> int:
+    """Unix seconds of OpenSSL's "Mmm DD HH:MM:SS YYYY GMT" (as ssl.cert_time_to_seconds,
+    which needs the _strptime module, absent from the image)."""
+    try:
+        mon, day, hms, year, tz = text.split()
+        h, mi, sec = (int(x) for x in hms.split(":"))
+        y, m, d = int(year), _MONTHS[mon], int(day)
+        if tz != "GMT":
+            raise ValueError(tz)
+    except (ValueError, KeyError):
+        raise TlsError(f"{what}: cannot read the expiry date {text!r}") from None
+    # days from 1970-01-01 to y-m-d (the civil-from-days inverse, proleptic Gregorian)
+    yy = y - (m <= 2)
+    era = yy // 400
+    yoe = yy - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    days = era * 146097 + doe - 719468
+    return days * 86400 + h * 3600 + mi * 60 + sec
 
 
 def _no_password():
