@@ -9,7 +9,7 @@ from scapy.layers.inet import TCP
 
 from appliance.http import HTTPConnection, reply_bytes
 from appliance.stack.iface import imf_fixdate
-from appliance.stack.tls import MAX_RECORD, RECORD_OVERHEAD, TlsServer, _FILL_CHUNK
+from appliance.stack.tls import MAX_RECORD, RECORD_OVERHEAD, TlsServer, _FILL_CHUNK, record_plan
 from tests.stack_support import NOW_UNIX, Client, expected, make_store
 from tests.tls_support import TlsClient, client_context, make_ca, make_cert, tls_stack
 
@@ -148,6 +148,7 @@ def test_dynamic_record_sizing(store, cert):
     assert max(recs[small:]) == MAX_RECORD + ov - 5
     total_plain = sum(n - (ov - 5) for n in recs)
     assert total_plain == len(c.plain)
+    assert [n - (ov - 5) for n in recs] == record_plan(len(c.plain), conn.mss - ov, small)
     # and on the wire: the first segments of the response are full and each holds one record
     segs = [p for p in c.frames if TCP in p and len(p[TCP].payload)][-len(recs):]
     assert any(len(p[TCP].payload) == conn.mss for p in segs)
@@ -424,3 +425,49 @@ def test_encrypted_key_is_refused_not_prompted(tmp_path, cert):
                    check=True, capture_output=True)
     with pytest.raises(TlsError, match="enc.key: not a usable PEM private key"):
         TlsServer(cert[0], enc)
+
+
+def test_large_response_records_are_whole_16k(tmp_path, cert):
+    """Across 64 KB encryption batches every record but the last of a response is full."""
+    from appliance.content.compiler import Options, compile_site
+    from appliance.content.store import Store
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "large.bin").write_bytes(bytes((i * 13) & 0xFF for i in range(200_000)))
+    compile_site(str(tmp_path / "s"), str(tmp_path / "l.store"), Options(mss=1460, source_date_epoch=1700000000))
+    big = Store.open(str(tmp_path / "l.store"))
+    st = tls_stack(big, cert, tls_kw={"small_records": 3})
+    c = connect(st, cert)
+    start = len(c.ciphertext)
+    raw = b"GET /large.bin HTTP/1.1\r\nHost: t\r\n\r\n" * 2
+    c.request(raw)
+    assert c.plain == reference(big, raw)
+    recs = [n - 17 for t, n in records(c.ciphertext[start:]) if t == 23]
+    one = len(reference(big, raw)) // 2
+    conn = next(iter(st.conns.values()))
+    assert recs == record_plan(one, conn.mss - 22, 3) * 2
+    assert recs.count(MAX_RECORD) >= 20
+
+
+def test_respond_tls_shows_the_tunnel_and_records(tmp_path, store):
+    import subprocess
+    import sys
+    from tests.stack_support import SITE
+    root = tmp_path / "site"
+    for rel, data in SITE.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    from appliance.content.compiler import Options, compile_site
+    path = str(tmp_path / "r.store")
+    compile_site(str(root), path, Options(source_date_epoch=1700000000))
+    date = "Sun, 06 Nov 1994 08:49:37 GMT"
+    req = b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n"
+    plain = subprocess.run([sys.executable, "-m", "appliance", "respond", path, "--date", date], input=req,
+                           capture_output=True, check=True).stdout
+    r = subprocess.run([sys.executable, "-m", "appliance", "respond", path, "--date", date, "--tls", "--hsts", "9",
+                        "--mss", "1448"], input=req, capture_output=True, check=True)
+    head, body = plain.split(b"\r\n\r\n", 1)
+    assert r.stdout == head + b"\r\nStrict-Transport-Security: max-age=9\r\n\r\n" + body
+    plan = record_plan(len(r.stdout), 1448 - 22)
+    assert r.stderr.decode().strip() == (f"HTTP/1.1 200 OK: {len(r.stdout)} bytes in {len(plan)} TLS 1.3 records: "
+                                         + " ".join(map(str, plan)))
+    assert plan[:8] == [1426] * 8 and plan[8] == len(r.stdout) - 8 * 1426

@@ -74,7 +74,7 @@ import ssl
 from .conn import CLOSED, Conn, _EMPTY
 from .seq import MASK
 
-__all__ = ["TlsServer", "TlsConn", "TlsError", "check_chain", "RECORD_OVERHEAD", "TLS_RX_MAX"]
+__all__ = ["TlsServer", "TlsConn", "TlsError", "check_chain", "record_plan", "RECORD_OVERHEAD", "TLS_RX_MAX"]
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD only (RFC 5246 + RFC 5289 / RFC 7905)
 CIPHERS_12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384:!kRSA:!PSK:!SRP"
@@ -174,6 +174,19 @@ def cert_time(text: str, what: str = "certificate") -> int:
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     days = era * 146097 + doe - 719468
     return days * 86400 + h * 3600 + mi * 60 + sec
+
+
+def record_plan(total: int, small: int, nsmall: int = 8) -> list:
+    """Plaintext bytes of each record of a `total`-byte response, as TlsConn._fill cuts
+    it: `nsmall` records of `small` bytes (SMSS - overhead), then 16 KB records."""
+    out = []
+    o = 0
+    while o < total:
+        n = small if len(out) < nsmall else MAX_RECORD
+        n = n if n < total - o else total - o
+        out.append(n)
+        o += n
+    return out
 
 
 def _no_password():
@@ -451,8 +464,8 @@ class TlsConn(Conn):
                 if small:
                     n = s.small                             # one record that fills one segment
                     s.nrec += 1
-                else:
-                    n = _FILL_CHUNK - written               # OpenSSL cuts it into 16 KB records
+                else:                                       # whole 16 KB records (OpenSSL cuts them)
+                    n = ((_FILL_CHUNK - written) // MAX_RECORD or 1) * MAX_RECORD
                 if n > total - o:
                     n = total - o
                 if o < hl:
