@@ -231,3 +231,30 @@ def test_renegotiation_refused(https, pki):
     assert b"</html>" not in r.stdout
     r = curl(link, "--cacert", pki["ca"], f"https://{IP}/about.html")
     assert r.stdout == site_files()["about.html"]              # and the server goes on serving
+
+
+def test_two_workers_share_ticket_keys(store, pki, tmp_path):
+    """--workers 2: a TLS 1.3 ticket issued by one worker resumes on every later
+    connection, which the flow hash spreads over both workers (all 8 on the
+    issuing worker: probability 1/256), since the context is made before the fork."""
+    with netns.pair(subnet=SUBNET + 3) as link:
+        ip = link.server_ip
+        d = str(tmp_path)
+        ca = make_ca(d)
+        leaf = make_cert(d, "w2", ca=ca, names=("www.test", ip))
+        with running_server(link.server, link.server_if, ip, store, "--tls-cert", leaf[0], "--tls-key", leaf[1],
+                            "--workers", "2", "--http", "off") as srv:
+            sess = str(tmp_path / "s.pem")
+            req = b"GET / HTTP/1.1\r\nHost: www.test\r\nConnection: close\r\n\r\n"
+            base = ["openssl", "s_client", "-connect", f"{ip}:443", "-servername", "www.test", "-CAfile", ca[0],
+                    "-ign_eof"]
+            r = link.client.run(base + ["-sess_out", sess], input=req, text=False, timeout=30, check=False)
+            assert b"New, TLSv1.3" in r.stdout
+            reused = 0
+            for _ in range(8):                      # new source ports each time
+                r = link.client.run(base + ["-sess_in", sess], input=req, text=False, timeout=30, check=False)
+                assert site_files()["index.html"] in r.stdout
+                reused += b"Reused, TLSv1.3" in r.stdout
+            assert reused == 8
+        c = srv.counters
+        assert c.get("tls_handshakes_resumed", 0) == 8 and c.get("tls_handshakes_full", 0) == 1, c
