@@ -13,7 +13,8 @@ apt-get install -y -q --no-install-recommends \
     shim-signed grub-efi-amd64-signed \
     busybox-static cpio zstd xz-utils \
     python3.11 python3.11-minimal \
-    nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps
+    nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps \
+    testssl.sh
 # nginx from the package is only our benchmark baseline: keep the service off.
 systemctl disable --now nginx >/dev/null 2>&1 || true
 python3 -m pip install -q -r requirements.txt
