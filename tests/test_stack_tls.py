@@ -471,3 +471,41 @@ def test_respond_tls_shows_the_tunnel_and_records(tmp_path, store):
     assert r.stderr.decode().strip() == (f"HTTP/1.1 200 OK: {len(r.stdout)} bytes in {len(plan)} TLS 1.3 records: "
                                          + " ".join(map(str, plan)))
     assert plan[:8] == [1426] * 8 and plan[8] == len(r.stdout) - 8 * 1426
+
+
+def test_oversized_and_bad_records_are_refused_and_counted(store, cert):
+    st = tls_stack(store, cert)
+    # an oversized application-data record after the handshake (RFC 8446 §5.2: > 2^14 + 256)
+    c = connect(st, cert, port=46000)
+    c.pump(c.send_bytes(b"\x17\x03\x03\x48\x00" + bytes(1400)))
+    assert c.fin
+    failed = {k: v for k, v in st.counters.as_dict().items() if k.startswith("tls_record_failed_")}
+    assert sum(failed.values()) == 1, failed
+    # an oversized record in place of a ClientHello
+    d = TlsClient(st, client_context(cert[0]), port=46001)
+    d.connect()
+    d.pump(d.send_bytes(b"\x16\x03\x01\xff\xff" + bytes(2000)))
+    assert d.fin
+    # a corrupted record (AEAD tag check fails: bad_record_mac)
+    e = connect(st, cert, port=46002)
+    e.tls.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    rec = bytearray(e.co.read())
+    rec[-1] ^= 1
+    e.pump(e.send_bytes(bytes(rec)))
+    assert e.fin and e.plain == b""
+    assert any("bad_record_mac" in k or "decryption_failed" in k for k in st.counters.as_dict())
+    # the client's close_notify: answered by ours, then FIN
+    f = connect(st, cert, port=46003)
+    f.request(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert f.plain == expected(store, "/")
+    try:
+        f.tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    f.pump(f.send_bytes(f.co.read()))
+    assert st.counters["tls_close_notify_received"] == 1
+    assert f.fin and f.read_all()                       # our close_notify came before the FIN
+    assert st.counters["drop_internal_error"] == 0
+    g = connect(st, cert, port=46004)                    # and the server goes on
+    g.request(b"GET /odd.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert g.plain == expected(store, "/odd.txt")

@@ -389,6 +389,8 @@ class TlsConn(Conn):
         while len(s.pending) < st.cfg.max_queued and not http.closed:
             try:
                 plain = s.obj.read(MAX_RECORD)
+                if not plain:
+                    raise ssl.SSLZeroReturnError            # (how _ssl reports a received close_notify)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:                  # the client's close_notify
@@ -398,8 +400,6 @@ class TlsConn(Conn):
             except ssl.SSLError as e:                       # bad record, renegotiation, ...
                 self._failed(s, e)
                 return
-            if not plain:
-                break
             if self.date_gen != st.date_gen and st.date is not None:
                 http.now(st.date)
                 self.date_gen = st.date_gen
