@@ -46,11 +46,18 @@ from haboob_build.steps import STEPS, build_image
                    "(together: cloud; each with its deploy/ template where there is one), or none")
 @click.option("--nic-drivers", default="all", show_default=True,
               help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
+@click.option("--tls-cert", type=click.Path(path_type=Path), help="HTTPS on port 443: the certificate chain (PEM)")
+@click.option("--tls-key", type=click.Path(path_type=Path), help="its private key (PEM); it goes into the image")
+@click.option("--tls-self-signed", "tls_self_signed", metavar="NAME[,NAME...]",
+              help="HTTPS with a self-signed certificate made now for these names (development only)")
+@click.option("--http", "http_mode", type=click.Choice(["redirect", "serve", "off"]), default="redirect",
+              show_default=True, help="port 80 beside HTTPS: 308 to https, serve the site, or closed")
+@click.option("--hsts", type=int, default=0, help="Strict-Transport-Security max-age (s) on HTTPS responses")
 @click.option("-q", "--quiet", is_flag=True,
               help="print nothing but errors (no step lines, no progress, no summary)")
 @obs_options                            # access log, metrics, drain: the image's defaults (appliance/obs)
 def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
-         quiet, **obs):
+         tls_cert, tls_key, tls_self_signed, http_mode, hsts, quiet, **obs):
     """Build a bootable appliance image serving the static site in SITE."""
     site = Path(site)
     if name is None:
@@ -70,7 +77,10 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         raise click.ClickException(str(e)) from None
     opts = Options(site=site, name=name, out=out, ip=ip, gateway=gateway, mss=mss, kernel=kernel,
                    memory=memory, compress_level=compress_level, quiet=quiet, modules=modules,
-                   formats=tuple(fmts), nic_drivers=tuple(nics), observe=observe)
+                   formats=tuple(fmts), nic_drivers=tuple(nics), observe=observe, tls_cert=tls_cert,
+                   tls_key=tls_key,
+                   tls_self_signed=tuple(n.strip() for n in (tls_self_signed or "").split(",") if n.strip()),
+                   http=http_mode, hsts=hsts)
     t0 = time.monotonic()
     try:
         ctx = build_image(opts, STEPS)
@@ -81,6 +91,11 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
         click.echo(f"built {out}/ in {time.monotonic() - t0:.1f}s "
                    f"(initrd.img {(out / 'initrd.img').stat().st_size / 1e6:.2f} MB; {sizes})", err=True)
         click.echo(f"boot it: python -m vm boot {out}", err=True)
+        if "tls" in ctx.facts:
+            t = ctx.facts["tls"]
+            click.echo(f"HTTPS for {', '.join(t['names'])} (sha256 {t['fingerprint_sha256']}, expires "
+                       f"{t['not_after']}): the image now holds a private key; keep it as secret as the key",
+                       err=True)
         for f in fmts:
             what = {"iso": f"{out}/{name}.iso (CD or USB stick: dd if={out}/{name}.iso of=/dev/sdX bs=4M)",
                     "img": f"{out}/{name}.img (raw GPT disk, BIOS+UEFI: dd to a disk or USB stick)",

@@ -36,7 +36,9 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
    come from a predictable fallback;
-6. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
+6. with HTTPS in the config (build.py --tls-*), load and check the
+   certificate chain and key (appliance.stack.tls; bad ones are fatal);
+7. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
    content store (a corrupt one is fatal: say so and stop), and its
    on_ready callback prints the HABOOB-READY line.
 
@@ -490,6 +492,44 @@ def counters_line(counters) -> str:
 
 # -- the boot -------------------------------------------------------------------------------------
 
+def load_tls(t: dict, ip: str) -> dict:
+    """The `tls` argument of serve() from the config's {"cert", "key", "http", "hsts"}."""
+    import time
+    from appliance.stack.tls import TlsError, TlsServer
+    try:
+        srv = TlsServer(t["cert"], t["key"], hsts=int(t.get("hsts", 0)), now=time.monotonic())
+    except TlsError as e:
+        raise Fatal(f"HTTPS: {e}") from None
+    if srv.info["not_after_ts"] <= time.time():
+        say(f"haboob: warning: the certificate expired on {srv.info['not_after']}")
+    host = next((n for n in srv.names if not n.startswith("*")), None)
+    if host is None:                        # a redirect for a request without a usable Host goes here
+        host = ip.split("/")[0] if ip and ip != "dhcp" else "localhost"
+    return {"server": srv, "http": t.get("http", "redirect"), "default_host": host}
+
+
+def choose_tls(built: dict | None, s: dict) -> dict | None:
+    """HTTPS settings: the built-in certificate, or a configuration volume's
+    (tls/fullchain.pem, tls/key.pem) over it. A volume's bad certificate or key
+    is a warning and the built-in one while that one is still valid, else fatal."""
+    import time
+    if not s.get("tls_cert"):
+        return load_tls(built, s["ip"]) if built else None
+    t = dict(built or {"http": "redirect", "hsts": 0}, cert=s["tls_cert"], key=s["tls_key"])
+    try:
+        tls = load_tls(t, s["ip"])
+    except Fatal as e:
+        if not built:
+            raise Fatal(f"configuration volume: {e}") from None
+        fallback = load_tls(built, s["ip"])
+        if fallback["server"].info["not_after_ts"] <= time.time():
+            raise Fatal(f"configuration volume: {e} (and the built-in certificate has expired)") from None
+        say(f"HABOOB-WARN configuration volume: {e}; using the built-in certificate")
+        return fallback
+    say(f"haboob: HTTPS certificate from the configuration volume ({', '.join(tls['server'].names)})")
+    return tls
+
+
 def boot() -> None:
     phases["python_started"] = ms_since_boot()
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -536,6 +576,7 @@ def boot() -> None:
         raise Fatal(f"the stack is not importable: {type(e).__name__}: {e}") from None
     if not os.path.exists(s["store"]):
         raise Fatal(f"content store {s['store']}: missing from the image")
+    tls = choose_tls(config.get("tls"), s)
 
     live = {"counters": None}
 
@@ -552,7 +593,8 @@ def boot() -> None:
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
             "offload": off, "workers": s["workers"], "metrics_port": info.get("metrics_port", 0), "drivers_loaded": loaded,
-            "entropy_wait_ms": waited, "phases_ms": phases}))
+            "entropy_wait_ms": waited, "phases_ms": phases,
+            **({"https": info["https"]} if "https" in info else {})}))
 
     def on_event(kind, info):              # address changes (DHCP, IPv6), as they happen
         say(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
@@ -571,7 +613,7 @@ def boot() -> None:
         counters = serve(s["store"], nic["iface"], s["ip"], gateway=s["gateway"], mac=nic["mac"],
                          workers=s["workers"], on_ready=on_ready, stop_event=stop, on_event=on_event,
                          hostname=s.get("hostname"), ip6=s.get("ip6", "off"),
-                         observe=dict(observe, hostname=config.get("name")), drain=observe["drain"])
+                         observe=dict(observe, hostname=config.get("name")), drain=observe["drain"], tls=tls)
     except StoreError as e:
         raise Fatal(f"content store {s['store']}: {e}") from None
     live["counters"] = counters if counters is not None else live["counters"]

@@ -330,5 +330,25 @@ def fuzz_cmd(frames, requests, seed, offload, trace, idle, costs, json_out):
         raise click.ClickException("fuzz failed: " + "; ".join(bad))
 
 
+@main.command("tls-micro")
+@click.option("--mode", type=click.Choice(["keepalive", "full", "resumed", "all"]), default="all", show_default=True)
+@click.option("--size", default="4k", show_default=True, help="Size of the file requested.")
+@click.option("--requests", "-n", type=click.IntRange(10, 1_000_000), default=1000, show_default=True)
+@click.option("--reps", type=click.IntRange(1, 100), default=3, show_default=True)
+def tls_micro_cmd(mode, size, requests, reps):
+    """HTTPS in memory (bench/tls_micro.py): the stack's work per request over
+    TLS 1.3, keep-alive or a new connection per request (full or resumed handshake)."""
+    from . import tls_micro
+    try:
+        size_b = parse_size(size)[1]
+    except SizeError as e:
+        raise click.BadParameter(str(e), param_hint="--size")
+    for m in (("keepalive", "full", "resumed") if mode == "all" else (mode,)):
+        runs = [tls_micro.run(m, size_b, requests) for _ in range(reps)]
+        best = min(runs, key=lambda r: r["us_per_req"])
+        med = sorted(r["us_per_req"] for r in runs)[len(runs) // 2]
+        click.echo(f"tls {m:9s} {size}: {best['us_per_req']:.2f} µs/request (median of {reps}: {med:.2f})")
+
+
 if __name__ == "__main__":
     main(prog_name="python -m bench")

@@ -46,6 +46,11 @@ class Options:
     formats: tuple = ()          # deploy formats (haboob_build.formats): iso, img, pxe, qcow2
     nic_drivers: tuple = ("virtio_net",)   # NIC drivers (haboob_build.drivers); build.py defaults to all
     observe: dict = field(default_factory=dict)   # access log / metrics / drain (appliance/obs/options.py)
+    tls_cert: Path | None = None  # HTTPS: the certificate chain (PEM) ...
+    tls_key: Path | None = None   # ... and its key, copied into the image
+    tls_self_signed: tuple = ()   # or names for a self-signed certificate made at build time (development)
+    http: str = "redirect"        # port 80 beside HTTPS: redirect | serve | off
+    hsts: int = 0                 # Strict-Transport-Security max-age on HTTPS responses (0: none)
 
 
 @dataclass

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent          # the repository (holds a
 STORE = "/haboob/site.store"
 CONFIG = "/etc/haboob/config.json"
 MODULES = "/etc/haboob/modules"
+TLS_CERT = "/haboob/tls/fullchain.pem"
+TLS_KEY = "/haboob/tls/key.pem"
 INIT = f"""#!/usr/bin/{runtime.PY} -IS
 # Haboob PID 1: the kernel runs this script (binfmt_script); -I -S: no
 # environment, no site. The appliance code is compiled under {runtime.APPDIR}.
@@ -85,6 +87,32 @@ def check_inputs(ctx: Context) -> None:
         mtimes = [int(p.stat().st_mtime) for p in o.site.rglob("*") if p.is_file()]
         ctx.epoch = max(mtimes, default=0)
     ctx.facts["source_date_epoch"] = ctx.epoch
+    check_tls_options(o)
+
+
+def check_tls_options(o) -> None:
+    """HTTPS options: both files or neither, not with --tls-self-signed; the chain checked
+    (appliance.stack.tls.check_chain: PEM, key matches, order, not expired)."""
+    import time
+    from appliance.stack.tls import TlsError, check_chain
+    if bool(o.tls_cert) != bool(o.tls_key):
+        raise BuildError("give both --tls-cert and --tls-key (or --tls-self-signed)")
+    if o.tls_cert and o.tls_self_signed:
+        raise BuildError("give either --tls-cert/--tls-key or --tls-self-signed, not both")
+    on = bool(o.tls_cert or o.tls_self_signed)
+    if o.http not in ("redirect", "serve", "off"):
+        raise BuildError(f"--http {o.http!r}: use redirect, serve or off")
+    if not on and (o.http != "redirect" or o.hsts):
+        raise BuildError("--http and --hsts need HTTPS (--tls-cert/--tls-key or --tls-self-signed)")
+    if not 0 <= o.hsts < 2 ** 31:
+        raise BuildError(f"--hsts {o.hsts}: out of range")
+    if o.tls_cert:
+        try:
+            info = check_chain(str(o.tls_cert), str(o.tls_key))
+        except TlsError as e:
+            raise BuildError(str(e)) from None
+        if info["not_after_ts"] <= time.time():
+            raise BuildError(f"certificate file {o.tls_cert}: expired on {info['not_after']}")
 
 
 def packages(ctx: Context) -> None:
@@ -159,6 +187,44 @@ def content(ctx: Context) -> None:
     ctx.facts["urls"] = urls
 
 
+def tls(ctx: Context) -> None:
+    """HTTPS: the certificate chain and key into the image (the key is the image's one
+    secret: 0600, and the manifest records the certificate's fingerprint, never the key)."""
+    import sys
+    import time
+    o = ctx.options
+    if not (o.tls_cert or o.tls_self_signed):
+        return
+    from appliance.stack.tls import TlsError, check_chain
+    if o.tls_self_signed:
+        from appliance.stack.cli import self_signed
+        try:
+            crt, key = self_signed(list(o.tls_self_signed), str(ctx.scratch))
+        except RuntimeError as e:
+            raise BuildError(str(e)) from None
+        print(f"build.py: warning: self-signed certificate for {', '.join(o.tls_self_signed)}: for development "
+              f"only, not for production", file=sys.stderr)
+    else:
+        crt, key = str(o.tls_cert), str(o.tls_key)
+    try:
+        info = check_chain(crt, key)
+    except TlsError as e:
+        raise BuildError(str(e)) from None
+    left = (info["not_after_ts"] - time.time()) / 86400
+    if left < 30:
+        print(f"build.py: warning: the certificate expires within 30 days ({info['not_after']}): renew it "
+              f"(replace it without rebuilding: not yet)", file=sys.stderr)
+    with open(crt, "rb") as f:
+        ctx.tree.file(TLS_CERT, f.read(), 0o644, part="tls")
+    with open(key, "rb") as f:
+        ctx.tree.file(TLS_KEY, f.read(), 0o600, part="tls")
+    if o.tls_self_signed:
+        shutil.copyfile(crt, ctx.work / "selfsigned.crt")     # for clients to trust (not the key)
+    ctx.facts["tls"] = {"names": info["names"], "not_after": info["not_after"], "chain": info["chain"],
+                        "fingerprint_sha256": info["fingerprint_sha256"], "self_signed": bool(o.tls_self_signed),
+                        "http": o.http, "hsts": o.hsts, "private_key_in_image": True}
+
+
 def base(ctx: Context) -> None:
     t, o = ctx.tree, ctx.options
     for d in ("/proc", "/sys", "/dev", "/run", "/tmp"):
@@ -177,6 +243,8 @@ def base(ctx: Context) -> None:
               "store": STORE, "modules": MODULES, "name": o.name}
     if o.observe:
         config["observe"] = o.observe           # defaults; haboob.log= ... on the command line win
+    if "tls" in ctx.facts:
+        config["tls"] = {"cert": TLS_CERT, "key": TLS_KEY, "http": o.http, "hsts": o.hsts}
     t.file(CONFIG, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), part="base")
     ctx.facts["config"] = config
 
@@ -236,6 +304,7 @@ STEPS = [
     ("kernel", kernel),
     ("python-runtime", python_runtime),
     ("content", content),
+    ("tls", tls),
     ("base", base),
     ("cmdline", cmdline),
     ("initramfs", initramfs),

@@ -50,9 +50,9 @@ def make_store(tmp_path, mss=1460):
     return Store.open(str(out))
 
 
-def make_stack(store, offload=Offload(), **cfg):
+def make_stack(store, offload=Offload(), tls=None, http_factory=None, **cfg):
     st = Stack(store, bytes.fromhex(SERVER_MAC.replace(":", "")), SERVER_IP, 24, None, offload,
-               StackConfig(**cfg), secret=SECRET)
+               StackConfig(**cfg), secret=SECRET, tls=tls, http_factory=http_factory)
     st.set_date(NOW_UNIX)
     return st
 

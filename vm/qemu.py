@@ -92,6 +92,7 @@ def qemu_binary() -> str:
 class Options:
     net: str = "user"               # "user" or "tap"
     hostport: int = 0               # user: host port forwarded to the guest's port 80 (0: pick one)
+    tls_hostport: int = 0           # user: host port forwarded to the guest's port 443 (0: none)
     tap: str | None = None          # tap: the tap device (QEMU must run where it exists)
     smp: int = 1
     memory: int | None = None       # MB; default from the manifest
@@ -218,6 +219,7 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
                             f"hostfwd=tcp:127.0.0.1:{port}-{guest}:80"
                             + (f",hostfwd=tcp:127.0.0.1:{opts.metrics_hostport}-{guest}:{opts.metrics_port}"
                                if opts.metrics_port else "")
+                            + (f",hostfwd=tcp:127.0.0.1:{opts.tls_hostport}-{guest}:443" if opts.tls_hostport else "")
                             + (f",dhcpstart={USER_GUEST}" if dhcp else
                                ",dhcpstart=198.18.0.9" if net == USER_NET else "")]
     elif opts.net == "tap":

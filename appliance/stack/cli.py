@@ -15,6 +15,15 @@ same as inside the image:
                                     counters so far, and serving goes on)
 
 Every refusal is one line on stderr naming what is wrong, exit status 2.
+
+HTTPS (`--tls-cert/--tls-key`, or `--tls-self-signed NAMES` for development:
+a P-256 key and certificate made with the host's `openssl` CLI in the
+temporary directory of this run) is checked before serving: the PEM files
+parse, the key matches the certificate, the chain is in order, the leaf is
+not expired (a warning when it expires within 30 days). Errors name the
+file, never its contents. `--http` says what port 80 does beside HTTPS
+(serve the site, 308 to https, or nothing), `--hsts` adds
+Strict-Transport-Security to the HTTPS responses.
 """
 import contextlib
 import json
@@ -27,7 +36,9 @@ import click
 
 from ..obs.cli_options import obs_options, obs_settings
 
-__all__ = ["serve_cmd", "check_interface"]
+__all__ = ["serve_cmd", "check_interface", "self_signed", "load_tls"]
+
+EXPIRY_WARN_DAYS = 30
 
 
 def check_interface(iface: str) -> str | None:
@@ -57,6 +68,50 @@ def _fail(msg: str):
     sys.exit(2)
 
 
+def self_signed(names, d: str):
+    """A P-256 key and a self-signed certificate for `names` (DNS names or IPv4
+    addresses) made with the openssl CLI in directory `d`: (cert, key) paths."""
+    import ipaddress
+    import subprocess
+    san = []
+    for n in names:
+        try:
+            ipaddress.ip_address(n)
+            san.append("IP:" + n)
+        except ValueError:
+            san.append("DNS:" + n)
+    crt, key = os.path.join(d, "selfsigned.crt"), os.path.join(d, "selfsigned.key")
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", key, "-out", crt, "-days", "365", "-subj", "/CN=" + names[0],
+            "-addext", "subjectAltName=" + ",".join(san)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"--tls-self-signed: cannot run openssl ({e})") from None
+    if r.returncode != 0:
+        raise RuntimeError(f"--tls-self-signed: openssl failed: {r.stderr.strip().splitlines()[-1:]}")
+    os.chmod(key, 0o600)
+    return crt, key
+
+
+def load_tls(cert: str, key: str, hsts: int, now_unix: float = None):
+    """The TlsServer for `cert`/`key`, checked (tls.check_chain); warnings on stderr.
+    Raises tls.TlsError with a message naming the file."""
+    import time
+    from .tls import TlsError, TlsServer
+    srv = TlsServer(cert, key, hsts=hsts, now=time.monotonic())
+    left = srv.info["not_after_ts"] - (time.time() if now_unix is None else now_unix)
+    if left <= 0:
+        raise TlsError(f"certificate file {cert}: expired on {srv.info['not_after']}")
+    click.echo(f"haboob serve: HTTPS certificate for {', '.join(srv.names)} (chain of {srv.info['chain']}), "
+               f"sha256 {srv.info['fingerprint_sha256']}, expires {srv.info['not_after']} "
+               f"({int(left // 86400)} days)", err=True)
+    if left < EXPIRY_WARN_DAYS * 86400:
+        click.echo(f"haboob serve: warning: certificate file {cert} expires within {EXPIRY_WARN_DAYS} days "
+                   f"({srv.info['not_after']}): renew it", err=True)
+    return srv
+
+
 @click.command("serve")
 @click.option("--site", type=click.Path(file_okay=False), help="Site directory (compiled to a temporary store first).")
 @click.option("--store", type=click.Path(dir_okay=False), help="A compiled content store file.")
@@ -76,8 +131,17 @@ def _fail(msg: str):
 @click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
               help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6, "
                    "and the site over TCP/IPv6 on the same port.")
+@click.option("--tls-cert", default=None, help="HTTPS on port 443: the certificate chain (PEM, leaf first).")
+@click.option("--tls-key", default=None, help="The private key (PEM) of --tls-cert.")
+@click.option("--tls-self-signed", "self_names", default=None, metavar="NAME[,NAME...]",
+              help="HTTPS with a self-signed certificate for these names, made now (development only).")
+@click.option("--http", "http_mode", type=click.Choice(["redirect", "serve", "off"]), default=None,
+              help="Port 80 beside HTTPS: 308 to https, serve the site too, or closed.  [default: redirect]")
+@click.option("--hsts", type=click.IntRange(0, 2 ** 31 - 1), default=0,
+              help="Add Strict-Transport-Security: max-age=SECONDS to HTTPS responses (0: no).")
 @obs_options
-def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, **obs):
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, tls_cert, tls_key,
+              self_names, http_mode, hsts, **obs):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
     Prints `HABOOB-READY {json}` once serving and `HABOOB-COUNTERS {json}`
@@ -123,55 +187,87 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
             _fail(f"--mac: {e}")
     if workers < 1:
         _fail(f"--workers must be at least 1, not {workers}")
-    if os.geteuid() != 0:
-        _fail("serving needs root (AF_PACKET rings, CAP_NET_RAW)")
-    why = check_interface(iface)
-    if why:
-        _fail(why)
-    if capture:
-        d = os.path.dirname(os.path.abspath(capture))
-        if not os.path.isdir(d):
-            _fail(f"--capture: directory {d} does not exist")
-    with (tempfile.TemporaryDirectory(prefix="haboob-serve-") if site else _nothing()) as tmp:
-        if site:
-            if not os.path.isdir(site):
-                _fail(f"--site {site}: not a directory")
-            from ..content.compiler import CompileError, compile_site
-            store = os.path.join(tmp, "site.store")
+    if bool(tls_cert) != bool(tls_key):
+        _fail("give both --tls-cert and --tls-key (or --tls-self-signed)")
+    if tls_cert and self_names:
+        _fail("give either --tls-cert/--tls-key or --tls-self-signed, not both")
+    tls_on = bool(tls_cert or self_names)
+    if not tls_on and (http_mode or hsts):
+        _fail("--http and --hsts need HTTPS (--tls-cert/--tls-key or --tls-self-signed)")
+    names = [n.strip() for n in self_names.split(",") if n.strip()] if self_names else []
+    if self_names and not names:
+        _fail("--tls-self-signed needs at least one name")
+    # HTTPS first: a bad certificate or key is refused before anything else
+    tls_tmp = tempfile.TemporaryDirectory(prefix="haboob-tls-") if names else None
+    try:
+        tls = None
+        if tls_on:
+            from .tls import TlsError
             try:
-                compile_site(site, store)
-            except CompileError as e:
-                _fail(f"--site {site}: {e}")
+                if names:
+                    tls_cert, tls_key = self_signed(names, tls_tmp.name)
+                    click.echo(f"haboob serve: warning: self-signed certificate for {', '.join(names)} in "
+                               f"{tls_cert}: for development only, not for production (clients must be "
+                               f"told to trust it)", err=True)
+                srv = load_tls(tls_cert, tls_key, hsts)
+            except (TlsError, RuntimeError) as e:
+                _fail(str(e))
+            default_host = next((n for n in srv.names if not n.startswith("*")), ip.split("/")[0])
+            tls = {"server": srv, "http": http_mode or "redirect", "default_host": default_host,
+                       "self_signed": bool(names)}
+        if os.geteuid() != 0:
+            _fail("serving needs root (AF_PACKET rings, CAP_NET_RAW)")
+        why = check_interface(iface)
+        if why:
+            _fail(why)
+        if capture:
+            d = os.path.dirname(os.path.abspath(capture))
+            if not os.path.isdir(d):
+                _fail(f"--capture: directory {d} does not exist")
+        with (tempfile.TemporaryDirectory(prefix="haboob-serve-") if site else _nothing()) as tmp:
+            if site:
+                if not os.path.isdir(site):
+                    _fail(f"--site {site}: not a directory")
+                from ..content.compiler import CompileError, compile_site
+                store = os.path.join(tmp, "site.store")
+                try:
+                    compile_site(site, store)
+                except CompileError as e:
+                    _fail(f"--site {site}: {e}")
 
-        live = {}
+            live = {}
 
-        def on_ready(ready):
-            live["counters"] = ready.counters
-            click.echo("HABOOB-READY " + json.dumps(ready.info))
-            sys.stdout.flush()
+            def on_ready(ready):
+                live["counters"] = ready.counters
+                click.echo("HABOOB-READY " + json.dumps(ready.info))
+                sys.stdout.flush()
 
-        def on_event(kind, info):
-            click.echo(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
-            sys.stdout.flush()
+            def on_event(kind, info):
+                click.echo(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ")
+                           + json.dumps(info))
+                sys.stdout.flush()
 
-        def on_usr1(signum, frame):             # the counters so far, without stopping
-            c = live.get("counters")
-            click.echo("HABOOB-COUNTERS " + json.dumps(c.as_dict() if c is not None else {}))
-            sys.stdout.flush()
+            def on_usr1(signum, frame):             # the counters so far, without stopping
+                c = live.get("counters")
+                click.echo("HABOOB-COUNTERS " + json.dumps(c.as_dict() if c is not None else {}))
+                sys.stdout.flush()
 
-        from ..content.store import StoreError
-        old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
-        try:                                    # serve() opens and checks the store first
-            counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
-                             capture=capture, on_ready=on_ready, pin=pin, on_event=on_event,
-                             hostname=hostname, ip6=ip6, observe=observe, drain=observe["drain"])
-        except StoreError as e:
-            _fail(f"--store {store}: {e}")
-        except OSError as e:
-            _fail(f"interface {iface}: {e}")
-        except RuntimeError as e:               # a worker failed to start
-            _fail(str(e))
-        finally:
-            signal.signal(signal.SIGUSR1, old_usr1)
-        click.echo("HABOOB-COUNTERS " + json.dumps(counters.as_dict() if hasattr(counters, "as_dict")
-                                                  else dict(counters)))
+            from ..content.store import StoreError
+            old_usr1 = signal.signal(signal.SIGUSR1, on_usr1)
+            try:                                    # serve() opens and checks the store first
+                counters = serve(store, iface, ip, gateway=gateway, mac=mac, workers=workers,
+                                 capture=capture, on_ready=on_ready, pin=pin, on_event=on_event,
+                                 hostname=hostname, ip6=ip6, observe=observe, drain=observe["drain"], tls=tls)
+            except StoreError as e:
+                _fail(f"--store {store}: {e}")
+            except OSError as e:
+                _fail(f"interface {iface}: {e}")
+            except RuntimeError as e:               # a worker failed to start
+                _fail(str(e))
+            finally:
+                signal.signal(signal.SIGUSR1, old_usr1)
+            click.echo("HABOOB-COUNTERS " + json.dumps(counters.as_dict() if hasattr(counters, "as_dict")
+                                                      else dict(counters)))
+    finally:
+        if tls_tmp is not None:
+            tls_tmp.cleanup()           # the self-signed key goes with the run

@@ -30,7 +30,9 @@ its first data (default: appliance.http.HTTPConnection on the store; a
 connection whose one segment is a cached whole request that closes it is
 answered from the shared reply cache and needs none).
 
-Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port`: a SYN creates a
+Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port` and, with a
+TlsServer (`tls=`, tls.py), on `cfg.tls_port`, whose connections are
+TlsConns (SYNs to it take the general path, not the fast one): a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
 Window Scale 0 (we take its scaling; our own window stays <= 65535). We never
 offer SACK or timestamps. When `syn_backlog` half-open connections exist (or
@@ -143,7 +145,7 @@ _V4MAPPED = bytes(10) + b"\xff\xff"
 
 
 class StackConfig(NamedTuple):
-    port: int = 80                  # the listening TCP port
+    port: int = 80                  # the listening TCP port (plain HTTP; 0: none, HTTPS only)
     mtu: int = 1500                 # the device's IP MTU: our MSS option is mtu - 40
     max_conns: int = 65536          # connections (all states but TIME-WAIT); SYNs beyond are dropped
     syn_backlog: int = 1024         # half-open connections before SYN cookies are used
@@ -167,11 +169,12 @@ class StackConfig(NamedTuple):
     ooo_limit: int = 16384          # out-of-order bytes kept per connection
     ooo_segments: int = 64          # ... in at most this many segments (each costs ~150 bytes of overhead)
     max_queued: int = 256           # replies queued per connection before request data is refused
+    tls_port: int = 443             # HTTPS, when the Stack has a TlsServer (tls.py)
 
 
 class Stack:
     def __init__(self, store, mac: bytes, ip: str | None, prefix: int, gateway: str | None, offload: Offload,
-                 config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None):
+                 config: StackConfig = StackConfig(), secret: bytes = None, http_factory=None, tls=None):
         if isinstance(mac, str):
             mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
         if len(mac) != 6:
@@ -202,13 +205,15 @@ class Stack:
         self.cfg = config
         self.isn = IsnGenerator(secret if secret is not None else os.urandom(32))
         http_first = None
+        site_http = None
         if store is not None:
             self.smss = store.mss
             self.blob = store.blob
+            from appliance.http import HTTPConnection
+            site, blob = store.site, store.blob
+            site_http = lambda: HTTPConnection(site, blob)    # noqa: E731
             if http_factory is None:
-                from appliance.http import HTTPConnection
-                site, blob = store.site, store.blob
-                http_factory = lambda: HTTPConnection(site, blob)    # noqa: E731
+                http_factory = site_http
                 # a fresh connection's first segment: the shared reply cache first (Conn._deliver)
                 http_first = HTTPConnection.reply_cache(site).get
                 self._reply_limits = HTTPConnection(site, blob).limits
@@ -219,6 +224,13 @@ class Stack:
         self.http_first = http_first
         self.counters = Counters()
         self.udp = UdpPorts(self.counters)     # port -> handler (the DHCP client binds 68)
+        self.tls = tls              # a tls.TlsServer: HTTPS on cfg.tls_port (TlsConn), or None
+        if tls is not None:
+            if config.tls_port == config.port:
+                raise ValueError(f"tls_port and port are both {config.port}")
+            tls.bind(self.counters, site_http)     # HTTPS always serves the site (not http_factory)
+            from .tls import TlsConn
+            self._tls_conn = TlsConn
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
@@ -251,7 +263,7 @@ class Stack:
         self.side = None            # other ports and draining (appliance/obs): segments without a connection
         # the fast path's constants
         self._port_b = config.port.to_bytes(2, "big")
-        self._syn_fast_ok = store is not None
+        self._syn_fast_ok = store is not None and config.port != 0
 
     # --------------------------------------------------------------- public API
 
@@ -717,7 +729,9 @@ class Stack:
         if self.side is not None and self.side.segment(key, src_mac, src_ip, seg, now):
             return                             # the metrics port, or refused while draining (appliance/obs)
         fl = seg.flags
-        if seg.dport != self.cfg.port or self.store is None:
+        if ((seg.dport != self.cfg.port or not seg.dport)
+                and (self.tls is None or seg.dport != self.cfg.tls_port or ours is not None)   # HTTPS: IPv4 only
+                or self.store is None):
             if not fl & RST:
                 self._reset_for(src_mac, src_ip, seg, ours)
             raise Malformed("tcp_closed_port", str(seg.dport))
@@ -728,8 +742,9 @@ class Stack:
                 mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
                 if mss is not None and len(self.conns) < self.cfg.max_conns:
                     cnt["tcp_syncookies_accepted"] += 1
-                    c = (Conn if ours is None else Conn6)(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
-                             (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
+                    cls = Conn6 if ours is not None else (Conn if seg.dport == self.cfg.port else self._tls_conn)
+                    c = cls(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
+                            (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
                     c.snd_una = c.snd_nxt
                     c.wl1 = (seg.seq - 1) & MASK
                     self.conns[key] = c
@@ -750,7 +765,7 @@ class Stack:
             if self.cfg.syncookies == "never":
                 raise Malformed("tcp_syn_backlog_full")
             if ours is None:
-                self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now)
+                self._cookie_synack(src_mac, src_ip, seg.sport, key, seg.seq, seg.options.mss, now, seg.dport)
             else:                                       # IPv6: the MSS is MTU - 60
                 mss = min(seg.options.mss or 1220, self.cfg.mtu - 60)
                 cookie = self.isn.cookie(key, seg.seq, mss, now)
@@ -767,6 +782,8 @@ class Stack:
     def _open(self, key, mac, ip, port, seq, mss, ws, win, now, cls=Conn) -> None:
         """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn (Conn6 for IPv6) and our SYN-ACK."""
         cnt = self.counters
+        if cls is Conn and self.tls is not None and key[10:12] != self._port_b:
+            cls = self._tls_conn                        # HTTPS (tls.py; IPv4 only for now)
         c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
@@ -822,7 +839,7 @@ class Stack:
             return
         self._open(key, b[6:12], src_ip, (b[34] << 8) | b[35], seq, mss, ws, (b[48] << 8) | b[49], now)
 
-    def _cookie_synack(self, mac, ip, port, key, seq, peer_mss, now) -> None:
+    def _cookie_synack(self, mac, ip, port, key, seq, peer_mss, now, dport=None) -> None:
         """Answer a SYN with a SYN cookie (isn.py) and keep no state: one packed
         header, two sums. While the backlog is full (a flood) this is every
         SYN's cost, so it is built flat rather than through the segment objects.
@@ -835,7 +852,7 @@ class Stack:
         if self.n_synrcvd >= cfg.syn_backlog and cfg.syncookies == "auto":
             self._pressure_until = now + _PRESSURE_S
         h = bytearray(_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, ip,
-                                 cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
+                                 dport or cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
                                  0x02040000 | our))
         h[24:26] = csum(h[14:34]).to_bytes(2, "big")
         h[50:52] = csum(h[34:58], int.from_bytes(self.ipb + ip, "big") + PROTO_TCP + 24).to_bytes(2, "big")
@@ -1011,14 +1028,17 @@ class Stack:
                                              GSO(34, 16, mss, 54))
         return v
 
-    def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int):
+    def template(self, peer_mac: bytes, peer_ip: bytes, peer_port: int, lport: int = 0):
         """A connection's header templates and checksum constants: (template, ip_const,
         pseudo_const, tcp_const, ctl), all sums mod 0xFFFF. `template` is the
         Ethernet+IPv4+TCP header with addresses and ports; `ctl` the same with the IP
         total length and checksum of a 40-byte datagram (a bare ACK, FIN or RST)
         already in place. The Ethernet+IP part is cached per peer, the whole per
-        peer and port: a client opens many connections and reuses its ports."""
+        peer and port: a client opens many connections and reuses its ports.
+        `lport`: our port when it is not cfg.port (HTTPS)."""
         k = peer_mac + peer_ip + peer_port.to_bytes(2, "big")
+        if lport:
+            k += lport.to_bytes(2, "big")
         v = self._conn_tmpl.get(k)
         if v is not None:
             return v
@@ -1035,7 +1055,7 @@ class Stack:
                 self._tmpl_cache.clear()
             pv = self._tmpl_cache[p] = (bytes(t), ip_const, pseudo)
         t, ip_const, pseudo = pv
-        ports = self._port_pre | peer_port
+        ports = (lport << 16 if lport else self._port_pre) | peer_port
         t = t + ports.to_bytes(4, "big") + self._tcp_tail
         ctl = bytearray(t)
         _IP_FIXED(ctl, 16, 40, 0, 0x4000, 64, PROTO_TCP, (-(ip_const + 40)) % 0xFFFF)

@@ -127,14 +127,23 @@ def ip6_secret(mac: bytes, iface: str = "") -> bytes:
 
 
 def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, config=None, hostname=None,
-               ip6: str = "off", iface: str = ""):
+               ip6: str = "off", iface: str = "", tls=None):
     """The protocol stack (appliance.stack.iface.Stack) for one worker, with a
     fresh secret from the OS's random source (RFC 6528 ISNs, SYN cookies).
-    `ip` None: the address comes from DHCP (dhcp4.py)."""
+    `ip` None: the address comes from DHCP (dhcp4.py).
+    `tls`: None, or {"server": tls.TlsServer, "http": "serve"|"redirect"|"off",
+    "default_host": name for redirects without a usable Host}."""
     from .iface import Stack, StackConfig
     if config is None:
         config = StackConfig(mtu=dev.mtu)
-    st = Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32))
+    if tls and tls["http"] == "off":
+        config = config._replace(port=0)
+    factory = None
+    if tls and tls["http"] == "redirect":
+        from ..http.redirect import redirect_factory
+        factory = redirect_factory(store.site, store.blob, tls["default_host"], config.tls_port)
+    st = Stack(store, mac, ip, prefix, gateway, dev.offload, config, os.getrandom(32), http_factory=factory,
+               tls=tls["server"] if tls else None)
     if ip is None:
         from .dhcp4 import DhcpConfig
         st.enable_dhcp(DhcpConfig(hostname=hostname))
@@ -344,7 +353,7 @@ def _observe(stack, dev, observe, worker):
 
 def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, wake_fd,
             on_stack=None, config=None, cpu=None, on_tick=None, observe=None, drain=0.0,
-            worker=None, on_event=None, hostname=None, ip6="off") -> Counters:
+            worker=None, on_event=None, hostname=None, ip6="off", tls=None) -> Counters:
     from ..content.store import Store
     if cpu is not None:
         try:
@@ -355,7 +364,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     dev = None
     try:
         dev = _open_device(iface, capture, fanout, unicast=mac)
-        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface)
+        stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface, tls)
         stack.start(time.monotonic())
         if stack.txq:
             dev.tx_batch(stack.txq)
@@ -440,7 +449,7 @@ def _install_signals(stopper):
 def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac: str | None = None,
           workers: int = 1, capture: str | None = None, on_ready=None, stop_event=None,
           pin: bool = False, config=None, observe: dict | None = None, drain: float = 0.0,
-          on_event=None, hostname: str | None = None, ip6: str = "off") -> Counters:
+          on_event=None, hostname: str | None = None, ip6: str = "off", tls=None) -> Counters:
     """Serve the store on `iface` at `ip` ("a.b.c.d/prefix", /24 if omitted, or
     "dhcp") until SIGINT/SIGTERM or `stop_event`; returns the counters (summed
     over workers).
@@ -457,7 +466,9 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (lease.py) and (re)starts the workers on the leased address.
     `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
     addresses, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
-    reported as "address6" events; one worker too."""
+    reported as "address6" events; one worker too.
+    `tls`: HTTPS beside HTTP (see make_stack); the TlsServer is made before the
+    workers fork, so they share its session ticket keys (a client resumes on any)."""
     from ..content.store import Store
     addr, prefix = _parse_ip(ip)
     if addr is None and gateway:
@@ -484,6 +495,13 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     if observe and observe.get("metrics_port"):
         info["metrics_port"] = int(observe["metrics_port"])
     stopper = _Stopper(stop_event, drain > 0)
+    if tls:
+        srv = tls["server"]
+        info["port"] = 0 if tls["http"] == "off" else 80
+        info["https"] = {"port": 443, "http": tls["http"], "names": srv.names, "not_after": srv.info["not_after"],
+                         "fingerprint_sha256": srv.info["fingerprint_sha256"]}
+        if tls.get("self_signed"):
+            info["https"]["self_signed_cert"] = srv.certfile     # for clients to trust (never the key)
     wake_fd, restore = _install_signals(stopper)
     try:
         if workers == 1:
@@ -509,12 +527,12 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
                     on_event(kind, ev)
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None, observe=observe,
-                           drain=drain, on_event=event, hostname=hostname, ip6=ip6)
+                           drain=drain, on_event=event, hostname=hostname, ip6=ip6, tls=tls)
         if addr is None:
             return _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd,
-                                       on_ready, info, pin, config, on_event, hostname, observe, drain)
+                                       on_ready, info, pin, config, on_event, hostname, observe, drain, tls)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
-                              stopper, wake_fd, on_ready, info, pin, config, observe, drain)
+                              stopper, wake_fd, on_ready, info, pin, config, observe, drain, tls=tls)
     finally:
         restore()
 
@@ -526,7 +544,7 @@ def _cpu_for(i: int) -> int:
 
 
 def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd, on_ready, info,
-                        pin, config, on_event, hostname, observe=None, drain=0.0) -> Counters:
+                        pin, config, on_event, hostname, observe=None, drain=0.0, tls=None) -> Counters:
     """Several workers on a DHCP address: the parent acquires and keeps the lease
     (lease.py), starts the workers on it, and restarts them when it changes or
     is lost. on_ready fires once, with the first set of workers."""
@@ -556,7 +574,7 @@ def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper,
             total.merge(_serve_workers(store_path, iface, ev["ip"], ev["prefix"], gw, mac_b, capture, workers,
                                        stopper, wake_fd, on_ready if first else None, info, pin, cfg,
                                        observe=observe, drain=drain, lease=lease, on_event=on_event,
-                                       live=live))
+                                       live=live, tls=tls))
             first = False
     finally:
         lease.close()
@@ -586,7 +604,7 @@ def _wait_lease(lease, stopper, wake_fd, on_event):
 
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
                    wake_fd, on_ready, info, pin, config, observe=None, drain=0.0, lease=None, on_event=None,
-                   live=None) -> Counters:
+                   live=None, tls=None) -> Counters:
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
@@ -607,7 +625,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                 os.close(r)
                 code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
                               f"{capture}.{i}" if capture else None, fanout, config,
-                              _cpu_for(i) if pin else None, observe, drain)
+                              _cpu_for(i) if pin else None, observe, drain, tls)
                 os._exit(code)
             os.close(w)
             children[pid] = os.fdopen(r, "r")
@@ -704,7 +722,7 @@ def _die_with_parent():
 
 
 def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu,
-           observe=None, drain=0.0) -> int:
+           observe=None, drain=0.0, tls=None) -> int:
     out = os.fdopen(w, "w", buffering=1)
     _die_with_parent()
     try:
@@ -717,7 +735,7 @@ def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanou
         def tick(stack, dev):
             out.write("LIVE " + json.dumps(dict(_collect(stack, dev))) + "\n")
         counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
-                           stopper, wake_fd, ready, config, cpu, tick, observe, drain, i)
+                           stopper, wake_fd, ready, config, cpu, tick, observe, drain, i, tls=tls)
         out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
         return 0
     except BaseException as e:
