@@ -241,8 +241,10 @@ def base(ctx: Context) -> None:
     iface = parse_ip(o.ip)
     config = {"ip": str(iface) if iface else "dhcp", "gateway": o.gateway, "mss": o.mss, "port": 80,
               "store": STORE, "modules": MODULES, "name": o.name}
-    if o.observe:
-        config["observe"] = o.observe           # defaults; haboob.log= ... on the command line win
+    # the image's access log / metrics / drain defaults (haboob.log= ... on the command line win),
+    # always complete, so that a build from build.py and one from Options() agree byte for byte
+    from appliance.obs.options import check as check_observe
+    config["observe"] = check_observe(o.observe or {})
     if "tls" in ctx.facts:
         config["tls"] = {"cert": TLS_CERT, "key": TLS_KEY, "http": o.http, "hsts": o.hsts}
     t.file(CONFIG, (json.dumps(config, indent=1, sort_keys=True) + "\n").encode(), part="base")
