@@ -4,6 +4,7 @@ the built-in certificate, a configuration volume's over it, and a volume's bad o
 HABOOB-WARN line while that is valid, HABOOB-FATAL when it has expired or there is
 none. Certificates are made with the openssl CLI; the whole volume read path
 (a FAT image through appliance/configvol.py) feeds settings() and choose_tls()."""
+import collections
 import os
 import ssl
 import subprocess
@@ -49,6 +50,7 @@ def served(tls) -> bytes:
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     c = ctx.wrap_bio(ci, co, server_hostname="www.test")
+    tls["server"].bind(collections.defaultdict(int), None)     # (its SNI check counts; a Stack would bind)
     srv = tls["server"].ctx.wrap_bio(si, so, server_side=True)
     for _ in range(10):
         for side in (c, srv):
@@ -165,3 +167,16 @@ def test_from_a_fat_volume_through_settings(certs, said, tmp_path, monkeypatch):
     assert s["tls_cert"] == f"{cv.RUN}/tls/fullchain.pem" and s["tls_key"] == f"{cv.RUN}/tls/key.pem"
     tls = init.choose_tls(built_in(certs["built"]), s)
     assert served(tls) == der(crt)
+
+
+def test_expired_volume_certificate_gives_way_to_a_valid_built_in(certs, said):
+    crt, key = certs["expired"]
+    tls = init.choose_tls(built_in(certs["built"]), settings({"tls_cert": crt, "tls_key": key}))
+    assert served(tls) == der(certs["built"][0])
+    assert said[-1] == (f"HABOOB-WARN configuration volume: the certificate in {crt} expired on "
+                        f"Feb  1 00:00:00 2020 GMT; using the built-in certificate")
+    # both expired: the volume's (the operator's latest) is served, with load_tls's warning
+    said.clear()
+    tls = init.choose_tls(built_in(certs["expired"]), settings({"tls_cert": crt, "tls_key": key}))
+    assert served(tls) == der(crt)
+    assert said[0] == "haboob: warning: the certificate expired on Feb  1 00:00:00 2020 GMT"
