@@ -511,7 +511,8 @@ def load_tls(t: dict, ip: str) -> dict:
 def choose_tls(built: dict | None, s: dict) -> dict | None:
     """HTTPS settings: the built-in certificate, or a configuration volume's
     (tls/fullchain.pem, tls/key.pem) over it. A volume's bad certificate or key
-    is a warning and the built-in one while that one is still valid, else fatal."""
+    is a warning and the built-in one while that one is still valid, else fatal; an
+    expired one likewise gives way to a built-in one that is still valid."""
     import time
     if not s.get("tls_cert"):
         return load_tls(built, s["ip"]) if built else None
@@ -526,6 +527,12 @@ def choose_tls(built: dict | None, s: dict) -> dict | None:
             raise Fatal(f"configuration volume: {e} (and the built-in certificate has expired)") from None
         say(f"HABOOB-WARN configuration volume: {e}; using the built-in certificate")
         return fallback
+    if built and tls["server"].info["not_after_ts"] <= time.time():
+        fallback = load_tls(built, s["ip"])     # an expired renewal: the built-in one while it is valid
+        if fallback["server"].info["not_after_ts"] > time.time():
+            say(f"HABOOB-WARN configuration volume: the certificate in {s['tls_cert']} expired on "
+                f"{tls['server'].info['not_after']}; using the built-in certificate")
+            return fallback
     say(f"haboob: HTTPS certificate from the configuration volume ({', '.join(tls['server'].names)})")
     return tls
 

@@ -3,7 +3,8 @@ curl (TLS 1.3, TLS 1.2), openssl s_client (ALPN, SNI, resumption, a refused
 renegotiation), testssl.sh (no weak protocol, cipher or renegotiation), Python's
 ssl + http.client (keep-alive), wget --mirror of the example site over HTTPS
 byte for byte, the 308 redirect on port 80, HSTS, a self-signed run with
-port 80 off. Namespaces and servers are removed by the fixtures."""
+port 80 off, headless Chromium rendering the site (CSS and images) with the
+test's CA in its NSS database. Namespaces and servers are removed by the fixtures."""
 import hashlib
 import json
 import os
@@ -280,3 +281,83 @@ def test_testssl_finds_no_weak_protocol_cipher_or_renegotiation(https, tmp_path)
     assert found["secure_client_renego"]["finding"] == "not vulnerable"
     assert found["CRIME_TLS"]["finding"] == "not vulnerable"
     assert found["PFS"]["finding"] == "offered"
+
+
+def png_pixels(path):
+    """(width, height, rows of (r, g, b)) of an 8-bit RGB or RGBA PNG, decoded here (zlib + the
+    five PNG filters, RFC 2083 §6) so that the check does not depend on an imaging library."""
+    import struct
+    import zlib
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:8]
+    off, idat = 8, b""
+    while off < len(data):
+        n, kind = struct.unpack(">I4s", data[off:off + 8])
+        body = data[off + 8:off + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and ctype in (2, 6) and interlace == 0, (depth, ctype, interlace)
+        elif kind == b"IDAT":
+            idat += body
+        off += 12 + n
+    bpp = 3 if ctype == 2 else 4
+    raw, stride, prev, rows = zlib.decompress(idat), w * bpp, bytearray(w * bpp), []
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append([tuple(line[x * bpp:x * bpp + 3]) for x in range(w)])
+        prev = line
+    return w, h, rows
+
+
+def rgb(hexcolor):
+    return tuple(int(hexcolor[i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (.ci/install.sh)")
+def test_headless_chromium_renders_the_site_over_https(https, pki, tmp_path):
+    """Chromium in the client namespace trusts the test's CA through its NSS database
+    ($HOME/.pki/nssdb, certutil) and nothing else; the screenshot shows the header in
+    the CSS's --sand, the page in --paper, and the SVG's own colors where the image is.
+    Any certificate error would give Chromium's interstitial instead."""
+    link, srv = https
+    home = tmp_path / "home"
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True, capture_output=True)
+    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", "haboob-test-ca",
+                    "-i", pki["ca"]], check=True, capture_output=True)
+    shot = tmp_path / "shot.png"
+    r = link.client.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                         "--disable-sync", "--disable-features=HttpsUpgrades", "--hide-scrollbars",
+                         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                         "--window-size=1024,768", "--virtual-time-budget=5000", f"https://{IP}/"],
+                        env=dict(os.environ, HOME=str(home)), timeout=120, check=False)
+    assert shot.exists(), (r.returncode, r.stderr[-3000:])
+    w, h, px = png_pixels(shot)
+    assert (w, h) == (1024, 768)
+    sand, paper = rgb("#c8a165"), rgb("#fdfaf4")
+    assert px[5][5] == sand and px[5][w // 2] == sand, px[5][5]            # header { background: var(--sand) }
+    assert px[h - 5][5] == paper and px[h - 5][w - 5] == paper, px[h - 5][5]  # body { background: var(--paper) }
+    counts = {}
+    for row in px:
+        for p in row:
+            counts[p] = counts.get(p, 0) + 1
+    # /img/haboob.svg: a 240x120 #f4e3c1 sky over #c8a165 and #a47b3f dunes (colors the CSS never uses)
+    assert counts.get(rgb("#f4e3c1"), 0) > 240 * 120 // 4, sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+    assert counts.get(rgb("#a47b3f"), 0) > 240 * 120 // 10
+    # /img/logo.png, 32x32 in the header: its centre pixel (152, 118, 80) is not a CSS color either
+    assert counts.get((152, 118, 80), 0) >= 1

@@ -1,16 +1,23 @@
 """The example image built with HTTPS (build.py --tls-self-signed, --hsts) boots
 under QEMU and is fetched over HTTPS through user networking: curl with the
 image's certificate as the only trust anchor, every URL byte-exact; port 80
-answers 308; the private key is in the image (0600) and not in the manifest."""
+answers 308; the private key is in the image (0600) and not in the manifest.
+Then the same image boots with a configuration volume (vm --config DIR) holding
+another certificate and key, and that one is served: the peer certificate's
+DER is the volume's, byte for byte."""
 import hashlib
 import json
 import re
+import shutil
+import socket
+import ssl
 import subprocess
 
 import pytest
 
 from tests import image_support as sup
 from tests.image_support import read_cpio
+from tests.tls_support import make_cert
 from vm.image import Image
 from vm.qemu import Options, free_port
 from vm.session import session
@@ -64,4 +71,34 @@ def test_boots_and_serves_https_over_user_networking(built):
         # (the console line may be interleaved with kernel messages: take the one field)
         m = re.search(r'"tls_handshakes_full": (\d+)', line)
         assert m and int(m[1]) >= len(image.urls), line
+        assert s.machine.powerdown(90), s.machine.tail()
+
+
+def test_configuration_volume_certificate_replaces_the_built_in_one(built, tmp_path):
+    image = Image.load(built)
+    crt, key = make_cert(str(tmp_path), "renewed", days=90, names=("www.test", "renewed.test"))
+    vol = tmp_path / "cfg"
+    (vol / "tls").mkdir(parents=True)
+    shutil.copyfile(crt, vol / "tls" / "fullchain.pem")
+    shutil.copyfile(key, vol / "tls" / "key.pem")
+    want = ssl.PEM_cert_to_DER_cert(open(crt).read())
+    old = ssl.PEM_cert_to_DER_cert((built / "selfsigned.crt").read_text())
+    assert want != old
+    tport = free_port()
+    with session(image, Options(net="user", tls_hostport=tport, config=vol)) as s:
+        ready = s.machine.wait_ready(300)
+        assert ready["https"]["names"] == ["www.test", "renewed.test"], ready
+        assert any("haboob: HTTPS certificate from the configuration volume (www.test, renewed.test)" in l
+                   for l in s.machine.lines), s.machine.tail()
+        ctx = ssl.create_default_context(cafile=crt)          # the volume's certificate is the only anchor
+        with socket.create_connection(("127.0.0.1", tport), timeout=60) as raw, \
+                ctx.wrap_socket(raw, server_hostname="renewed.test") as c:
+            assert c.getpeercert(binary_form=True) == want
+            c.sendall(b"GET / HTTP/1.1\r\nHost: renewed.test\r\nConnection: close\r\n\r\n")
+            resp = b""
+            while chunk := c.recv(65536):
+                resp += chunk
+        head, _, body = resp.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert hashlib.sha256(body).hexdigest() == image.urls["/"]["sha256"]
         assert s.machine.powerdown(90), s.machine.tail()
