@@ -4,14 +4,13 @@ Crafted frames (scapy, each with its own source MAC 02:00:00:00:00:<id>)
 go from the client namespace through a veth to a TpacketDevice opened with
 syn_port=80 in the server namespace. The device is read only after all
 were sent: rx_batch(0) takes nothing from the main ring, so it yields the
-SYN ring alone; then rx_batch drains the main ring. Each crafted frame must
+SYN ring alone (emptied at once); then rx_batch drains the main ring. Each crafted frame must
 come back byte for byte from exactly the ring its kind belongs to.
 """
 import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -29,23 +28,19 @@ READER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings.tpacket import TpacketDevice
-dev = TpacketDevice(sys.argv[1], syn_port=80, syn_quota=8)
+dev = TpacketDevice(sys.argv[1], syn_port=80)
 print("READY", flush=True)
 sys.stdin.readline()                    # everything is sent
 time.sleep(0.5)
-syn, main = [], []
-while True:
-    got = dev.rx_batch(0)               # the main ring's share is 0: the SYN ring alone
-    assert len(got) <= 8                # at most syn_quota per call
-    if not got:
-        break
-    syn += [bytes(f).hex() for f in got]
+# max_frames 0: nothing from the main ring; the SYN ring is emptied (3 SYNs: none shed)
+syn = [bytes(f).hex() for f in dev.rx_batch(0)]
+main = []
 while True:
     got = dev.rx_batch(256)
     if not got:
         break
     main += [bytes(f).hex() for f in got]
-print(json.dumps({"syn": syn, "main": main, "stats": dev.kernel_stats()}))
+print(json.dumps({"syn": syn, "main": main, "stats": dev.kernel_stats(), "counters": dev.counters}))
 dev.close()
 """
 
@@ -120,3 +115,4 @@ def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else()
     # only the three crafted SYNs ever reached the SYN ring (nothing else the kernel sent)
     assert len(res["syn"]) == 3 and res["stats"]["kernel_syn_packets"] == 3
     assert res["stats"]["kernel_syn_drops"] == 0 and res["stats"]["kernel_rx_drops"] == 0
+    assert res["counters"]["rx_syn_shed"] == 0

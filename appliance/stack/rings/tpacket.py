@@ -57,9 +57,11 @@ get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
 connections' segments with the flood's) nor queue ahead of its frames.
-rx_batch takes at most `syn_quota` frames from the SYN ring per call, after
-the main ring's; what the flood sends beyond that the kernel drops from the
-SYN ring (kernel_syn_drops), each SYN with about the same odds. With
+rx_batch empties the SYN ring on every call and keeps, after the main
+ring's frames, as many SYNs as it took other frames (at least SYN_MIN, at
+most syn_quota), evenly spaced from a random offset so that every SYN has
+the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
+kernel_syn_drops, only what arrives while the SYN ring is full). With
 `fanout` the SYN sockets form a second PACKET_FANOUT_HASH group; every worker
 joins both groups inside one lock (an abstract Unix socket name), so both
 groups list the workers in the same order and a flow's SYN and its later
@@ -71,6 +73,7 @@ import array
 import errno
 import fcntl
 import mmap
+import random
 import select
 import socket
 import struct
@@ -97,9 +100,10 @@ PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
-SYN_FRAMES = 256                  # SYN ring slots (a 1 KB slot holds any SYN with options)
-SYN_FRAME = 1024
-SYN_QUOTA = 32                    # SYNs taken from their ring per rx_batch
+SYN_FRAMES = 2048                 # SYN ring slots: ~30 ms of a 65k SYN/s flood between two reads
+SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
+SYN_QUOTA = 256                   # SYNs kept per rx_batch at most ...
+SYN_MIN = 8                       # ... and at least, or as many as main-ring frames in between
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -150,6 +154,9 @@ TX_FRAME_SMALL = 2048
 TX_BLOCK_SMALL = 1 << 16
 PENDING_MAX = 4096                # frames waiting for room before new ones are dropped
 _FULL = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+_RNG = random.Random()     # which SYNs a read of the SYN ring keeps (seeded from the OS)
 
 
 class TpacketError(OSError):
@@ -295,7 +302,6 @@ class _RxRing:
         self.nr = len(self.slots)
         self.mv = memoryview(mm)
         self.head = 0                 # next slot to look at
-        self.cap = None               # most frames taken per rx_batch (None: what is left of max_frames)
 
 
 class TpacketDevice:
@@ -315,7 +321,7 @@ class TpacketDevice:
         self.ifindex = info.index
         self.mac = info.mac
         self.mtu = info.mtu
-        self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
+        self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0, rx_syn_shed=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
                              tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
                              tx_direct_full=0, tx_deferred=0)
@@ -327,6 +333,7 @@ class TpacketDevice:
         self._socks = []
         self._kstats = [0, 0, 0, 0]  # PACKET_STATISTICS summed over reads (see kernel_stats)
         self._syn_sock = None
+        self._syn_ring = None
         self.syn_quota = syn_quota
         self._rx = []
         self._mm = []
@@ -425,8 +432,7 @@ class TpacketDevice:
             y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._mm.append(ymm)
-            syn_ring = _RxRing(ymm, 0, yrx)
-            syn_ring.cap = self.syn_quota
+            self._syn_ring = _RxRing(ymm, 0, yrx)
             if fanout is None:
                 y.bind((self.iface, proto))          # the SYN ring first: a SYN is never missed
                 s.bind((self.iface, proto))
@@ -454,7 +460,6 @@ class TpacketDevice:
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
         if syn_port is not None:
-            self._rx.append(syn_ring)                # last: its frames follow the main ring's
             if self._epoll is None:
                 self._epoll = select.epoll()
                 self._epoll.register(s.fileno(), select.EPOLLIN)
@@ -474,8 +479,9 @@ class TpacketDevice:
         once. Truncated frames (larger than a slot) and our own outgoing ones
         are counted and dropped; partial checksums are completed, or vouched
         for in rx_csum_ok with trust_csum. Runs once per wake-up: locals only.
-        The SYN ring (syn_port) comes last and gives at most syn_quota frames
-        on top of max_frames: a flood never takes the main ring's share.
+        The SYN ring (syn_port) is emptied last and adds a fair sample of its
+        SYNs (see _take_syns) on top of max_frames: a flood never takes the
+        main ring's share.
         """
         zero = ZERO4
         out = []
@@ -491,8 +497,7 @@ class TpacketDevice:
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
             taken = 0
-            cap = left if ring.cap is None else ring.cap
-            while taken < cap:
+            while taken < left:
                 off = slots[i]
                 status, length, snap, mac, _ = unpack(mm, off)
                 if not status & TP_STATUS_USER:
@@ -513,13 +518,64 @@ class TpacketDevice:
                 append(mm[st:st + snap])
                 mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
-            if ring.cap is None:
-                left -= taken
+            left -= taken
+        syn = self._syn_ring
+        if syn is not None and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
+            ncsum += self._take_syns(out, max_frames - left)
         c = self.counters
         c["rx_frames"] += len(out)
         if ncsum:
             c["rx_csum_completed"] += ncsum
         return out
+
+    def _take_syns(self, out, others: int) -> int:
+        """Empty the SYN ring; append to `out` at most max(SYN_MIN, `others`)
+        (and syn_quota) of its SYNs, evenly spaced from a random offset: each
+        SYN that arrived since the last call is kept with the same odds,
+        whatever its place (the kernel's tail drop, reading only the first
+        few, would keep whichever burst comes right after a read, a flood's
+        burst far more often than a client's lone SYN). The others are
+        counted (rx_syn_shed) and their slots handed back unread. Returns how
+        many partial checksums were completed."""
+        ring = self._syn_ring
+        mm, slots, nr = ring.mm, ring.slots, ring.nr
+        i = ring.head
+        ready = []
+        while len(ready) < nr:
+            off = slots[i]
+            if not mm[off] & TP_STATUS_USER:
+                break
+            ready.append(off)
+            i = i + 1 if i + 1 < nr else 0
+        ring.head = i
+        n = len(ready)
+        if not n:
+            return 0
+        allow = min(self.syn_quota, max(SYN_MIN, others))
+        keep = ready
+        if n > allow:
+            step = n / allow
+            start = _RNG.random() * n
+            keep = [ready[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
+            self.counters["rx_syn_shed"] += n - len(keep)
+        ncsum = 0
+        trust = self.trust_csum
+        unpack = TPACKET2_HDR.unpack_from
+        for off in keep:
+            status, length, snap, mac, _ = unpack(mm, off)
+            if snap < length or mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
+                self._odd_frame(snap < length)
+                continue
+            st = off + mac
+            if trust:
+                self.rx_csum_ok.append(status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0)
+            elif status & TP_STATUS_CSUMNOTREADY:
+                ncsum += self._complete_csum(mm, ring.mv, st, snap)
+            out.append(mm[st:st + snap])
+        zero = ZERO4
+        for off in ready:
+            mm[off:off + 4] = zero    # TP_STATUS_KERNEL
+        return ncsum
 
     def _odd_frame(self, truncated: bool):
         self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
@@ -758,6 +814,12 @@ class TpacketDevice:
             except BufferError:
                 pass
         self._rx = []
+        if self._syn_ring is not None:
+            try:
+                self._syn_ring.mv.release()
+            except BufferError:
+                pass
+            self._syn_ring = None
         for mm in self._mm:
             try:
                 mm.close()
