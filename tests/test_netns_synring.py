@@ -116,3 +116,52 @@ def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else()
     assert len(res["syn"]) == 3 and res["stats"]["kernel_syn_packets"] == 3
     assert res["stats"]["kernel_syn_drops"] == 0 and res["stats"]["kernel_rx_drops"] == 0
     assert res["counters"]["rx_syn_shed"] == 0
+
+
+BURST = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from appliance.stack.rings import tpacket
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+print("READY", flush=True)
+sys.stdin.readline()
+time.sleep(0.5)
+kept = [bytes(f).hex() for f in dev.rx_batch(0)]      # no main-ring frames: SYN_MIN SYNs kept
+print(json.dumps({"kept": kept, "min": tpacket.SYN_MIN, "counters": dev.counters,
+                  "stats": dev.kernel_stats()}))
+dev.close()
+"""
+
+
+def test_syn_ring_keeps_an_evenly_spaced_sample_of_a_burst():
+    """400 SYNs wait in the SYN ring; one read keeps SYN_MIN of them (no other
+    frames came), one every 400 / SYN_MIN in arrival order from some offset,
+    not the first few (tail drop), and hands the other slots back."""
+    n = 400
+    with netns.pair(subnet=67) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+        frames = [bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src="198.18.200.8", dst=link.server_ip)
+                        / TCP(sport=20000 + k, dport=80, flags="S")) for k in range(n)]
+        reader = link.server.popen([sys.executable, "-c", BURST, link.server_if, ROOT],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "READY"
+            link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                            input=" ".join(f.hex() for f in frames), text=True, timeout=20)
+            out, err = reader.communicate("go\n", timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        assert reader.returncode == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+    assert res["stats"]["kernel_syn_packets"] == n and res["stats"]["kernel_syn_drops"] == 0
+    kept = [bytes.fromhex(h) for h in res["kept"]]
+    assert len(kept) == res["min"] and res["counters"]["rx_syn_shed"] == n - res["min"]
+    idx = []
+    for b in kept:
+        assert b in frames                              # byte for byte one of the burst
+        idx.append(frames.index(b))
+    gaps = [b - a for a, b in zip(idx, idx[1:])] + [idx[0] + n - idx[-1]]   # around the ring
+    step = n // res["min"]
+    assert all(step - 1 <= g <= step + 1 for g in gaps), idx
