@@ -328,6 +328,9 @@ def test_two_workers_serve_the_site(store, tmp_path):
         assert c["workers"] == 2
         assert c["workers_serving"] == 2          # the flow hash spread the connections
         assert c["http_replies"] >= len(got)
+        # every SYN came through the workers' SYN rings (their own fanout group) and
+        # still met its ACK on the same worker: no socket error above
+        assert c["ring_kernel_syn_packets"] >= 16 and c.get("drop_tcp_ack_no_connection", 0) == 0, c
 
 
 def test_capture_records_the_http_exchange(store, tmp_path):

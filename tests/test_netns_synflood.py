@@ -137,6 +137,10 @@ def test_established_connection_keeps_being_served_under_full_rate_flood(store):
                         p.wait()
         c = srv.counters
     print(out, c)
-    assert int(out) > 5                          # without shedding: about 2
-    assert c["loop_syn_shed"] > 0, c
+    assert int(out) > 5                          # without a separate SYN ring or shedding: about 2
+    # The flood's SYNs went to their own ring, most of them beyond what the
+    # stack takes per pass (shed there); the main ring, which carries the
+    # established connection's segments, never dropped a frame.
+    assert c["ring_kernel_syn_packets"] > 10000 and c["ring_rx_syn_shed"] > c["ring_kernel_syn_packets"] // 2, c
+    assert c["ring_kernel_rx_packets"] > 0 and c.get("ring_kernel_rx_drops", 0) == 0, c
     assert c.get("drop_internal_error", 0) == 0, c

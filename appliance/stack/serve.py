@@ -31,7 +31,11 @@ whatever its place in the ring (tail drop would favour whichever burst
 came first, and drop a SYN that arrives behind a burst every time).
 A legitimate client retransmitting its SYN thus gets a SYN-ACK with that
 probability per attempt (see _shed_syns). A connection-per-request load
-has several other frames per SYN and is never shed.
+has several other frames per SYN and is never shed. Before all this, the
+device keeps pure SYNs on a ring of their own and adds to each batch, after
+the main ring's frames, a fair sample of them no larger than those frames
+(rings/tpacket.py), so a flood can neither fill nor delay the ring that
+established connections use.
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -202,7 +206,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
                 tick()
         frames = rx(batch)
         fok = oks
-        if len(frames) == batch:
+        if len(frames) >= batch:        # (a TPACKET device adds a sample of its SYN ring to a batch)
             # A full batch: frames arrive faster than we handle them and the
             # kernel will soon drop at random. Drain more, then shed SYNs beyond
             # the budget (a flood: each costs a cookie and a SYN-ACK), so that
@@ -307,7 +311,7 @@ def _drain(fd):
 
 def _open_device(iface, capture, fanout=None, unicast=None):
     from .rings.tpacket import TpacketDevice
-    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast)
+    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=80)    # SYNs on a ring of their own
     if capture:
         from .rings.pcap import PcapDevice
         dev = PcapDevice(dev, capture)

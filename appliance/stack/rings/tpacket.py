@@ -51,6 +51,21 @@ has no ethtool binary). With `fanout`, several sockets (one per worker
 process) share the interface with PACKET_FANOUT_HASH (a flow hash keeps a TCP
 connection on one worker); ARP is not a flow, so each worker then also has a
 small RX-only ring bound to ETH_P_ARP that sees every ARP frame.
+
+With `syn_port`, pure SYNs (IPv4 TCP, SYN without ACK or RST, to that port)
+get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
+each socket sends them there and everything else to the main ring, so a SYN
+flood can neither fill the main ring (the kernel then drops established
+connections' segments with the flood's) nor queue ahead of its frames.
+rx_batch empties the SYN ring on every call and keeps, after the main
+ring's frames, as many SYNs as it took other frames (at least SYN_MIN, at
+most syn_quota), evenly spaced from a random offset so that every SYN has
+the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
+kernel_syn_drops, only what arrives while the SYN ring is full). With
+`fanout` the SYN sockets form a second PACKET_FANOUT_HASH group; every worker
+joins both groups inside one lock (an abstract Unix socket name), so both
+groups list the workers in the same order and a flow's SYN and its later
+segments (a cookie's ACK) reach the same worker.
 """
 from __future__ import annotations
 
@@ -58,9 +73,11 @@ import array
 import errno
 import fcntl
 import mmap
+import random
 import select
 import socket
 import struct
+import time
 
 from ..wire import csum
 from .base import Offload
@@ -82,6 +99,11 @@ PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
+SO_ATTACH_FILTER = 26
+SYN_FRAMES = 2048                 # SYN ring slots: ~30 ms of a 65k SYN/s flood between two reads
+SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
+SYN_QUOTA = 256                   # SYNs kept per rx_batch at most ...
+SYN_MIN = 8                       # ... and at least, or as many as main-ring frames in between
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -132,6 +154,9 @@ TX_FRAME_SMALL = 2048
 TX_BLOCK_SMALL = 1 << 16
 PENDING_MAX = 4096                # frames waiting for room before new ones are dropped
 _FULL = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+_RNG = random.Random()     # which SYNs a read of the SYN ring keeps (seeded from the OS)
 
 
 class TpacketError(OSError):
@@ -197,6 +222,63 @@ def read_offload(name: str) -> Offload:
     return Offload(csum, csum and tso)
 
 
+def _syn_filter(port: int, syn: bool) -> bytes:
+    """A classic BPF program (struct sock_filter[]) over the Ethernet frame:
+    accept (whole frame) an IPv4 TCP segment to `port` with SYN and neither ACK
+    nor RST, first fragment, any IHL, if `syn`; otherwise accept exactly the
+    other frames."""
+    yes, no = (0x40000, 0) if syn else (0, 0x40000)
+    ins = [(0x28, 0, 0, 12),             # ldh [12]            ethertype
+           (0x15, 0, 11, 0x0800),        # jeq #IPv4, , no
+           (0x30, 0, 0, 23),             # ldb [23]            protocol
+           (0x15, 0, 9, 6),              # jeq #TCP, , no
+           (0x28, 0, 0, 20),             # ldh [20]            fragment offset
+           (0x45, 7, 0, 0x1FFF),         # jset #0x1fff, no
+           (0xB1, 0, 0, 14),             # ldxb 4*([14]&0xf)   IHL
+           (0x48, 0, 0, 16),             # ldh [x+16]          destination port
+           (0x15, 0, 4, port),           # jeq #port, , no
+           (0x50, 0, 0, 27),             # ldb [x+27]          flags
+           (0x54, 0, 0, 0x16),           # and #(ACK|RST|SYN)
+           (0x15, 0, 1, 0x02),           # jeq #SYN, , no
+           (0x06, 0, 0, yes),            # ret #yes
+           (0x06, 0, 0, no)]             # no: ret #no
+    return b"".join(struct.pack("=HBBI", *i) for i in ins)
+
+
+def _attach_filter(s, prog: bytes) -> None:
+    # struct sock_fprog {unsigned short len; struct sock_filter *filter}; the
+    # kernel copies the program, so the buffer only has to live through the call.
+    buf = array.array("B", prog)
+    s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HP", len(prog) // 8, buf.buffer_info()[0]))
+
+
+class _FanoutLock:
+    """A lock shared by the workers of one fanout group: an abstract Unix
+    socket name can be bound by one socket at a time (no file, no cleanup)."""
+
+    def __init__(self, group: int):
+        self.name = b"\0haboob-fanout-%d" % group
+        self.sock = None
+
+    def __enter__(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                s.bind(self.name)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    s.close()
+                    raise TpacketError(e.errno, f"fanout group {self.name[1:].decode()}: {e.strerror}") from None
+                time.sleep(0.001)
+        self.sock = s
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
 def _ring(frames: int, frame_size: int, block_size: int) -> tuple:
     per_block = block_size // frame_size
     blocks = max(1, -(-frames // per_block))
@@ -232,13 +314,14 @@ class TpacketDevice:
 
     def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
-                 offload: Offload | None = None, unicast: bytes | None = None):
+                 offload: Offload | None = None, unicast: bytes | None = None,
+                 syn_port: int | None = None, syn_quota: int = SYN_QUOTA):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
         self.mac = info.mac
         self.mtu = info.mtu
-        self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0,
+        self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0, rx_syn_shed=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
                              tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
                              tx_direct_full=0, tx_deferred=0)
@@ -248,7 +331,10 @@ class TpacketDevice:
         self.direct_min = DIRECT_MIN
         want = read_offload(iface) if offload is None else offload
         self._socks = []
-        self._kstats = [0, 0]       # PACKET_STATISTICS summed over reads (see kernel_stats)
+        self._kstats = [0, 0, 0, 0]  # PACKET_STATISTICS summed over reads (see kernel_stats)
+        self._syn_sock = None
+        self._syn_ring = None
+        self.syn_quota = syn_quota
         self._rx = []
         self._mm = []
         self._epoll = None
@@ -259,7 +345,7 @@ class TpacketDevice:
         self.trust_csum = False
         self.rx_csum_ok = []
         try:
-            self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want)
+            self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want, syn_port)
             if unicast is not None and bytes(unicast) != self.mac:
                 # The stack answers for another MAC than the interface's: add it to
                 # the NIC's unicast filter (a driver without one goes promiscuous by
@@ -272,7 +358,7 @@ class TpacketDevice:
 
     # -- set-up ---------------------------------------------------------
 
-    def _open(self, rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want):
+    def _open(self, rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want, syn_port):
         proto = ETH_P_ALL if fanout is None else ETH_P_IP
         try:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -324,11 +410,41 @@ class TpacketDevice:
         self.tx_head = 0
         # Largest frame (without virtio header) a TX slot holds.
         self.max_frame = self.tx_size - TPACKET2_DATA - VNET_HDR_LEN
-        s.bind((self.iface, proto))
+        if syn_port is None:
+            s.bind((self.iface, proto))
+            if fanout is not None:
+                # The kernel adds a socket to a fanout group only once it is bound
+                # and running (fanout_add checks PACKET_SOCK_RUNNING), so after bind.
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
+        else:
+            _attach_filter(s, _syn_filter(syn_port, False))      # before bind: no SYN ever lands here
+            y = self._syn_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            self._socks.append(y)
+            y.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            if self.vnet:             # rx_batch reads the virtio header of a partial checksum
+                y.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            try:
+                y.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:
+                pass
+            _attach_filter(y, _syn_filter(syn_port, True))
+            yrx = _ring(SYN_FRAMES, SYN_FRAME, 1 << 16)
+            y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
+            ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mm.append(ymm)
+            self._syn_ring = _RxRing(ymm, 0, yrx)
+            if fanout is None:
+                y.bind((self.iface, proto))          # the SYN ring first: a SYN is never missed
+                s.bind((self.iface, proto))
+            else:
+                # Both groups must list the workers in one order (the kernel picks
+                # member hash % n of each): join them under the workers' lock.
+                with _FanoutLock(fanout & 0xFFFF):
+                    y.bind((self.iface, proto))
+                    y.setsockopt(SOL_PACKET, PACKET_FANOUT, ((fanout ^ 0x8000) & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
+                    s.bind((self.iface, proto))
+                    s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
         if fanout is not None:
-            # The kernel adds a socket to a fanout group only once it is bound
-            # and running (fanout_add checks PACKET_SOCK_RUNNING), so after bind.
-            s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
             a = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._socks.append(a)
             a.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
@@ -343,6 +459,11 @@ class TpacketDevice:
             self._epoll = select.epoll()
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
+        if syn_port is not None:
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self._epoll.register(s.fileno(), select.EPOLLIN)
+            self._epoll.register(y.fileno(), select.EPOLLIN)
 
     # -- Device ---------------------------------------------------------
 
@@ -358,6 +479,9 @@ class TpacketDevice:
         once. Truncated frames (larger than a slot) and our own outgoing ones
         are counted and dropped; partial checksums are completed, or vouched
         for in rx_csum_ok with trust_csum. Runs once per wake-up: locals only.
+        The SYN ring (syn_port) is emptied last and adds a fair sample of its
+        SYNs (see _take_syns) on top of max_frames: a flood never takes the
+        main ring's share.
         """
         zero = ZERO4
         out = []
@@ -395,11 +519,63 @@ class TpacketDevice:
                 mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
             left -= taken
+        syn = self._syn_ring
+        if syn is not None and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
+            ncsum += self._take_syns(out, max_frames - left)
         c = self.counters
         c["rx_frames"] += len(out)
         if ncsum:
             c["rx_csum_completed"] += ncsum
         return out
+
+    def _take_syns(self, out, others: int) -> int:
+        """Empty the SYN ring; append to `out` at most max(SYN_MIN, `others`)
+        (and syn_quota) of its SYNs, evenly spaced from a random offset: each
+        SYN that arrived since the last call is kept with the same odds,
+        whatever its place (the kernel's tail drop, reading only the first
+        few, would keep whichever burst comes right after a read, a flood's
+        burst far more often than a client's lone SYN). The others are
+        counted (rx_syn_shed) and their slots handed back unread. Returns how
+        many partial checksums were completed."""
+        ring = self._syn_ring
+        mm, slots, nr = ring.mm, ring.slots, ring.nr
+        i = ring.head
+        ready = []
+        while len(ready) < nr:
+            off = slots[i]
+            if not mm[off] & TP_STATUS_USER:
+                break
+            ready.append(off)
+            i = i + 1 if i + 1 < nr else 0
+        ring.head = i
+        n = len(ready)
+        if not n:
+            return 0
+        allow = min(self.syn_quota, max(SYN_MIN, others))
+        keep = ready
+        if n > allow:
+            step = n / allow
+            start = _RNG.random() * n
+            keep = [ready[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
+            self.counters["rx_syn_shed"] += n - len(keep)
+        ncsum = 0
+        trust = self.trust_csum
+        unpack = TPACKET2_HDR.unpack_from
+        for off in keep:
+            status, length, snap, mac, _ = unpack(mm, off)
+            if snap < length or mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
+                self._odd_frame(snap < length)
+                continue
+            st = off + mac
+            if trust:
+                self.rx_csum_ok.append(status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0)
+            elif status & TP_STATUS_CSUMNOTREADY:
+                ncsum += self._complete_csum(mm, ring.mv, st, snap)
+            out.append(mm[st:st + snap])
+        zero = ZERO4
+        for off in ready:
+            mm[off:off + 4] = zero    # TP_STATUS_KERNEL
+        return ncsum
 
     def _odd_frame(self, truncated: bool):
         self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
@@ -614,7 +790,8 @@ class TpacketDevice:
 
     def kernel_stats(self) -> dict:
         """PACKET_STATISTICS (packets seen, dropped for lack of a free RX slot)
-        since the device was opened. The kernel resets them on every read, so
+        since the device was opened: the main and ARP rings, and apart
+        (kernel_syn_*) the SYN ring. The kernel resets them on every read, so
         they are summed here: live counters may ask as often as they like."""
         k = self._kstats
         for s in self._socks:
@@ -622,9 +799,13 @@ class TpacketDevice:
                 p, d = struct.unpack("=II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
             except OSError:
                 continue
-            k[0] += p
-            k[1] += d
-        return {"kernel_rx_packets": k[0], "kernel_rx_drops": k[1]}
+            j = 2 if s is self._syn_sock else 0
+            k[j] += p
+            k[j + 1] += d
+        out = {"kernel_rx_packets": k[0], "kernel_rx_drops": k[1]}
+        if self._syn_sock is not None:
+            out["kernel_syn_packets"], out["kernel_syn_drops"] = k[2], k[3]
+        return out
 
     def close(self):
         for r in self._rx:
@@ -633,6 +814,12 @@ class TpacketDevice:
             except BufferError:
                 pass
         self._rx = []
+        if self._syn_ring is not None:
+            try:
+                self._syn_ring.mv.release()
+            except BufferError:
+                pass
+            self._syn_ring = None
         for mm in self._mm:
             try:
                 mm.close()
