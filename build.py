@@ -105,9 +105,10 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
                 what = f"{out}/{cloud.PLATFORMS[f].file.format(name=name)} ({f}); upload and register it:\n      " + \
                     "\n      ".join(cloud.commands(f, name, str(out)))
             click.echo(f"  {what}", err=True)
-            if f == "kubevirt" and ip != "10.0.2.2/24":
-                click.echo("      note: KubeVirt's masquerade binding gives every VM 10.0.2.2/24 (gateway 10.0.2.1); "
-                           "build with --ip 10.0.2.2/24 --gateway 10.0.2.1 for the pool (docs/deploy.md)", err=True)
+            if f == "kubevirt" and ip not in ("dhcp", "10.0.2.2/24"):
+                click.echo(f"      note: KubeVirt's masquerade binding hands every VM 10.0.2.2/24 (gateway 10.0.2.1) "
+                           f"by DHCP; a pool built with --ip {ip} is not reachable: keep --ip dhcp (the default) "
+                           f"(docs/deploy.md)", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

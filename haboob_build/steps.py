@@ -213,7 +213,8 @@ def tls(ctx: Context) -> None:
     left = (info["not_after_ts"] - time.time()) / 86400
     if left < 30:
         print(f"build.py: warning: the certificate expires within 30 days ({info['not_after']}): renew it "
-              f"(replace it without rebuilding: not yet)", file=sys.stderr)
+              f"(a configuration volume with tls/ replaces it without rebuilding: build.py config-volume)",
+              file=sys.stderr)
     with open(crt, "rb") as f:
         ctx.tree.file(TLS_CERT, f.read(), 0o644, part="tls")
     with open(key, "rb") as f:
