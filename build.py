@@ -45,7 +45,8 @@ from haboob_build.steps import STEPS, build_image
                    "iso, img, pxe, qcow2 (together: all), aws, gce, azure, kubevirt, openstack "
                    "(together: cloud; each with its deploy/ template where there is one), or none")
 @click.option("--nic-drivers", default="all", show_default=True,
-              help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
+              help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS)
+              + "; all: every one but hv_netvsc (Azure: all,hv_netvsc)")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="HTTPS on port 443: the certificate chain (PEM)")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="its private key (PEM); it goes into the image")
 @click.option("--tls-self-signed", "tls_self_signed", metavar="NAME[,NAME...]",
