@@ -2,7 +2,7 @@
 
 Each step is `def step(ctx) -> None`; `STEPS` is the order. To add a step
 (a deploy format, another driver set) insert a (name, function) pair;
-`formats.py` of a later issue appends its own after "initramfs".
+the deploy formats (`formats.step`, cloud ones included) run after "initramfs".
 Output (stderr, none with --quiet): each step announces itself on a line
 ("step 5/10 content"); a long one reports its progress through
 `ctx.progress(label)` (a bar on a terminal, a few lines elsewhere).
