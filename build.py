@@ -45,7 +45,8 @@ from haboob_build.steps import STEPS, build_image
                    "iso, img, pxe, qcow2 (together: all), aws, gce, azure, kubevirt, openstack "
                    "(together: cloud; each with its deploy/ template where there is one), or none")
 @click.option("--nic-drivers", default="all", show_default=True,
-              help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS))
+              help="NIC drivers the image carries (comma-separated): " + ", ".join(drivers.NIC_DRIVERS)
+              + "; all: every one but hv_netvsc (Azure: all,hv_netvsc)")
 @click.option("--tls-cert", type=click.Path(path_type=Path), help="HTTPS on port 443: the certificate chain (PEM)")
 @click.option("--tls-key", type=click.Path(path_type=Path), help="its private key (PEM); it goes into the image")
 @click.option("--tls-self-signed", "tls_self_signed", metavar="NAME[,NAME...]",
@@ -105,9 +106,10 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
                 what = f"{out}/{cloud.PLATFORMS[f].file.format(name=name)} ({f}); upload and register it:\n      " + \
                     "\n      ".join(cloud.commands(f, name, str(out)))
             click.echo(f"  {what}", err=True)
-            if f == "kubevirt" and ip != "10.0.2.2/24":
-                click.echo("      note: KubeVirt's masquerade binding gives every VM 10.0.2.2/24 (gateway 10.0.2.1); "
-                           "build with --ip 10.0.2.2/24 --gateway 10.0.2.1 for the pool (docs/deploy.md)", err=True)
+            if f == "kubevirt" and ip not in ("dhcp", "10.0.2.2/24"):
+                click.echo(f"      note: KubeVirt's masquerade binding hands every VM 10.0.2.2/24 (gateway 10.0.2.1) "
+                           f"by DHCP; a pool built with --ip {ip} is not reachable: keep --ip dhcp (the default) "
+                           f"(docs/deploy.md)", err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,7 +1,7 @@
 """The configuration volume: per-deployment settings read once at boot.
 
 Theory of operation: settings that change per deployment (address, gateway,
-NIC, later the TLS certificate) come from a small disk the operator or the
+NIC, the TLS certificate) come from a small disk the operator or the
 cloud attaches, never from a shell. PID 1 calls `read_settings()` once,
 after the storage and file system modules are loaded:
 
@@ -18,8 +18,8 @@ after the storage and file system modules are loaded:
    NAME.img; USB sticks are not read: no usb-storage in the image), and
    without one it is skipped silently;
 3. the files are parsed into haboob.KEY=VALUE settings, the same words as
-   the kernel command line (`haboob.ip`, `haboob.gw`, `haboob.mac`,
-   `haboob.workers`), validated here so that a bad volume never reaches
+   the kernel command line (`haboob.ip` (an address or `dhcp`), `haboob.gw`,
+   `haboob.mac`, `haboob.workers`, `haboob.ip6`), validated here so that a bad volume never reaches
    settings() (which is fatal for bad command line values).
 
 Labels and forms:
@@ -29,7 +29,9 @@ Labels and forms:
 - cidata / CIDATA (cloud-init NoCloud): meta-data (read, checked), the
   first static IPv4 address of network-config (v1 `subnets`, v2
   `ethernets`, YAML or JSON) and its gateway and MAC match; user-data only
-  when it starts with `#haboob` (then it is a haboob.conf);
+  when it starts with `#haboob` (then it is a haboob.conf); a DHCP-only
+  network-config is refused like a malformed one (the built-in settings,
+  DHCP by default, apply);
 - config-2 (OpenStack config drive): the first `ipv4` network of
   openstack/latest/network_data.json, its default route and link MAC.
 

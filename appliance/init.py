@@ -36,8 +36,10 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
    come from a predictable fallback;
-6. with HTTPS in the config (build.py --tls-*), load and check the
-   certificate chain and key (appliance.stack.tls; bad ones are fatal);
+6. with HTTPS in the config (build.py --tls-*) or a certificate on the
+   configuration volume (which wins), load and check the chain and key
+   (appliance.stack.tls): a bad built-in one is fatal, a bad volume one a
+   HABOOB-WARN and the built-in one while that is still valid, else fatal;
 7. run `appliance.stack.serve.serve` on the NIC; it opens and verifies the
    content store (a corrupt one is fatal: say so and stop), and its
    on_ready callback prints the HABOOB-READY line.

@@ -2,7 +2,7 @@
 
 Each step is `def step(ctx) -> None`; `STEPS` is the order. To add a step
 (a deploy format, another driver set) insert a (name, function) pair;
-`formats.py` of a later issue appends its own after "initramfs".
+the deploy formats (`formats.step`, cloud ones included) run after "initramfs".
 Output (stderr, none with --quiet): each step announces itself on a line
 ("step 5/10 content"); a long one reports its progress through
 `ctx.progress(label)` (a bar on a terminal, a few lines elsewhere).
@@ -213,7 +213,8 @@ def tls(ctx: Context) -> None:
     left = (info["not_after_ts"] - time.time()) / 86400
     if left < 30:
         print(f"build.py: warning: the certificate expires within 30 days ({info['not_after']}): renew it "
-              f"(replace it without rebuilding: not yet)", file=sys.stderr)
+              f"(a configuration volume with tls/ replaces it without rebuilding: build.py config-volume)",
+              file=sys.stderr)
     with open(crt, "rb") as f:
         ctx.tree.file(TLS_CERT, f.read(), 0o644, part="tls")
     with open(key, "rb") as f:

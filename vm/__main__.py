@@ -1,12 +1,14 @@
-"""`python -m vm boot|test IMAGE`: run an appliance image under QEMU.
+"""`python -m vm boot|test|fleet|stat IMAGE`: run an appliance image under QEMU.
 
     python -m vm boot images/www [--net user[:PORT] | --net tap[:IFNAME]] [--smp N]
                                  [--memory MB] [--capture FILE.pcap] [--console]
-                                 [--boot kernel|disk|iso] [--firmware bios|uefi] [--nic virtio|e1000|e1000e]
+                                 [--boot kernel|disk|iso] [--firmware bios|uefi|uefi-secure] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
                                  [--config DIR]   (a configuration volume: build.py config-volume)
+                                 [--log] [--metrics-port N]
     python -m vm test images/www [--net ...] [--site DIR]
     python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
+    python -m vm stat images/www|URL                      (live rates from /metrics: vm/stat.py)
 
 `boot` waits for the ready line, prints the URL, and runs until SIGINT
 (Ctrl-C) or SIGTERM. `test` boots, fetches every URL of the manifest and

@@ -1,4 +1,4 @@
-"""Firmware and boot medium for `vm boot --firmware bios|uefi --boot kernel|disk|iso`.
+"""Firmware and boot medium for `vm boot --firmware bios|uefi|uefi-secure --boot kernel|disk|iso`.
 
 Theory of operation: `--boot kernel` hands QEMU the image's vmlinuz,
 initrd.img and cmdline directly (-kernel, fast, for development). `disk`

@@ -107,7 +107,7 @@ def session(image: Image, opts: Options, echo=None):
             guest = guest_interface(image, opts)
             if guest is None:
                 raise VMError(f"--net {opts.net}: a DHCP image on a network we do not set up; "
-                              f"give its address (--guest-ip)")
+                              f"give it a static one (build.py --ip, or --config DIR with haboob.ip=)")
             m = stack.enter_context(Machine(image, opts, echo=echo))
             yield Session(m, str(guest.ip), 80, str(guest.ip))
             return
@@ -115,7 +115,8 @@ def session(image: Image, opts: Options, echo=None):
             raise VMError(f"--net {opts.net!r}: use user[:PORT] or tap[:IFNAME]")
         guest = guest_interface(image, opts)
         if guest is None and opts.tap:
-            raise VMError("--net tap:IFNAME with a DHCP image: give its address (--guest-ip)")
+            raise VMError("--net tap:IFNAME with a DHCP image: give it a static address "
+                          "(build.py --ip, or --config DIR with haboob.ip=)")
         if not opts.tap:
             if os.geteuid() != 0:
                 raise VMError("--net tap without a name makes a network namespace: run as root")

@@ -1,9 +1,14 @@
-"""The specialized TCP/IP stack: Ethernet, ARP, IPv4, ICMP and a server-only TCP
-that sends prebuilt responses from the content store (Sandstorm-style).
+"""The specialized TCP/IP stack: Ethernet, ARP, IPv4, ICMP, UDP, DHCPv4, IPv6 and a
+server-only TCP (both families, TLS on top) that sends prebuilt responses from
+the content store (Sandstorm-style).
 
 Theory of operation, by layer (each testable alone; see each module):
-    wire.py, ethernet.py, arp.py, ipv4.py, icmp.py, tcp.py
+    wire.py, ethernet.py, arp.py, ipv4.py, icmp.py, udp.py, tcp.py
                   checked parse / emit of every header (the control path)
+    dhcp4.py, route.py, ipv6.py, lease.py
+                  DHCPv4 client, route table, IPv6 ND/SLAAC/MLD, the
+                  multi-worker lease
+    tls.py        HTTPS: TLS over memory BIOs on a Conn subclass
     seq.py        sequence numbers with wrap-around comparison
     isn.py        RFC 6528 ISNs and SYN cookies
     timers.py     RFC 6298 RTO estimator;  cc.py: NewReno (RFC 5681/6582)
