@@ -480,7 +480,7 @@ class Ipv6Host:
             try:
                 self.dhcp6.receive(d.payload, now)
             finally:
-                self._dhcp6_apply(now)
+                self._dhcp6_run(now)                            # a Request chosen now goes now
             return
         if dst[0] != 0xFF and src != UNSPEC and self._error_ok(now):     # port unreachable, RFC 4443 §3.1
             self._send_icmp(bytes(f[6:12]), dst, src, bytes([1, 4, 0, 0, 0, 0, 0, 0]) +
