@@ -330,8 +330,8 @@ def _valid_messages():
 @pytest.fixture(scope="module")
 def fuzz_stack(store):
     st = ready(store)
-    t, sol = solicit(st)
-    return st, sol.trid
+    solicit(st)
+    return st
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -339,10 +339,10 @@ def fuzz_stack(store):
                                                      max_size=6),
        cut=st_.integers(0, 400), junk=st_.binary(max_size=64), keep_xid=st_.booleans())
 def test_fuzz_mutated_dhcp6_messages(fuzz_stack, base, muts, cut, junk, keep_xid):
-    st, trid = fuzz_stack
+    st = fuzz_stack
     msg = bytearray(_valid_messages()[base])
-    if keep_xid:
-        msg[1:4] = trid.to_bytes(3, "big")
+    if keep_xid:                                                    # the live transaction, whatever the state
+        msg[1:4] = st.ip6.dhcp6._xid.to_bytes(3, "big")
     for i, v in muts:
         if i < len(msg):
             msg[i] = v
@@ -369,3 +369,19 @@ def test_checksum_partial_from_the_device_is_trusted(store):
     st.receive(memoryview(bytes(raw)), t + 0.1, csum_ok=True)
     assert st.counters["dhcp6_advertises"] == 1 and st.ip6.dhcp6.state == "requesting"
     assert [p for p in dhcp(drain(st)) if DHCP6_Request in p]
+
+
+def test_renew_answered_no_binding_then_lifetime_zero(store):
+    """§18.2.10.1: NoBinding to a Renew -> a Request for the same address; a Reply with
+    valid lifetime 0 takes the address back (lost, Solicit again)."""
+    st = ready(store, rapid_commit=False)
+    t0, _ = bind(st)
+    out = run_to(st, t0 + 100.5, t0)
+    ren = first(out, DHCP6_Renew)[1]
+    st.receive(from_server(st, reply(ren, addr=None, status=3)), t0 + 101)
+    (req,) = [p[DHCP6_Request] for p in dhcp(drain(st))]
+    assert req[DHCP6OptIAAddress].addr == LEASED and st.counters["dhcp6_status_no_binding"] == 1
+    st.receive(from_server(st, reply(req, pref=0, valid=0)), t0 + 101.1)
+    assert leased(st) is None and st.ip6.dhcp6.state == "soliciting"
+    assert ("address6", {"event": "lost", "ip6": LEASED, "prefix": 128, "how": "dhcp6"}) in st.events
+    assert [p for p in dhcp(drain(st)) if DHCP6_Solicit in p]

@@ -302,10 +302,10 @@ class Dhcp6Client:
         vt = float("inf") if valid == INF else now + valid
         pt = float("inf") if pref == INF else now + pref
         base = pref if pref != INF else valid
-        if not t1:
-            t1 = base * 0.5 if base != INF else INF
+        if not t1:                                                   # ours: at least 1 s, or a preferred
+            t1 = max(base * 0.5, 1.0) if base != INF else INF        # lifetime of 0 would renew in a loop
         if not t2:
-            t2 = base * 0.8 if base != INF else INF
+            t2 = max(base * 0.8, 2.0) if base != INF else INF
         self.t1 = float("inf") if t1 == INF else now + t1
         self.t2 = float("inf") if t2 == INF else now + max(t2, t1 if t1 != INF else t2)
         if mine is not None and a != mine:                           # a Request after NoBinding got another
