@@ -244,20 +244,21 @@ def test_fuzz_mutated_nd_and_icmp6_frames_never_raise(store, muts, kind):
 
 
 def test_unknown_next_header_gets_a_parameter_problem_rate_limited(store):
-    """RFC 8200 §4 / RFC 4443 §3.4: an unknown next header (UDP here: IPv6 serves
-    no UDP port) is answered with a Parameter Problem, code 1, pointing at the
-    Next Header field; never for a multicast destination; rate-limited
-    (RFC 4443 §2.4 f). TCP over IPv6 is served: tests/test_stack_tcp6.py."""
+    """RFC 8200 §4 / RFC 4443 §3.4: an unknown next header (253, RFC 3692's
+    experiment number) is answered with a Parameter Problem, code 1, pointing
+    at the Next Header field; never for a multicast destination; rate-limited
+    (RFC 4443 §2.4 f). TCP over IPv6 is served: tests/test_stack_tcp6.py; UDP
+    (port 546 only): tests/test_stack_dhcp6.py."""
     import ipaddress
-    from scapy.layers.inet import UDP
     from scapy.layers.inet6 import ICMPv6ParamProblem
     st = _ready(store)
     ll = str(ipaddress.IPv6Address(link_local(st)))
-    udp = Ether(src=HMAC, dst=SERVER_MAC) / IPv6(src="fe80::99", dst=ll) / UDP(dport=53)
+    udp = Ether(src=HMAC, dst=SERVER_MAC) / IPv6(src="fe80::99", dst=ll, nh=253) / Raw(b"x" * 8)
     st.receive(bytes(udp), 4.0)
     (pp,) = drain(st)
     assert pp[ICMPv6ParamProblem].code == 1 and pp[ICMPv6ParamProblem].ptr == 6 and pp[IPv6].dst == "fe80::99"
-    st.receive(bytes(Ether(src=HMAC, dst="33:33:00:00:00:01") / IPv6(src="fe80::99", dst="ff02::1") / UDP()), 4.0)
+    st.receive(bytes(Ether(src=HMAC, dst="33:33:00:00:00:01") / IPv6(src="fe80::99", dst="ff02::1", nh=253) /
+                     Raw(b"x" * 8)), 4.0)
     assert drain(st) == []                                                  # not for a multicast destination
     for i in range(15):                                                     # rate-limited (RFC 4443 §2.4 f)
         st.receive(bytes(udp), 5.0)

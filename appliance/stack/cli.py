@@ -129,7 +129,7 @@ def load_tls(cert: str, key: str, hsts: int, now_unix: float = None):
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
 @click.option("--hostname", default=None, help="Host name sent to the DHCP server (option 12).")
 @click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
-              help="auto: IPv6 link-local and SLAAC addresses, neighbour discovery, ping -6, "
+              help="auto: IPv6 link-local and SLAAC addresses (DHCPv6 when the router says M=1), neighbour discovery, ping -6, "
                    "and the site over TCP/IPv6 on the same port.")
 @click.option("--tls-cert", default=None, help="HTTPS on port 443: the certificate chain (PEM, leaf first).")
 @click.option("--tls-key", default=None, help="The private key (PEM) of --tls-cert.")

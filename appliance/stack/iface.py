@@ -613,7 +613,7 @@ class Stack:
                 if not self.ip6.accepts_mac(eth.dst):
                     raise Malformed("eth_not_for_us")
                 try:
-                    self.ip6.receive(f, now)
+                    self.ip6.receive(f, now, csum_ok)
                 finally:
                     self._ip6_run()
                     self._next = 0.0    # its deadlines may have moved earlier (a new tentative address)

@@ -33,13 +33,23 @@ are ignored (we are a host). Tables are bounded (addresses, routers,
 neighbours); a flood of advertisements costs one parse each and can add at
 most `max_addresses` addresses.
 
+DHCPv6. An RA with M=1 starts dhcp6.py's client (once our link-local
+address is preferred: DHCPv6 is sent from it, to ff02::1:2 port 547). A
+leased address becomes one of ours (how "dhcp6", prefix 128, its net the
+whole address so that no prefix option touches its lifetimes): tentative,
+DAD as above (a duplicate is Declined, not retried with another
+identifier), then preferred, reported by the same address6 events and
+served by TCP like any other; the client's `lost` removes it.
+
 Answers: NS for one of our preferred addresses -> NA (solicited and
 override, with our link-layer address; to all-nodes when the solicitation
 came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
 address it was sent to (or, for a multicast request, our preferred
 address); an MLD query -> a report of our groups. Packet Too Big is counted
 (`icmp6_packet_too_big`) and handed to `too_big` (the Stack: it lowers the
-connection's SMSS). TCP segments to a preferred address take the Stack's
+connection's SMSS). UDP (checksum mandatory, RFC 8200 §8.1: a zero one is dropped) is served
+on port 546 only, for the DHCPv6 client; another port gets a Port
+Unreachable (RFC 4443 §3.1). TCP segments to a preferred address take the Stack's
 IPv6 fast path (iface.py) and never come here; the others (extension headers,
 a tentative address) are counted (`drop_ip6_tcp_not_served`) and dropped. An unknown next header gets a Parameter
 Problem (RFC 8200 §4, RFC 4443 §3.4 code 1). ICMPv6 errors are never sent
@@ -50,12 +60,13 @@ import hashlib
 import hmac
 import struct
 
+from .udp import UdpDatagram
 from .wire import Malformed, csum, sum_ok
 
 __all__ = ["Ipv6Host", "Ip6Config", "ETH_IPV6", "solicited_node", "multicast_mac", "ip6_str", "LINK_LOCAL"]
 
 ETH_IPV6 = 0x86DD
-NH_HBH, NH_TCP, NH_ICMP6 = 0, 6, 58
+NH_HBH, NH_TCP, NH_UDP, NH_ICMP6 = 0, 6, 17, 58
 ECHO_REQUEST, ECHO_REPLY = 128, 129
 MLD_QUERY, MLD2_REPORT = 130, 143
 RS, RA, NS, NA = 133, 134, 135, 136
@@ -65,16 +76,18 @@ ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 ALL_ROUTERS = bytes.fromhex("ff020000000000000000000000000002")
 MLD2_ROUTERS = bytes.fromhex("ff020000000000000000000000000016")
 LINK_LOCAL = bytes.fromhex("fe800000000000000000000000000000")
+ALL_DHCP = bytes.fromhex("ff020000000000000000000000010002")   # All_DHCP_Relay_Agents_and_Servers
 _HDR = struct.Struct("!IHBB16s16s")
 TWO_HOURS = 7200.0
 
 
 class Ip6Config:
     __slots__ = ("dad_delay", "retrans", "rs_count", "rs_interval", "max_addresses", "max_routers",
-                 "neigh_size", "neigh_ttl", "idgen_retries", "error_rate")
+                 "neigh_size", "neigh_ttl", "idgen_retries", "error_rate", "dhcp6")
 
     def __init__(self, dad_delay=1.0, retrans=1.0, rs_count=3, rs_interval=4.0, max_addresses=8,
-                 max_routers=4, neigh_size=256, neigh_ttl=300.0, idgen_retries=3, error_rate=10):
+                 max_routers=4, neigh_size=256, neigh_ttl=300.0, idgen_retries=3, error_rate=10, dhcp6=None):
+        self.dhcp6 = dhcp6                  # a dhcp6.Dhcp6Config (None: its defaults)
         self.error_rate = error_rate        # RSTs and ICMPv6 errors per second
         self.dad_delay = dad_delay          # RFC 4862 §5.4.2: random 0..MAX_RTR_SOLICITATION_DELAY
         self.retrans = retrans              # RFC 4861 RetransTimer
@@ -140,6 +153,8 @@ class Ipv6Host:
         self._err_sec = -1
         self._err_n = 0
         self.too_big = None                 # callback(icmp6 body, now) for Packet Too Big (TCP's SMSS)
+        self.dhcp6 = None                   # a dhcp6.Dhcp6Client once an RA said M=1
+        self._dhcp6_wanted = False
 
     # ---------------------------------------------------------------- API
 
@@ -154,8 +169,9 @@ class Ipv6Host:
     def accepts_mac(self, dst: bytes) -> bool:
         return dst == self.mac or (dst[:2] == b"\x33\x33" and any(dst[2:] == g[12:] for g in self._groups))
 
-    def receive(self, f, now: float) -> None:
-        """An Ethernet frame with EtherType 0x86DD; raises Malformed to drop it."""
+    def receive(self, f, now: float, csum_ok: bool = False) -> None:
+        """An Ethernet frame with EtherType 0x86DD; raises Malformed to drop it.
+        `csum_ok`: the device vouches for the UDP checksum (as in Stack.receive)."""
         n = len(f)
         if n < 54:
             raise Malformed("ip6_short", f"{n} bytes")
@@ -174,6 +190,8 @@ class Ipv6Host:
             if len(body) < 8 or len(body) < 8 + body[1] * 8:
                 raise Malformed("ip6_bad_extension")
             nh, body = body[0], body[8 + body[1] * 8:]
+        if nh == NH_UDP:
+            return self._udp(f, src, dst, body, now, csum_ok)
         if nh == NH_TCP:
             if dst[0] != 0xFF and src != UNSPEC and len(body) >= 20 and self._error_ok(now):
                 self._tcp_reset(bytes(f[6:12]), src, dst, body)
@@ -239,6 +257,9 @@ class Ipv6Host:
             self._rs_at = now + self.cfg.rs_interval if self._rs_left else float("inf")
         if self._rs_at < nxt:
             nxt = self._rs_at
+        d = self._dhcp6_run(now)
+        if d < nxt:
+            nxt = d
         for r, (_, exp) in list(self.routers.items()):
             if exp <= now:
                 del self.routers[r]
@@ -252,12 +273,15 @@ class Ipv6Host:
     def _iid(self, net8: bytes, counter: int) -> bytes:
         return hmac.new(self.secret, net8 + self.mac + bytes([counter]), hashlib.sha256).digest()[:8]
 
-    def _new_address(self, net8, how, valid, preferred, counter, now):
+    def _new_address(self, net8, how, valid, preferred, counter, now, addr=None):
         if len(self.addrs) >= self.cfg.max_addresses:
             self.counters["drop_ip6_address_table_full"] += 1
             return
-        addr = net8 + self._iid(net8, counter)
+        if addr is None:
+            addr = net8 + self._iid(net8, counter)
         a = _Addr(addr, net8, how, valid, preferred, counter)
+        if how == "dhcp6":
+            a.prefix = 128                          # IA_NA carries no prefix length (RFC 8415 §21.6)
         a.t = now + self.rng.uniform(0, self.cfg.dad_delay)
         self.addrs[addr] = a
         g = solicited_node(addr)
@@ -284,7 +308,11 @@ class Ipv6Host:
     def _duplicate(self, a, now):
         self.counters["ip6_dad_duplicates"] += 1
         self._drop(a, "duplicate")
-        if a.dad_counter < self.cfg.idgen_retries:          # RFC 7217 §6: the next identifier
+        if a.how == "dhcp6":
+            if self.dhcp6 is not None:
+                self.dhcp6.declined(a.addr, now)             # RFC 8415 §18.2.8: Decline, start over
+                self._dhcp6_apply(now)
+        elif a.dad_counter < self.cfg.idgen_retries:          # RFC 7217 §6: the next identifier
             self._new_address(a.net, a.how, a.valid, a.preferred, a.dad_counter + 1, now)
 
     def _drop(self, a, event):
@@ -381,7 +409,8 @@ class Ipv6Host:
         self._rs_left = 0
         self._rs_at = float("inf")
         if flags & 0x80:
-            self.counters["nd_ra_managed_unsupported"] += 1       # DHCPv6 (M=1) is not implemented
+            self.counters["nd_ra_managed"] += 1                   # DHCPv6 for an address (dhcp6.py)
+            self._dhcp6_wanted = True
         mac = src_mac
         for k, v in opts:
             if k == OPT_SLLA and len(v) >= 6:
@@ -403,6 +432,8 @@ class Ipv6Host:
         for k, v in opts:
             if k == OPT_PREFIX:
                 self._prefix(v, now)
+        if self._dhcp6_wanted and self.dhcp6 is None:
+            self._dhcp6_run(now)
 
     def _prefix(self, v, now):
         """A prefix information option (RFC 4862 §5.5.3)."""
@@ -435,6 +466,63 @@ class Ipv6Host:
             a.valid = vt
         elif remaining > TWO_HOURS:
             a.valid = now + TWO_HOURS
+
+    # ---------------------------------------------------- UDP, DHCPv6
+
+    def _udp(self, f, src, dst, body, now, csum_ok=False):
+        """UDP over IPv6: only port 546 (our DHCPv6 client) is served. With `csum_ok`
+        (a veth's or virtio's CHECKSUM_PARTIAL: the field holds only the pseudo-header
+        sum) the checksum is not ours to verify."""
+        if not csum_ok and len(body) >= 8 and body[6:8] == b"\0\0":
+            raise Malformed("udp6_zero_checksum")                 # RFC 8200 §8.1: mandatory over IPv6
+        d = UdpDatagram.parse(body, src, dst, verify=not csum_ok)
+        if d.dport == 546 and self.dhcp6 is not None:
+            if d.sport != 547:
+                raise Malformed("dhcp6_bad_source_port", str(d.sport))
+            self.counters["udp6_in_datagrams"] += 1
+            try:
+                self.dhcp6.receive(d.payload, now)
+            finally:
+                self._dhcp6_run(now)                            # a Request chosen now goes now
+            return
+        if dst[0] != 0xFF and src != UNSPEC and self._error_ok(now):     # port unreachable, RFC 4443 §3.1
+            self._send_icmp(bytes(f[6:12]), dst, src, bytes([1, 4, 0, 0, 0, 0, 0, 0]) +
+                            bytes(f[14:14 + min(40 + int.from_bytes(f[18:20], "big"), 1232)]), hop=64)
+            self.counters["icmp6_port_unreachable_sent"] += 1
+        raise Malformed("udp6_closed_port", str(d.dport))
+
+    def _dhcp6_run(self, now) -> float:
+        c = self.dhcp6
+        if c is None:
+            if not self._dhcp6_wanted or self._ll() == UNSPEC:
+                return float("inf")                              # DHCPv6 needs a link-local source
+            from .dhcp6 import Dhcp6Client, Dhcp6Config
+            c = self.dhcp6 = Dhcp6Client(self.mac, self.counters, self.rng, self.cfg.dhcp6 or Dhcp6Config())
+            c.start(now)
+        d = c.poll(now)
+        self._dhcp6_apply(now)
+        return d
+
+    def _dhcp6_apply(self, now):
+        c = self.dhcp6
+        ll = self._ll()
+        for p in c.out:
+            if ll == UNSPEC:
+                self.counters["dhcp6_no_link_local"] += 1
+                continue
+            u = UdpDatagram(546, 547, p).emit(ll, ALL_DHCP)
+            ip = _HDR.pack(0x60000000, len(u), NH_UDP, 1, ll, ALL_DHCP)
+            self.out.append(struct.pack("!6s6sH", multicast_mac(ALL_DHCP), self.mac, ETH_IPV6) + ip + u)
+        c.out.clear()
+        for e in c.events:
+            a = self.addrs.get(e.address)
+            if e.kind == "bound" and a is None:
+                self._new_address(e.address, "dhcp6", e.valid, e.preferred, 0, now, addr=e.address)
+            elif e.kind in ("bound", "renewed") and a is not None:
+                a.valid, a.preferred = e.valid, e.preferred       # the same address: nothing to announce
+            elif e.kind == "lost" and a is not None and a.how == "dhcp6":
+                self._drop(a, "lost")
+        c.events.clear()
 
     def _echo(self, src_mac, src, dst, body):
         if body[1] != 0 or len(body) < 8:

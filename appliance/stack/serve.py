@@ -469,7 +469,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (no_answer, declined). With several workers the parent keeps the lease
     (lease.py) and (re)starts the workers on the leased address.
     `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
-    addresses, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
+    addresses, DHCPv6 (dhcp6.py) when an RA says M=1, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
     reported as "address6" events; one worker too.
     `tls`: HTTPS beside HTTP (see make_stack); the TlsServer is made before the
     workers fork, so they share its session ticket keys (a client resumes on any)."""
