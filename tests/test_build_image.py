@@ -158,7 +158,8 @@ def test_reproducible_byte_identical(tmp_path, monkeypatch):
     b = tmp_path / "b" / "img"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, str(sup.REPO / "build.py"), "-q", "--site", str(sup.EXAMPLE), "--name", "repro",
-                    "--out", str(b), "--compress-level", "3", "--formats", "none", "--nic-drivers", "virtio_net"],
+                    "--out", str(b), "--compress-level", "3", "--formats", "none", "--nic-drivers", "virtio_net",
+                    "--ip", str(a.ip)],
                    check=True, env=env, cwd=tmp_path, timeout=600)
     for name in ("vmlinuz", "initrd.img", "manifest.json", "cmdline"):
         assert sha(a.out / name) == sha(b / name), name
