@@ -210,15 +210,18 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
 
 def access_log_check(running, lines0: int, responses: int, margin: int, timeout: float = 3.0) -> dict:
     """The access log lines written over a measurement against the responses wrk
-    counted in its passes. wrk stops each pass with up to `connections` requests
-    in flight, which the server may answer and log uncounted: hence the margin.
-    nginx's buffer is flushed within 1 s (flush=1s), so poll until the count is
-    within the margin and steady, for at most `timeout` s."""
+    counted in its passes: at least one line per response (both servers log a
+    response before wrk can have read all of it: nginx once written, the
+    appliance on the ACK of its last byte), at most `margin` more (wrk stops
+    each pass with up to `connections` requests in flight, which the server
+    may answer and log uncounted). nginx's buffer is flushed within 1 s
+    (flush=1s), so poll until the count is in range and steady, for at most
+    `timeout` s."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
         lines = running.log_lines() - lines0
-        ok = abs(lines - responses) <= margin
+        ok = responses <= lines <= responses + margin
         if (ok and lines == last) or time.monotonic() > deadline:
             break
         last = lines
