@@ -82,10 +82,13 @@ def write_outputs(results: dict, out: str) -> None:
               help="RPS-steer each veth end's receive work to its own side's cores.")
 @click.option("--store", type=click.Path(exists=True, dir_okay=False),
               help="Use this compiled store instead of compiling the bench site (it must hold the bench files).")
+@click.option("--access-log", "access_log", is_flag=True,
+              help="Both servers log every response (Combined Log Format) to a file on /dev/shm: nginx "
+                   "buffer=64k, the appliance --access-log console; line counts are checked (cells '+log').")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: bench/results/DATE].")
 @click.pass_context
 def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, check_seconds, connections, steer,
-         store, out):
+         store, access_log, out):
     """Benchmark the Haboob appliance against a tuned nginx, each in a network
     namespace joined by veth to a client namespace running wrk."""
     if ctx.invoked_subcommand is not None:
@@ -113,13 +116,16 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
                        reps=reps or (1 if quick else 3), duration=duration or (1 if quick else 5),
                        warmup=warmup if warmup is not None else (0 if quick else 1),
                        check=check_seconds if check_seconds is not None else 1,
-                       connections=connections, steer=steer)
+                       connections=connections, steer=steer, access_log=access_log)
     _preflight(servers)
     now = datetime.datetime.now(datetime.timezone.utc)
     out = out or os.path.join(HERE, "results", now.strftime("%Y%m%d-%H%M%S"))
     signal.signal(signal.SIGTERM, _sigterm)
-    objs = {name: (Appliance(store=store) if name == "appliance" else SERVERS[name]()) for name in servers}
-    workdir = tempfile.mkdtemp(prefix="haboob-bench-")
+    objs = {name: (Appliance(store=store, access_log=access_log) if name == "appliance"
+                   else SERVERS[name](access_log=access_log)) for name in servers}
+    # The logs go to the work dir: on a tmpfs when logging, the same one for both servers.
+    workdir = tempfile.mkdtemp(prefix="haboob-bench-", dir="/dev/shm" if access_log and os.path.isdir("/dev/shm")
+                               else None)
     try:
         results = runmod.run(plan, objs, workdir)
     except KeyboardInterrupt:
@@ -142,6 +148,12 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
     if errs:
         click.echo("errors counted by wrk:\n" + errs, err=True)
     click.echo(f"results: {out}/results.json, {out}/bench.png, {out}/table.md", err=True)
+    unlogged = [f"{r['server']} {r['mode']} {r['label']} rep {r['rep']}: {r['access_log']['lines']} lines for "
+                f"{r['access_log']['responses']} responses" for r in results["runs"]
+                if "access_log" in r and not r["access_log"]["ok"]]
+    if unlogged:
+        raise click.ClickException("access log lines do not match the responses (a server is not logging):\n  "
+                                   + "\n  ".join(unlogged))
     if not all(r["correct"] for r in results["runs"]) or not all(
             v["identical"] for s in results["sessions"] for srv in s["servers"].values() for v in srv["fetch"].values()):
         raise click.ClickException("some responses were wrong (status, length or bytes): see above")

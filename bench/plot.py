@@ -24,7 +24,7 @@ def _value(run: dict, key: str):
 
 def plot(results: dict, path: str) -> None:
     runs = results["runs"]
-    modes = [m for m in ("keepalive", "close") if any(r["mode"] == m for r in runs)]
+    modes = [m for m in ("keepalive", "close", "keepalive+log", "close+log") if any(r["mode"] == m for r in runs)]
     fig, axes = plt.subplots(len(modes), len(METRICS), figsize=(15, 4.2 * len(modes)), squeeze=False)
     for row, mode in enumerate(modes):
         for col, (key, label, _) in enumerate(METRICS):
@@ -55,7 +55,8 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel(label)
             ax.set_ylim(bottom=0)
             ax.grid(True, which="both", alpha=0.3)
-            ax.set_title(f"{label}: {MODE_TITLE[mode]}", fontsize=9)
+            ax.set_title(f"{label}: {MODE_TITLE[mode.split('+')[0]]}" + (", access log on" if "+log" in mode else ""),
+                         fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
     env = results.get("environment", {})

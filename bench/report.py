@@ -27,7 +27,7 @@ def _servers(results):
 
 
 def _key(row):
-    return [str(row["workers"]), "keep-alive" if row["mode"] == "keepalive" else "close", row["label"].upper()]
+    return [str(row["workers"]), row["mode"].replace("keepalive", "keep-alive"), row["label"].upper()]
 
 
 def table(results: dict) -> str:

@@ -11,7 +11,11 @@ recorded (`idle_other_cpu_s`) to show it does not interfere.
 
 One measurement = a warm-up pass, a checking pass (wrk's response() checks
 status 200 and the body length of every response), and the timed pass
-without the Lua check. During the timed pass the CPU is sampled over the
+without the Lua check. With the access log on (Plan.access_log), the
+lines each server wrote over the three passes must equal the responses
+wrk counted, within the requests in flight at each pass's end, or the
+measurement is not correct: a baseline that does not do the work is
+worse than none. Such cells are labelled "keepalive+log", "close+log". During the timed pass the CPU is sampled over the
 middle of the run (from 15% to 85% of it, away from ramp-up and teardown):
 the busy share of every core from /proc/stat and the server's process-tree
 CPU time. CPU per request = cores used / rps, for two notions of "used".
@@ -70,6 +74,7 @@ class Plan:
     check: int = 1
     connections: int = 32
     steer: bool = True
+    access_log: bool = False     # both servers log every response to a file (see servers.py)
 
 
 def log(msg: str) -> None:
@@ -124,8 +129,8 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
     close = mode == "close"
     common = dict(url=url, connections=plan.connections, threads=place["wrk_threads"],
                   expected=f.size, close=close, cpus=place["wrk_cpus"])
-    if plan.warmup:
-        wrk.run(link.client, wrk.job(duration=plan.warmup, check=False, **common))
+    lines0 = running.log_lines()
+    warm = wrk.run(link.client, wrk.job(duration=plan.warmup, check=False, **common)) if plan.warmup else None
     checked = wrk.run(link.client, wrk.job(duration=plan.check, check=True, **common)) if plan.check else None
 
     job = wrk.job(duration=plan.duration, check=False, **common)
@@ -193,10 +198,35 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
         },
     }
     derive_cpu(out, place["shared"])
+    if plan.access_log:
+        passes = [p for p in (warm, checked, res) if p is not None]
+        out["access_log"] = access_log_check(running, lines0, sum(p["requests"] for p in passes),
+                                             len(passes) * plan.connections)
     out["correct"] = bool(checked is None or (checked["check"]["bad_status"] == 0 and checked["check"]["bad_length"] == 0
                                              and checked["check"]["ok"] > 0 and checked["errors"]["status"] == 0)) \
-        and out["non2xx"] == 0 and res["requests"] > 0
+        and out["non2xx"] == 0 and res["requests"] > 0 and out.get("access_log", {}).get("ok", True)
     return out
+
+
+def access_log_check(running, lines0: int, responses: int, margin: int, timeout: float = 3.0) -> dict:
+    """The access log lines written over a measurement against the responses wrk
+    counted in its passes: at least one line per response (both servers log a
+    response before wrk can have read all of it: nginx once written, the
+    appliance on the ACK of its last byte), at most `margin` more (wrk stops
+    each pass with up to `connections` requests in flight, which the server
+    may answer and log uncounted). nginx's buffer is flushed within 1 s
+    (flush=1s), so poll until the count is in range and steady, for at most
+    `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        lines = running.log_lines() - lines0
+        ok = responses <= lines <= responses + margin
+        if (ok and lines == last) or time.monotonic() > deadline:
+            break
+        last = lines
+        time.sleep(0.25)
+    return {"lines": lines, "responses": responses, "margin": margin, "ok": ok}
 
 
 def run(plan: Plan, servers: dict, workdir: str) -> dict:
@@ -228,6 +258,8 @@ def run(plan: Plan, servers: dict, workdir: str) -> dict:
                 bad = [k for k, v in fetched.items() if not v["identical"]]
                 log(f"{name} up with {w} worker(s) on cpus {place['server_cpus']}; byte-for-byte fetch "
                     + ("ok" if not bad else f"WRONG for {bad}"))
+            if plan.access_log:     # nginx's buffered lines of the probes and fetches: flushed after 1 s
+                time.sleep(1.2)
             sessions.append(session)
             for mode in plan.modes:
                 for f in files:
@@ -235,13 +267,17 @@ def run(plan: Plan, servers: dict, workdir: str) -> dict:
                         for name, (link, running) in live.items():
                             others = [r for n, (_, r) in live.items() if n != name]
                             m = measure(link, running, others, f, mode, plan, place)
-                            m.update(server=name, workers=w, mode=mode, size=f.size, label=f.label, rep=rep)
+                            # "keepalive+log": a cell of its own, never mistaken for one without the log
+                            m.update(server=name, workers=w, mode=mode + ("+log" if plan.access_log else ""),
+                                     size=f.size, label=f.label, rep=rep)
                             runs.append(m)
                             log(f"w={w} {mode:9s} {f.label:>5s} rep {rep} {name:9s} {m['rps']:10.0f} req/s "
                                 f"{m['gbps']:6.2f} Gbit/s  server cpu {100 * m['cpu']['server_busy_share']:5.1f}% "
                                 f"{m['cpu']['us_per_req_core'] or 0:7.1f} us/req  p99 "
                                 f"{m['latency_us']['percentiles']['99'] / 1000:7.2f} ms  "
                                 f"non2xx {m['non2xx']} sockerr {m['socket_errors']}"
+                                + (f"  log {m['access_log']['lines']}/{m['access_log']['responses']} lines"
+                                   if "access_log" in m else "")
                                 + ("" if m["correct"] else "  INCORRECT"))
         # Counters exist only after stop (the ExitStack above).
         for name, (_, running) in live.items():
@@ -271,7 +307,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     for r in runs:
         cells.setdefault((r["workers"], r["mode"], r["size"], r["label"]), {}).setdefault(r["server"], []).append(r)
     out = []
-    order = {"keepalive": 0, "close": 1}
+    order = {"keepalive": 0, "close": 1, "keepalive+log": 2, "close+log": 3}
     for (w, mode, size, label), by_server in sorted(cells.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9),
                                                                                   kv[0][2])):
         row = {"workers": w, "mode": mode, "size": size, "label": label}
@@ -296,6 +332,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "socket_errors": sum(r["socket_errors"] for r in rs),
                 "correct": all(r["correct"] for r in rs),
             }
+            if any("access_log" in r for r in rs):
+                row[name]["access_log_ok"] = all(r.get("access_log", {}).get("ok", False) for r in rs)
         if "nginx" in by_server and "appliance" in by_server:
             pairs = list(zip(sorted(by_server["appliance"], key=lambda r: r["rep"]),
                              sorted(by_server["nginx"], key=lambda r: r["rep"])))

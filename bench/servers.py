@@ -7,7 +7,15 @@ namespace, pinned to given cores with a given worker count. `start` is a
 context manager yielding a Running handle (the pid of the process that
 owns the server, the URL base, the process tree for CPU accounting); on
 exit it stops the server by pid and, for the appliance, collects the
-counters that SIGINT makes `serve` print. Both servers are started as
+counters that SIGINT makes `serve` print.
+
+Access log (`access_log=True`, bench --access-log): both servers write
+Combined Log Format lines to a regular file in the work directory (a
+tmpfs then): nginx `access_log FILE combined buffer=64k flush=1s` (it
+batches writes, as the appliance does per loop iteration), the appliance
+`serve --access-log console` with its stdout, opened O_APPEND, being that
+file. `Running.log_lines()` counts the lines so far, reading only what
+was appended since the last call. Both servers are started as
 `ip netns exec NS taskset -c CPUS prog ...`: ip and taskset exec, so the
 Popen pid is the server's own and the affinity is inherited by its
 workers. Nothing is killed by name: stragglers of the process tree
@@ -18,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +41,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+ACCESS_LINE = re.compile(rb"^[0-9A-Fa-f.:]+ - - \[", re.M)   # a Combined Log Format line
+
+
 class ServerError(RuntimeError):
     """A server failed to prepare, start or stop; the message says which and why."""
 
@@ -44,6 +56,9 @@ class Running:
     log_path: str
     tree: dict[int, int] = field(default_factory=dict)   # pid -> start time, as seen while running
     counters: dict | None = None   # the appliance's counters, after stop
+    access_log: str | None = None  # the access log file, when logging
+    _log_at: int = 0               # bytes of it counted so far
+    _log_lines: int = 0
 
     @property
     def pid(self) -> int:
@@ -58,6 +73,22 @@ class Running:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def log_lines(self) -> int:
+        """Access log lines written so far: complete lines starting `ADDR - - [`
+        (the appliance's stdout also carries its HABOOB-* lines)."""
+        if self.access_log is None:
+            return 0
+        try:
+            with open(self.access_log, "rb") as f:
+                f.seek(self._log_at)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        end = data.rfind(b"\n") + 1         # a line being written counts once complete
+        self._log_at += end
+        self._log_lines += len(ACCESS_LINE.findall(data[:end]))
+        return self._log_lines
 
 
 def _log_tail(path: str, n: int = 2000) -> str:
@@ -124,8 +155,9 @@ class Nginx(Server):
     """nginx on the kernel's stack; 198.18.N.1 is added to the server veth end."""
     name = "nginx"
 
-    def __init__(self, binary: str = "nginx"):
+    def __init__(self, binary: str = "nginx", access_log: bool = False):
         self.binary = binary
+        self.access_log = access_log
 
     def prepare(self, site_dir: str, workdir: str) -> None:
         self.site_dir = site_dir
@@ -136,7 +168,7 @@ class Nginx(Server):
         proc = subprocess.run([self.binary, "-v"], capture_output=True, text=True)
         return (proc.stderr or proc.stdout).strip().split("/", 1)[-1]
 
-    def render(self, ip: str, workers: int, cpu_list: list[int], prefix: str) -> str:
+    def render(self, ip: str, workers: int, cpu_list: list[int], prefix: str, access_log: str | None = None) -> str:
         env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), undefined=jinja2.StrictUndefined,
                                  keep_trailing_newline=True)
         ncpu = os.cpu_count() or 1
@@ -144,7 +176,8 @@ class Nginx(Server):
         masks = ["".join("1" if c == cpu_list[i % len(cpu_list)] else "0" for c in reversed(range(ncpu)))
                  for i in range(workers)]
         return env.get_template("nginx.conf.j2").render(
-            workers=workers, affinity=" ".join(masks), prefix=prefix, ip=ip, root=self.site_dir)
+            workers=workers, affinity=" ".join(masks), prefix=prefix, ip=ip, root=self.site_dir,
+            access_log=access_log)
 
     @contextlib.contextmanager
     def start(self, link, workers: int, cpus: list[int]):
@@ -152,8 +185,9 @@ class Nginx(Server):
         prefix = os.path.join(self.workdir, f"w{workers}")
         os.makedirs(prefix, exist_ok=True)
         conf = os.path.join(prefix, "nginx.conf")
+        access = os.path.join(prefix, "access.log") if self.access_log else None
         with open(conf, "w") as f:
-            f.write(self.render(link.server_ip, workers, cpus, prefix))
+            f.write(self.render(link.server_ip, workers, cpus, prefix, access))
         netns.ip("addr", "add", f"{link.server_ip}/{link.prefix}", "dev", link.server_if, ns=link.server.name)
         log = os.path.join(prefix, "stderr.log")
         check = link.server.run([self.binary, "-t", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
@@ -164,7 +198,8 @@ class Nginx(Server):
             proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)), self.binary,
                                       "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
                                      stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        running = Running(self.name, proc, f"http://{link.server_ip}", os.path.join(prefix, "error.log"))
+        running = Running(self.name, proc, f"http://{link.server_ip}", os.path.join(prefix, "error.log"),
+                          access_log=access)
         try:
             wait_ready(link, running)
             running.pids()
@@ -197,9 +232,10 @@ class Appliance(Server):
     """`python -m appliance serve` in host mode on the bare veth end."""
     name = "appliance"
 
-    def __init__(self, python: str = sys.executable, store: str | None = None):
+    def __init__(self, python: str = sys.executable, store: str | None = None, access_log: bool = False):
         self.python = python
         self.store = store
+        self.access_log = access_log
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -232,16 +268,19 @@ class Appliance(Server):
         # (netmap) gives the same separation.
         return [self.python, "-m", "appliance", "serve", "--store", self.store, "--iface", link.server_if,
                 "--ip", f"{link.server_ip}/{link.prefix}", "--mac", APPLIANCE_MAC, "--workers", str(workers),
-                "--pin"]
+                "--pin"] + (["--access-log", "console", "--log-format", "combined"] if self.access_log else [])
 
     @contextlib.contextmanager
     def start(self, link, workers: int, cpus: list[int]):
         log = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.log")
         out = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.out")
-        with open(log, "wb") as logf, open(out, "wb") as outf:
+        # stdout O_APPEND: the console access log appends through a description
+        # of its own, and the counters printed at exit must land after its lines.
+        with open(log, "wb") as logf, open(out, "ab") as outf:
             proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)), *self.argv(link, workers)],
                                      stdout=outf, stderr=logf, cwd=REPO, env=self._env(), start_new_session=True)
-        running = Running(self.name, proc, f"http://{link.server_ip}", log)
+        running = Running(self.name, proc, f"http://{link.server_ip}", log,
+                          access_log=out if self.access_log else None)
         try:
             wait_ready(link, running)
             running.pids()

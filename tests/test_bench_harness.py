@@ -46,6 +46,13 @@ def test_nginx_config_is_tuned_and_valid(tmp_path):
     # Rightmost bit is CPU 0: worker 0 on CPU 0, worker 1 on CPU 1.
     ncpu = os.cpu_count()
     assert f"worker_cpu_affinity {'0' * (ncpu - 1)}1 {'0' * (ncpu - 2)}10;" in conf
+    logged = ng.render("198.18.50.1", 1, [0], str(tmp_path), access_log=str(tmp_path / "access.log"))
+    assert f"access_log {tmp_path}/access.log combined buffer=64k flush=1s;" in logged
+    assert "access_log off;" not in logged
+    (tmp_path / "logged.conf").write_text(logged)
+    proc = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "logged.conf"),
+                           "-e", str(tmp_path / "e.log")], capture_output=True, text=True)
+    assert "syntax is ok" in proc.stderr, proc.stderr
     path = tmp_path / "nginx.conf"
     path.write_text(conf)
     # nginx -t parses it (the bind test that follows needs the namespace's
@@ -165,3 +172,60 @@ def test_micro_drives_whole_connections_through_the_stack():
     assert r["requests"] == 200
     r = micro.run("keepalive", 4096, 200, family=6)
     assert r["requests"] == 200
+
+
+def test_access_log_line_count_against_responses(tmp_path):
+    """Running.log_lines counts Combined Log Format lines only (not the appliance's
+    HABOOB-* lines, not a line still being written), incrementally."""
+    path = tmp_path / "out"
+    line = b'198.18.51.2 - - [01/Dec/2026:10:00:00 +0000] "GET /4k.bin HTTP/1.1" 200 4096 "-" "-" port=1\n'
+    path.write_bytes(b"HABOOB-READY {\"ip\": \"198.18.51.1\"}\n" + line * 3 + line[:20])
+    r = servers.Running("appliance", None, "http://x", "", access_log=str(path))
+    assert r.log_lines() == 3
+    with open(path, "ab") as f:
+        f.write(line[20:] + line + b"HABOOB-COUNTERS {}\n")
+    assert r.log_lines() == 5
+    with open(path, "ab") as f:
+        f.write(line * 40)
+    from bench.run import access_log_check
+    assert access_log_check(r, 5, 40, 32, timeout=0) == {"lines": 40, "responses": 40, "margin": 32, "ok": True}
+    assert access_log_check(r, 5, 8, 32, timeout=0)["ok"]               # 32 answered after wrk stopped
+    assert not access_log_check(r, 5, 7, 32, timeout=0)["ok"]           # 33: more than were in flight
+    assert not access_log_check(r, 5, 41, 32, timeout=0)["ok"]          # a response not logged (yet)
+    assert not access_log_check(r, 45, 100, 32, timeout=0)["ok"]        # nothing logged
+
+
+@pytest.mark.bench
+@pytest.mark.netns
+def test_access_log_option_logs_both_servers_and_catches_one_that_does_not(tmp_path):
+    """bench --access-log in process, one short keep-alive cell: nginx and the
+    appliance each write one line per response wrk counted; a third server, the
+    appliance told to log but started without its log (it writes nothing), is
+    caught by the line-count check and its measurement marked incorrect."""
+    from bench import run as runmod
+
+    class Silent(servers.Appliance):
+        name = "silent"
+
+        def prepare(self, site_dir, workdir):     # the appliance's store, compiled once
+            self.store, self.workdir = app.store, app.workdir
+
+        def argv(self, link, workers):
+            return [a for a in super().argv(link, workers) if a not in ("--access-log", "console")]
+
+    app = servers.Appliance(access_log=True)
+    silent = Silent(access_log=True)
+    plan = runmod.Plan(sizes=[4096], modes=["keepalive"], workers=[1], reps=1, duration=1, warmup=0, check=1,
+                       access_log=True)
+    res = runmod.run(plan, {"nginx": servers.Nginx(access_log=True), "appliance": app, "silent": silent},
+                     str(tmp_path))
+    by = {r["server"]: r for r in res["runs"]}
+    for name in ("nginx", "appliance"):
+        r, log = by[name], by[name]["access_log"]
+        assert r["mode"] == "keepalive+log" and r["correct"], r
+        assert log["ok"] and log["responses"] > 1000 and 0 <= log["lines"] - log["responses"] <= 2 * 32, log
+    assert (tmp_path / "nginx" / "w1" / "access.log").stat().st_size > 0
+    assert by["silent"]["access_log"]["lines"] == 0 and not by["silent"]["access_log"]["ok"]
+    assert not by["silent"]["correct"]
+    (row,) = res["summary"]
+    assert row["nginx"]["access_log_ok"] and row["appliance"]["access_log_ok"] and not row["silent"]["access_log_ok"]
