@@ -14,7 +14,7 @@ apt-get install -y -q --no-install-recommends \
     busybox-static cpio zstd xz-utils tar gzip skopeo \
     python3.11 python3.11-minimal \
     nginx wrk curl wget tshark iproute2 iputils-ping ethtool procps haproxy \
-    dnsmasq-base testssl.sh chromium libnss3-tools
+    dnsmasq-base testssl.sh chromium libnss3-tools openssl
 # nginx from the package is only our benchmark baseline: keep the service off.
 systemctl disable --now nginx >/dev/null 2>&1 || true
 # HAProxy likewise: vm fleet runs its own instance with its own configuration.
