@@ -161,3 +161,14 @@ def test_timeout_is_reported_with_the_console_tail():
         with pytest.raises(BootError, match=r"no HABOOB-READY within 0s"):
             m.wait_ready(0.2)
     assert m.proc.poll() is not None                  # close() stopped QEMU
+
+
+def test_a_refused_start_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """A Machine whose options are refused before QEMU starts (here: --net tap
+    without a device) raises VMError and removes the folder it made."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    m = Machine(Image.load(sup.build()), Options(net="tap"))
+    with pytest.raises(VMError, match="--net tap needs a tap device name"):
+        m.start()
+    assert list(tmp_path.iterdir()) == [] and m.tmp is None

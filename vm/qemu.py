@@ -289,18 +289,22 @@ class Machine:
     def start(self) -> "Machine":
         qemu_binary()
         self.tmp = Path(tempfile.mkdtemp(prefix="haboob-vm-"))
-        self.serial_sock, self.serial_log = self.tmp / "serial.sock", self.tmp / "serial.log"
-        self.qmp_sock = self.tmp / "qmp.sock"
-        if self.opts.net == "user" and not self.opts.hostport:
-            self.opts.hostport = free_port()
-        if self.opts.net == "user" and self.opts.metrics_port and not self.opts.metrics_hostport:
-            self.opts.metrics_hostport = free_port()
-        argv = self.prefix + qemu_argv(self.image, self.opts, self.serial_sock, self.serial_log, self.qmp_sock)
-        self.argv = argv
-        self.stderr = open(self.tmp / "qemu.stderr", "wb")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+        try:                            # a refused option or a failed start leaves no folder behind
+            self.serial_sock, self.serial_log = self.tmp / "serial.sock", self.tmp / "serial.log"
+            self.qmp_sock = self.tmp / "qmp.sock"
+            if self.opts.net == "user" and not self.opts.hostport:
+                self.opts.hostport = free_port()
+            if self.opts.net == "user" and self.opts.metrics_port and not self.opts.metrics_hostport:
+                self.opts.metrics_hostport = free_port()
+            argv = self.prefix + qemu_argv(self.image, self.opts, self.serial_sock, self.serial_log, self.qmp_sock)
+            self.argv = argv
+            self.stderr = open(self.tmp / "qemu.stderr", "wb")
+            self.started = time.monotonic()
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        except BaseException:
+            self.close()
+            raise
         try:
             self._pidfd = os.pidfd_open(self.proc.pid)      # still our unreaped child: it is QEMU
         except (AttributeError, OSError):
