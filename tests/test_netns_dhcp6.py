@@ -8,13 +8,11 @@ the server are removed at the end (vm.netns; processes stopped by pid)."""
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.test_netns_ipv6 import MAC, ROOT, SITE, _events, _stop
+from tests.test_netns_ipv6 import MAC, SITE, _events, _stop, ra_server, serve6
 from tests.test_netns_serve import site_files
 from vm import netns
 
@@ -35,18 +33,11 @@ def test_dhcpv6_address_from_dnsmasq_serves_curl6(store, tmp_path):
         link.client.sysctl(f"net.ipv6.conf.{link.client_if}.disable_ipv6", "0")
         link.client.run(["ip", "-6", "addr", "add", "2001:2:0:144::2/64", "dev", link.client_if, "nodad"])
         leases = tmp_path / "leases"
-        dns = link.client.popen(
-            ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-             f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra", "--user=root",
-             "--dhcp-range=2001:2:0:144::100,2001:2:0:144::1ff,64,10m", f"--dhcp-leasefile={leases}",
-             f"--pid-file={tmp_path / 'pid'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        dns = ra_server(link, "2001:2:0:144::100,2001:2:0:144::1ff,64,10m", tmp_path / "pid", "--user=root",
+                        f"--dhcp-leasefile={leases}")
         srv = None
         try:
-            srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
-                                     link.server_if, "--ip", f"{link.server_ip}/24", "--ip6", "auto",
-                                     "--mac", MAC], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT)
+            srv = serve6(link, store)
             infos = _events(srv, lambda i: any(x.get("how") == "dhcp6" for x in i), 60)
             by = {x["how"]: x for x in infos if x.get("event") == "acquired"}
             assert "dhcp6" in by, (infos, _stop(srv)[1], _stop(dns)[1])

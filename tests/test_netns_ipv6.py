@@ -56,23 +56,33 @@ def _events(proc, want, timeout):
     return infos
 
 
+def ra_server(link, dhcp_range: str, pid_file, *extra: str):
+    """dnsmasq sending router advertisements (and, with a non-ra-only range,
+    answering DHCPv6) on the client end of `link`; stop it with _stop()."""
+    return link.client.popen(
+        ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+         f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra", f"--dhcp-range={dhcp_range}",
+         f"--pid-file={pid_file}", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def serve6(link, store):
+    """`appliance serve --ip6 auto` on the server end of `link` (IPv4 static beside it)."""
+    return link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
+                              link.server_if, "--ip", f"{link.server_ip}/24", "--ip6", "auto", "--mac", MAC],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
 def test_link_local_and_slaac_addresses_answer_ping6(store, tmp_path):
     with netns.pair(subnet=141) as link:
         # vm/netns.py turns IPv6 off in its namespaces: on for the client end only (the kernel on the
         # server end stays out of the way, as it must for a user-space stack)
         link.client.sysctl(f"net.ipv6.conf.{link.client_if}.disable_ipv6", "0")
         link.client.run(["ip", "-6", "addr", "add", "2001:2:0:141::2/64", "dev", link.client_if, "nodad"])
-        ra = link.client.popen(
-            ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-             f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra",
-             "--dhcp-range=2001:2:0:141::,ra-only,64,10m", f"--pid-file={tmp_path / 'pid'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ra = ra_server(link, "2001:2:0:141::,ra-only,64,10m", tmp_path / "pid")
         srv = None
         try:
-            srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
-                                     link.server_if, "--ip", f"{link.server_ip}/24", "--ip6", "auto",
-                                     "--mac", MAC], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT)
+            srv = serve6(link, store)
             infos = _events(srv, lambda i: {x.get("how") for x in i} >= {"link-local", "slaac"}, 40)
             by = {x["how"]: x for x in infos if x.get("event") == "acquired"}
             assert {"link-local", "slaac"} <= set(by), (infos, _stop(srv)[1])

@@ -8,12 +8,10 @@ at the end (vm.netns; processes stopped by pid)."""
 import json
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.test_netns_ipv6 import MAC, ROOT, _events, _stop
+from tests.test_netns_ipv6 import _events, _stop, ra_server, serve6
 from tests.test_netns_serve import assert_mirror_exact, mirror, site_files
 from vm import netns
 
@@ -40,17 +38,10 @@ def test_curl6_and_wget_mirror_over_ipv6_dual_stack(store, tmp_path, offloads):
         link.client.sysctl(f"net.ipv6.conf.{link.client_if}.disable_ipv6", "0")
         pfx = "2001:2:0:142::" if offloads == "on" else "2001:2:0:143::"
         link.client.run(["ip", "-6", "addr", "add", pfx + "2/64", "dev", link.client_if, "nodad"])
-        ra = link.client.popen(
-            ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-             f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra",
-             f"--dhcp-range={pfx},ra-only,64,10m", f"--pid-file={tmp_path / 'pid'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ra = ra_server(link, f"{pfx},ra-only,64,10m", tmp_path / "pid")
         srv = None
         try:
-            srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
-                                     link.server_if, "--ip", f"{link.server_ip}/24", "--ip6", "auto",
-                                     "--mac", MAC], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT)
+            srv = serve6(link, store)
             infos = _events(srv, lambda i: {x.get("how") for x in i} >= {"link-local", "slaac"}, 40)
             by = {x["how"]: x for x in infos if x.get("event") == "acquired"}
             assert {"link-local", "slaac"} <= set(by), (infos, _stop(srv)[1])
