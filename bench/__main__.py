@@ -13,6 +13,7 @@ SIGTERM (turned into KeyboardInterrupt so every context manager unwinds).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -34,6 +35,25 @@ NEEDED = ("ip", "wrk", "nginx", "curl", "taskset")
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _work_dir(prefix: str, dir: str | None = None):
+    """A work directory for one benchmark command, removed on the way out; Ctrl-C
+    or SIGTERM exits 130 (after every context manager inside has unwound: the
+    namespaces and processes are gone), a server or wrk failure is a clear error."""
+    from .servers import ServerError
+    from .wrk import WrkError
+    workdir = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    try:
+        yield workdir
+    except KeyboardInterrupt:
+        click.echo("interrupted: namespaces and processes removed", err=True)
+        sys.exit(130)
+    except (ServerError, WrkError, RuntimeError) as e:
+        raise click.ClickException(str(e))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _csv(ctx, param, value):
@@ -124,21 +144,8 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
     objs = {name: (Appliance(store=store, access_log=access_log) if name == "appliance"
                    else SERVERS[name](access_log=access_log)) for name in servers}
     # The logs go to the work dir: on a tmpfs when logging, the same one for both servers.
-    workdir = tempfile.mkdtemp(prefix="haboob-bench-", dir="/dev/shm" if access_log and os.path.isdir("/dev/shm")
-                               else None)
-    try:
+    with _work_dir("haboob-bench-", "/dev/shm" if access_log and os.path.isdir("/dev/shm") else None) as workdir:
         results = runmod.run(plan, objs, workdir)
-    except KeyboardInterrupt:
-        click.echo("interrupted: namespaces and processes removed", err=True)
-        sys.exit(130)
-    except Exception as e:  # a server or wrk failure: say what, after cleanup
-        from .servers import ServerError
-        from .wrk import WrkError
-        if isinstance(e, (ServerError, WrkError)):
-            raise click.ClickException(str(e))
-        raise
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     results.update(date=now.strftime("%Y-%m-%d %H:%M UTC"),
                    command="python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                    environment=runmod.environment())
@@ -192,9 +199,8 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
     """Sample the appliance's hot path with py-spy under wrk load; print
     where its time goes per request (self and inclusive µs/request)."""
     from . import profile as prof
-    from .servers import Appliance, ServerError
+    from .servers import Appliance
     from .site import make_site
-    from .wrk import WrkError
     try:
         size_b = parse_size(size)[1]
     except SizeError as e:
@@ -203,8 +209,7 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
     now = datetime.datetime.now(datetime.timezone.utc)
     out = out or os.path.join(HERE, "results", "profile-" + now.strftime("%Y%m%d-%H%M%S"))
     signal.signal(signal.SIGTERM, _sigterm)
-    workdir = tempfile.mkdtemp(prefix="haboob-profile-")
-    try:
+    with _work_dir("haboob-profile-") as workdir:
         site_dir = os.path.join(workdir, "site")
         os.makedirs(site_dir)
         os.chmod(workdir, 0o755)
@@ -212,13 +217,6 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
         server = Appliance(store=store)
         server.prepare(site_dir, workdir)
         result = prof.profile(server, f, mode, seconds, out, connections=connections, rate=rate)
-    except KeyboardInterrupt:
-        click.echo("interrupted: namespaces and processes removed", err=True)
-        sys.exit(130)
-    except (ServerError, WrkError, RuntimeError) as e:
-        raise click.ClickException(str(e))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     result["date"] = now.strftime("%Y-%m-%d %H:%M UTC")
     text = prof.text_report(result)
     with open(os.path.join(out, "profile.json"), "w") as fh:
@@ -241,8 +239,7 @@ def synflood_cmd(rate, duration, modes, servers, size, store):
     """Throughput of each server alone and under a spoofed SYN flood (bench/synflood.py):
     the ratio, next to nginx under the same flood. Not in the default run."""
     from . import synflood
-    from .servers import SERVERS, Appliance, ServerError
-    from .wrk import WrkError
+    from .servers import SERVERS, Appliance
     try:
         size_b = parse_size(size)[1]
     except SizeError as e:
@@ -256,16 +253,8 @@ def synflood_cmd(rate, duration, modes, servers, size, store):
     _preflight(servers)
     signal.signal(signal.SIGTERM, _sigterm)
     objs = {name: (Appliance(store=store) if name == "appliance" else SERVERS[name]()) for name in servers}
-    workdir = tempfile.mkdtemp(prefix="haboob-synflood-")
-    try:
+    with _work_dir("haboob-synflood-") as workdir:
         res = synflood.run(objs, workdir, rate, duration, modes, size_b)
-    except KeyboardInterrupt:
-        click.echo("interrupted: namespaces and processes removed", err=True)
-        sys.exit(130)
-    except (ServerError, WrkError, RuntimeError) as e:
-        raise click.ClickException(str(e))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     click.echo(synflood.table(res))
     for name, c in res["counters"].items():
         keys = ("loop_syn_shed", "ring_rx_syn_shed", "ring_kernel_rx_drops", "ring_kernel_syn_drops",
