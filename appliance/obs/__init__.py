@@ -276,25 +276,11 @@ class Observer:
 
     def _open(self, key, mac, ip, seg, now) -> None:
         """Stack._open for the metrics port: the same passive open (RFC 9293 §3.10.7.2),
-        with the connection's header templates carrying our port instead of the
-        site's (Stack.template builds them for cfg.port)."""
-        from ..stack.conn import SYN_RCVD, Conn
-        st = self.stack
-        c = Conn(st, key, mac, ip, seg.sport, st.isn.isn(key, now), seg.seq, seg.options.mss,
-                 seg.options.wscale, seg.window, now, SYN_RCVD)
-        ports = ((self.metrics_port << 16) | seg.sport).to_bytes(4, "big")
-        c.tmpl = c.tmpl[:34] + ports + c.tmpl[38:]
-        c.ctl_tmpl = c.ctl_tmpl[:34] + ports + c.ctl_tmpl[38:]
-        c.tcp_const = (c.pseudo + int.from_bytes(ports, "big")) % 0xFFFF
+        with our port in the connection's header templates and the scrape's HTTP."""
+        from ..stack.conn import Conn
+        c = self.stack._open(key, mac, ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale, seg.window,
+                             now, Conn, self.metrics_port)
         c.http = MetricsHTTP(self)
-        st.conns[key] = c
-        st.counters["tcp_conns_open"] += 1
-        st.n_synrcvd += 1
-        st.counters["tcp_syn_received"] += 1
-        c.rtt_t = now
-        c.t_rtx = now + c.rtt.rto
-        st.arm(c, min(now + st.cfg.rto_min, c.t_rtx))
-        st.send_synack(c)
 
     # ------------------------------------------------------------------ /metrics
 

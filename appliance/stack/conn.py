@@ -119,7 +119,9 @@ class Conn:
                  "retries", "ack_now", "gso", "sched", "ooo", "ooo_bytes", "qh", "last_tx")
 
     def __init__(self, st, key: bytes, peer_mac: bytes, peer_ip: bytes, peer_port: int,
-                 iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD):
+                 iss: int, irs: int, peer_mss, peer_ws, peer_wnd: int, now: float, state: int = SYN_RCVD,
+                 lport: int = 0):
+        # lport: our port when it is not the site's cfg.port (HTTPS, the metrics port)
         cfg = st.cfg
         self.st = st
         self.key = key
@@ -128,7 +130,7 @@ class Conn:
         self.peer_ip = peer_ip
         self.peer_port = peer_port
         self.tmpl, self.ip_const, self.pseudo, self.tcp_const, self.ctl_tmpl = st.template(peer_mac, peer_ip,
-                                                                                           peer_port)
+                                                                                           peer_port, lport)
         self.mode = st.mode
         # SMSS from the peer's MSS option, our MTU and the store's MSS (Stack.mss_params)
         self.mss, self.aligned, self.tso_max, self.gso = st.mss_params(peer_mss)

@@ -779,12 +779,17 @@ class Stack:
         self._open(key, src_mac, src_ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale,
                    seg.window, now, Conn if ours is None else Conn6)
 
-    def _open(self, key, mac, ip, port, seq, mss, ws, win, now, cls=Conn) -> None:
-        """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn (Conn6 for IPv6) and our SYN-ACK."""
+    def _open(self, key, mac, ip, port, seq, mss, ws, win, now, cls=Conn, lport: int = 0) -> Conn:
+        """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn (Conn6 for IPv6) and our
+        SYN-ACK; `lport`: our port when it is neither the site's nor HTTPS's (the metrics
+        port, appliance/obs)."""
         cnt = self.counters
-        if cls is Conn and self.tls is not None and key[10:12] != self._port_b:
-            cls = self._tls_conn                        # HTTPS (tls.py; IPv4 only for now)
-        c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
+        if lport:
+            c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD, lport)
+        else:
+            if cls is Conn and self.tls is not None and key[10:12] != self._port_b:
+                cls = self._tls_conn                    # HTTPS (tls.py; IPv4 only for now)
+            c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
         self.n_synrcvd += 1
@@ -796,6 +801,7 @@ class Stack:
         # timer of the reply, whatever the RTT sample: no move on the common path.
         self.arm(c, min(now + self.cfg.rto_min, c.t_rtx))
         self.send_synack(c)
+        return c
 
     def _syn(self, b: bytes, end: int, now: float) -> None:
         """A plain SYN to our port (the connection-per-request hot path): the same

@@ -302,10 +302,8 @@ class TlsConn(Conn):
     __slots__ = ("tls", "tls_close")
 
     def __init__(self, st, key, peer_mac, peer_ip, peer_port, *a, **kw):
-        Conn.__init__(self, st, key, peer_mac, peer_ip, peer_port, *a, **kw)
         # the header templates with our TLS port as the source port
-        self.tmpl, self.ip_const, self.pseudo, self.tcp_const, self.ctl_tmpl = st.template(
-            peer_mac, peer_ip, peer_port, st.cfg.tls_port)
+        Conn.__init__(self, st, key, peer_mac, peer_ip, peer_port, *a, lport=st.cfg.tls_port, **kw)
         self.tls = None
         self.tls_close = False
 
