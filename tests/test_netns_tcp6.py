@@ -68,11 +68,12 @@ def test_curl6_and_wget_mirror_over_ipv6_dual_stack(store, tmp_path, offloads):
             assert c.get("drop_internal_error", 0) == 0 and c.get("drop_tcp_bad_checksum", 0) == 0, c
             assert c.get("drop_ip6_tcp_not_served", 0) == 0, c
             if offloads == "off":
-                # from the stored sums, but for segments cut elsewhere by recovery (a partial
-                # ack, a probe, a window clamp: on a loaded machine these do happen)
+                # from the stored sums, but for segments cut elsewhere by recovery or the
+                # window (a partial ack, a probe, a window clamp: on a loaded machine these
+                # do happen), each with the rest of its stored segment after it
                 cut = sum(c.get(k, 0) for k in ("tcp_retransmits", "tcp_window_probes", "tcp_tx_window_clamped",
                                                  "tcp_newreno_partial_ack"))
-                assert c.get("tcp_tx_sw_csum", 0) <= cut, c
+                assert c.get("tcp_tx_sw_csum", 0) <= 2 * cut, c
             else:                                                   # GSO super-frames, not 1440-byte frames
                 assert c["tcp_out_segments"] * 1440 < c["tcp_out_bytes"] // 4, c
         finally:

@@ -378,3 +378,24 @@ def test_random_peer_never_sees_a_segment_beyond_its_window(store, seed):
     assert c.violations == [], c.violations[:5]
     assert c.received(start) == want
     assert st.counters["drop_internal_error"] == 0 and st.counters["tcp_tx_window_stale"] == 0
+
+
+def test_a_window_smaller_than_a_segment_with_nothing_in_flight(store):
+    """RFC 9293 §3.8.6.2.1: with nothing in flight, a window smaller than a segment is
+    filled (no SWS stall), counted as a clamp (tcp_tx_window_clamped); the rest of
+    that stored segment goes next, so the stream is back on the stored boundaries.
+    Neither can use the stored payload sums: two software checksums per clamp."""
+    st = make_stack(store)
+    c, start = connect(st, 1000)
+    c.send_ack(data=c.request("/big.bin"))
+    assert [len(p[TCP].payload) for p in c.data_frames] == [1000]
+    assert st.counters["tcp_tx_window_clamped"] == 1
+    c.read()
+    c.send_ack()
+    assert [len(p[TCP].payload) for p in c.data_frames] == [1000, 460]
+    assert st.counters["tcp_tx_window_clamped"] == 1
+    assert st.counters.get("tcp_tx_sw_csum", 0) <= 2 * st.counters["tcp_tx_window_clamped"]
+    c.read()
+    c.send_ack()
+    assert [len(p[TCP].payload) for p in c.data_frames] == [1000, 460, 1000]
+    assert c.violations == [] and st.counters["tcp_tx_window_clamped"] == 2

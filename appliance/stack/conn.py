@@ -746,8 +746,10 @@ class Conn:
                 else:
                     want = left if left < mss else mss
                 n = want if want < avail else avail
-                if n < want and inflight:
-                    break                                   # SWS avoidance (RFC 9293 §3.8.6.2.1)
+                if n < want:
+                    if inflight:
+                        break                               # SWS avoidance (RFC 9293 §3.8.6.2.1)
+                    counters["tcp_tx_window_clamped"] += 1  # nothing in flight: what the window allows
                 fl = ACK
                 e = (nxt + n) & MASK
                 if n == left:
