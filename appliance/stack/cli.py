@@ -10,7 +10,10 @@ same as inside the image:
     HABOOB-READY {"ip": ..., "addresses": [{"ip", "prefix", "how", ...}], "port": 80, ...}
     HABOOB-ADDRESS {"event": "changed"|"lost"|"acquired", "ip": ..., "how": "dhcp", ...}
                                    (with --ip dhcp: each address change as it happens;
-                                    HABOOB-DHCP {"event": "no_answer"|"declined"} notices)
+                                    HABOOB-DHCP {"event": "no_answer"|"declined"} notices;
+                                    with --ip6: each IPv6 address acquired, lost, or
+                                    "duplicate" (DAD failed: not used; a static one is
+                                    also an error line on stderr))
     HABOOB-COUNTERS {...}          (after SIGINT/SIGTERM; on SIGUSR1, the
                                     counters so far, and serving goes on)
 
@@ -128,9 +131,12 @@ def load_tls(cert: str, key: str, hsts: int, now_unix: float = None):
 @click.option("--capture", type=click.Path(dir_okay=False), default=None,
               help="Record every frame to this pcap file (one file per worker: FILE.i).")
 @click.option("--hostname", default=None, help="Host name sent to the DHCP server (option 12).")
-@click.option("--ip6", type=click.Choice(["off", "auto"]), default="off", show_default=True,
+@click.option("--ip6", default="off", show_default=True, metavar="off|auto|ADDR/PREFIX",
               help="auto: IPv6 link-local and SLAAC addresses (DHCPv6 when the router says M=1), neighbour discovery, ping -6, "
-                   "and the site over TCP/IPv6 on the same port.")
+                   "and the site over TCP/IPv6 on the same port; ADDR/PREFIX (e.g. 2001:2:0:1::10/64): that "
+                   "static address beside the link-local one (after DAD), no SLAAC.")
+@click.option("--gateway6", default=None, metavar="ADDR",
+              help="IPv6 default router with a static --ip6: link-local (fe80::...) or on-link.")
 @click.option("--tls-cert", default=None, help="HTTPS on port 443: the certificate chain (PEM, leaf first).")
 @click.option("--tls-key", default=None, help="The private key (PEM) of --tls-cert.")
 @click.option("--tls-self-signed", "self_names", default=None, metavar="NAME[,NAME...]",
@@ -140,7 +146,7 @@ def load_tls(cert: str, key: str, hsts: int, now_unix: float = None):
 @click.option("--hsts", type=click.IntRange(0, 2 ** 31 - 1), default=0,
               help="Add Strict-Transport-Security: max-age=SECONDS to HTTPS responses (0: no).")
 @obs_options
-def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, tls_cert, tls_key,
+def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostname, ip6, gateway6, tls_cert, tls_key,
               self_names, http_mode, hsts, **obs):
     """Serve a site on a network interface until SIGINT/SIGTERM.
 
@@ -150,6 +156,7 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
     no IPv4 address.
     """
     import ipaddress
+    from .ipv6 import ip6_mode
     from .serve import parse_mac, serve
     if bool(site) == bool(store):
         _fail("give exactly one of --site DIR or --store FILE")
@@ -157,8 +164,12 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
         observe = obs_settings(obs)
     except click.BadParameter as e:
         _fail(e.message)
-    if ip6 == "auto" and workers != 1:
-        _fail(f"--ip6 auto runs one stack instance: --workers must be 1, not {workers}")
+    try:
+        ip6 = ip6_mode(ip6, gateway6)
+    except ValueError as e:
+        _fail(str(e))
+    if ip6 != "off" and workers != 1:
+        _fail(f"--ip6 {ip6} runs one stack instance: --workers must be 1, not {workers}")
     if ip == "dhcp":
         if gateway:
             _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")
@@ -243,6 +254,10 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
                 sys.stdout.flush()
 
             def on_event(kind, info):
+                if kind == "address6" and info.get("event") == "duplicate" and info.get("how") == "static":
+                    click.echo(f"haboob serve: error: the static IPv6 address {info['ip6']} is in use by "
+                               f"another node (duplicate address detection, RFC 4862 §5.4.5): not used",
+                               err=True)
                 click.echo(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ")
                            + json.dumps(info))
                 sys.stdout.flush()

@@ -41,6 +41,24 @@ DAD as above (a duplicate is Declined, not retried with another
 identifier), then preferred, reported by the same address6 events and
 served by TCP like any other; the client's `lost` removes it.
 
+Static configuration (`set_static(Static6)` before `start`; `--ip6
+ADDR/PREFIX --gateway6 GW`, `parse_static6` checks the words). The
+link-local address is formed as always, the static address beside it with
+an infinite lifetime: it joins its solicited-node group (MLDv2) and is
+tentative until DAD passes like any other (RFC 4862 §5.4: DAD applies to
+manually configured addresses too). A duplicate is not retried with another
+identifier (there is no other): RFC 4862 §5.4.5, the address is not used,
+an address6 event `duplicate` says so and the caller logs it as an error;
+the link-local address and IPv4 keep serving. The gateway is the default
+router (a `routers` entry that never expires, never removed by an RA) and is
+resolved by an NS from our link-local address once that is preferred (up to
+three, RetransTimer apart), the way the IPv4 side ARPs for its gateway. A
+static host still reads router advertisements: their MTU option applies
+(a property of the link), their routers are learned beside the gateway,
+but their prefixes form no SLAAC address and M=1 starts no DHCPv6
+(`nd_prefix_ignored_static`, `nd_ra_managed_ignored_static`): the operator
+said which address to use.
+
 Answers: NS for one of our preferred addresses -> NA (solicited and
 override, with our link-layer address; to all-nodes when the solicitation
 came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
@@ -58,12 +76,15 @@ are rate-limited (§2.4 f: `error_rate` per second).
 """
 import hashlib
 import hmac
+import ipaddress
 import struct
+from typing import NamedTuple
 
 from .udp import UdpDatagram
 from .wire import Malformed, csum, sum_ok
 
-__all__ = ["Ipv6Host", "Ip6Config", "ETH_IPV6", "solicited_node", "multicast_mac", "ip6_str", "LINK_LOCAL"]
+__all__ = ["Ipv6Host", "Ip6Config", "ETH_IPV6", "solicited_node", "multicast_mac", "ip6_str", "LINK_LOCAL",
+           "Static6", "parse_static6", "ip6_mode"]
 
 ETH_IPV6 = 0x86DD
 NH_HBH, NH_TCP, NH_UDP, NH_ICMP6 = 0, 6, 17, 58
@@ -101,8 +122,68 @@ class Ip6Config:
 
 
 def ip6_str(a: bytes) -> str:
-    import ipaddress
     return str(ipaddress.IPv6Address(bytes(a)))
+
+
+class Static6(NamedTuple):
+    """A static IPv6 address: 16 bytes, its prefix length, the gateway (16 bytes) or None."""
+    addr: bytes
+    prefix: int
+    gateway: bytes | None = None
+
+    def __str__(self):
+        return f"{ip6_str(self.addr)}/{self.prefix}"
+
+
+def parse_static6(value: str, gateway: str | None = None, opt: str = "--ip6 ",
+                  gw_opt: str = "--gateway6 ") -> Static6:
+    """`ADDR/PREFIX` (and a gateway) as a Static6, or ValueError naming the option and
+    what is wrong with it (`opt`/`gw_opt`: the words the user typed, e.g. haboob.ip6=)."""
+    example = "2001:2:0:1::10/64"
+    addr, sep, plen = value.partition("/")
+    if not sep:
+        raise ValueError(f"{opt}{value!r} needs a prefix length, like {example}")
+    try:
+        a = ipaddress.IPv6Address(addr)
+    except ValueError:
+        raise ValueError(f"{opt}{value!r}: {addr!r} is not an IPv6 address (like {example}), "
+                         f"nor auto or off") from None
+    if not plen.isdigit() or not 1 <= int(plen) <= 128:
+        raise ValueError(f"{opt}{value!r}: the prefix length {plen!r} is out of range (1..128)")
+    net = ipaddress.IPv6Network(f"{a}/{plen}", strict=False)
+    why = ("a multicast address" if a.is_multicast else
+           "link-local (fe80::/10; the appliance makes its own link-local address)" if a.is_link_local else
+           "the unspecified address" if a.is_unspecified else
+           "the loopback address" if a.is_loopback else
+           "an IPv4-mapped address" if a.ipv4_mapped is not None else
+           f"the subnet-router anycast address of {net} (RFC 4291 §2.6.1)"
+           if net.prefixlen <= 126 and a == net.network_address else None)
+    if why:
+        raise ValueError(f"{opt}{value!r}: {a} is {why}, not a host's global address")
+    gw = None
+    if gateway is not None:
+        try:
+            g = ipaddress.IPv6Address(gateway)
+        except ValueError:
+            raise ValueError(f"{gw_opt}{gateway!r} is not an IPv6 address") from None
+        if g.is_multicast or g.is_unspecified or g.is_loopback or g == a:
+            raise ValueError(f"{gw_opt}{gateway!r} is " + ("our own address" if g == a else "not a router's "
+                             "unicast address"))
+        if not g.is_link_local and g not in net:
+            raise ValueError(f"{gw_opt}{gateway!r} is neither link-local (fe80::/10) nor on-link in {net}")
+        gw = g.packed
+    return Static6(a.packed, int(plen), gw)
+
+
+def ip6_mode(value: str, gateway: str | None = None, opt: str = "--ip6 ", gw_opt: str = "--gateway6 "):
+    """"off", "auto" or a Static6 for the words `value` (and `gateway`); ValueError names what is wrong."""
+    if value in ("off", "auto"):
+        if gateway:
+            raise ValueError(f"{gw_opt.strip()} needs a static {opt.strip()} ADDR/PREFIX "
+                             f"(with {value}, " + ("there is no IPv6" if value == "off" else
+                                                   "router advertisements name the router") + ")")
+        return value
+    return parse_static6(value, gateway, opt, gw_opt)
 
 
 def solicited_node(a: bytes) -> bytes:
@@ -129,8 +210,11 @@ class _Addr:
         self.dad_counter = dad_counter
         self.sent = False                   # the DAD NS went out
 
-    def info(self, event):
-        return {"event": event, "ip6": ip6_str(self.addr), "prefix": self.prefix, "how": self.how}
+    def info(self, event, gateway=None):
+        d = {"event": event, "ip6": ip6_str(self.addr), "prefix": self.prefix, "how": self.how}
+        if gateway is not None:
+            d["gateway"] = ip6_str(gateway)
+        return d
 
 
 class Ipv6Host:
@@ -155,11 +239,24 @@ class Ipv6Host:
         self.too_big = None                 # callback(icmp6 body, now) for Packet Too Big (TCP's SMSS)
         self.dhcp6 = None                   # a dhcp6.Dhcp6Client once an RA said M=1
         self._dhcp6_wanted = False
+        self.static = None                  # a Static6 (set_static): no SLAAC, no DHCPv6
+        self._gw_left = 0                   # neighbour solicitations left for the static gateway
+        self._gw_at = float("inf")
 
     # ---------------------------------------------------------------- API
 
+    def set_static(self, static: Static6) -> None:
+        """Use `static` (parse_static6) instead of SLAAC/DHCPv6; call before start()."""
+        self.static = static
+        if static.gateway is not None:
+            self.routers[static.gateway] = (None, float("inf"))     # resolved once link-local is up
+
     def start(self, now: float) -> None:
-        self._new_address(LINK_LOCAL[:8], "link-local", float("inf"), float("inf"), 0, now)
+        inf = float("inf")
+        self._new_address(LINK_LOCAL[:8], "link-local", inf, inf, 0, now)
+        s = self.static
+        if s is not None:                   # tentative like any other: DAD (RFC 4862 §5.4)
+            self._new_address(s.addr, "static", inf, inf, 0, now, addr=s.addr)
 
     def preferred(self, scope_global: bool = True):
         """Our preferred addresses, global ones first."""
@@ -257,6 +354,10 @@ class Ipv6Host:
             self._rs_at = now + self.cfg.rs_interval if self._rs_left else float("inf")
         if self._rs_at < nxt:
             nxt = self._rs_at
+        if self._gw_left and now >= self._gw_at:
+            self._resolve_gateway(now)
+        if self._gw_at < nxt:
+            nxt = self._gw_at
         d = self._dhcp6_run(now)
         if d < nxt:
             nxt = d
@@ -282,6 +383,8 @@ class Ipv6Host:
         a = _Addr(addr, net8, how, valid, preferred, counter)
         if how == "dhcp6":
             a.prefix = 128                          # IA_NA carries no prefix length (RFC 8415 §21.6)
+        elif how == "static":
+            a.prefix = self.static.prefix           # its net is the whole address: no RA prefix touches it
         a.t = now + self.rng.uniform(0, self.cfg.dad_delay)
         self.addrs[addr] = a
         g = solicited_node(addr)
@@ -293,10 +396,14 @@ class Ipv6Host:
         if a.sent:                                  # RetransTimer passed without a conflict
             a.state = "preferred"
             self.counters["ip6_addresses_preferred"] += 1
-            self.events.append(("address6", a.info("acquired")))
-            if a.how == "link-local" and not self._ra_seen:
-                self._rs_left = self.cfg.rs_count
-                self._rs_at = now
+            self.events.append(("address6", a.info("acquired", self.static.gateway if a.how == "static"
+                                                    else None)))
+            if a.how == "link-local":
+                if not self._ra_seen:
+                    self._rs_left = self.cfg.rs_count
+                    self._rs_at = now
+                if self.static is not None and self.static.gateway is not None:
+                    self._gw_left, self._gw_at = 3, now
             return
         ns = bytes([NS, 0, 0, 0, 0, 0, 0, 0]) + a.addr
         g = solicited_node(a.addr)
@@ -308,7 +415,9 @@ class Ipv6Host:
     def _duplicate(self, a, now):
         self.counters["ip6_dad_duplicates"] += 1
         self._drop(a, "duplicate")
-        if a.how == "dhcp6":
+        if a.how == "static":
+            self.counters["ip6_static_duplicate"] += 1        # RFC 4862 §5.4.5: not used, logged
+        elif a.how == "dhcp6":
             if self.dhcp6 is not None:
                 self.dhcp6.declined(a.addr, now)             # RFC 8415 §18.2.8: Decline, start over
                 self._dhcp6_apply(now)
@@ -321,6 +430,18 @@ class Ipv6Host:
         if not any(solicited_node(x) == g for x in self.addrs):
             self._groups.discard(g)
         self.events.append(("address6", a.info(event)))
+
+    def _resolve_gateway(self, now):
+        """An NS for the static gateway (RFC 4861 §7.2.2), until its NA is in the cache."""
+        gw, ll = self.static.gateway, self._ll()
+        if gw in self.neigh or ll == UNSPEC:
+            self._gw_left, self._gw_at = 0, float("inf")
+            return
+        g = solicited_node(gw)
+        self._send_icmp(multicast_mac(g), ll, g, bytes([NS, 0, 0, 0, 0, 0, 0, 0]) + gw + bytes([OPT_SLLA, 1]) + self.mac)
+        self.counters["nd_gateway_ns_sent"] += 1
+        self._gw_left -= 1
+        self._gw_at = now + self.cfg.retrans if self._gw_left else float("inf")
 
     def _ll(self):
         for a in self.addrs.values():
@@ -409,8 +530,11 @@ class Ipv6Host:
         self._rs_left = 0
         self._rs_at = float("inf")
         if flags & 0x80:
-            self.counters["nd_ra_managed"] += 1                   # DHCPv6 for an address (dhcp6.py)
-            self._dhcp6_wanted = True
+            if self.static is not None:
+                self.counters["nd_ra_managed_ignored_static"] += 1
+            else:
+                self.counters["nd_ra_managed"] += 1               # DHCPv6 for an address (dhcp6.py)
+                self._dhcp6_wanted = True
         mac = src_mac
         for k, v in opts:
             if k == OPT_SLLA and len(v) >= 6:
@@ -422,11 +546,13 @@ class Ipv6Host:
                 else:
                     self.counters["nd_ra_bad_mtu"] += 1
         if lifetime:
-            if src in self.routers or len(self.routers) < self.cfg.max_routers:
+            if self.static is not None and src == self.static.gateway:
+                self.routers[bytes(src)] = (mac, float("inf"))
+            elif src in self.routers or len(self.routers) < self.cfg.max_routers:
                 self.routers[bytes(src)] = (mac, now + lifetime)
             else:
                 self.counters["drop_nd_router_table_full"] += 1
-        else:
+        elif self.static is None or src != self.static.gateway:   # the static gateway stays
             self.routers.pop(bytes(src), None)
         self._learn(bytes(src), mac, now)
         for k, v in opts:
@@ -437,6 +563,9 @@ class Ipv6Host:
 
     def _prefix(self, v, now):
         """A prefix information option (RFC 4862 §5.5.3)."""
+        if self.static is not None:
+            self.counters["nd_prefix_ignored_static"] += 1       # the operator chose the address
+            return
         if len(v) < 30:
             self.counters["nd_bad_prefix_option"] += 1
             return

@@ -151,8 +151,10 @@ def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, con
     if ip is None:
         from .dhcp4 import DhcpConfig
         st.enable_dhcp(DhcpConfig(hostname=hostname))
-    if ip6 == "auto":
+    if ip6 != "off":                # "auto", or an ipv6.Static6
         st.enable_ipv6(ip6_secret(mac, iface))
+        if ip6 != "auto":
+            st.ip6.set_static(ip6)
     return st
 
 
@@ -468,7 +470,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (changed, lost, acquired again) and the DHCP client's notices
     (no_answer, declined). With several workers the parent keeps the lease
     (lease.py) and (re)starts the workers on the leased address.
-    `ip6="auto"`: the IPv6 control plane (ipv6.py: link-local + SLAAC
+    `ip6="auto"` (or an ipv6.Static6: that address, DAD, no SLAAC): the IPv6 control plane (ipv6.py: link-local + SLAAC
     addresses, DHCPv6 (dhcp6.py) when an RA says M=1, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
     reported as "address6" events; one worker too.
     `tls`: HTTPS beside HTTP (see make_stack); the TlsServer is made before the
@@ -477,10 +479,11 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     addr, prefix = _parse_ip(ip)
     if addr is None and gateway:
         raise ValueError("a gateway is given by DHCP: --gateway needs a static --ip")
-    if ip6 not in ("off", "auto"):
-        raise ValueError(f"ip6 must be off or auto, not {ip6!r}")
-    if ip6 == "auto" and workers != 1:
-        raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6=auto, not {workers}")
+    from .ipv6 import Static6
+    if ip6 not in ("off", "auto") and not isinstance(ip6, Static6):
+        raise ValueError(f"ip6 must be off, auto or an ipv6.Static6, not {ip6!r}")
+    if ip6 != "off" and workers != 1:
+        raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6={ip6}, not {workers}")
 
     if gateway:
         gateway = str(ipaddress.IPv4Address(gateway))
