@@ -34,6 +34,10 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--ip", default="dhcp", show_default=True,
               help="the appliance's address: dhcp, or ADDR/PREFIX (haboob.ip= on the kernel command line overrides)")
 @click.option("--gateway", help="default gateway with a static --ip (haboob.gw=)")
+@click.option("--ip6", default="off", show_default=True, metavar="off|auto|ADDR/PREFIX",
+              help="IPv6: off, auto (SLAAC, DHCPv6 when the router says M=1), or a static ADDR/PREFIX "
+                   "such as 2001:2:0:1::10/64 (haboob.ip6=); IPv6 runs one stack instance")
+@click.option("--gateway6", help="IPv6 default router with a static --ip6: link-local or on-link (haboob.gw6=)")
 @click.option("--mss", default=1448, show_default=True, type=int, help="TCP MSS the responses are cut at")
 @click.option("--kernel", type=click.Path(path_type=Path), help="a vmlinuz (bzImage) instead of Debian's")
 @click.option("--modules", type=click.Path(path_type=Path), help="its modules folder (lib/modules/RELEASE)")
@@ -57,7 +61,7 @@ from haboob_build.steps import STEPS, build_image
 @click.option("-q", "--quiet", is_flag=True,
               help="print nothing but errors (no step lines, no progress, no summary)")
 @obs_options                            # access log, metrics, drain: the image's defaults (appliance/obs)
-def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
+def main(site, name, out, ip, gateway, ip6, gateway6, mss, kernel, modules, memory, compress_level, formats_, nic_drivers,
          tls_cert, tls_key, tls_self_signed, http_mode, hsts, quiet, **obs):
     """Build a bootable appliance image serving the static site in SITE."""
     site = Path(site)
@@ -81,7 +85,7 @@ def main(site, name, out, ip, gateway, mss, kernel, modules, memory, compress_le
                    formats=tuple(fmts), nic_drivers=tuple(nics), observe=observe, tls_cert=tls_cert,
                    tls_key=tls_key,
                    tls_self_signed=tuple(n.strip() for n in (tls_self_signed or "").split(",") if n.strip()),
-                   http=http_mode, hsts=hsts)
+                   http=http_mode, hsts=hsts, ip6=ip6, gateway6=gateway6)
     t0 = time.monotonic()
     try:
         ctx = build_image(opts, STEPS)

@@ -19,7 +19,8 @@ after the storage and file system modules are loaded:
    without one it is skipped silently;
 3. the files are parsed into haboob.KEY=VALUE settings, the same words as
    the kernel command line (`haboob.ip` (an address or `dhcp`), `haboob.gw`,
-   `haboob.mac`, `haboob.workers`, `haboob.ip6`), validated here so that a bad volume never reaches
+   `haboob.mac`, `haboob.workers`, `haboob.ip6` (off, auto or ADDR/PREFIX),
+   `haboob.gw6` (with a static haboob.ip6= in the same file)), validated here so that a bad volume never reaches
    settings() (which is fatal for bad command line values).
 
 Labels and forms:
@@ -53,7 +54,7 @@ import os
 import re
 
 LABELS = ("HABOOB", "CONFIG-2", "CIDATA")   # priority order, compared upper-case
-KEYS = ("ip", "gw", "mac", "workers", "ip6")   # haboob.KEY= words a volume may set
+KEYS = ("ip", "gw", "mac", "workers", "ip6", "gw6")   # haboob.KEY= words a volume may set
 MAX_FILE = 256 * 1024                       # no config file is larger; a bigger one is refused
 RUN = "/run/haboob/config"                  # where TLS files are copied (RAM)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -144,9 +145,16 @@ def check_value(key: str, value: str) -> str:
             raise ValueError(f"haboob.workers={value!r} is not a number of workers (1..256)")
         return str(int(value))
     if key == "ip6":
-        if value not in ("off", "auto"):
-            raise ValueError(f"haboob.ip6={value!r} is neither off nor auto")
-        return value
+        from .stack.ipv6 import ip6_mode
+        return str(ip6_mode(value, None, "haboob.ip6="))          # off, auto, or ADDR/PREFIX canonical
+    if key == "gw6":
+        try:
+            g = ipaddress.IPv6Address(value)
+        except ValueError:
+            raise ValueError(f"haboob.gw6={value!r} is not an IPv6 address") from None
+        if g.is_multicast or g.is_unspecified or g.is_loopback:
+            raise ValueError(f"haboob.gw6={value!r} is not a router's unicast address")
+        return str(g)
     raise ValueError(f"unknown setting haboob.{key} (known: {', '.join('haboob.' + k for k in KEYS)})")
 
 
@@ -166,6 +174,12 @@ def parse_conf(text: str, file: str = "haboob.conf") -> dict:
             out[key] = check_value(key, value)
         except ValueError as e:
             raise ConfigError(file, f"line {n}: {e}") from None
+    if "gw6" in out:                      # the gateway is checked against its address (on-link?)
+        from .stack.ipv6 import ip6_mode
+        try:
+            ip6_mode(out.get("ip6", "off"), out["gw6"], "haboob.ip6=", "haboob.gw6=")
+        except ValueError as e:
+            raise ConfigError(file, str(e)) from None
     return out
 
 
@@ -426,11 +440,14 @@ def read_tree(root: str, label: str) -> dict:
 
 def merge(config: dict, volume: dict, cmdline: dict) -> dict:
     """haboob.KEY args: build defaults < volume < kernel command line (see the module docstring);
-    a command line word that only repeats the build default does not override the volume."""
-    defaults = {"ip": config.get("ip"), "gw": config.get("gateway")}
+    a command line word that only repeats the build default does not override the volume (nor
+    does the build's gateway when the volume gives the address: it belongs to the build's)."""
+    defaults = {"ip": config.get("ip"), "gw": config.get("gateway"), "ip6": config.get("ip6"),
+                "gw6": config.get("gateway6")}
     out = dict(volume)
     for k, v in cmdline.items():
-        if k in volume and defaults.get(k) is not None:
+        owner = {"gw": "ip", "gw6": "ip6"}.get(k, k)    # a default gateway goes with its default address
+        if (k in volume or owner in volume) and defaults.get(k) is not None:
             try:
                 same = check_value(k, v) == check_value(k, str(defaults[k]))
             except ValueError:

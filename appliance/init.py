@@ -26,7 +26,10 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    changes, HABOOB-DHCP a server that does not answer (with several
    workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
    (default off) adds IPv6 link-local/SLAAC addresses (ping -6, the
-   site over TCP/IPv6), also with one worker;
+   site over TCP/IPv6), haboob.ip6=ADDR/PREFIX (haboob.gw6=GW, link-local
+   or on-link) a static one beside the link-local address (after DAD; a
+   duplicate is a HABOOB-WARN and the address is not used), each with one
+   worker;
    the same words from a configuration volume if a disk carries one
    (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
@@ -291,8 +294,14 @@ def settings(config: dict, args: dict) -> dict:
          "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store"),
          "hostname": args.get("hostname", config.get("name")),
          "ip6": args.get("ip6", config.get("ip6", "off"))}
-    if s["ip6"] not in ("off", "auto"):
-        raise Fatal(f"haboob.ip6={s['ip6']!r} is not off or auto")
+    from .stack.ipv6 import ip6_mode
+    gw6 = args.get("gw6")                  # the build's gateway goes with the build's address only
+    if gw6 is None and s["ip6"] == config.get("ip6"):
+        gw6 = config.get("gateway6")
+    try:                                   # off, auto, or a static ipv6.Static6
+        s["ip6"] = ip6_mode(s["ip6"], gw6, "haboob.ip6=", "haboob.gw6=")
+    except ValueError as e:
+        raise Fatal(str(e)) from None
     h = s["hostname"]                      # sent to the DHCP server (option 12): a plain label or nothing
     if h is not None and not (0 < len(h) <= 63 and h.isascii() and h.replace("-", "").isalnum()):
         s["hostname"] = None
@@ -300,9 +309,10 @@ def settings(config: dict, args: dict) -> dict:
         if args.get("gw"):
             raise Fatal(f"haboob.gw={args['gw']} needs a static haboob.ip=ADDR/PREFIX (DHCP gives the gateway)")
         s["gateway"] = None
-    if s["ip6"] == "auto":
+    if s["ip6"] != "off":
         if "workers" in args and args["workers"] != "1":
-            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip6=auto runs one stack instance (workers 1)")
+            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip6={s['ip6']} runs one stack instance "
+                        f"(workers 1)")
         s["workers"] = "1"
     if s["ip"] != "dhcp":
         s["ip"] = str(_v4(s["ip"]))
@@ -606,6 +616,9 @@ def boot() -> None:
             **({"https": info["https"]} if "https" in info else {})}))
 
     def on_event(kind, info):              # address changes (DHCP, IPv6), as they happen
+        if kind == "address6" and info.get("event") == "duplicate" and info.get("how") == "static":
+            say(f"HABOOB-WARN error: the static IPv6 address {info['ip6']} is in use by another node "
+                f"(duplicate address detection, RFC 4862 §5.4.5): not used")
         say(("HABOOB-ADDRESS " if kind in ("address", "address6") else "HABOOB-DHCP ") + json.dumps(info))
 
     def on_signal(signum, frame):

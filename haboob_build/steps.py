@@ -57,6 +57,15 @@ def parse_ip(cidr: str) -> ipaddress.IPv4Interface | None:
     return iface
 
 
+def parse_ip6(o) -> object:
+    """"off", "auto" or the appliance's ipv6.Static6 for --ip6/--gateway6; BuildError if bad."""
+    from appliance.stack.ipv6 import ip6_mode
+    try:
+        return ip6_mode(o.ip6, o.gateway6)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+
+
 def check_inputs(ctx: Context) -> None:
     o = ctx.options
     if not o.site.exists():
@@ -73,6 +82,7 @@ def check_inputs(ctx: Context) -> None:
             raise BuildError(f"--gateway {o.gateway!r} is not an IPv4 address") from None
         if gw not in iface.network or gw == iface.ip:
             raise BuildError(f"--gateway {gw} is not another host on {iface.network}")
+    parse_ip6(o)
     if not 536 <= o.mss <= 9000:
         raise BuildError(f"--mss {o.mss} is out of range (536..9000)")
     if not 32 <= o.memory <= 1 << 20:
@@ -242,6 +252,9 @@ def base(ctx: Context) -> None:
     iface = parse_ip(o.ip)
     config = {"ip": str(iface) if iface else "dhcp", "gateway": o.gateway, "mss": o.mss, "port": 80,
               "store": STORE, "modules": MODULES, "name": o.name}
+    ip6 = parse_ip6(o)
+    if ip6 != "off":                    # an image built before --ip6 had neither key: keep its bytes
+        config["ip6"], config["gateway6"] = str(ip6), o.gateway6
     # the image's access log / metrics / drain defaults (haboob.log= ... on the command line win),
     # always complete, so that a build from build.py and one from Options() agree byte for byte
     from appliance.obs.options import check as check_observe
@@ -257,6 +270,11 @@ def cmdline(ctx: Context) -> None:
     parts = ["console=ttyS0", "quiet", "panic=-1", f"haboob.ip={parse_ip(o.ip) or 'dhcp'}"]
     if o.gateway:
         parts.append(f"haboob.gw={o.gateway}")
+    ip6 = parse_ip6(o)
+    if ip6 != "off":
+        parts.append(f"haboob.ip6={ip6}")
+    if o.gateway6:
+        parts.append(f"haboob.gw6={o.gateway6}")
     (ctx.work / "cmdline").write_text(" ".join(parts) + "\n")
 
 
@@ -290,7 +308,9 @@ def manifest(ctx: Context) -> None:
         "artifacts": artifacts,
         "inputs": dict(sorted(ctx.inputs.items())),
         "site_files": site_files,
-        "options": {"ip": o.ip, "gateway": o.gateway, "mss": o.mss, "memory": o.memory,
+        "options": {"ip": o.ip, "gateway": o.gateway, **({"ip6": o.ip6, "gateway6": o.gateway6}
+                                                          if o.ip6 != "off" else {}),
+                    "mss": o.mss, "memory": o.memory,
                     "kernel": "debian" if o.kernel is None else "custom"},
         "sizes": dict(sorted(ctx.sizes.items())),
         **{k: v for k, v in sorted(ctx.facts.items())},

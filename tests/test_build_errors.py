@@ -102,13 +102,36 @@ def test_bad_source_date_epoch(tmp_path):
     assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), env=env), "SOURCE_DATE_EPOCH")
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--ip6", "fe80::10/64"], ["--ip6 'fe80::10/64'", "is link-local"]),
+    (["--ip6", "2001:2:0:1::10/200"], ["--ip6 '2001:2:0:1::10/200'", "prefix length '200' is out of range"]),
+    (["--ip6", "2001:2:0:1::10/64", "--gateway6", "2001:2:0:2::1"], ["--gateway6 '2001:2:0:2::1'", "nor on-link"]),
+    (["--ip6", "auto", "--gateway6", "fe80::1"], ["--gateway6 needs a static --ip6"]),
+])
+def test_bad_ip6(tmp_path, args, words):
+    assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), *args), *words)
+
+
+def test_static_ip6_goes_to_the_command_line_and_the_config(tmp_path):
+    from types import SimpleNamespace
+
+    from haboob_build import steps
+    o = SimpleNamespace(ip="198.18.0.1/24", gateway=None, ip6="2001:2:0:1:0::10/64", gateway6="fe80::1")
+    steps.cmdline(SimpleNamespace(options=o, work=tmp_path))
+    assert (tmp_path / "cmdline").read_text() == ("console=ttyS0 quiet panic=-1 haboob.ip=198.18.0.1/24 "
+                                                  "haboob.ip6=2001:2:0:1::10/64 haboob.gw6=fe80::1\n")
+    o.ip6, o.gateway6 = "off", None
+    steps.cmdline(SimpleNamespace(options=o, work=tmp_path))
+    assert "ip6" not in (tmp_path / "cmdline").read_text()
+
+
 def test_default_address_is_dhcp_on_the_command_line_and_in_the_config(tmp_path):
     from types import SimpleNamespace
 
     import build
     from haboob_build import steps
     assert {p.name: p.default for p in build.main.params}["ip"] == "dhcp"
-    ctx = SimpleNamespace(options=SimpleNamespace(ip="dhcp", gateway=None), work=tmp_path)
+    ctx = SimpleNamespace(options=SimpleNamespace(ip="dhcp", gateway=None, ip6="off", gateway6=None), work=tmp_path)
     steps.cmdline(ctx)
     assert (tmp_path / "cmdline").read_text() == "console=ttyS0 quiet panic=-1 haboob.ip=dhcp\n"
     assert steps.parse_ip("dhcp") is None

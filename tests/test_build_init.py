@@ -70,3 +70,23 @@ def test_settings_ip6():
         init.settings(CONFIG, {"ip6": "on"})
     with pytest.raises(init.Fatal, match="haboob.ip="):
         init.settings(CONFIG, {"ip6": "auto", "ip": "nonsense"})
+
+
+def test_settings_static_ip6_and_its_gateway():
+    from appliance.stack.ipv6 import Static6
+    s = init.settings(CONFIG, {"ip6": "2001:2:0:1:0::10/64", "gw6": "fe80::1"})
+    assert isinstance(s["ip6"], Static6) and str(s["ip6"]) == "2001:2:0:1::10/64" and s["workers"] == 1
+    assert s["ip6"].gateway == bytes.fromhex("fe80" + "0" * 27 + "1")
+    # the build's gateway goes with the build's static address, not with another one
+    built = dict(CONFIG, ip6="2001:2:0:1::10/64", gateway6="2001:2:0:1::1")
+    assert init.settings(built, {})["ip6"].gateway is not None
+    assert init.settings(built, {"ip6": "2001:2:0:9::10/64"})["ip6"].gateway is None
+    assert init.settings(built, {"ip6": "auto"})["ip6"] == "auto"
+    for args, words in (({"ip6": "fe80::10/64"}, "haboob.ip6='fe80::10/64': fe80::10 is link-local"),
+                        ({"ip6": "2001:2:0:1::10/64", "gw6": "2001:2:0:7::1"},
+                         "haboob.gw6='2001:2:0:7::1' is neither link-local"),
+                        ({"ip6": "auto", "gw6": "fe80::1"}, "haboob.gw6 needs a static haboob.ip6=ADDR/PREFIX"),
+                        ({"ip6": "2001:2:0:1::10/64", "workers": "2"}, "haboob.workers='2'")):
+        with pytest.raises(init.Fatal) as e:
+            init.settings(CONFIG, args)
+        assert words in str(e.value)

@@ -76,11 +76,25 @@ def test_haboob_conf_words_comments_and_canonical_values():
     ("haboob.mac=52:54:00:12:34\n", "is not a MAC address"),
     ("haboob.workers=0\n", "1..256"),
     ("haboob.ip=198.18.1.10/24\nhaboob.ip=198.18.1.11/24\n", "line 2: haboob.ip given twice"),
+    ("haboob.ip6=on\n", "line 1: haboob.ip6='on' is neither off, auto nor an IPv6 ADDR/PREFIX"),
+    ("haboob.ip6=ff02::1/64\n", "ff02::1 is a multicast address"),
+    ("haboob.gw6=ff02::2\n", "haboob.gw6='ff02::2' is not a router's unicast address"),
+    ("haboob.gw6=fe80::1\n", "haboob.gw6 needs a static haboob.ip6=ADDR/PREFIX"),
+    ("haboob.ip6=2001:2:0:1::10/64\nhaboob.gw6=2001:2:0:2::1\n", "is neither link-local (fe80::/10) nor on-link"),
 ])
 def test_haboob_conf_refuses_with_line_and_reason(text, problem):
     with pytest.raises(cv.ConfigError) as e:
         cv.parse_conf(text)
     assert str(e.value).startswith("haboob.conf: ") and problem in str(e.value)
+
+
+def test_haboob_conf_static_ipv6():
+    got = cv.parse_conf("haboob.ip6=2001:2:0:1:0:0:0:10/64\nhaboob.gw6=FE80::1\n")
+    assert got == {"ip6": "2001:2:0:1::10/64", "gw6": "fe80::1"}
+    assert cv.parse_conf("haboob.ip6=auto\n") == {"ip6": "auto"}
+    # the build's static IPv6 repeated on the image's command line does not beat the volume
+    config = {"ip": "198.18.0.1/24", "ip6": "2001:2:0:1::10/64", "gateway6": "fe80::1"}
+    assert cv.merge(config, {"ip6": "auto"}, {"ip6": "2001:2:0:1::10/64", "gw6": "fe80::1"}) == {"ip6": "auto"}
 
 
 def test_network_config_v1_static_with_netmask():
@@ -139,6 +153,9 @@ def test_precedence_defaults_volume_command_line():
     assert cv.merge(config, vol, {"ip": "198.18.0.1/24"}) == vol
     # an address typed at the GRUB prompt wins over the volume
     assert cv.merge(config, vol, {"ip": "198.18.5.5/24"}) == {"ip": "198.18.5.5/24", "gw": "198.18.7.1"}
+    # the build's gateway repeated on the command line goes with the build's address, not the volume's
+    assert cv.merge(dict(config, gateway="198.18.0.254"), {"ip": "dhcp"},
+                    {"ip": "198.18.0.1/24", "gw": "198.18.0.254"}) == {"ip": "dhcp"}
     assert cv.merge(config, {}, {"ip": "198.18.0.1/24", "workers": "2"}) == {"ip": "198.18.0.1/24",
                                                                              "workers": "2"}
 

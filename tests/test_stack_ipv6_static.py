@@ -40,7 +40,8 @@ def test_static_forms_parse():
 
 
 @pytest.mark.parametrize("value,gateway,message", [
-    ("2001:2:0:7::10", None, "--ip6 '2001:2:0:7::10' needs a prefix length"),
+    ("2001:2:0:7::10", None, "--ip6 '2001:2:0:7::10' needs a prefix length, like 2001:2:0:7::10/64"),
+    ("on", None, "--ip6 'on' is neither off, auto nor an IPv6 ADDR/PREFIX"),
     ("2001:2:0:7::zz/64", None, "'2001:2:0:7::zz' is not an IPv6 address"),
     ("198.18.0.1/24", None, "'198.18.0.1' is not an IPv6 address"),
     ("2001:2:0:7::10/129", None, "the prefix length '129' is out of range (1..128)"),

@@ -142,7 +142,11 @@ def parse_static6(value: str, gateway: str | None = None, opt: str = "--ip6 ",
     example = "2001:2:0:1::10/64"
     addr, sep, plen = value.partition("/")
     if not sep:
-        raise ValueError(f"{opt}{value!r} needs a prefix length, like {example}")
+        try:
+            ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise ValueError(f"{opt}{value!r} is neither off, auto nor an IPv6 ADDR/PREFIX like {example}") from None
+        raise ValueError(f"{opt}{value!r} needs a prefix length, like {value}/64")
     try:
         a = ipaddress.IPv6Address(addr)
     except ValueError:
@@ -179,7 +183,7 @@ def ip6_mode(value: str, gateway: str | None = None, opt: str = "--ip6 ", gw_opt
     """"off", "auto" or a Static6 for the words `value` (and `gateway`); ValueError names what is wrong."""
     if value in ("off", "auto"):
         if gateway:
-            raise ValueError(f"{gw_opt.strip()} needs a static {opt.strip()} ADDR/PREFIX "
+            raise ValueError(f"{gw_opt.rstrip('= ')} needs a static {opt}ADDR/PREFIX "
                              f"(with {value}, " + ("there is no IPv6" if value == "off" else
                                                    "router advertisements name the router") + ")")
         return value
