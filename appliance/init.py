@@ -34,7 +34,8 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
    after bringing them all up), bring it up with SIOCSIFFLAGS and no kernel IP address (the
-   kernel would otherwise answer our TCP segments with RSTs), and wait for
+   kernel would otherwise answer our TCP segments with RSTs; its IPv6 is switched off
+   first, net.ipv6.conf.all.disable_ipv6, for the same reason), and wait for
    its link (the ring reads the offloads it offers when serve() opens it);
 5. wait for the kernel's random generator (virtio-rng feeds it) with a
    blocking getrandom(2): the stack's secrets (ISNs, cookies) must never
@@ -406,6 +407,22 @@ def wait_carrier(iface: str, timeout: float) -> bool:
     return True
 
 
+def kernel_ipv6_off(proc: str = "/proc/sys/net/ipv6/conf") -> bool:
+    """Keep the kernel's own IPv6 off every NIC: it would otherwise give itself EUI-64
+    link-local and SLAAC addresses beside ours (disclosing the MAC) and answer for them.
+    Ours are the stack's (ipv6.py), which receives multicast through its ring
+    (PACKET_MR_ALLMULTI). False when the kernel has no IPv6."""
+    ok = False
+    for name in ("default", "all"):
+        try:
+            with open(f"{proc}/{name}/disable_ipv6", "w") as f:
+                f.write("1\n")
+            ok = True
+        except OSError:
+            pass
+    return ok
+
+
 def link_up(iface: str, up: bool = True) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH22x", iface.encode(), 0)
@@ -577,6 +594,7 @@ def boot() -> None:
     modules = config.get("modules", "/etc/haboob/modules")
     s = settings(config, configvol.read_settings(mount, say, config, cmdline,
                                                  prepare=lambda: load_role(modules, "fs")))
+    kernel_ipv6_off()                       # before any NIC goes up
     nic = find_nic(s["mac"])
     if nic["carrier"] is None:              # (with several NICs find_nic has waited already)
         link_up(nic["iface"])

@@ -90,3 +90,12 @@ def test_settings_static_ip6_and_its_gateway():
         with pytest.raises(init.Fatal) as e:
             init.settings(CONFIG, args)
         assert words in str(e.value)
+
+
+def test_kernel_ipv6_off_writes_all_and_default(tmp_path):
+    for n in ("all", "default"):
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "disable_ipv6").write_text("0\n")
+    assert init.kernel_ipv6_off(str(tmp_path))
+    assert [(tmp_path / n / "disable_ipv6").read_text() for n in ("all", "default")] == ["1\n", "1\n"]
+    assert not init.kernel_ipv6_off(str(tmp_path / "none"))      # a kernel without IPv6: nothing to do

@@ -5,7 +5,7 @@
                                  [--boot kernel|disk|iso] [--firmware bios|uefi|uefi-secure] [--nic virtio|e1000|e1000e]
                                  [--net socket:...|vfio:PCI_ADDRESS|netmap:PORT]   (docs/deploy.md)
                                  [--config DIR]   (a configuration volume: build.py config-volume)
-                                 [--log] [--metrics-port N]
+                                 [--log] [--metrics-port N] [--ip6 off|auto|ADDR/PREFIX]
     python -m vm test images/www [--net ...] [--site DIR]
     python -m vm fleet images/www -n N [--port PORT]     (N appliances behind HAProxy: vm/fleet.py)
     python -m vm stat images/www|URL                      (live rates from /metrics: vm/stat.py)
@@ -14,7 +14,10 @@
 (Ctrl-C) or SIGTERM. `test` boots, fetches every URL of the manifest and
 compares it with the site, checks HEAD and 404 (and ping on tap), reports
 boot-to-ready time, powers the guest off via QMP, and exits 0 only when
-everything passed.
+everything passed. With IPv6 on in the guest (`--ip6 auto`, or the
+image's haboob.ip6=) `boot` also prints the guest's IPv6 URL and `test`
+fetches every URL over IPv6 too, on a tap (QEMU 7.2's user networking
+forwards IPv4 only: there the guest's SLAAC address is only printed).
 
 Stopping (vm/stop.py), the same for SIGINT and SIGTERM and however the
 command was started (a script's background job inherits SIGINT ignored;
@@ -46,6 +49,7 @@ from .qemu import COUNTERS, QMP_TIMEOUT, READY, BootError, Options, kvm_usable, 
 from .session import session
 
 STOP_TIMEOUT = 60       # s for the guest to power off after the ACPI power button
+IP6_WAIT = 60           # s after the ready line for the guest's global IPv6 address (RA, DAD)
 
 
 def parse_net(value: str) -> dict:
@@ -76,13 +80,23 @@ def parse_net(value: str) -> dict:
 
 
 def make_options(net, smp, memory, capture, bzimage=False, boot="kernel", firmware="bios",
-                 nic="virtio", config=None) -> Options:
+                 nic="virtio", config=None, ip6=None) -> Options:
     o = Options(**parse_net(net), smp=smp, memory=memory, direct=not bzimage, boot=boot, firmware=firmware,
                 nic=nic)
+    if ip6 is not None:
+        from appliance.stack.ipv6 import ip6_mode
+        if boot != "kernel":
+            raise click.BadParameter(f"--boot {boot}: the medium's command line is fixed; use --boot kernel",
+                                     param_hint="--ip6")
+        try:
+            o.ip6 = str(ip6_mode(ip6))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--ip6") from None
     if config is not None:                  # checked now, written per boot (vm/media.py)
         from .media import MediaError, config_volume_settings
         try:
-            o.config, o.config_ip = Path(config).resolve(), config_volume_settings(config).get("ip")
+            got = config_volume_settings(config)
+            o.config, o.config_ip, o.config_ip6 = Path(config).resolve(), got.get("ip"), got.get("ip6")
             if o.config_ip == "dhcp":           # the guest asks DHCP: as for a DHCP image
                 o.config_ip = None
                 o.append.append("haboob.ip=dhcp")
@@ -115,6 +129,9 @@ common = [
                                                  "kernel via PVH (slower under TCG)"),
     click.option("--config", type=click.Path(path_type=Path, file_okay=False),
                  help="attach DIR as a configuration volume (haboob.conf, tls/; see build.py config-volume)"),
+    click.option("--ip6", default=None, metavar="off|auto|ADDR/PREFIX",
+                 help="the guest's haboob.ip6= (default: the image's); over --net tap the namespace "
+                      "advertises 2001:2:0:1::/64 for auto"),
 ]
 
 
@@ -169,6 +186,21 @@ def _echo_log(line: str) -> None:
         click.echo(line)
 
 
+def _print_ip6(s) -> None:
+    """The guest's IPv6 URL (or why there is none), when it runs IPv6."""
+    if s.ip6 == "off":
+        return
+    if s.wait_ip6(IP6_WAIT) is None:
+        click.echo(f"IPv6: no global address within {IP6_WAIT}s (haboob.ip6={s.ip6}); see --console", err=True)
+    elif not s.reach6:
+        click.echo(f"IPv6: the guest has {s.guest_ip6} on QEMU's user network, which forwards IPv4 only "
+                   f"(QEMU 7.2's hostfwd); --net tap reaches it over IPv6", err=True)
+    elif s.ns:
+        click.echo(f"open {s.url6}/ over IPv6 from the namespace: ip netns exec {s.ns.name} curl -g {s.url6}/")
+    else:
+        click.echo(f"open {s.url6}/ over IPv6")
+
+
 def metrics_url(s, opts) -> str | None:
     """Where the guest's /metrics is reachable from here, or None."""
     if not opts.metrics_port:
@@ -185,11 +217,11 @@ def metrics_url(s, opts) -> str | None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="the guest's metrics port (haboob.metrics=); default: the image's, else 9100 "
                    "with --boot kernel; 0: none")
-def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, console, follow_log,
-         metrics_port):
+def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, ip6, console,
+         follow_log, metrics_port):
     """Boot IMAGE, print its URL, run until SIGINT (Ctrl-C) or SIGTERM, then stop it cleanly."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config, ip6)
     built = int(img.manifest.get("config", {}).get("observe", {}).get("metrics_port", 0) or 0)
     if metrics_port is None:
         metrics_port = built or (9100 if boot == "kernel" else 0)
@@ -222,6 +254,7 @@ def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                                    f"ip netns exec {s.ns.name} curl {s.base_url}/")
                     else:
                         click.echo(f"open {s.base_url}/")
+                    _print_ip6(s)
                     murl = metrics_url(s, opts)
                     if murl:
                         click.echo(f"metrics {murl} (health: {murl[:-len('/metrics')]}/healthz; "
@@ -248,6 +281,18 @@ def boot(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
             raise VMError(f"the guest stopped by itself (QEMU exit {s.machine.proc.returncode}):\n{tail}")
 
 
+def ipv6_checks(s, img, site) -> list:
+    """Every URL over IPv6 (fresh connections and keep-alive), HEAD, 404 and ping -6, to the
+    guest's global IPv6 address (from its console)."""
+    a = s.wait_ip6(IP6_WAIT)
+    if a is None:
+        return [check.Result("IPv6 address", False, f"none within {IP6_WAIT}s (haboob.ip6={s.ip6})")]
+    out = [check.Result("IPv6 address", True, a)]
+    out += [check.Result(r.name + " (IPv6)", r.ok, r.detail) for r in s.call(check.fetch_all, img, a, 80, site)]
+    out.append(check.ping(a, prefix=s.prefix))
+    return out
+
+
 @cli.command()
 @click.argument("target")
 @click.option("--count", type=click.IntRange(min=0), default=0, help="lines to print (0: until Ctrl-C)")
@@ -269,10 +314,11 @@ def stat(target, count, interval):
 @with_common
 @click.option("--site", type=click.Path(path_type=Path, file_okay=False), help="compare with this folder too")
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
-def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, site, as_json):
-    """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed."""
+def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage, config, ip6, site, as_json):
+    """Boot IMAGE, fetch and compare every URL, HEAD, 404, ping (tap); stop; exit 0 if all passed.
+    With IPv6 on in the guest and a tap: every URL and ping over IPv6 too."""
     img = Image.load(image)
-    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config)
+    opts = make_options(net, smp, memory, capture, bzimage, boot, firmware, nic, config, ip6)
     qemu_binary()
     if site is not None and not site.is_dir():
         raise click.BadParameter(f"{site}: no such folder", param_hint="--site")
@@ -288,6 +334,8 @@ def test(image, net, boot, firmware, nic, smp, memory, capture, timeout, bzimage
                     results += s.call(check.fetch_all, img, s.host, s.port, site)
                     if opts.net == "tap":
                         results.append(check.ping(s.guest_ip, prefix=s.prefix))
+                    if s.ip6 != "off" and s.reach6:
+                        results += ipv6_checks(s, img, site)
             except stop.Stop:
                 _stop_on_signal(s.machine, sig)
                 sys.exit(sig.exit_status)

@@ -113,7 +113,7 @@ def curl_all(image: Image, base: str, site: Path | None = None, prefix: list[str
     out = []
     for url in sorted(image.urls):
         want, data = expected(image, url, site)
-        proc = subprocess.run(list(prefix or []) + ["curl", "-sS", "--fail", "--max-time", "30",
+        proc = subprocess.run(list(prefix or []) + ["curl", "-gsS", "--fail", "--max-time", "30",
                                                      "-H", "Accept-Encoding: identity", base + url],
                               capture_output=True)
         got = hashlib.sha256(proc.stdout).hexdigest()

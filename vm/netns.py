@@ -6,7 +6,10 @@ this process and removes exactly that object on exit, also when the body
 raises. Nothing is ever removed by pattern, so concurrent users (several
 test runs, a benchmark) never disturb each other. IPv6 is switched off in
 every namespace we make so that router solicitations and DAD do not reach
-the appliance, and only addresses in 198.18.0.0/15 (RFC 2544) are used.
+the appliance, and only addresses in 198.18.0.0/15 (RFC 2544) are used;
+where a test wants IPv6 it turns it on for one interface (`enable_ipv6`)
+with an address in 2001:2::/48 (RFC 5180), and `router_advertiser` (or
+`dhcp_server(..., ra=PREFIX)`) announces a prefix from it.
 
 Typical use:
 
@@ -152,12 +155,45 @@ def pair(subnet: int = 0, mtu: int | None = None):
         yield Link(s, c, sif, cif, server_ip, client_ip, 24)
 
 
+def enable_ipv6(ns: Namespace, ifname: str, addr: str | None = None) -> None:
+    """IPv6 on for `ifname` only (namespace() turns it off), with `addr` (ADDR/PREFIX, no DAD)."""
+    ns.sysctl(f"net.ipv6.conf.{ifname}.accept_ra", "0")     # our own router_advertiser's included
+    ns.sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", "0")
+    if addr:
+        ip("-6", "addr", "add", addr, "dev", ifname, "nodad", ns=ns.name)
+
+
+def ra_args(prefix: str) -> list[str]:
+    """dnsmasq words for router advertisements of `prefix` (A=1: SLAAC; no DHCPv6)."""
+    import ipaddress
+    net = ipaddress.IPv6Network(prefix)
+    return ["--enable-ra", f"--dhcp-range={net.network_address},ra-only,{net.prefixlen},10m"]
+
+
+@contextlib.contextmanager
+def router_advertiser(ns: Namespace, ifname: str, prefix: str):
+    """dnsmasq sending only router advertisements of `prefix` on `ifname` (which needs
+    IPv6 on and an address in it: enable_ipv6); stopped by pid on exit."""
+    with _dnsmasq(ns, ifname, ra_args(prefix)) as proc:
+        yield proc
+
+
 @contextlib.contextmanager
 def dhcp_server(ns: Namespace, ifname: str, first: str, last: str, router: str | None = None,
-                lease: str = "2m", extra: tuple = ()):
+                lease: str = "2m", extra: tuple = (), ra: str | None = None):
     """dnsmasq as a DHCPv4 server only (no DNS, no configuration file, no daemon)
     on `ifname` inside `ns`, handing out first..last /24; stopped by pid on exit.
+    `ra`: an IPv6 prefix to send router advertisements for too (see router_advertiser).
     Yields the Popen; its stderr carries dnsmasq's DHCP log (--log-dhcp)."""
+    argv = ["--no-ping", "--log-dhcp", f"--dhcp-range={first},{last},255.255.255.0,{lease}", *extra]
+    if router:
+        argv.append(f"--dhcp-option=option:router,{router}")
+    with _dnsmasq(ns, ifname, argv + (ra_args(ra) if ra else []), leases=True) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def _dnsmasq(ns: Namespace, ifname: str, words: list[str], leases: bool = False):
     import shutil
     import signal
     import tempfile
@@ -165,11 +201,9 @@ def dhcp_server(ns: Namespace, ifname: str, first: str, last: str, router: str |
         raise NetnsError("dnsmasq is not installed (Debian: dnsmasq-base; see .ci/install.sh)")
     with tempfile.TemporaryDirectory(prefix="haboob-dnsmasq-") as tmp:
         argv = ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-                f"--interface={ifname}", "--bind-interfaces", "--no-ping", "--log-dhcp",
-                f"--dhcp-range={first},{last},255.255.255.0,{lease}",
-                f"--dhcp-leasefile={tmp}/leases", f"--pid-file={tmp}/pid", *extra]
-        if router:
-            argv.append(f"--dhcp-option=option:router,{router}")
+                f"--interface={ifname}", "--bind-interfaces", f"--pid-file={tmp}/pid", *words]
+        if leases:
+            argv.append(f"--dhcp-leasefile={tmp}/leases")
         proc = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             yield proc

@@ -59,6 +59,10 @@ COUNTERS = "HABOOB-COUNTERS "
 USER_NET = "198.18.0.0/24"
 USER_HOST = "198.18.0.2"
 USER_GUEST = "198.18.0.15"
+# IPv6 beside it (RFC 5180's 2001:2::/48): slirp's router advertisements (ipv6-net=) and a tap's
+# dnsmasq announce this prefix; the host end is ::2 as in slirp
+USER_NET6 = "2001:2:0:1::/64"
+USER_HOST6 = "2001:2:0:1::2"
 DEFAULT_MAC = "52:54:00:12:34:56"
 QMP_TIMEOUT = 5.0       # s to connect to QMP and for each command's answer
 BOOTING_GRACE = 3.0     # s a stop before the ready line waits for a power-off before QMP quit
@@ -100,6 +104,7 @@ class Options:
     mac: str = DEFAULT_MAC
     guest_ip: str | None = None     # haboob.ip= override (CIDR)
     gateway: str | None = None      # haboob.gw= override
+    ip6: str | None = None          # haboob.ip6= override: off | auto | ADDR/PREFIX
     append: list[str] = field(default_factory=list)   # more kernel command line words
     extra: list[str] = field(default_factory=list)    # more QEMU arguments
     accel: str | None = None        # None: detect
@@ -115,6 +120,7 @@ class Options:
     metrics_hostport: int = 0       # user: host port forwarded to it (0: pick one)
     config: Path | None = None      # a configuration volume's DIR, attached as a disk (vm/media.py)
     config_ip: str | None = None    # the address that volume gives the guest (the tap goes beside it)
+    config_ip6: str | None = None   # and its haboob.ip6=, if it sets one
 
 
 def free_port() -> int:
@@ -145,9 +151,20 @@ def kernel_cmdline(image: Image, opts: Options) -> str:
         over["haboob.gw"] = opts.gateway
     if opts.metrics_port:
         over["haboob.metrics"] = str(opts.metrics_port)
+    if opts.ip6:
+        over["haboob.ip6"] = opts.ip6
     words = [w for w in words if w.split("=", 1)[0] not in over]
     words += [f"{k}={v}" for k, v in over.items()] + list(opts.append)
     return " ".join(words)
+
+
+def guest_ip6(image: Image, opts: Options) -> str:
+    """The guest's IPv6 mode, off, auto or ADDR/PREFIX: what it boots with (our override,
+    else a configuration volume's, else the last haboob.ip6= of its command line)."""
+    if opts.ip6 or opts.config_ip6:
+        return opts.ip6 or opts.config_ip6
+    words = [w.split("=", 1)[1] for w in kernel_cmdline(image, opts).split() if w.startswith("haboob.ip6=")]
+    return words[-1] if words else "off"
 
 
 def medium_args(image: Image, opts: Options, workdir: Path) -> list[str]:
@@ -221,7 +238,10 @@ def qemu_argv(image: Image, opts: Options, serial_sock: Path, serial_log: Path, 
                                if opts.metrics_port else "")
                             + (f",hostfwd=tcp:127.0.0.1:{opts.tls_hostport}-{guest}:443" if opts.tls_hostport else "")
                             + (f",dhcpstart={USER_GUEST}" if dhcp else
-                               ",dhcpstart=198.18.0.9" if net == USER_NET else "")]
+                               ",dhcpstart=198.18.0.9" if net == USER_NET else "")
+                            # slirp's IPv6 (on by default, fec0::/64) inside 2001:2::/48; QEMU 7.2 cannot
+                            # forward a host port to it (hostfwd takes IPv4 only): reach it over a tap
+                            + f",ipv6-net={USER_NET6},ipv6-host={USER_HOST6}"]
     elif opts.net == "tap":
         if not opts.tap:
             raise VMError("--net tap needs a tap device name")

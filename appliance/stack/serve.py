@@ -311,9 +311,10 @@ def _drain(fd):
         pass
 
 
-def _open_device(iface, capture, fanout=None, unicast=None):
+def _open_device(iface, capture, fanout=None, unicast=None, allmulti=False):
     from .rings.tpacket import TpacketDevice
-    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=80)    # SYNs on a ring of their own
+    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=80,    # SYNs on a ring of their own
+                        allmulti=allmulti)                                      # IPv6: solicited-node groups
     if capture:
         from .rings.pcap import PcapDevice
         dev = PcapDevice(dev, capture)
@@ -369,7 +370,7 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     store = Store.open(store_path, verify=False)      # serve() verified it before starting workers
     dev = None
     try:
-        dev = _open_device(iface, capture, fanout, unicast=mac)
+        dev = _open_device(iface, capture, fanout, unicast=mac, allmulti=ip6 != "off")
         stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface, tls)
         stack.start(time.monotonic())
         if stack.txq:

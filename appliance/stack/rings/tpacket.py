@@ -87,6 +87,7 @@ __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "
 # <linux/if_packet.h>, <linux/if_ether.h>, <linux/sockios.h>, <linux/ethtool.h>
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_ALLMULTI = 2
 PACKET_MR_UNICAST = 3
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
@@ -315,7 +316,7 @@ class TpacketDevice:
     def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
                  offload: Offload | None = None, unicast: bytes | None = None,
-                 syn_port: int | None = None, syn_quota: int = SYN_QUOTA):
+                 syn_port: int | None = None, syn_quota: int = SYN_QUOTA, allmulti: bool = False):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
@@ -352,6 +353,12 @@ class TpacketDevice:
                 # itself). Dropped by the kernel when the socket closes.
                 self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
                                      struct.pack("=iHH8s", self.ifindex, PACKET_MR_UNICAST, 6, bytes(unicast)))
+            if allmulti:
+                # IPv6: our solicited-node groups are joined by MLD from user space, which
+                # the NIC's multicast filter (a real NIC's, QEMU virtio-net's) never hears
+                # of; all multicast, released by the kernel when the socket closes.
+                self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP,
+                                     struct.pack("=iHH8s", self.ifindex, PACKET_MR_ALLMULTI, 0, b""))
         except BaseException:
             self.close()
             raise
