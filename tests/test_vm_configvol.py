@@ -4,7 +4,10 @@ FAT volume written by `vm boot --config`'s writer, and a NoCloud `cidata`
 ISO 9660 volume made here with xorriso (network-config v2), behind an
 empty HABOOB volume like the disk image's EFI partition. Two boots,
 each on a tap in a fresh namespace whose host address is next to the
-volume's address (vm/session.py), so only the new address is on-link."""
+volume's address (vm/session.py), so only the new address is on-link. The
+HABOOB volume also gives a static IPv6 address and gateway (haboob.ip6=,
+haboob.gw6=): the guest passes DAD, resolves the gateway and serves every
+URL over IPv6 there, with no router advertisement on the link."""
 import os
 import subprocess
 
@@ -28,7 +31,7 @@ def image():
     return img
 
 
-def serve_and_check(image, opts, want_ip, want_label, want_dev="/dev/vda"):
+def serve_and_check(image, opts, want_ip, want_label, want_dev="/dev/vda", want_ip6=None):
     with session(image, opts) as s:
         assert s.guest_ip == want_ip
         ready = s.machine.wait_ready(300)
@@ -39,17 +42,31 @@ def serve_and_check(image, opts, want_ip, want_label, want_dev="/dev/vda"):
         bad = [r for r in s.call(check.fetch_all, image, s.host, s.port, sup.EXAMPLE) if not r.ok]
         assert not bad, bad
         assert check.ping(want_ip, prefix=s.prefix).ok
+        if want_ip6:
+            assert s.wait_ip6(60) == want_ip6, s.machine.tail()
+            bad = [r for r in s.call(check.fetch_all, image, want_ip6, 80, sup.EXAMPLE) if not r.ok]
+            assert not bad, bad
+            assert check.ping(want_ip6, prefix=s.prefix).ok
+            neigh = subprocess.run(s.prefix + ["ip", "-6", "neigh", "show", want_ip6], capture_output=True,
+                                   text=True).stdout
+            assert "lladdr 52:54:00:12:34:56" in neigh, neigh
         assert s.machine.powerdown(90)
+        return s.machine.lines
 
 
 def test_haboob_volume_sets_the_address(image, tmp_path):
     cfg = tmp_path / "cfg"
     cfg.mkdir()
     (cfg / "haboob.conf").write_text("# per-deployment settings\nhaboob.ip=198.18.7.9/24\n"
-                                     "haboob.gw=198.18.7.1\n")
-    ip = config_volume_settings(cfg)["ip"]
-    assert ip == "198.18.7.9/24"
-    serve_and_check(image, Options(net="tap", config=cfg, config_ip=ip), "198.18.7.9", "HABOOB")
+                                     "haboob.gw=198.18.7.1\nhaboob.ip6=2001:2:0:7::9/64\n"
+                                     "haboob.gw6=2001:2:0:7::a\n")
+    got = config_volume_settings(cfg)
+    assert (got["ip"], got["ip6"]) == ("198.18.7.9/24", "2001:2:0:7::9/64")
+    # the namespace's end of the tap is 2001:2:0:7::a (next to the guest's): the gateway, no RA
+    lines = serve_and_check(image, Options(net="tap", config=cfg, config_ip=got["ip"], config_ip6=got["ip6"]),
+                            "198.18.7.9", "HABOOB", want_ip6="2001:2:0:7::9")
+    ev = [l for l in lines if "HABOOB-ADDRESS " in l and '"how": "static"' in l]
+    assert ev and '"gateway": "2001:2:0:7::a"' in ev[0] and '"event": "acquired"' in ev[0], ev
 
 
 def test_nocloud_cidata_iso_sets_the_address(image, tmp_path):
