@@ -112,7 +112,7 @@ def test_bad_ip6(tmp_path, args, words):
     assert_refused(*run_build(tmp_path, "--site", str(EXAMPLE), *args), *words)
 
 
-def test_static_ip6_goes_to_the_command_line_and_the_config(tmp_path):
+def test_static_ip6_goes_to_the_command_line(tmp_path):
     from types import SimpleNamespace
 
     from haboob_build import steps
