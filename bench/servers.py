@@ -334,40 +334,46 @@ class Appliance(Server):
     def start(self, link, workers: int, cpus: list[int], net: str = "ipv4"):
         log = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.log")
         out = os.path.join(self.workdir, f"serve-w{workers}-{link.server.name}.out")
-        ra = None
-        if net == "ipv6":           # router advertisements for SLAAC, from the client's side (as a router would)
-            ra = link.client.popen(
-                ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
-                 f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra",
-                 f"--dhcp-range={ip6_addr(link, 0)},ra-only,64,1h",
-                 f"--pid-file={os.path.join(self.workdir, link.client.name + '.dnsmasq.pid')}"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        # stdout O_APPEND: the console access log appends through a description
-        # of its own, and the counters printed at exit must land after its lines.
-        with open(log, "wb") as logf, open(out, "ab") as outf:
-            proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)), *self.argv(link, workers, net)],
-                                     stdout=outf, stderr=logf, cwd=REPO, env=self._env(), start_new_session=True)
-        running = Running(self.name, proc, ("https://" if net == "https" else "http://") + link.server_ip, log,
-                          access_log=out if self.access_log else None)
-        try:
-            if net == "ipv6":
-                running.base_url = f"http://[{_slaac_address(running, out)}]"
-            wait_ready(link, running)
-            running.pids()
-            yield running
-        finally:
-            # SIGINT makes serve print its counters as JSON and exit.
-            _stop(running, signal.SIGINT, 15)
-            if ra is not None:
-                ra.terminate()
-                try:
-                    ra.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    ra.kill()
-                    ra.wait()
-            with open(out, errors="replace") as f:
-                text = f.read()
-            running.counters = parse_counters(text) or parse_counters(_log_tail(log, 20000))
+        with contextlib.ExitStack() as cleanup:
+            if net == "ipv6":       # router advertisements for SLAAC, from the client's side (as a router would)
+                ra = link.client.popen(
+                    ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--port=0",
+                     f"--interface={link.client_if}", "--bind-interfaces", "--enable-ra",
+                     f"--dhcp-range={ip6_addr(link, 0)},ra-only,64,1h",
+                     f"--pid-file={os.path.join(self.workdir, link.client.name + '.dnsmasq.pid')}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                cleanup.callback(_end, ra)
+            # stdout O_APPEND: the console access log appends through a description
+            # of its own, and the counters printed at exit must land after its lines.
+            with open(log, "wb") as logf, open(out, "ab") as outf:
+                proc = link.server.popen(["taskset", "-c", ",".join(map(str, cpus)),
+                                          *self.argv(link, workers, net)],
+                                         stdout=outf, stderr=logf, cwd=REPO, env=self._env(), start_new_session=True)
+            running = Running(self.name, proc, ("https://" if net == "https" else "http://") + link.server_ip, log,
+                              access_log=out if self.access_log else None)
+            try:
+                if net == "ipv6":
+                    running.base_url = f"http://[{_slaac_address(running, out)}]"
+                wait_ready(link, running)
+                running.pids()
+                yield running
+            finally:
+                # SIGINT makes serve print its counters as JSON and exit.
+                _stop(running, signal.SIGINT, 15)
+                with open(out, errors="replace") as f:
+                    text = f.read()
+                running.counters = parse_counters(text) or parse_counters(_log_tail(log, 20000))
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop a helper process we started (dnsmasq), by its pid."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _slaac_address(running: Running, out: str, timeout: float = 40.0) -> str:
