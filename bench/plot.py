@@ -60,7 +60,9 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel(label)
             ax.set_ylim(bottom=0)
             ax.grid(True, which="both", alpha=0.3)
-            ax.set_title(f"{label}: {NET_TITLE[net]}{MODE_TITLE[mode.split('+')[0]]}" + (", access log on" if "+log" in mode else ""),
+            title = MODE_TITLE[mode.split('+')[0]] + (", resumed handshake (wrk)" if (net, mode) == ("https", "close")
+                                                      else "")
+            ax.set_title(f"{label}: {NET_TITLE[net]}{title}" + (", access log on" if "+log" in mode else ""),
                          fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
