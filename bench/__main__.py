@@ -5,6 +5,9 @@ work directory (the generated site, the store, nginx's prefix, logs),
 runs the plan (bench/run.py), and writes results.json (everything: plan,
 environment, every run, medians, ratios, the appliance's counters),
 bench.png (bench/plot.py) and table.md (bench/report.py) into --out.
+`--families 4,6` adds the plain HTTP cells over IPv6, `--tls` the HTTPS
+cells (bench/run.py: one session per network; bench/stime.py for the new
+connections with full and resumed handshakes).
 Namespaces and processes are removed on the way out, also on Ctrl-C or
 SIGTERM (turned into KeyboardInterrupt so every context manager unwinds).
 `python -m bench render FILE` redraws the plot and table from a JSON;

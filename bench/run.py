@@ -281,7 +281,6 @@ def access_log_check(running, lines0: int, responses: int, margin: int, timeout:
 
 def run(plan: Plan, servers: dict, workdir: str) -> dict:
     """Run the plan; servers: name -> Server (already configured, not prepared)."""
-    from vm import netns
     site_dir = os.path.join(workdir, "site")
     os.makedirs(site_dir, exist_ok=True)
     os.chmod(workdir, 0o755)
