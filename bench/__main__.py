@@ -5,6 +5,9 @@ work directory (the generated site, the store, nginx's prefix, logs),
 runs the plan (bench/run.py), and writes results.json (everything: plan,
 environment, every run, medians, ratios, the appliance's counters),
 bench.png (bench/plot.py) and table.md (bench/report.py) into --out.
+`--families 4,6` adds the plain HTTP cells over IPv6, `--tls` the HTTPS
+cells (bench/run.py: one session per network; bench/stime.py for the new
+connections with full and resumed handshakes).
 Namespaces and processes are removed on the way out, also on Ctrl-C or
 SIGTERM (turned into KeyboardInterrupt so every context manager unwinds).
 `python -m bench render FILE` redraws the plot and table from a JSON;
@@ -43,6 +46,7 @@ def _work_dir(prefix: str, dir: str | None = None):
     or SIGTERM exits 130 (after every context manager inside has unwound: the
     namespaces and processes are gone), a server or wrk failure is a clear error."""
     from .servers import ServerError
+    from .stime import STimeError
     from .wrk import WrkError
     workdir = tempfile.mkdtemp(prefix=prefix, dir=dir)
     try:
@@ -50,7 +54,7 @@ def _work_dir(prefix: str, dir: str | None = None):
     except KeyboardInterrupt:
         click.echo("interrupted: namespaces and processes removed", err=True)
         sys.exit(130)
-    except (ServerError, WrkError, RuntimeError) as e:
+    except (ServerError, WrkError, STimeError, RuntimeError) as e:
         raise click.ClickException(str(e))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -65,10 +69,11 @@ def _csv(ctx, param, value):
     return items
 
 
-def _preflight(servers) -> None:
+def _preflight(servers, extra=()) -> None:
     if os.geteuid() != 0:
         raise click.ClickException("the benchmark needs root (network namespaces, veth); run it as root")
-    missing = [t for t in NEEDED if shutil.which(t) is None and not (t == "nginx" and "nginx" not in servers)]
+    missing = [t for t in NEEDED + tuple(extra)
+               if shutil.which(t) is None and not (t == "nginx" and "nginx" not in servers)]
     if missing:
         raise click.ClickException(f"missing tools: {', '.join(missing)} (apt-get install them)")
 
@@ -105,10 +110,23 @@ def write_outputs(results: dict, out: str) -> None:
 @click.option("--access-log", "access_log", is_flag=True,
               help="Both servers log every response (Combined Log Format) to a file on /dev/shm: nginx "
                    "buffer=64k, the appliance --access-log console; line counts are checked (cells '+log').")
+@click.option("--families", callback=_csv,
+              help="IP versions of the plain HTTP cells: 4, 6 or 4,6 [default: 4]. IPv6: nginx on [::]:80, "
+                   "the appliance `serve --ip6 auto` (SLAAC from a dnsmasq router advertisement); 1 worker only.")
+@click.option("--tls", is_flag=True,
+              help="Add HTTPS cells (IPv4, port 443, one ECDSA P-256 certificate for both servers, TLS 1.3 "
+                   "AES-128-GCM chosen by the client).")
+@click.option("--tls-modes", callback=_csv,
+              help="HTTPS cells: keepalive, close (wrk: it resumes), full, resumed (openssl s_time -new/-reuse) "
+                   "[default: all four].")
+@click.option("--http/--no-http", "plain", default=True, show_default=True,
+              help="The plain HTTP cells (--no-http --tls: HTTPS cells only).")
+@click.option("--stime-procs", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Parallel openssl s_time clients in the full/resumed HTTPS cells.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory [default: bench/results/DATE].")
 @click.pass_context
 def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, check_seconds, connections, steer,
-         store, access_log, out):
+         store, access_log, families, tls, tls_modes, plain, stime_procs, out):
     """Benchmark the Haboob appliance against a tuned nginx, each in a network
     namespace joined by veth to a client namespace running wrk."""
     if ctx.invoked_subcommand is not None:
@@ -132,12 +150,30 @@ def main(ctx, quick, sizes, modes, workers, servers, reps, duration, warmup, che
         raise click.BadParameter(f"not integers: {workers}", param_hint="--workers")
     if any(w < 1 or w > (os.cpu_count() or 1) for w in worker_list):
         raise click.BadParameter(f"worker counts must be 1..{os.cpu_count()}", param_hint="--workers")
+    families = families or ["4"]
+    bad = [f for f in families if f not in ("4", "6")]
+    if bad:
+        raise click.BadParameter(f"unknown IP version(s) {bad}: use 4, 6", param_hint="--families")
+    tls_modes = tls_modes or list(runmod.TLS_MODES)
+    bad = [m for m in tls_modes if m not in runmod.TLS_MODES]
+    if bad:
+        raise click.BadParameter(f"unknown HTTPS mode(s) {bad}: use {', '.join(runmod.TLS_MODES)}",
+                                 param_hint="--tls-modes")
+    nets = ([f"ipv{f}" for f in ("4", "6") if f in families] if plain else []) + (["https"] if tls else [])
+    if not nets:
+        raise click.BadParameter("nothing to measure: --no-http without --tls", param_hint="--no-http")
+    if "ipv6" in nets and "appliance" in servers and worker_list != [1]:
+        raise click.BadParameter("IPv6 cells need --workers 1 (the appliance's IPv6 runs in one worker)",
+                                 param_hint="--families")
+    if access_log and tls:
+        raise click.BadParameter("--access-log is for the plain HTTP cells only", param_hint="--tls")
     plan = runmod.Plan(sizes=size_list, modes=modes, workers=worker_list, servers=servers,
                        reps=reps or (1 if quick else 3), duration=duration or (1 if quick else 5),
                        warmup=warmup if warmup is not None else (0 if quick else 1),
                        check=check_seconds if check_seconds is not None else 1,
-                       connections=connections, steer=steer, access_log=access_log)
-    _preflight(servers)
+                       connections=connections, steer=steer, access_log=access_log, nets=nets,
+                       tls_modes=tls_modes, stime_procs=stime_procs)
+    _preflight(servers, (["dnsmasq"] if "ipv6" in nets else []) + (["openssl"] if tls else []))
     now = datetime.datetime.now(datetime.timezone.utc)
     out = out or os.path.join(HERE, "results", now.strftime("%Y%m%d-%H%M%S"))
     signal.signal(signal.SIGTERM, _sigterm)

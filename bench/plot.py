@@ -1,6 +1,7 @@
 """The PNG plot, in the manner of Sandstorm's figures.
 
-Theory of operation: one row per mode (keep-alive, close), three columns:
+Theory of operation: one row per network and mode (IPv4 keep-alive, close,
+then IPv6 and HTTPS when measured), three columns:
 requests/s, Gbit/s, and server CPU per request, each against file size on
 a log axis; one colour per server, solid for 1 worker, dashed for more.
 Points are the medians of the repetitions; the whiskers span min..max.
@@ -13,7 +14,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"nginx": "#1f77b4", "appliance": "#d62728"}
-MODE_TITLE = {"keepalive": "persistent connections (keep-alive)", "close": "a new connection per request"}
+MODE_TITLE = {"keepalive": "persistent connections (keep-alive)", "close": "a new connection per request",
+              "full": "a new connection per request, full handshake (s_time)",
+              "resumed": "a new connection per request, resumed handshake (s_time)"}
+NET_TITLE = {"ipv4": "", "ipv6": "IPv6, ", "https": "HTTPS, "}
 METRICS = (("rps", "requests/s", 1.0), ("gbps", "Gbit/s", 1.0),
            ("us_per_req", "server CPU per request (µs)", 1.0))
 
@@ -24,14 +28,15 @@ def _value(run: dict, key: str):
 
 def plot(results: dict, path: str) -> None:
     runs = results["runs"]
-    modes = [m for m in ("keepalive", "close", "keepalive+log", "close+log") if any(r["mode"] == m for r in runs)]
-    fig, axes = plt.subplots(len(modes), len(METRICS), figsize=(15, 4.2 * len(modes)), squeeze=False)
-    for row, mode in enumerate(modes):
+    rows = [(n, m) for n in NET_TITLE for m in ("keepalive", "close", "full", "resumed", "keepalive+log", "close+log")
+            if any(r["mode"] == m and r.get("net", "ipv4") == n for r in runs)]
+    fig, axes = plt.subplots(len(rows), len(METRICS), figsize=(15, 4.2 * len(rows)), squeeze=False)
+    for row, (net, mode) in enumerate(rows):
         for col, (key, label, _) in enumerate(METRICS):
             ax = axes[row][col]
             series = {}
             for r in runs:
-                if r["mode"] == mode:
+                if r["mode"] == mode and r.get("net", "ipv4") == net:
                     series.setdefault((r["server"], r["workers"]), {}).setdefault(r["size"], []).append(_value(r, key))
             for (server, workers), by_size in sorted(series.items()):
                 sizes = sorted(by_size)
@@ -55,7 +60,9 @@ def plot(results: dict, path: str) -> None:
             ax.set_ylabel(label)
             ax.set_ylim(bottom=0)
             ax.grid(True, which="both", alpha=0.3)
-            ax.set_title(f"{label}: {MODE_TITLE[mode.split('+')[0]]}" + (", access log on" if "+log" in mode else ""),
+            title = MODE_TITLE[mode.split('+')[0]] + (", resumed handshake (wrk)" if (net, mode) == ("https", "close")
+                                                      else "")
+            ax.set_title(f"{label}: {NET_TITLE[net]}{title}" + (", access log on" if "+log" in mode else ""),
                          fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)

@@ -34,6 +34,22 @@ kernel has no IRQ_TIME_ACCOUNTING), which is why they are only recorded.
 The five busiest other processes of each window are recorded too, to
 show the background load.
 
+Networks. Each Plan.nets entry is a session of its own (the servers
+restarted for it; bench/servers.py says how each is set up): "ipv4"
+(the plain HTTP cells as always), "ipv6" (the same cells over IPv6),
+"https" (IPv4, port 443, Plan.tls_modes). The sessions run one after the
+other in one run, so the IPv6 and HTTPS ratios stand next to IPv4 ratios
+measured minutes apart on the same machine. HTTPS modes: "keepalive"
+(wrk), "close" (wrk with Connection: close: a new connection per request
+whose handshake wrk resumes, see bench/wrk.py), "full" and "resumed" (a
+new connection per request with a full or a resumed handshake:
+`openssl s_time -new` / `-reuse`, bench/stime.py, whose timed pass is its
+own check). Every HTTPS client reads OPENSSL_CONF from the work dir:
+TLS 1.3 only, TLS_AES_128_GCM_SHA256 only (the appliance's Python ssl
+cannot restrict its TLS 1.3 suites, so the client does, for both servers
+alike); the negotiated protocol, suite and group are recorded per server
+(`tls_probe`) and must agree.
+
 Placement. With W workers on a machine of C cores and W < C, the server
 is pinned to cores 0..W-1 and wrk to the others. veth delivers a frame in
 the softirq of the *sending* core, so by default the server's receive
@@ -56,7 +72,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import cpu, wrk
+from . import cpu, stime, wrk
 from .site import File, make_site
 
 SUBNET_BASE = 50
@@ -75,6 +91,22 @@ class Plan:
     connections: int = 32
     steer: bool = True
     access_log: bool = False     # both servers log every response to a file (see servers.py)
+    nets: list[str] = field(default_factory=lambda: ["ipv4"])     # sessions: ipv4, ipv6, https
+    tls_modes: list[str] = field(default_factory=lambda: list(TLS_MODES))
+    stime_procs: int = 8         # parallel `openssl s_time` clients in the full/resumed HTTPS cells
+
+
+TLS_MODES = ("keepalive", "close", "full", "resumed")
+CLIENT_OPENSSL_CONF = """# bench HTTPS clients (wrk, openssl s_time/s_client): TLS 1.3 with AES-128-GCM only
+openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+"""
 
 
 def log(msg: str) -> None:
@@ -112,7 +144,7 @@ def setup_link(link, place: dict, steer: bool) -> dict:
 def fetch_check(link, base_url: str, f: File, tmpdir: str) -> dict:
     """One GET with curl from the client namespace; the body must match byte for byte."""
     path = os.path.join(tmpdir, f"fetch-{f.name}")
-    proc = link.client.run(["curl", "-s", "-o", path, "-w", "%{http_code}", "--max-time", "10",
+    proc = link.client.run(["curl", "-k", "-g", "-s", "-o", path, "-w", "%{http_code}", "--max-time", "10",
                             f"{base_url}/{f.name}"], check=False)
     status = proc.stdout.strip()
     try:
@@ -124,20 +156,34 @@ def fetch_check(link, base_url: str, f: File, tmpdir: str) -> dict:
     return {"status": status, "identical": status == "200" and digest == f.sha256}
 
 
-def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) -> dict:
+def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict, net: str = "ipv4",
+            client_env: dict | None = None, probe: dict | None = None) -> dict:
     url = f"{running.base_url}/{f.name}"
     close = mode == "close"
-    common = dict(url=url, connections=plan.connections, threads=place["wrk_threads"],
-                  expected=f.size, close=close, cpus=place["wrk_cpus"])
     lines0 = running.log_lines()
-    warm = wrk.run(link.client, wrk.job(duration=plan.warmup, check=False, **common)) if plan.warmup else None
-    checked = wrk.run(link.client, wrk.job(duration=plan.check, check=True, **common)) if plan.check else None
+    if mode in ("full", "resumed"):     # HTTPS, s_time: the timed pass checks itself (bench/stime.py)
+        host = running.base_url.split("//", 1)[1]
+        common = dict(host=host, port=443, path=f"/{f.name}", procs=plan.stime_procs, expected=probe["length"],
+                      resume=mode == "resumed", cpus=place["wrk_cpus"], env=client_env)
+        if plan.warmup:
+            w = stime.job(duration=plan.warmup, **common)
+            stime.collect(w.start(link.client), w)
+        warm = checked = None
+        job = stime.job(duration=plan.duration, **common)
+        collect = stime.collect
+    else:
+        common = dict(url=url, connections=plan.connections, threads=place["wrk_threads"],
+                      expected=f.size, close=close, cpus=place["wrk_cpus"], env=client_env)
+        warm = wrk.run(link.client, wrk.job(duration=plan.warmup, check=False, **common)) if plan.warmup else None
+        checked = wrk.run(link.client, wrk.job(duration=plan.check, check=True, **common)) if plan.check else None
+        job = wrk.job(duration=plan.duration, check=False, **common)
+        collect = wrk.collect
 
-    job = wrk.job(duration=plan.duration, check=False, **common)
     lead = 0.15 * job.duration
     pids = running.pids()
     other_pids = [p for o in others for p in o.pids()]
     proc = job.start(link.client)
+    client_pids = {p.pid for p in proc} if isinstance(proc, list) else {proc.pid}
     try:
         time.sleep(lead)
         s0 = cpu.snapshot()
@@ -147,7 +193,9 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
             time.monotonic()
         s1 = cpu.snapshot()
     finally:
-        res = wrk.collect(proc, job)
+        res = collect(proc, job)
+    if checked is None and "how" in res["check"]:       # s_time: the timed pass is the checked one
+        checked = res
     window = t1 - t0
     shares = cpu.busy_shares(c0, c1)
     irqs = cpu.irq_shares(c0, c1)
@@ -161,7 +209,7 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
     ksoftirqd = sum(t for comm, t in used.values()
                     if comm in {f"ksoftirqd/{c}" for c in place["server_cpus"]}) / window
     attributed = proc_cores + (ksoftirqd if not place["shared"] else 0.0)
-    mine = set(running.tree) | {proc.pid}
+    mine = set(running.tree) | client_pids
     top_other = sorted(((comm, t / window) for pid, (comm, t) in used.items()
                         if pid not in mine and not comm.startswith("ksoftirqd/")), key=lambda x: -x[1])[:5]
     errors = res["errors"]
@@ -174,6 +222,7 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
         "errors": errors,
         "socket_errors": errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
         "non2xx": errors["status"],
+        "client": "s_time" if mode in ("full", "resumed") else "wrk",
         "check": checked and {**checked["check"], "requests": checked["requests"],
                               "non2xx": checked["errors"]["status"],
                               "socket_errors": sum(checked["errors"][k] for k in ("connect", "read", "write", "timeout"))},
@@ -204,7 +253,8 @@ def measure(link, running, others, f: File, mode: str, plan: Plan, place: dict) 
                                              len(passes) * plan.connections)
     out["correct"] = bool(checked is None or (checked["check"]["bad_status"] == 0 and checked["check"]["bad_length"] == 0
                                              and checked["check"]["ok"] > 0 and checked["errors"]["status"] == 0)) \
-        and out["non2xx"] == 0 and res["requests"] > 0 and out.get("access_log", {}).get("ok", True)
+        and out["non2xx"] == 0 and res["requests"] > 0 and out.get("access_log", {}).get("ok", True) \
+        and (probe is None or probe["body_identical"])
     return out
 
 
@@ -231,60 +281,104 @@ def access_log_check(running, lines0: int, responses: int, margin: int, timeout:
 
 def run(plan: Plan, servers: dict, workdir: str) -> dict:
     """Run the plan; servers: name -> Server (already configured, not prepared)."""
-    from vm import netns
     site_dir = os.path.join(workdir, "site")
     os.makedirs(site_dir, exist_ok=True)
     os.chmod(workdir, 0o755)
     files = make_site(site_dir, plan.sizes)
     log(f"work dir {workdir}")
+    client_env = None
+    if "https" in plan.nets:
+        from .servers import tls_files
+        cert = tls_files(workdir, [f"198.18.{SUBNET_BASE + i}.1" for i in range(len(servers))])
+        conf = os.path.join(workdir, "client-openssl.cnf")
+        with open(conf, "w") as fh:
+            fh.write(CLIENT_OPENSSL_CONF)
+        client_env = {"OPENSSL_CONF": conf}
+        for srv in servers.values():
+            srv.tls = cert
     for srv in servers.values():
         log(f"preparing {srv.name} ...")
-        srv.prepare(site_dir, workdir)
+        srv.prepare(site_dir, workdir, **({"ip6": True} if "ipv6" in plan.nets and hasattr(srv, "store") else {}))
     ncpu = os.cpu_count() or 1
     runs, sessions = [], []
     for w in plan.workers:
         place = placement(w, ncpu)
-        with contextlib.ExitStack() as stack:
-            live = {}
-            session = {"workers": w, "placement": place, "servers": {}}
-            for i, (name, srv) in enumerate(servers.items()):
-                link = stack.enter_context(netns.pair(subnet=SUBNET_BASE + i))
-                steered = setup_link(link, place, plan.steer)
-                running = stack.enter_context(srv.start(link, w, place["server_cpus"]))
-                live[name] = (link, running)
-                fetched = {f.label: fetch_check(link, running.base_url, f, workdir) for f in files}
-                session["servers"][name] = {"pid": running.pid, "steering": steered, "fetch": fetched,
-                                            "namespaces": [link.server.name, link.client.name]}
-                bad = [k for k, v in fetched.items() if not v["identical"]]
-                log(f"{name} up with {w} worker(s) on cpus {place['server_cpus']}; byte-for-byte fetch "
-                    + ("ok" if not bad else f"WRONG for {bad}"))
-            if plan.access_log:     # nginx's buffered lines of the probes and fetches: flushed after 1 s
-                time.sleep(1.2)
-            sessions.append(session)
-            for mode in plan.modes:
-                for f in files:
-                    for rep in range(plan.reps):
-                        for name, (link, running) in live.items():
-                            others = [r for n, (_, r) in live.items() if n != name]
-                            m = measure(link, running, others, f, mode, plan, place)
-                            # "keepalive+log": a cell of its own, never mistaken for one without the log
-                            m.update(server=name, workers=w, mode=mode + ("+log" if plan.access_log else ""),
-                                     size=f.size, label=f.label, rep=rep)
-                            runs.append(m)
-                            log(f"w={w} {mode:9s} {f.label:>5s} rep {rep} {name:9s} {m['rps']:10.0f} req/s "
-                                f"{m['gbps']:6.2f} Gbit/s  server cpu {100 * m['cpu']['server_busy_share']:5.1f}% "
-                                f"{m['cpu']['us_per_req_core'] or 0:7.1f} us/req  p99 "
-                                f"{m['latency_us']['percentiles']['99'] / 1000:7.2f} ms  "
-                                f"non2xx {m['non2xx']} sockerr {m['socket_errors']}"
-                                + (f"  log {m['access_log']['lines']}/{m['access_log']['responses']} lines"
-                                   if "access_log" in m else "")
-                                + ("" if m["correct"] else "  INCORRECT"))
-        # Counters exist only after stop (the ExitStack above).
-        for name, (_, running) in live.items():
-            if running.counters is not None:
-                session["servers"][name]["counters"] = running.counters
+        for net in plan.nets:
+            sessions.append(_session(plan, servers, files, workdir, w, place, net, client_env, runs))
     return {"plan": asdict(plan), "files": [asdict(f) for f in files], "sessions": sessions,
             "runs": runs, "summary": summarize(runs)}
+
+
+def _ms(us):
+    return "      –" if us is None else f"{us / 1000:7.2f}"
+
+
+def _session(plan: Plan, servers: dict, files: list[File], workdir: str, w: int, place: dict, net: str,
+             client_env: dict | None, runs: list) -> dict:
+    """Start every server for one network (ipv4, ipv6, https), measure its cells, stop them."""
+    from vm import netns
+    with contextlib.ExitStack() as stack:
+        live = {}
+        session = {"workers": w, "net": net, "placement": place, "servers": {}}
+        for i, (name, srv) in enumerate(servers.items()):
+            link = stack.enter_context(netns.pair(subnet=SUBNET_BASE + i))
+            steered = setup_link(link, place, plan.steer)
+            if net == "ipv6":
+                from .servers import enable_ip6, ip6_addr
+                enable_ip6(link.client, link.client_if, ip6_addr(link, 2) + "/64")
+            running = stack.enter_context(srv.start(link, w, place["server_cpus"], net=net))
+            live[name] = (link, running)
+            fetched = {f.label: fetch_check(link, running.base_url, f, workdir) for f in files}
+            session["servers"][name] = {"pid": running.pid, "steering": steered, "fetch": fetched,
+                                        "base_url": running.base_url,
+                                        "namespaces": [link.server.name, link.client.name]}
+            bad = [k for k, v in fetched.items() if not v["identical"]]
+            if net == "https":
+                host = running.base_url.split("//", 1)[1]
+                probes = {}
+                for f in files:
+                    with open(os.path.join(workdir, "site", f.name), "rb") as fh:
+                        body = fh.read()
+                    probes[f.label] = stime.probe(link.client, host, 443, f"/{f.name}", body,
+                                                  dict(os.environ, **client_env))
+                session["servers"][name]["tls_probe"] = probes
+                bad += [f"{k} (s_client: {v['status']!r})" for k, v in probes.items() if not v["body_identical"]]
+            log(f"{name} up with {w} worker(s) on cpus {place['server_cpus']} ({net}, {running.base_url}); "
+                "byte-for-byte fetch " + ("ok" if not bad else f"WRONG for {bad}"))
+        if net == "https":
+            negotiated = {(p["protocol"], p["suite"], p["group"]) for srv in session["servers"].values()
+                          for p in srv["tls_probe"].values()}
+            session["tls_negotiated"] = sorted(" / ".join(map(str, n)) for n in negotiated)
+            log(f"negotiated (protocol / suite / group): {', '.join(session['tls_negotiated'])}")
+        if plan.access_log:     # nginx's buffered lines of the probes and fetches: flushed after 1 s
+            time.sleep(1.2)
+        for mode in (plan.tls_modes if net == "https" else plan.modes):
+            for f in files:
+                for rep in range(plan.reps):
+                    for name, (link, running) in live.items():
+                        others = [r for n, (_, r) in live.items() if n != name]
+                        probe = session["servers"][name].get("tls_probe", {}).get(f.label)
+                        m = measure(link, running, others, f, mode, plan, place, net=net,
+                                    client_env=client_env if net == "https" else None, probe=probe)
+                        if net == "https" and len(session["tls_negotiated"]) != 1:
+                            m["correct"] = False        # the servers did not negotiate the same parameters
+                        # "keepalive+log": a cell of its own, never mistaken for one without the log
+                        m.update(server=name, workers=w, net=net, mode=mode + ("+log" if plan.access_log else ""),
+                                 size=f.size, label=f.label, rep=rep)
+                        runs.append(m)
+                        log(f"w={w} {net} {mode:9s} {f.label:>5s} rep {rep} {name:9s} {m['rps']:10.0f} req/s "
+                            f"{m['gbps']:6.2f} Gbit/s  server cpu {100 * m['cpu']['server_busy_share']:5.1f}% "
+                            f"{m['cpu']['us_per_req_core'] or 0:7.1f} us/req  p99 "
+                            f"{_ms(m['latency_us']['percentiles']['99'])} ms  "
+                            f"non2xx {m['non2xx']} sockerr {m['socket_errors']}"
+                            + (f"  log {m['access_log']['lines']}/{m['access_log']['responses']} lines"
+                               if "access_log" in m else "")
+                            + ("" if m["correct"] else "  INCORRECT"))
+    # Counters exist only after stop (the ExitStack above).
+    for name, (_, running) in live.items():
+        if running.counters is not None:
+            session["servers"][name]["counters"] = running.counters
+    return session
 
 
 def derive_cpu(run: dict, shared: bool) -> None:
@@ -301,16 +395,22 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+def _div(x, d):
+    return None if x is None else x / d
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Medians per (workers, mode, size, server); appliance/nginx ratios per repetition pair."""
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in runs:
-        cells.setdefault((r["workers"], r["mode"], r["size"], r["label"]), {}).setdefault(r["server"], []).append(r)
+        cells.setdefault((r.get("net", "ipv4"), r["workers"], r["mode"], r["size"], r["label"]), {}) \
+            .setdefault(r["server"], []).append(r)
     out = []
-    order = {"keepalive": 0, "close": 1, "keepalive+log": 2, "close+log": 3}
-    for (w, mode, size, label), by_server in sorted(cells.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9),
-                                                                                  kv[0][2])):
-        row = {"workers": w, "mode": mode, "size": size, "label": label}
+    order = {"keepalive": 0, "close": 1, "full": 2, "resumed": 3, "keepalive+log": 4, "close+log": 5}
+    nets = {"ipv4": 0, "ipv6": 1, "https": 2}
+    for (net, w, mode, size, label), by_server in sorted(
+            cells.items(), key=lambda kv: (nets.get(kv[0][0], 9), kv[0][1], order.get(kv[0][2], 9), kv[0][3])):
+        row = {"workers": w, "mode": mode, "size": size, "label": label, "net": net}
         for name, rs in by_server.items():
             row[name] = {
                 "reps": len(rs),
@@ -326,8 +426,8 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "foreign_cores": _median([r["cpu"]["foreign_cores"] for r in rs]),
                 "us_per_req_proc": _median([r["cpu"]["us_per_req_proc"] for r in rs]),
                 "us_per_req_machine": _median([r["cpu"]["us_per_req_machine"] for r in rs]),
-                "p50_ms": _median([r["latency_us"]["percentiles"]["50"] / 1000 for r in rs]),
-                "p99_ms": _median([r["latency_us"]["percentiles"]["99"] / 1000 for r in rs]),
+                "p50_ms": _median([_div(r["latency_us"]["percentiles"]["50"], 1000) for r in rs]),
+                "p99_ms": _median([_div(r["latency_us"]["percentiles"]["99"], 1000) for r in rs]),
                 "non2xx": sum(r["non2xx"] for r in rs),
                 "socket_errors": sum(r["socket_errors"] for r in rs),
                 "correct": all(r["correct"] for r in rs),

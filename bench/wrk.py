@@ -8,7 +8,12 @@ timed pass runs without a response() callback (it slows wrk down, so it
 would measure wrk); a separate short checking pass (HB_WRK_CHECK set)
 checks every response's status and body length. wrk is pinned to the
 client's cores with taskset; `ip netns exec` and taskset both exec, so the
-Popen's pid is wrk's own.
+Popen's pid is wrk's own. Over HTTPS (an https:// URL) `env` carries
+OPENSSL_CONF, the client's protocol and suite (bench/run.py). wrk's OpenSSL
+client resumes: a connection it reopens (Connection: close) keeps its SSL
+object, SSL_clear keeps the session after a clean SSL_shutdown, and the
+next SSL_connect offers it (its ticket); so wrk's close cells over HTTPS
+are resumed handshakes (the appliance's counters show it), never full ones.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ class WrkJob:
 
 
 def job(url: str, duration: float, connections: int, threads: int, expected: int,
-        close: bool, check: bool, cpus: str | None, timeout_s: float = 5.0) -> WrkJob:
+        close: bool, check: bool, cpus: str | None, timeout_s: float = 5.0, env: dict | None = None) -> WrkJob:
     argv = []
     if cpus is not None:
         argv += ["taskset", "-c", cpus]
@@ -46,7 +51,7 @@ def job(url: str, duration: float, connections: int, threads: int, expected: int
     if close:
         argv += ["-H", "Connection: close"]
     argv += [url, "--", str(expected)]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env.pop("HB_WRK_CHECK", None)
     if check:
         env["HB_WRK_CHECK"] = "1"

@@ -125,6 +125,10 @@ def test_summary_medians_and_ratio_per_repetition_pair():
     (["--servers", "apache"], "unknown server(s) ['apache']"),
     (["--modes", "pipeline"], "unknown mode(s) ['pipeline']"),
     (["--workers", "99"], "worker counts must be"),
+    (["--families", "5"], "unknown IP version(s) ['5']"),
+    (["--families", "4,6", "--workers", "1,2"], "IPv6 cells need --workers 1"),
+    (["--tls", "--tls-modes", "zero-rtt"], "unknown HTTPS mode(s) ['zero-rtt']"),
+    (["--no-http"], "nothing to measure"),
 ])
 def test_cli_rejects_bad_options_by_name(args, message):
     proc = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
@@ -210,8 +214,8 @@ def test_access_log_option_logs_both_servers_and_catches_one_that_does_not(tmp_p
         def prepare(self, site_dir, workdir):     # the appliance's store, compiled once
             self.store, self.workdir = app.store, app.workdir
 
-        def argv(self, link, workers):
-            return [a for a in super().argv(link, workers) if a not in ("--access-log", "console")]
+        def argv(self, link, workers, net="ipv4"):
+            return [a for a in super().argv(link, workers, net) if a not in ("--access-log", "console")]
 
     app = servers.Appliance(access_log=True)
     silent = Silent(access_log=True)
@@ -229,3 +233,73 @@ def test_access_log_option_logs_both_servers_and_catches_one_that_does_not(tmp_p
     assert not by["silent"]["correct"]
     (row,) = res["summary"]
     assert row["nginx"]["access_log_ok"] and row["appliance"]["access_log_ok"] and not row["silent"]["access_log_ok"]
+
+
+def test_nginx_config_for_ipv6_and_https(tmp_path):
+    """IPv6: [::]:80 only; HTTPS: 443 with the bench certificate, the appliance's TLS
+    settings (versions, TLS 1.2 suites, server preference, tickets, no session cache);
+    both pass nginx -t's syntax check (with a real certificate)."""
+    ng = servers.Nginx()
+    ng.prepare(str(tmp_path), str(tmp_path))
+    conf6 = ng.render("198.18.50.1", 1, [0], str(tmp_path), net="ipv6")
+    assert "listen [::]:80 ipv6only=on backlog=4096;" in conf6 and "198.18.50.1:80" not in conf6
+    ng.tls = servers.tls_files(str(tmp_path), ["198.18.50.1"])
+    conf = ng.render("198.18.50.1", 1, [0], str(tmp_path), net="https")
+    from appliance.stack.tls import CIPHERS_12
+    for directive in ("listen 198.18.50.1:443 ssl backlog=4096;", f"ssl_certificate {ng.tls[0]};",
+                      f"ssl_certificate_key {ng.tls[1]};", "ssl_protocols TLSv1.2 TLSv1.3;",
+                      f"ssl_ciphers {CIPHERS_12};", "ssl_prefer_server_ciphers on;", "ssl_session_tickets on;",
+                      "ssl_session_cache none;", "access_log off;"):
+        assert directive in conf, directive
+    assert ":80" not in conf
+    cert = subprocess.run(["openssl", "x509", "-in", ng.tls[0], "-noout", "-text"], capture_output=True, text=True)
+    assert "prime256v1" in cert.stdout and "IP Address:198.18.50.1" in cert.stdout
+    for name, text in (("v6.conf", conf6), ("tls.conf", conf)):
+        (tmp_path / name).write_text(text)
+        proc = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / name),
+                               "-e", str(tmp_path / "e.log")], capture_output=True, text=True)
+        assert "syntax is ok" in proc.stderr, proc.stderr
+
+
+def test_stime_sums_and_checks_lengths_and_handshake_kinds():
+    """bench/stime.collect on s_time's real output form: connections and bytes summed
+    over the parallel clients; a byte total that is not connections x one response,
+    or a resumed handshake in a -new run, makes the pass incorrect; a failed client
+    is an error naming the command."""
+    from bench import stime
+
+    def fake(text, rc=0):
+        return subprocess.Popen(["sh", "-c", f"printf '%s' \"$0\"; exit {rc}", text],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def out(marks, n, nbytes):
+        return (f"Collecting connection statistics for 1 seconds\n{marks}\n\n"
+                f"{n} connections in 0.50s; 800.00 connections/user sec, bytes read {nbytes}\n"
+                f"{n} connections in 2 real seconds, 4400 bytes read per connection\n")
+
+    j = stime.job("198.18.50.1", 443, "/4k.bin", 1, 2, 4400, resume=False, cpus=None, env={})
+    j.t0 = 0
+    r = stime.collect([fake(out("***", 3, 13200)), fake(out("**", 2, 8800))], j)
+    assert r["requests"] == 5 and r["bytes"] == 22000 and r["check"]["ok"] == 5 and r["check"]["bad_length"] == 0
+    r = stime.collect([fake(out("***", 3, 13199)), fake(out("**", 2, 8800))], j)      # one byte short
+    assert r["check"]["ok"] == 0 and r["check"]["bad_length"] == 5
+    r = stime.collect([fake(out("*r*", 3, 13200))], j)                                # a resumption in -new
+    assert r["check"]["ok"] == 0 and not r["check"]["handshake_kind_ok"]
+    j.resume = True
+    r = stime.collect([fake("\n\nNow timing with session id reuse.\nstarting\n" + out("rrr", 3, 13200))], j)
+    assert r["check"]["ok"] == 3 and r["check"]["handshakes_resumed"] == 3
+    with pytest.raises(stime.STimeError, match="s_time failed .1 of 1.: openssl s_time -connect 198.18.50.1:443"):
+        stime.collect([fake("connect: Connection refused", rc=1)], j)
+
+
+def test_report_has_a_table_per_network_with_ratio_ranges():
+    runs = []
+    for net in ("ipv4", "ipv6", "https"):
+        for rep, (a, n) in enumerate(((120, 100), (90, 100), (110, 100))):
+            runs += [{**_run("appliance", rep, a, 10), "net": net}, {**_run("nginx", rep, n, 10), "net": net}]
+    summary = summarize(runs)
+    assert [r["net"] for r in summary] == ["ipv4", "ipv6", "https"]
+    text = report.table({"summary": summary})
+    heads = [text.index(h) for h in ("**HTTP over IPv4**", "**HTTP over IPv6**", "**HTTPS")]
+    assert heads == sorted(heads)
+    assert text.count("| 1.10 (0.90–1.20) |") == 3

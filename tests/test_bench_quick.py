@@ -93,3 +93,62 @@ def test_interrupted_run_removes_namespaces_processes_and_workdir():
     assert not _processes_mentioning(workdir)
     assert not os.path.exists(workdir)
     assert not os.path.exists("/nonexistent-never-written")
+
+
+def test_ipv6_and_https_cells_serve_check_and_catch_a_wrong_length(tmp_path):
+    """The IPv6 and HTTPS sessions in process, 1 rep of 1 s per cell: nginx and the
+    appliance answer every response right over IPv6 (wrk to their IPv6 addresses,
+    the appliance's from SLAAC) and over HTTPS (wrk keep-alive and close, s_time
+    full and resumed handshakes, each kind confirmed), with the same negotiated
+    TLS 1.3 suite; a third server, nginx serving files one byte short, is marked
+    incorrect in every cell, by wrk's per-response check and by s_time's byte sum
+    against its s_client probe."""
+    from bench import run as runmod, servers
+
+    class Short(servers.Nginx):
+        name = "short"
+
+        def prepare(self, site_dir, workdir):
+            short = os.path.join(workdir, "short-site")
+            os.makedirs(short)
+            for name in os.listdir(site_dir):
+                with open(os.path.join(site_dir, name), "rb") as f, open(os.path.join(short, name), "wb") as g:
+                    g.write(f.read()[:-1])
+            super().prepare(short, workdir)
+            self.workdir = os.path.join(workdir, "short")
+            os.makedirs(self.workdir, exist_ok=True)
+
+    plan = runmod.Plan(sizes=[4096], modes=["keepalive", "close"], workers=[1], reps=1, duration=1, warmup=0,
+                       check=1, nets=["ipv6", "https"], stime_procs=2)
+    res = runmod.run(plan, {"nginx": servers.Nginx(), "appliance": servers.Appliance(), "short": Short()},
+                     str(tmp_path))
+    cells = {(r["net"], r["mode"], r["server"]): r for r in res["runs"]}
+    assert set(cells) == {(n, m, s) for n, ms in (("ipv6", ("keepalive", "close")),
+                                                  ("https", ("keepalive", "close", "full", "resumed")))
+                          for m in ms for s in ("nginx", "appliance", "short")}
+    for (net, mode, server), r in cells.items():
+        if server == "short":
+            assert not r["correct"], r
+            if r["client"] == "wrk":
+                assert r["check"]["bad_length"] > 0 and r["check"]["ok"] == 0, r["check"]
+            continue
+        assert r["correct"] and r["requests"] > 0 and r["check"]["ok"] == r["check"]["requests"] > 0, r
+        assert r["check"]["bad_status"] == 0 and r["check"]["bad_length"] == 0
+        if mode in ("full", "resumed"):                      # s_time: every connection of the asked kind
+            assert r["client"] == "s_time" and r["check"]["handshake_kind_ok"], r["check"]
+            assert r["check"]["bytes"] == r["check"]["expected_bytes"] >= r["requests"] * 4096
+    ip6, https = res["sessions"]
+    assert ip6["net"] == "ipv6" and https["net"] == "https"
+    assert ip6["servers"]["nginx"]["base_url"] == "http://[2001:2:0:50::1]"
+    assert ip6["servers"]["appliance"]["base_url"].startswith("http://[2001:2:0:51:")
+    assert ip6["servers"]["appliance"]["counters"]["ip6_addresses_preferred"] >= 1
+    assert https["tls_negotiated"] == ["TLSv1.3 / TLS_AES_128_GCM_SHA256 / X25519, 253 bits"]
+    assert not https["servers"]["short"]["tls_probe"]["4k"]["body_identical"]
+    c = https["servers"]["appliance"]["counters"]
+    s_time = {m: cells[("https", m, "appliance")]["requests"] for m in ("full", "resumed")}
+    # wrk resumes on reconnect (close), s_time -reuse always: most handshakes resumed
+    assert c["tls_handshakes_resumed"] >= s_time["resumed"] + cells[("https", "close", "appliance")]["requests"]
+    assert c["tls_handshakes_full"] >= s_time["full"]
+    assert c.get("tls_cipher_TLS_AES_128_GCM_SHA256", 0) >= sum(s_time.values())
+    for row in res["summary"]:
+        assert row["ratio_rps"][0] > 0 and row["short"]["correct"] is False
