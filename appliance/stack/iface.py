@@ -32,7 +32,8 @@ answered from the shared reply cache and needs none).
 
 Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port` and, with a
 TlsServer (`tls=`, tls.py), on `cfg.tls_port`, whose connections are
-TlsConns (SYNs to it take the general path, not the fast one): a SYN creates a
+TlsConns (IPv4) or TlsConn6s (IPv6) (SYNs to it take the general path, not
+the fast one): a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
 Window Scale 0 (we take its scaling; our own window stays <= 65535). We never
 offer SACK or timestamps. When `syn_backlog` half-open connections exist (or
