@@ -13,7 +13,7 @@ from scapy.layers.inet6 import IPv6
 from appliance.stack.conn6 import Conn6
 from appliance.stack.rings.base import Offload
 from appliance.stack.tls import RECORD_OVERHEAD, TlsConn, TlsConn6, TlsServer
-from tests.stack_support import expected, make_store
+from tests.stack_support import SITE, expected, make_store
 from tests.test_stack_tcp6 import PEER, Client6, v6stack
 from tests.test_stack_tls import records
 from tests.tls_support import TlsClient, client_context, make_cert
@@ -194,3 +194,70 @@ def test_redirect_over_ipv6_points_to_https_over_ipv6_which_answers(store, cert)
     c.request(f"GET /odd.txt?x=1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     assert c.plain.startswith(b"HTTP/1.1 200 ") and c.plain.endswith(expected(store, "/odd.txt").split(
         b"\r\n\r\n", 1)[1])
+
+
+def test_access_log_https_lines_over_both_families(store, cert):
+    """One line per HTTPS response, written once its last record is acknowledged, with
+    the client's address of either family, tls=1 and the plaintext bytes (HSTS included);
+    plain HTTP over IPv6 beside it has tls=0."""
+    from appliance.obs import Observer
+    from appliance.obs.accesslog import AccessLog
+    lines = []
+
+    class Sink:
+        def write(self, batch, now, wall):
+            lines.extend(batch)
+    st = stack(store, cert, tls_kw={"hsts": 600})
+    obs = Observer(st, log=AccessLog(Sink(), "combined", 1, st.counters)).install()
+    c6 = connect6(st, cert, port=41080)
+    c6.request(b"GET /big.bin HTTP/1.1\r\nHost: t\r\nUser-Agent: six\r\n\r\n"
+               b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
+    obs.flush(c6.now)
+    c4 = TlsClient(st, client_context(cert[0]), port=41081)
+    c4.connect()
+    c4.handshake()
+    c4.request(b"GET /odd.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+    h = Client6(st, port=41082)
+    h.connect()
+    h.get("/")
+    obs.flush(h.now)
+    assert len(lines) == 4, lines
+    (l1, l2, l3, l4) = sorted(lines, key=lambda ln: ln.split("port=")[1])
+    assert l1.startswith(PEER + " ") and '"GET /big.bin HTTP/1.1" 200 %d "-" "six"' % (24 * 1024) in l1
+    assert l1.endswith("tls=1") and l2.startswith(PEER + " ") and '"GET /nope HTTP/1.1" 404' in l2
+    assert l2.endswith("tls=1")
+    assert l3.startswith("198.18.0.2 ") and '"GET /odd.txt HTTP/1.1" 200 4383' in l3 and l3.endswith("tls=1")
+    assert l4.startswith(PEER + " ") and '"GET / HTTP/1.1" 200' in l4 and l4.endswith("tls=0")
+    # bytes= is the plaintext of the response as encrypted: the header with HSTS + body
+    sent = int(l1.split(" bytes=")[1].split()[0])
+    assert sent == c6.plain.index(b"HTTP/1.1 404")
+    assert b"Strict-Transport-Security: max-age=600" in c6.plain[:sent]
+    assert c6.plain[:sent].endswith(b"\r\n\r\n" + SITE["big.bin"])
+    assert st.counters["http_responses_2xx"] == 3 and st.counters["http_responses_4xx"] == 1
+
+
+def test_access_log_https_reply_never_encrypted_is_logged_when_reset(store, cert):
+    """A reply still waiting to be encrypted (the ciphertext queue is full) when the
+    client resets: logged at the next tick with the bytes acknowledged (none)."""
+    from appliance.obs import Observer
+    from appliance.obs.accesslog import AccessLog
+    lines = []
+
+    class Sink:
+        def write(self, batch, now, wall):
+            lines.extend(batch)
+    st = stack(store, cert, tls_kw={"queue_max": 4096})
+    obs = Observer(st, log=AccessLog(Sink(), "combined", 1, st.counters)).install()
+    c = connect6(st, cert, port=41090)
+    c.tls.write(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n" * 2)
+    c.send_bytes(c.co.read())                            # not ACKed: the second waits in the store
+    conn = conn_of(st, 41090)
+    assert len(conn.tls.pending) == 1 and obs.n_tls_wait == 1 and len(obs.pending) == 1
+    c.send("R")
+    assert conn.state == 9                               # CLOSED
+    obs.tick(c.now)
+    obs.flush(c.now)
+    assert obs.n_tls_wait == 0 and not obs.tls_wait
+    assert len(lines) == 2
+    for line in lines:
+        assert '"GET /big.bin HTTP/1.1" 200 - ' in line and " bytes=0 " in line and line.endswith("tls=1")

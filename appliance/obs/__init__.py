@@ -8,7 +8,12 @@ what it always did:
   notes, per reply, the connection, the sequence number of its last byte,
   the time of arrival, status, variant, and the request line, Referer and
   User-Agent picked out of the request bytes (kept per connection until its
-  head is complete). Nothing is formatted here.
+  head is complete). Nothing is formatted here. An HTTPS connection
+  (tls.py, either family) notes its replies as they are decrypted, but its
+  ciphertext is written later: they wait in `tls_wait` until `tls_sent`
+  gives the sequence number where the reply's last record ends (and the
+  plaintext length as encrypted, HSTS included); replies of a connection
+  that is gone before that are logged at the next `tick` with no bytes.
 - `flush(now)` (the serve loop, once per iteration): finds the noted
   responses whose last byte is acknowledged (SND.UNA passed it) or whose
   connection is gone (then the bytes sent are what was acknowledged), counts
@@ -110,7 +115,7 @@ class Observer:
     """Access log + metrics + health for one Stack (one worker)."""
 
     def __init__(self, stack, collect=None, *, log=None, metrics_port: int = 0, metrics_allow=(),
-                 build: dict | None = None, worker=None, tls_ports=(443,)):
+                 build: dict | None = None, worker=None):
         self.stack = stack
         self.counters = stack.counters
         self.collect = collect or (lambda: stack.counters)
@@ -119,11 +124,12 @@ class Observer:
         self.allow = list(metrics_allow)
         self.build = dict(build or {})
         self.worker = worker
-        self.tls_ports = {p.to_bytes(2, "big") for p in tls_ports}
         self.skip_port = metrics_port.to_bytes(2, "big") if metrics_port else None
         self.draining = False
         self.pending = []           # [conn, end seq, length, header length, t, status, variant, cached, fields]
         self.heads = {}             # conn -> request bytes of a head not complete yet
+        self.tls_wait = {}          # HTTPS conn -> [entries as in pending] of replies not yet encrypted
+        self.n_tls_wait = 0
         self.hist = Histogram()
         self.now = 0.0
         self._scan_at = 0.0
@@ -146,13 +152,15 @@ class Observer:
 
     # ------------------------------------------------------------- Conn._deliver
 
-    def replies(self, c, data, replies, now: float) -> None:
-        """Replies about to be queued on `c` (from its current data_end on), for `data`."""
+    def replies(self, c, data, replies, now: float, tls: bool = False) -> None:
+        """Replies about to be queued on `c` (from its current data_end on), for `data`.
+        `tls`: an HTTPS connection's (tls.py), whose replies are encrypted later: they
+        wait in `tls_wait` until `tls_sent` tells where each one's ciphertext ends."""
         k = c.key
         if k[-2:] == self.skip_port:
             return                                  # a scrape: not part of the site's traffic
         pend = self.pending
-        if len(pend) >= MAX_PENDING:
+        if len(pend) + self.n_tls_wait >= MAX_PENDING:
             self.counters["log_responses_untracked"] += len(replies)
             return
         heads = self.heads
@@ -161,10 +169,14 @@ class Observer:
             buf = (buf + data) if buf else bytes(data)
         parts = buf.split(b"\r\n\r\n")
         rest = parts.pop()
-        cached = len(replies) == 1 and data is not None and self.cache_get(data) is replies[0]
+        cached = not tls and len(replies) == 1 and data is not None and self.cache_get(data) is replies[0]
         start = c.data_end
         variants = self.variants
-        tls = k[-2:] in self.tls_ports
+        if tls:
+            pend = self.tls_wait.get(c)
+            if pend is None:
+                pend = self.tls_wait[c] = []
+            n0 = len(pend)
         for r in replies:
             if parts:
                 f = _fields(parts.pop(0))
@@ -186,8 +198,22 @@ class Observer:
             if r.close:
                 rest = b""
                 break
+        if tls:
+            self.n_tls_wait += len(pend) - n0
         if rest and len(rest) < 16384 and len(heads) < 65536:
             heads[c] = rest
+
+    def tls_sent(self, c, end: int, total: int, hl: int) -> None:
+        """TlsMixin._fill encrypted the last byte of `c`'s oldest waiting reply: its
+        ciphertext ends at `end`; `total` plaintext bytes, `hl` of them the header
+        (as encrypted: with Strict-Transport-Security when --hsts)."""
+        w = self.tls_wait.get(c)
+        if w:
+            e = w.pop(0)
+            self.n_tls_wait -= 1
+            self.pending.append((c, end, total, hl) + e[4:])
+            if not w:
+                del self.tls_wait[c]
 
     # -------------------------------------------------------------- serve loop
 
@@ -240,6 +266,11 @@ class Observer:
         if self.heads:
             for c in [c for c in self.heads if c.state == 9]:
                 del self.heads[c]
+        if self.tls_wait:                           # HTTPS replies never encrypted (reset, failed):
+            for c in [c for c in self.tls_wait if c.state == 9]:
+                for e in self.tls_wait.pop(c):      # logged with the bytes acknowledged: none
+                    self.n_tls_wait -= 1
+                    self.pending.append((c, (c.snd_una + e[2]) & _MASK) + e[2:])
         sink = getattr(self.log, "sink", None)
         if sink is not None and hasattr(sink, "send"):
             sink.send(now)

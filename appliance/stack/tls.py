@@ -18,7 +18,10 @@ super(), i.e. Conn's or Conn6's) and so costs the plain-HTTP path nothing:
   as ciphertext; decrypted plaintext goes to the same HTTPConnection as on
   port 80 (keep-alive, pipelining, conditional requests, ranges, gzip, error
   pages are that layer's). Its Replies are kept as references to the
-  prebuilt responses in the store (`pending`), not copied.
+  prebuilt responses in the store (`pending`), not copied. The access log
+  (appliance/obs) notes them at once and follows each from when its last
+  record is written (`Observer.tls_sent`: then its end in the ciphertext
+  stream is known) until that is acknowledged.
 - `_acked(ack)`: after the TCP queue frees what the peer acknowledged, more
   plaintext is encrypted (`_fill`).
 - `close()`: deferred until every pending reply is encrypted; then a
@@ -416,6 +419,8 @@ class TlsMixin:
                 continue
             self.t_req = 0.0
             st.counters["http_replies"] += len(replies)
+            if st.obs is not None:
+                st.obs.replies(self, plain, replies, now, True)     # logged once encrypted (_fill)
             srv = st.tls
             for r in replies:
                 resp = r.response
@@ -489,6 +494,8 @@ class TlsMixin:
                 pending.pop(0)
                 s.off = 0
                 s.nrec = 0
+                if self.st.obs is not None:
+                    self.st.obs.tls_sent(self, self.data_end, total, hl)   # its ciphertext ends here
                 if close:
                     pending.clear()
                     self.tls_close = True
