@@ -261,3 +261,31 @@ def test_access_log_https_reply_never_encrypted_is_logged_when_reset(store, cert
     assert len(lines) == 2
     for line in lines:
         assert '"GET /big.bin HTTP/1.1" 200 - ' in line and " bytes=0 " in line and line.endswith("tls=1")
+
+
+def test_packet_too_big_shrinks_small_records_with_smss(store, cert):
+    """RFC 8201 §4 on an HTTPS connection: SMSS 1440 -> 1340; the ciphertext in flight
+    is resent in 1340-byte segments (byte-exact), and the next response's small
+    records are 1340 - 22 bytes of plaintext: still one record per segment."""
+    from tests.test_stack_tcp6 import _ptb
+    st = stack(store, cert, tls_kw={"small_records": 4})
+    c = connect6(st, cert, port=41100)
+    c.tls.write(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    out = c.send_bytes(c.co.read())
+    segs = [p for p in out if TCP in p and len(p[TCP].payload)]
+    assert len(segs[0][TCP].payload) == 1440
+    back = c.deliver(_ptb(c, 1400, segs[0]))
+    conn = conn_of(st, 41100)
+    assert st.counters["tcp_pmtu_lowered"] == 1 and conn.mss == 1340
+    assert conn.tls.small == 1340 - RECORD_OVERHEAD["TLSv1.3"]
+    assert all(len(p[TCP].payload) <= 1340 for p in back if TCP in p)
+    c.pump(out + back)
+    c.read_all()
+    assert c.plain == expected(store, "/big.bin")
+    c.plain = b""
+    start = len(c.ciphertext)
+    n0 = len(c.frames)
+    c.request(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert c.plain == expected(store, "/big.bin")
+    assert [n for _, n in records(c.ciphertext[start:])[:4]] == [1340 - 5] * 4
+    assert [len(p[TCP].payload) for p in c.frames[n0:] if TCP in p and len(p[TCP].payload)][:4] == [1340] * 4

@@ -82,7 +82,8 @@ from .conn import CLOSED, Conn, _EMPTY
 from .conn6 import Conn6
 from .seq import MASK
 
-__all__ = ["TlsServer", "TlsMixin", "TlsConn", "TlsConn6", "TlsError", "check_chain", "record_plan", "RECORD_OVERHEAD", "TLS_RX_MAX"]
+__all__ = ["TlsServer", "TlsMixin", "TlsConn", "TlsConn6", "TlsError", "check_chain", "record_plan",
+           "RECORD_OVERHEAD", "TLS_RX_MAX"]
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD only (RFC 5246 + RFC 5289 / RFC 7905)
 CIPHERS_12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384:!kRSA:!PSK:!SRP"
@@ -556,3 +557,14 @@ class TlsConn(TlsMixin, Conn):
 class TlsConn6(TlsMixin, Conn6):
     """HTTPS over IPv6."""
     __slots__ = ("tls", "tls_close")
+
+    def set_mss(self, mss: int) -> bool:
+        """Conn6's (a Packet Too Big), and small records shrink with SMSS: one record
+        still fills one segment (the queued ciphertext is resegmented by TCP)."""
+        old = self.mss
+        if not Conn6.set_mss(self, mss):
+            return False
+        s = self.tls
+        if s is not None and s.small:
+            s.small = max(s.small - (old - self.mss), 64)
+        return True
