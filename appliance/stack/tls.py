@@ -519,7 +519,7 @@ class TlsMixin:
         super().close()
 
     def _acked(self, ack: int, now: float) -> None:
-        super()._acked(ack, now)
+        Conn._acked(self, ack, now)         # Conn6 inherits it; per ACK, so no super() lookup
         s = self.tls
         if s is not None and s.pending:
             self._fill()
