@@ -11,7 +11,9 @@ openssl CLI. Three modes:
     resumed     the same with TLS 1.3 session resumption (a ticket from the first)
 
 The figure is microseconds of stack CPU per request (handshake, AEAD, TCP),
-the number to compare with `micro` for plain HTTP. The server offers TSO and
+the number to compare with `micro` for plain HTTP. `run(..., family=6)`:
+the same over IPv6 to the stack's link-local address (TlsConn6), as
+`micro --family 6` does for plain HTTP. The server offers TSO and
 checksum offload as on veth, so ciphertext is not summed in software.
 """
 from __future__ import annotations
@@ -28,10 +30,11 @@ from appliance.stack.rings.base import Offload
 from appliance.stack.tls import TlsServer
 from appliance.stack.wire import csum
 
-from .micro import CLIENT_IP, CLIENT_MAC, SERVER_IP, SERVER_MAC, SYN_OPTS, make_stack as _plain_stack
+from .micro import CLIENT_IP, CLIENT_IP6, CLIENT_MAC, SERVER_IP, SERVER_MAC, SYN_OPTS, make_stack as _plain_stack
 
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
+_IP6 = struct.Struct("!IHBB16s16s")
 
 
 def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
@@ -42,6 +45,15 @@ def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts
     ip = bytearray(_IP.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, CLIENT_IP, SERVER_IP))
     ip[10:12] = csum(ip).to_bytes(2, "big")
     return SERVER_MAC + CLIENT_MAC + b"\x08\x00" + bytes(ip) + tcp
+
+
+def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
+    """frame() over IPv6 to `dst`."""
+    thl = 20 + len(opts)
+    tcp = _TCP.pack(sport, 443, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
+    ck = csum(tcp, int.from_bytes(CLIENT_IP6 + dst, "big") + 6 + len(tcp))
+    tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
+    return SERVER_MAC + CLIENT_MAC + b"\x86\xdd" + _IP6.pack(0x60000000, len(tcp), 6, 64, CLIENT_IP6, dst) + tcp
 
 
 def _cert(d: str):
@@ -61,23 +73,24 @@ class _Conn:
         self.ci, self.co = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.ci, self.co, server_hostname="bench.test", session=session)
         self.seq = (sport * 2654435761) & 0xFFFFFFFF
-        out = bench.deliver(frame(sport, self.seq, 0, 0x02, opts=SYN_OPTS))
-        self.ack = (struct.unpack_from("!I", out[0][0], 38)[0] + 1) & 0xFFFFFFFF
+        out = bench.deliver(bench.mk(sport, self.seq, 0, 0x02, opts=SYN_OPTS))
+        self.ack = (struct.unpack_from("!I", out[0][0], 38 + bench.off)[0] + 1) & 0xFFFFFFFF
         self.seq = (self.seq + 1) & 0xFFFFFFFF
         self.fin = False
-        bench.deliver(frame(sport, self.seq, self.ack, 0x10))
+        bench.deliver(bench.mk(sport, self.seq, self.ack, 0x10))
 
     def _take(self, out):
         got = False
+        o = self.b.off                          # 20 for IPv6 (TCP at 54)
         for head, rest, _ in out:
-            thl = (head[46] >> 4) << 2
-            data = bytes(head[34 + thl:]) + (bytes(rest) if rest is not None else b"")
-            s = struct.unpack_from("!I", head, 38)[0]
+            thl = (head[46 + o] >> 4) << 2
+            data = bytes(head[34 + o + thl:]) + (bytes(rest) if rest is not None else b"")
+            s = struct.unpack_from("!I", head, 38 + o)[0]
             if data and s == self.ack:
                 self.ci.write(data)
                 self.ack = (self.ack + len(data)) & 0xFFFFFFFF
                 got = True
-            if head[47] & 0x01:
+            if head[47 + o] & 0x01:
                 self.ack = (self.ack + 1) & 0xFFFFFFFF
                 self.fin = got = True
         return got
@@ -85,10 +98,10 @@ class _Conn:
     def send(self, data: bytes):
         out = []
         for i in range(0, len(data), 1448):
-            out += self.b.deliver(frame(self.sport, self.seq, self.ack, 0x18, data[i:i + 1448]))
+            out += self.b.deliver(self.b.mk(self.sport, self.seq, self.ack, 0x18, data[i:i + 1448]))
             self.seq = (self.seq + len(data[i:i + 1448])) & 0xFFFFFFFF
         while self._take(out):
-            out = self.b.deliver(frame(self.sport, self.seq, self.ack, 0x10))
+            out = self.b.deliver(self.b.mk(self.sport, self.seq, self.ack, 0x10))
 
     def handshake(self):
         while True:
@@ -118,14 +131,21 @@ class _Conn:
 
     def close(self):
         if self.fin:
-            self.b.deliver(frame(self.sport, self.seq, self.ack, 0x11))
+            self.b.deliver(self.b.mk(self.sport, self.seq, self.ack, 0x11))
 
 
 class _Bench:
-    def __init__(self, st):
+    def __init__(self, st, family: int = 4):
         self.st = st
         self.now = 1000.0
         self.spent = 0.0
+        if family == 6:
+            ll = next(iter(st.ip6.addrs))
+            self.mk = lambda *a, **k: frame6(ll, *a, **k)      # noqa: E731
+            self.off = 20
+        else:
+            self.mk = frame
+            self.off = 0
 
     def deliver(self, f):
         st = self.st
@@ -138,16 +158,24 @@ class _Bench:
         return out
 
 
-def run(mode: str = "keepalive", size: int = 4096, requests: int = 2000) -> dict:
+def run(mode: str = "keepalive", size: int = 4096, requests: int = 2000, family: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        plain, path = _plain_stack(size, tmp)
+        plain, path = _plain_stack(size, tmp, family)
         crt, key = _cert(tmp)
         st = Stack(plain.store, SERVER_MAC, "198.18.0.1", 24, None, Offload(csum=True, tso=True), StackConfig(),
                    secret=b"m" * 32, tls=TlsServer(crt, key))
+        if family == 6:
+            import random
+            st.enable_ipv6(b"m" * 32, rng=random.Random(1))
+            st.start(0.0)
+            t = 0.0
+            while t < 5.0:                  # DAD of the link-local address (fake clock)
+                t = max(t + 0.01, min(st.poll(t), 5.0))
+            st.txq.clear()
         st.set_date(int(time.time()))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(crt)
-        b = _Bench(st)
+        b = _Bench(st, family)
         req = f"GET {path} HTTP/1.1\r\nHost: bench.test\r\n".encode()
         if mode == "keepalive":
             c = _Conn(b, 40000, ctx)
@@ -181,5 +209,6 @@ def run(mode: str = "keepalive", size: int = 4096, requests: int = 2000) -> dict
         cnt = st.counters
         if cnt.get("drop_internal_error", 0):
             raise RuntimeError(st.last_error)
-        return {"mode": mode, "size": size, "requests": requests, "us_per_req": b.spent * 1e6 / requests,
+        return {"mode": mode, "size": size, "requests": requests, "family": family,
+                "us_per_req": b.spent * 1e6 / requests,
                 "full": cnt["tls_handshakes_full"], "resumed": cnt["tls_handshakes_resumed"]}

@@ -8,7 +8,12 @@ what it always did:
   notes, per reply, the connection, the sequence number of its last byte,
   the time of arrival, status, variant, and the request line, Referer and
   User-Agent picked out of the request bytes (kept per connection until its
-  head is complete). Nothing is formatted here.
+  head is complete). Nothing is formatted here. An HTTPS connection
+  (tls.py, either family) notes its replies as they are decrypted, but its
+  ciphertext is written later: they wait in `tls_wait` until `tls_sent`
+  gives the sequence number where the reply's last record ends (and the
+  plaintext length as encrypted, HSTS included); replies of a connection
+  that is gone before that are logged at the next `tick` with no bytes.
 - `flush(now)` (the serve loop, once per iteration): finds the noted
   responses whose last byte is acknowledged (SND.UNA passed it) or whose
   connection is gone (then the bytes sent are what was acknowledged), counts
@@ -17,11 +22,14 @@ what it always did:
   scan is spaced out (its cost stays below ~10% of a loop), which coarsens
   the measured time to last byte under that load.
 - `stack.side` (Stack._tcp_in, only for segments without a connection that
-  are not for the site's port, or all of them while draining): SYNs to the
-  metrics port from allowed sources open a connection served by
-  metrics.MetricsHTTP; disallowed sources get a RST (`metrics_denied`).
-  While draining, segments for the site's port that would open a
-  connection get a RST (`tcp_drain_refused`).
+  are not for the site's port, or all of them while draining), over IPv4
+  and IPv6 alike: SYNs to the metrics port from allowed sources open a
+  connection (Conn or Conn6) served by metrics.MetricsHTTP; disallowed
+  sources get a RST (`metrics_denied`). While draining, segments for the
+  site's port or the HTTPS port that would open a connection get a RST
+  (`tcp_drain_refused`). A connection's key ends with our port in both
+  families (4+4 or 16+16 address bytes, then the ports), so `key[-2:]`
+  tells a scrape or an HTTPS connection from the site's.
 
 Drain (`Drain`, the serve loop's stop condition): on SIGTERM /healthz turns
 503, new connections are refused, every idle connection gets a FIN (and
@@ -52,14 +60,15 @@ def _addr(ipb: bytes) -> str:
 
 
 def parse_allow(spec) -> list:
-    """'198.18.0.0/15,10.0.0.1' -> [(net, mask)]; ValueError naming the bad prefix."""
+    """'198.18.0.0/15,10.0.0.1,2001:2::/48' -> [(address length, net, mask)] (4 or 16
+    bytes: IPv4 or IPv6); ValueError naming the bad prefix."""
     out = []
     for p in ([] if not spec else [s.strip() for s in spec.split(",") if s.strip()]):
         try:
-            n = ipaddress.IPv4Network(p, strict=False)
+            n = ipaddress.ip_network(p, strict=False)
         except ValueError as e:
             raise ValueError(f"metrics allow prefix {p!r}: {e}") from None
-        out.append((int(n.network_address), int(n.netmask)))
+        out.append((4 if n.version == 4 else 16, int(n.network_address), int(n.netmask)))
     return out
 
 
@@ -106,7 +115,7 @@ class Observer:
     """Access log + metrics + health for one Stack (one worker)."""
 
     def __init__(self, stack, collect=None, *, log=None, metrics_port: int = 0, metrics_allow=(),
-                 build: dict | None = None, worker=None, tls_ports=(443,)):
+                 build: dict | None = None, worker=None):
         self.stack = stack
         self.counters = stack.counters
         self.collect = collect or (lambda: stack.counters)
@@ -115,11 +124,12 @@ class Observer:
         self.allow = list(metrics_allow)
         self.build = dict(build or {})
         self.worker = worker
-        self.tls_ports = {p.to_bytes(2, "big") for p in tls_ports}
         self.skip_port = metrics_port.to_bytes(2, "big") if metrics_port else None
         self.draining = False
         self.pending = []           # [conn, end seq, length, header length, t, status, variant, cached, fields]
         self.heads = {}             # conn -> request bytes of a head not complete yet
+        self.tls_wait = {}          # HTTPS conn -> [entries as in pending] of replies not yet encrypted
+        self.n_tls_wait = 0
         self.hist = Histogram()
         self.now = 0.0
         self._scan_at = 0.0
@@ -142,13 +152,15 @@ class Observer:
 
     # ------------------------------------------------------------- Conn._deliver
 
-    def replies(self, c, data, replies, now: float) -> None:
-        """Replies about to be queued on `c` (from its current data_end on), for `data`."""
+    def replies(self, c, data, replies, now: float, tls: bool = False) -> None:
+        """Replies about to be queued on `c` (from its current data_end on), for `data`.
+        `tls`: an HTTPS connection's (tls.py), whose replies are encrypted later: they
+        wait in `tls_wait` until `tls_sent` tells where each one's ciphertext ends."""
         k = c.key
-        if k[10:12] == self.skip_port:
+        if k[-2:] == self.skip_port:
             return                                  # a scrape: not part of the site's traffic
         pend = self.pending
-        if len(pend) >= MAX_PENDING:
+        if len(pend) + self.n_tls_wait >= MAX_PENDING:
             self.counters["log_responses_untracked"] += len(replies)
             return
         heads = self.heads
@@ -157,10 +169,14 @@ class Observer:
             buf = (buf + data) if buf else bytes(data)
         parts = buf.split(b"\r\n\r\n")
         rest = parts.pop()
-        cached = len(replies) == 1 and data is not None and self.cache_get(data) is replies[0]
+        cached = not tls and len(replies) == 1 and data is not None and self.cache_get(data) is replies[0]
         start = c.data_end
         variants = self.variants
-        tls = k[10:12] in self.tls_ports
+        if tls:
+            pend = self.tls_wait.get(c)
+            if pend is None:
+                pend = self.tls_wait[c] = []
+            n0 = len(pend)
         for r in replies:
             if parts:
                 f = _fields(parts.pop(0))
@@ -182,8 +198,22 @@ class Observer:
             if r.close:
                 rest = b""
                 break
+        if tls:
+            self.n_tls_wait += len(pend) - n0
         if rest and len(rest) < 16384 and len(heads) < 65536:
             heads[c] = rest
+
+    def tls_sent(self, c, end: int, total: int, hl: int) -> None:
+        """TlsMixin._fill encrypted the last byte of `c`'s oldest waiting reply: its
+        ciphertext ends at `end`; `total` plaintext bytes, `hl` of them the header
+        (as encrypted: with Strict-Transport-Security when --hsts)."""
+        w = self.tls_wait.get(c)
+        if w:
+            e = w.pop(0)
+            self.n_tls_wait -= 1
+            self.pending.append((c, end, total, hl) + e[4:])
+            if not w:
+                del self.tls_wait[c]
 
     # -------------------------------------------------------------- serve loop
 
@@ -236,6 +266,11 @@ class Observer:
         if self.heads:
             for c in [c for c in self.heads if c.state == 9]:
                 del self.heads[c]
+        if self.tls_wait:                           # HTTPS replies never encrypted (reset, failed):
+            for c in [c for c in self.tls_wait if c.state == 9]:
+                for e in self.tls_wait.pop(c):      # logged with the bytes acknowledged: none
+                    self.n_tls_wait -= 1
+                    self.pending.append((c, (c.snd_una + e[2]) & _MASK) + e[2:])
         sink = getattr(self.log, "sink", None)
         if sink is not None and hasattr(sink, "send"):
             sink.send(now)
@@ -246,19 +281,19 @@ class Observer:
         if not self.allow:
             return True
         v = int.from_bytes(ipb, "big")
-        return any(v & m == n for n, m in self.allow)
+        n = len(ipb)
+        return any(ln == n and v & m == net for ln, net, m in self.allow)
 
     def segment(self, key, src_mac, src_ip, seg, now) -> bool:
         """A segment without a connection (after TIME-WAIT): True if handled here."""
         st = self.stack
-        if len(src_ip) != 4:                        # IPv6: the metrics port and the drain's refusal
-            return False                            # are IPv4-only for now (the default path answers)
+        ours = key[16:32] if len(key) == 36 else None   # IPv6: our address it came to
         fl = seg.flags
         if seg.dport == self.metrics_port:
             if fl & 0x17 != 0x02:                   # SYN only (no ACK/RST/FIN): else the default path
                 return False
             if not self.admit(src_ip):
-                st._reset_for(src_mac, src_ip, seg)
+                st._reset_for(src_mac, src_ip, seg, ours)
                 self.counters["metrics_denied"] += 1
                 return True
             if len(st.conns) >= st.cfg.max_conns or st.n_synrcvd >= st.cfg.syn_backlog:
@@ -267,9 +302,10 @@ class Observer:
             self._open(key, src_mac, src_ip, seg, now)
             self.counters["metrics_connections"] += 1
             return True
-        if self.draining and seg.dport == st.cfg.port and st.store is not None:
+        if self.draining and st.store is not None and (
+                seg.dport == st.cfg.port or (st.tls is not None and seg.dport == st.cfg.tls_port)):
             if not fl & 0x04:
-                st._reset_for(src_mac, src_ip, seg)
+                st._reset_for(src_mac, src_ip, seg, ours)
             self.counters["tcp_drain_refused"] += 1
             return True
         return False
@@ -278,8 +314,9 @@ class Observer:
         """Stack._open for the metrics port: the same passive open (RFC 9293 §3.10.7.2),
         with our port in the connection's header templates and the scrape's HTTP."""
         from ..stack.conn import Conn
+        from ..stack.conn6 import Conn6
         c = self.stack._open(key, mac, ip, seg.sport, seg.seq, seg.options.mss, seg.options.wscale, seg.window,
-                             now, Conn, self.metrics_port)
+                             now, Conn if len(key) == 12 else Conn6, self.metrics_port)
         c.http = MetricsHTTP(self)
 
     # ------------------------------------------------------------------ /metrics
@@ -349,7 +386,7 @@ class Drain:
         busy = 0
         mport = self.side.skip_port
         for c in list(st.conns.values()):
-            if c.key[10:12] == mport:
+            if c.key[-2:] == mport:
                 continue                            # health checks and scrapes: they close themselves
             if (c.state == ESTABLISHED and not c.q and not c.t_req and c.snd_una == c.data_end
                     and (c.http is not None or now - c.last_act > 1.0)):

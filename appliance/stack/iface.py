@@ -32,7 +32,8 @@ answered from the shared reply cache and needs none).
 
 Passive open (RFC 9293 §3.10.7.2, LISTEN) on `cfg.port` and, with a
 TlsServer (`tls=`, tls.py), on `cfg.tls_port`, whose connections are
-TlsConns (SYNs to it take the general path, not the fast one): a SYN creates a
+TlsConns (IPv4) or TlsConn6s (IPv6) (SYNs to it take the general path, not
+the fast one): a SYN creates a
 SYN-RECEIVED Conn and a SYN-ACK with our MSS and, when the peer offered it,
 Window Scale 0 (we take its scaling; our own window stays <= 65535). We never
 offer SACK or timestamps. When `syn_backlog` half-open connections exist (or
@@ -104,7 +105,8 @@ from typing import NamedTuple
 
 from ..http.dates import format_date as imf_fixdate      # RFC 9110 §5.6.7, 29 bytes
 from .arp import OP_REPLY, OP_REQUEST, ArpCache, ArpPacket
-from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, Conn6, MASK, HALF
+from .conn import CLOSED, ESTABLISHED, SYN_RCVD, Conn, MASK, HALF
+from .conn6 import Conn6
 from .counters import Counters
 from .ethernet import BROADCAST, ETH_ARP, ETH_IPV4, EthernetFrame
 from .icmp import ECHO_REQUEST, Icmp
@@ -229,8 +231,9 @@ class Stack:
             if config.tls_port == config.port:
                 raise ValueError(f"tls_port and port are both {config.port}")
             tls.bind(self.counters, site_http)     # HTTPS always serves the site (not http_factory)
-            from .tls import TlsConn
+            from .tls import TlsConn, TlsConn6
             self._tls_conn = TlsConn
+            self._tls_conn6 = TlsConn6
         self.txq = []
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
@@ -730,7 +733,7 @@ class Stack:
             return                             # the metrics port, or refused while draining (appliance/obs)
         fl = seg.flags
         if ((seg.dport != self.cfg.port or not seg.dport)
-                and (self.tls is None or seg.dport != self.cfg.tls_port or ours is not None)   # HTTPS: IPv4 only
+                and (self.tls is None or seg.dport != self.cfg.tls_port)
                 or self.store is None):
             if not fl & RST:
                 self._reset_for(src_mac, src_ip, seg, ours)
@@ -742,7 +745,10 @@ class Stack:
                 mss = self.isn.check_cookie(key, (seg.seq - 1) & MASK, (seg.ack - 1) & MASK, now)
                 if mss is not None and len(self.conns) < self.cfg.max_conns:
                     cnt["tcp_syncookies_accepted"] += 1
-                    cls = Conn6 if ours is not None else (Conn if seg.dport == self.cfg.port else self._tls_conn)
+                    if seg.dport == self.cfg.port:
+                        cls = Conn if ours is None else Conn6
+                    else:
+                        cls = self._tls_conn if ours is None else self._tls_conn6
                     c = cls(self, key, src_mac, src_ip, seg.sport, (seg.ack - 1) & MASK,
                             (seg.seq - 1) & MASK, mss, None, seg.window, now, ESTABLISHED)
                     c.snd_una = c.snd_nxt
@@ -772,7 +778,7 @@ class Stack:
                 self._cookies_until = now + 130.0
                 if self.n_synrcvd >= self.cfg.syn_backlog and self.cfg.syncookies == "auto":
                     self._pressure_until = now + _PRESSURE_S
-                self._emit_tcp(src_mac, src_ip, self.cfg.port, seg.sport, cookie, (seg.seq + 1) & MASK,
+                self._emit_tcp(src_mac, src_ip, seg.dport, seg.sport, cookie, (seg.seq + 1) & MASK,
                                SYN | ACK, Options(mss=self.cfg.mtu - 60), src=ours)
                 cnt["tcp_syncookies_sent"] += 1
             return
@@ -782,13 +788,13 @@ class Stack:
     def _open(self, key, mac, ip, port, seq, mss, ws, win, now, cls=Conn, lport: int = 0) -> Conn:
         """Passive open (RFC 9293 §3.10.7.2): a SYN-RECEIVED Conn (Conn6 for IPv6) and our
         SYN-ACK; `lport`: our port when it is neither the site's nor HTTPS's (the metrics
-        port, appliance/obs)."""
+        port, appliance/obs). A key's last two bytes are our port in both families."""
         cnt = self.counters
         if lport:
             c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD, lport)
         else:
-            if cls is Conn and self.tls is not None and key[10:12] != self._port_b:
-                cls = self._tls_conn                    # HTTPS (tls.py; IPv4 only for now)
+            if self.tls is not None and key[-2:] != self._port_b:
+                cls = self._tls_conn if cls is Conn else self._tls_conn6    # HTTPS (tls.py)
             c = cls(self, key, mac, ip, port, self.isn.isn(key, now), seq, mss, ws, win, now, SYN_RCVD)
         self.conns[key] = c
         cnt["tcp_conns_open"] += 1
@@ -1049,7 +1055,7 @@ class Stack:
         if v is not None:
             return v
         if len(peer_ip) != 4:
-            return self._template6(k, peer_mac, peer_ip, peer_port)
+            return self._template6(k, peer_mac, peer_ip, peer_port, lport)
         p = peer_mac + peer_ip
         pv = self._tmpl_cache.get(p)
         if pv is None:
@@ -1070,7 +1076,7 @@ class Stack:
         v = self._conn_tmpl[k] = (t, ip_const, pseudo, (pseudo + ports) % 0xFFFF, bytes(ctl))
         return v
 
-    def _template6(self, k, peer_mac: bytes, addrs: bytes, peer_port: int):
+    def _template6(self, k, peer_mac: bytes, addrs: bytes, peer_port: int, lport: int = 0):
         """template() for IPv6 (Conn6): `addrs` is the peer's address then ours. The
         Ethernet+IPv6+TCP header (74 bytes), ip_const 0 (IPv6 has no header
         checksum), the pseudo-header constant sum(src, dst) + 6 (RFC 8200 §8.1: the
@@ -1084,7 +1090,7 @@ class Stack:
                 self._tmpl_cache.clear()
             pv = self._tmpl_cache[peer_mac + addrs] = (bytes(t), 0, pseudo)
         t, _, pseudo = pv
-        ports = self._port_pre | peer_port
+        ports = (lport << 16 if lport else self._port_pre) | peer_port
         t = t + ports.to_bytes(4, "big") + self._tcp_tail
         ctl = bytearray(t)
         ctl[18:20] = b"\0\x14"

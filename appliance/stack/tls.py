@@ -5,16 +5,23 @@ worker): TLS 1.2 and 1.3 only, ECDHE + AEAD suites only for 1.2 (1.3's suites
 are all AEAD), no compression, no renegotiation (OP_NO_RENEGOTIATION: a
 renegotiating ClientHello is answered with a no_renegotiation alert), ALPN
 `http/1.1`, no 0-RTT (OpenSSL accepts early data only when
-SSL_CTX_set_max_early_data is called, which the stdlib never does). A
-`TlsConn` is a `Conn` (conn.py) on the TLS port; it overrides three methods
-and so costs the plain-HTTP path nothing:
+SSL_CTX_set_max_early_data is called, which the stdlib never does). The
+TLS behaviour of a connection is one mixin, `TlsMixin`, put in front of
+either TCP: `TlsConn` (TlsMixin, Conn: IPv4) and `TlsConn6` (TlsMixin,
+Conn6: IPv6, conn6.py), so both families share every line below and the
+same TlsServer (certificate, tickets, handshake table, counters). The mixin
+overrides four methods of the TCP connection (reaching the TCP ones through
+super(), i.e. Conn's or Conn6's) and so costs the plain-HTTP path nothing:
 
 - `_deliver(data)`: received TCP bytes go into the connection's `SSLObject`
   through a memory BIO (`SSLContext.wrap_bio`); handshake output is queued
   as ciphertext; decrypted plaintext goes to the same HTTPConnection as on
   port 80 (keep-alive, pipelining, conditional requests, ranges, gzip, error
   pages are that layer's). Its Replies are kept as references to the
-  prebuilt responses in the store (`pending`), not copied.
+  prebuilt responses in the store (`pending`), not copied. The access log
+  (appliance/obs) notes them at once and follows each from when its last
+  record is written (`Observer.tls_sent`: then its end in the ciphertext
+  stream is known) until that is acknowledged.
 - `_acked(ack)`: after the TCP queue frees what the peer acknowledged, more
   plaintext is encrypted (`_fill`).
 - `close()`: deferred until every pending reply is encrypted; then a
@@ -72,9 +79,11 @@ import re
 import ssl
 
 from .conn import CLOSED, Conn, _EMPTY
+from .conn6 import Conn6
 from .seq import MASK
 
-__all__ = ["TlsServer", "TlsConn", "TlsError", "check_chain", "record_plan", "RECORD_OVERHEAD", "TLS_RX_MAX"]
+__all__ = ["TlsServer", "TlsMixin", "TlsConn", "TlsConn6", "TlsError", "check_chain", "record_plan",
+           "RECORD_OVERHEAD", "TLS_RX_MAX"]
 
 # TLS 1.2 suites: ECDHE key exchange and AEAD only (RFC 5246 + RFC 5289 / RFC 7905)
 CIPHERS_12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384:!kRSA:!PSK:!SRP"
@@ -297,13 +306,15 @@ class _Session:
         self.failed = False
 
 
-class TlsConn(Conn):
-    """A Conn on the TLS port (see the theory of operation)."""
-    __slots__ = ("tls", "tls_close")
+class TlsMixin:
+    """TLS on a TCP connection of the TLS port (see the theory of operation). Put in
+    front of Conn or Conn6; the class made from it declares the slots `tls` and
+    `tls_close` (slots of two bases would conflict)."""
+    __slots__ = ()
 
     def __init__(self, st, key, peer_mac, peer_ip, peer_port, *a, **kw):
         # the header templates with our TLS port as the source port
-        Conn.__init__(self, st, key, peer_mac, peer_ip, peer_port, *a, lport=st.cfg.tls_port, **kw)
+        super().__init__(st, key, peer_mac, peer_ip, peer_port, *a, lport=st.cfg.tls_port, **kw)
         self.tls = None
         self.tls_close = False
 
@@ -378,7 +389,7 @@ class TlsConn(Conn):
         self._push(s.tx.read())
         s.pending.clear()
         self.t_req = 0.0
-        Conn.close(self)
+        super().close()
 
     def _read(self, s: _Session, now: float) -> None:
         """Decrypted request bytes to the HTTP layer while few replies wait."""
@@ -409,6 +420,8 @@ class TlsConn(Conn):
                 continue
             self.t_req = 0.0
             st.counters["http_replies"] += len(replies)
+            if st.obs is not None:
+                st.obs.replies(self, plain, replies, now, True)     # logged once encrypted (_fill)
             srv = st.tls
             for r in replies:
                 resp = r.response
@@ -482,6 +495,8 @@ class TlsConn(Conn):
                 pending.pop(0)
                 s.off = 0
                 s.nrec = 0
+                if self.st.obs is not None:
+                    self.st.obs.tls_sent(self, self.data_end, total, hl)   # its ciphertext ends here
                 if close:
                     pending.clear()
                     self.tls_close = True
@@ -501,10 +516,10 @@ class TlsConn(Conn):
                 pass                                        # want-read: the peer's close_notify is optional
             self._push(s.tx.read())
         self.tls_close = False
-        Conn.close(self)
+        super().close()
 
     def _acked(self, ack: int, now: float) -> None:
-        Conn._acked(self, ack, now)
+        Conn._acked(self, ack, now)         # Conn6 inherits it; per ACK, so no super() lookup
         s = self.tls
         if s is not None and s.pending:
             self._fill()
@@ -515,7 +530,7 @@ class TlsConn(Conn):
             return
         s = self.tls
         if s is None or s.failed or not s.done:
-            Conn.close(self)
+            super().close()
             return
         self.tls_close = True
         if not s.pending:
@@ -531,5 +546,25 @@ class TlsConn(Conn):
             s.failed = True
             self.abort("tls_handshake_timeout")
             return
-        Conn.on_timer(self, now)
+        super().on_timer(now)
 
+
+class TlsConn(TlsMixin, Conn):
+    """HTTPS over IPv4."""
+    __slots__ = ("tls", "tls_close")
+
+
+class TlsConn6(TlsMixin, Conn6):
+    """HTTPS over IPv6."""
+    __slots__ = ("tls", "tls_close")
+
+    def set_mss(self, mss: int) -> bool:
+        """Conn6's (a Packet Too Big), and small records shrink with SMSS: one record
+        still fills one segment (the queued ciphertext is resegmented by TCP)."""
+        old = self.mss
+        if not Conn6.set_mss(self, mss):
+            return False
+        s = self.tls
+        if s is not None and s.small:
+            s.small = max(s.small - (old - self.mss), 64)
+        return True
