@@ -168,8 +168,6 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
         ip6 = ip6_mode(ip6, gateway6)
     except ValueError as e:
         _fail(str(e))
-    if ip6 != "off" and workers != 1:
-        _fail(f"--ip6 {ip6} runs one stack instance: --workers must be 1, not {workers}")
     if ip == "dhcp":
         if gateway:
             _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")
