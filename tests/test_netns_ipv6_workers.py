@@ -117,3 +117,58 @@ def test_two_workers_serve_the_parents_ipv6_address_and_ipv4(store, tmp_path, mo
                 _stop(srv)
             if ra is not None:
                 _stop(ra)
+
+
+def test_two_workers_with_dhcp_and_dhcpv6_from_the_parent(store, tmp_path):
+    """--ip dhcp --ip6 auto --workers 2 against dnsmasq handing out an IPv4 lease and, with M=1
+    (a range that is not SLAAC), a DHCPv6 address: both leases kept by the parent (only its
+    DUID in dnsmasq's lease file, only the parent's client counted), both served by the workers."""
+    from scapy.layers.inet import UDP
+    want = site_files()["index.html"]
+    with netns.pair(subnet=153) as link:
+        link.client.sysctl(f"net.ipv6.conf.{link.client_if}.disable_ipv6", "0")
+        link.client.run(["ip", "-6", "addr", "add", "2001:2:0:153::2/64", "dev", link.client_if, "nodad"])
+        leases = tmp_path / "leases"
+        dns = ra_server(link, "2001:2:0:153::100,2001:2:0:153::1ff,64,10m", tmp_path / "pid", "--user=root",
+                        "--dhcp-range=198.18.153.50,198.18.153.59,255.255.255.0,2m", "--no-ping",
+                        f"--dhcp-leasefile={leases}")
+        cap = str(tmp_path / "w.pcap")
+        srv = None
+        try:
+            srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
+                                     link.server_if, "--ip", "dhcp", "--ip6", "auto", "--mac", MAC,
+                                     "--workers", "2", "--capture", cap],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            lines = _lines_until(srv, "HABOOB-READY ", 40)
+            assert lines, _stop(srv)[1]
+            ready = json.loads(lines[-1].split(" ", 1)[1])
+            by = {a["how"]: a for a in ready["addresses"]}
+            assert ready["workers"] == 2 and "dhcp" in by and "link-local" in by, ready
+            if "dhcp6" not in by:               # leased after the parent stopped waiting: a restart
+                infos = _events(srv, lambda i: any(x.get("how") == "dhcp6" for x in i), 40)
+                by.update({x["how"]: x for x in infos if x.get("event") == "acquired"})
+                assert "dhcp6" in by, (infos, _stop(srv)[1])
+            v4, v6 = by["dhcp"]["ip"], by["dhcp6"]["ip6"]
+            assert v4.startswith("198.18.153.5") and v6.startswith("2001:2:0:153::1") and "slaac" not in by
+            for i in range(12):
+                url, fam = (f"http://[{v6}]/", "-6") if i % 3 else (f"http://{v4}/", "-4")
+                p = link.client.run(["curl", fam, "-g", "-sS", "--max-time", "20", "-o", "-", "-w",
+                                     "\n%{http_code}", url], check=False)
+                assert p.returncode == 0, (url, p.stderr)
+                body, _, code = p.stdout.rpartition("\n")
+                assert code == "200" and body.encode() == want, (url, code)
+            lease = leases.read_text()
+            assert v6 in lease and v4 in lease and lease.count("00:03:00:01:" + MAC) == 1, lease
+            srv.send_signal(signal.SIGTERM)
+            out, err = _stop(srv)
+            c = json.loads([x for x in out.splitlines() if x.startswith("HABOOB-COUNTERS ")][-1].split(" ", 1)[1])
+            assert c.get("dhcp6_bound") == 1 and c.get("dhcp_leases_bound") == 1, c
+            assert c.get("drop_internal_error", 0) == 0 and c.get("http_replies", 0) >= 12, c
+            for i in range(2):                  # no DHCP of either family from a worker
+                from scapy.utils import rdpcap
+                mine = [p for p in rdpcap(f"{cap}.{i}") if p.src == MAC and UDP in p]
+                assert not [p for p in mine if p[UDP].dport in (67, 547)], [p.summary() for p in mine]
+        finally:
+            if srv is not None:
+                _stop(srv)
+            _stop(dns)
