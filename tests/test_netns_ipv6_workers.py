@@ -172,3 +172,50 @@ def test_two_workers_with_dhcp_and_dhcpv6_from_the_parent(store, tmp_path):
             if srv is not None:
                 _stop(srv)
             _stop(dns)
+
+
+def test_a_new_prefix_restarts_the_workers_with_its_address(store, tmp_path):
+    """The parent's delegation changes (a second router advertiser, another prefix): a
+    HABOOB-ADDRESS line for the new SLAAC address, a new set of workers, and both the old
+    and the new address served by them."""
+    want = site_files()["index.html"]
+    with netns.pair(subnet=154) as link:
+        link.client.sysctl(f"net.ipv6.conf.{link.client_if}.disable_ipv6", "0")
+        link.client.run(["ip", "-6", "addr", "add", "2001:2:0:154::2/64", "dev", link.client_if, "nodad"])
+        ra = ra_server(link, "2001:2:0:154::,ra-only,64,10m", tmp_path / "pid")
+        ra2 = srv = None
+        try:
+            srv = link.server.popen([sys.executable, "-m", "appliance", "serve", "--store", store, "--iface",
+                                     link.server_if, "--ip", f"{link.server_ip}/24", "--ip6", "auto", "--mac", MAC,
+                                     "--workers", "2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            lines = _lines_until(srv, "HABOOB-READY ", 40)
+            assert lines, _stop(srv)[1]
+            infos = json.loads(lines[-1].split(" ", 1)[1])["addresses"]
+            if not any(x.get("how") == "slaac" for x in infos):     # late: a restart already
+                infos += _events(srv, lambda i: any(x.get("how") == "slaac" for x in i), 40)
+            (old,) = [x["ip6"] for x in infos if x.get("how") == "slaac"]
+            _stop(ra)
+            link.client.run(["ip", "-6", "addr", "add", "2001:2:0:155::2/64", "dev", link.client_if, "nodad"])
+            ra2 = ra_server(link, "2001:2:0:155::,ra-only,64,10m", tmp_path / "pid2")
+            infos += _events(srv, lambda i: any(x.get("ip6", "").startswith("2001:2:0:155:") for x in i), 40)
+            new = [x["ip6"] for x in infos if x.get("event") == "acquired" and x["ip6"].startswith("2001:2:0:155:")]
+            assert new, (infos, _stop(srv)[1])
+            assert old.startswith("2001:2:0:154:")
+            for url in [f"http://[{new[0]}]/", f"http://[{old}]/"] * 3:      # the old one is still valid
+                p = link.client.run(["curl", "-6", "-g", "-sS", "--max-time", "20", "-o", "-", "-w",
+                                     "\n%{http_code}", url], check=False)
+                assert p.returncode == 0, (url, p.stderr)
+                body, _, code = p.stdout.rpartition("\n")
+                assert code == "200" and body.encode() == want, (url, code)
+            srv.send_signal(signal.SIGTERM)
+            out, err = _stop(srv)
+            c = json.loads([x for x in out.splitlines() if x.startswith("HABOOB-COUNTERS ")][-1].split(" ", 1)[1])
+            assert c.get("drain_started", 0) >= 4 and c["workers"] == 2, c     # two sets of two workers
+            assert c.get("drop_internal_error", 0) == 0 and c.get("http_replies", 0) >= 6, c
+        finally:
+            if srv is not None:
+                _stop(srv)
+            for r in (ra, ra2):
+                if r is not None:
+                    _stop(r)
