@@ -20,8 +20,10 @@ workers with the leased address as their static one and the IPv6
 `delegation()` (ipv6.Delegated6: addresses past DAD, routers, MTU), calls
 `pump(now)` from its supervision loop (renewal, rebinding, RA lifetimes,
 DHCPv6 renewals), and restarts the workers when the IPv4 address changes
-or is lost or the delegation's addresses or MTU change. Low rate by
-construction: a few frames per renewal or advertisement.
+or is lost or the delegation's addresses or MTU change (not sooner than
+HOLD6 after the last start: a rogue router's stream of short-lived
+prefixes cannot keep the workers restarting). Low rate by construction: a
+few frames per renewal or advertisement.
 """
 import ctypes
 import os
@@ -30,7 +32,7 @@ import struct
 
 from .counters import Counters
 
-__all__ = ["ParentControl", "CONTROL_BPF", "SETTLE6"]
+__all__ = ["ParentControl", "CONTROL_BPF", "SETTLE6", "HOLD6"]
 
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
@@ -41,6 +43,7 @@ TP_STATUS_CSUMNOTREADY, TP_STATUS_CSUM_VALID = 0x8, 0x80
 _AUX = socket.CMSG_SPACE(20)            # struct tpacket_auxdata
 
 SETTLE6 = 6.0            # seconds IPv6 may take (RS, RA, SLAAC DAD) before the workers start anyway
+HOLD6 = 5.0              # seconds a set of workers serves at least before an IPv6 change restarts it
 MLD_QUERY, RA, NS, NA = 130, 134, 135, 136
 
 

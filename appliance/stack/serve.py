@@ -567,12 +567,12 @@ def _serve_parent_workers(store_path, iface, hw, addr, prefix, gateway, ip6, mac
     ipv6.Delegated6), and restarts them when that changes or is lost. on_ready fires
     once, with the first set of workers; later address events go to on_event."""
     from .iface import StackConfig
-    from .lease import ParentControl
+    from .lease import HOLD6, ParentControl
     mac = mac_b or hw.mac
     parent = ParentControl(iface, mac, hw.mtu, hostname, time.monotonic(), dhcp=addr is None, ip6=ip6,
                            secret=ip6_secret(mac, iface) if ip6 != "off" else b"")
     v4 = {"ev": None, "again": False}       # the lease; a new one after a loss is announced
-    running = {"key": None, "restart": False}
+    running = {"key": None, "restart": False, "since": 0.0}
     total = Counters()
     live = Counters()            # one object across restarts: the on_ready holder keeps seeing it
     first = [True]
@@ -595,7 +595,8 @@ def _serve_parent_workers(store_path, iface, hw, addr, prefix, gateway, ip6, mac
                     on_event(kind, ev)
             elif on_event:
                 on_event(kind, ev)
-        if running["key"] is not None and ip6 != "off" and parent.delegation().key() != running["key"]:
+        if running["key"] is not None and ip6 != "off" and parent.delegation().key() != running["key"] \
+                and time.monotonic() - running["since"] >= HOLD6:
             running["restart"] = True           # an address came or went, the MTU changed
 
     def started(r):
@@ -634,7 +635,7 @@ def _serve_parent_workers(store_path, iface, hw, addr, prefix, gateway, ip6, mac
                 if cfg is None and ev.get("mtu") and ev["mtu"] < hw.mtu:
                     cfg = StackConfig(mtu=ev["mtu"])            # option 26
             d6 = parent.delegation()
-            running["key"], running["restart"] = (d6.key() if d6 != "off" else ()), False
+            running.update(key=d6.key() if d6 != "off" else (), restart=False, since=time.monotonic())
             parent.serving = True
             try:
                 total.merge(_serve_workers(store_path, iface, a, p, gw, mac_b, capture, workers, stopper, wake_fd,
