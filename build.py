@@ -34,9 +34,9 @@ from haboob_build.steps import STEPS, build_image
 @click.option("--ip", default="dhcp", show_default=True,
               help="the appliance's address: dhcp, or ADDR/PREFIX (haboob.ip= on the kernel command line overrides)")
 @click.option("--gateway", help="default gateway with a static --ip (haboob.gw=)")
-@click.option("--ip6", default="off", show_default=True, metavar="off|auto|ADDR/PREFIX",
-              help="IPv6: off, auto (SLAAC, DHCPv6 when the router says M=1), or a static ADDR/PREFIX "
-                   "such as 2001:2:0:1::10/64 (haboob.ip6=); IPv6 runs one stack instance")
+@click.option("--ip6", default="auto", show_default=True, metavar="off|auto|ADDR/PREFIX",
+              help="IPv6: auto (SLAAC, DHCPv6 when the router says M=1; only a link-local address "
+                   "without a router), off, or a static ADDR/PREFIX such as 2001:2:0:1::10/64 (haboob.ip6=)")
 @click.option("--gateway6", help="IPv6 default router with a static --ip6: link-local or on-link (haboob.gw6=)")
 @click.option("--mss", default=1448, show_default=True, type=int, help="TCP MSS the responses are cut at")
 @click.option("--kernel", type=click.Path(path_type=Path), help="a vmlinuz (bzImage) instead of Debian's")

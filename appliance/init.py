@@ -25,11 +25,13 @@ kernel's system calls (ctypes/fcntl/socket), in this order:
    each address with how it was obtained, HABOOB-ADDRESS lines report
    changes, HABOOB-DHCP a server that does not answer (with several
    workers the parent process keeps the lease, stack/lease.py). haboob.ip6=auto
-   (default off) adds IPv6 link-local/SLAAC addresses (ping -6, the
-   site over TCP/IPv6), haboob.ip6=ADDR/PREFIX (haboob.gw6=GW, link-local
+   (the builder's default) adds IPv6 link-local/SLAAC/DHCPv6 addresses as
+   the router says (ping -6, the site over TCP/IPv6; no router: only the
+   link-local address), haboob.ip6=ADDR/PREFIX (haboob.gw6=GW, link-local
    or on-link) a static one beside the link-local address (after DAD; a
-   duplicate is a HABOOB-WARN and the address is not used), each with one
-   worker;
+   duplicate is a HABOOB-WARN and the address is not used), haboob.ip6=off
+   none; with several workers the parent runs IPv6 too (stack/lease.py) and
+   starts them once it settled (at most 6 s);
    the same words from a configuration volume if a disk carries one
    (appliance/configvol.py: build defaults < volume < command line);
 4. pick the NIC (by MAC, else the only one, else the first with carrier
@@ -294,7 +296,7 @@ def settings(config: dict, args: dict) -> dict:
          "mac": args.get("mac"), "workers": args.get("workers", str(os.cpu_count() or 1)),
          "port": config.get("port", 80), "store": config.get("store", "/haboob/site.store"),
          "hostname": args.get("hostname", config.get("name")),
-         "ip6": args.get("ip6", config.get("ip6", "off"))}
+         "ip6": args.get("ip6", config.get("ip6", "auto"))}
     from .stack.ipv6 import ip6_mode
     gw6 = args.get("gw6")                  # the build's gateway goes with the build's address only
     if gw6 is None and s["ip6"] == config.get("ip6"):
@@ -310,11 +312,6 @@ def settings(config: dict, args: dict) -> dict:
         if args.get("gw"):
             raise Fatal(f"haboob.gw={args['gw']} needs a static haboob.ip=ADDR/PREFIX (DHCP gives the gateway)")
         s["gateway"] = None
-    if s["ip6"] != "off":
-        if "workers" in args and args["workers"] != "1":
-            raise Fatal(f"haboob.workers={args['workers']!r}: haboob.ip6={s['ip6']} runs one stack instance "
-                        f"(workers 1)")
-        s["workers"] = "1"
     if s["ip"] != "dhcp":
         s["ip"] = str(_v4(s["ip"]))
     if s["gateway"]:

@@ -51,7 +51,7 @@ class Options:
     tls_self_signed: tuple = ()   # or names for a self-signed certificate made at build time (development)
     http: str = "redirect"        # port 80 beside HTTPS: redirect | serve | off
     hsts: int = 0                 # Strict-Transport-Security max-age on HTTPS responses (0: none)
-    ip6: str = "off"              # off | auto | ADDR/PREFIX (haboob.ip6=)
+    ip6: str = "auto"             # auto | off | ADDR/PREFIX (haboob.ip6=)
     gateway6: str | None = None   # with a static ip6: the IPv6 default router (haboob.gw6=)
 
 

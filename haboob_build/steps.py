@@ -252,9 +252,7 @@ def base(ctx: Context) -> None:
     iface = parse_ip(o.ip)
     config = {"ip": str(iface) if iface else "dhcp", "gateway": o.gateway, "mss": o.mss, "port": 80,
               "store": STORE, "modules": MODULES, "name": o.name}
-    ip6 = parse_ip6(o)
-    if ip6 != "off":                    # an image built before --ip6 had neither key: keep its bytes
-        config["ip6"], config["gateway6"] = str(ip6), o.gateway6
+    config["ip6"], config["gateway6"] = str(parse_ip6(o)), o.gateway6    # auto by default, off said so
     # the image's access log / metrics / drain defaults (haboob.log= ... on the command line win),
     # always complete, so that a build from build.py and one from Options() agree byte for byte
     from appliance.obs.options import check as check_observe
@@ -270,9 +268,7 @@ def cmdline(ctx: Context) -> None:
     parts = ["console=ttyS0", "quiet", "panic=-1", f"haboob.ip={parse_ip(o.ip) or 'dhcp'}"]
     if o.gateway:
         parts.append(f"haboob.gw={o.gateway}")
-    ip6 = parse_ip6(o)
-    if ip6 != "off":
-        parts.append(f"haboob.ip6={ip6}")
+    parts.append(f"haboob.ip6={parse_ip6(o)}")
     if o.gateway6:
         parts.append(f"haboob.gw6={o.gateway6}")
     (ctx.work / "cmdline").write_text(" ".join(parts) + "\n")
@@ -308,8 +304,7 @@ def manifest(ctx: Context) -> None:
         "artifacts": artifacts,
         "inputs": dict(sorted(ctx.inputs.items())),
         "site_files": site_files,
-        "options": {"ip": o.ip, "gateway": o.gateway, **({"ip6": o.ip6, "gateway6": o.gateway6}
-                                                          if o.ip6 != "off" else {}),
+        "options": {"ip": o.ip, "gateway": o.gateway, "ip6": o.ip6, "gateway6": o.gateway6,
                     "mss": o.mss, "memory": o.memory,
                     "kernel": "debian" if o.kernel is None else "custom"},
         "sizes": dict(sorted(ctx.sizes.items())),

@@ -120,9 +120,9 @@ def test_static_ip6_goes_to_the_command_line(tmp_path):
     steps.cmdline(SimpleNamespace(options=o, work=tmp_path))
     assert (tmp_path / "cmdline").read_text() == ("console=ttyS0 quiet panic=-1 haboob.ip=198.18.0.1/24 "
                                                   "haboob.ip6=2001:2:0:1::10/64 haboob.gw6=fe80::1\n")
-    o.ip6, o.gateway6 = "off", None
+    o.ip6, o.gateway6 = "off", None                     # said so: on the command line too
     steps.cmdline(SimpleNamespace(options=o, work=tmp_path))
-    assert "ip6" not in (tmp_path / "cmdline").read_text()
+    assert (tmp_path / "cmdline").read_text().endswith(" haboob.ip=198.18.0.1/24 haboob.ip6=off\n")
 
 
 def test_default_address_is_dhcp_on_the_command_line_and_in_the_config(tmp_path):
@@ -130,8 +130,13 @@ def test_default_address_is_dhcp_on_the_command_line_and_in_the_config(tmp_path)
 
     import build
     from haboob_build import steps
-    assert {p.name: p.default for p in build.main.params}["ip"] == "dhcp"
-    ctx = SimpleNamespace(options=SimpleNamespace(ip="dhcp", gateway=None, ip6="off", gateway6=None), work=tmp_path)
+    import dataclasses
+
+    from haboob_build.context import Options
+    defaults = {p.name: p.default for p in build.main.params}
+    assert defaults["ip"] == "dhcp" and defaults["ip6"] == "auto"
+    assert {f.name: f.default for f in dataclasses.fields(Options)}["ip6"] == "auto"    # build.py's and Options()'s
+    ctx = SimpleNamespace(options=SimpleNamespace(ip="dhcp", gateway=None, ip6="auto", gateway6=None), work=tmp_path)
     steps.cmdline(ctx)
-    assert (tmp_path / "cmdline").read_text() == "console=ttyS0 quiet panic=-1 haboob.ip=dhcp\n"
+    assert (tmp_path / "cmdline").read_text() == "console=ttyS0 quiet panic=-1 haboob.ip=dhcp haboob.ip6=auto\n"
     assert steps.parse_ip("dhcp") is None

@@ -51,7 +51,6 @@ def test_refuses_interface_that_is_down(store):  # noqa: F811
     (["--ip", "198.18.120.1/24", "--mac", "02:00:00"], "bad MAC address"),
     (["--ip", "198.18.120.1/24", "--workers", "0"], "--workers must be at least 1"),
     (["--ip", "dhcp", "--gateway", "198.18.120.254"], "--gateway comes from the DHCP server"),
-    (["--ip", "dhcp", "--ip6", "auto", "--workers", "2"], "--workers must be 1"),
     (["--ip", "dhcp", "--hostname", "a b"], "is not a host name"),
 ])
 def test_refuses_bad_arguments(link, store, args, message):  # noqa: F811

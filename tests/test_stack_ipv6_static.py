@@ -71,13 +71,6 @@ def test_bad_static_forms_name_what_is_wrong(value, gateway, message):
     assert r.exit_code == 2 and message in r.stderr and "HABOOB-READY" not in r.stdout
 
 
-def test_serve_refuses_several_workers_with_a_static_ip6():
-    from appliance.stack.cli import serve_cmd
-    r = CliRunner().invoke(serve_cmd, ["--store", "/x.store", "--iface", "hbnosuch0", "--ip", "198.18.0.1/24",
-                                       "--ip6", "2001:2:0:7::10/64", "--workers", "2"])
-    assert r.exit_code == 2 and "--ip6 2001:2:0:7::10/64 runs one stack instance" in r.stderr
-
-
 # ------------------------------------------------------------------ in memory
 
 

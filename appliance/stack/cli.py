@@ -134,7 +134,9 @@ def load_tls(cert: str, key: str, hsts: int, now_unix: float = None):
 @click.option("--ip6", default="off", show_default=True, metavar="off|auto|ADDR/PREFIX",
               help="auto: IPv6 link-local and SLAAC addresses (DHCPv6 when the router says M=1), neighbour discovery, ping -6, "
                    "and the site over TCP/IPv6 on the same port; ADDR/PREFIX (e.g. 2001:2:0:1::10/64): that "
-                   "static address beside the link-local one (after DAD), no SLAAC.")
+                   "static address beside the link-local one (after DAD), no SLAAC. Off unless asked in host "
+                   "mode (built images default to auto). With --workers N the parent runs IPv6 and waits up "
+                   "to 6 s for it before starting the workers.")
 @click.option("--gateway6", default=None, metavar="ADDR",
               help="IPv6 default router with a static --ip6: link-local (fe80::...) or on-link.")
 @click.option("--tls-cert", default=None, help="HTTPS on port 443: the certificate chain (PEM, leaf first).")
@@ -168,8 +170,6 @@ def serve_cmd(site, store, iface, ip, gateway, mac, workers, pin, capture, hostn
         ip6 = ip6_mode(ip6, gateway6)
     except ValueError as e:
         _fail(str(e))
-    if ip6 != "off" and workers != 1:
-        _fail(f"--ip6 {ip6} runs one stack instance: --workers must be 1, not {workers}")
     if ip == "dhcp":
         if gateway:
             _fail("--gateway comes from the DHCP server with --ip dhcp (give a static --ip ADDR/PREFIX to set one)")

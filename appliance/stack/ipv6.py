@@ -59,6 +59,22 @@ but their prefixes form no SLAAC address and M=1 starts no DHCPv6
 (`nd_prefix_ignored_static`, `nd_ra_managed_ignored_static`): the operator
 said which address to use.
 
+Delegated configuration (`set_delegated(Delegated6)` before `start`): a
+worker of a multi-worker server (serve.py, lease.py). The parent process
+ran the whole control plane above (link-local, SLAAC or DHCPv6 or static,
+DAD, MLD, RS/RA) on a socket of its own and hands the workers what it
+acquired: the addresses, already past DAD (so no DAD, no MLD report: the
+parent joined the groups), the routers and the link MTU. Such a host only
+answers: NS for those addresses (each worker keeps its own neighbour
+cache; the fanout hands an NS to any worker), echo, TCP. It sends no RS,
+no DHCPv6 and no MLD report, and leaves RAs (`nd_ra_left_to_parent`), MLD
+queries (`mld_query_left_to_parent`) and DHCPv6 replies
+(`drop_udp6_dhcp6_left_to_parent`, no Port Unreachable) to the parent, which
+restarts the workers when the address set or the MTU changes. Its
+addresses never expire here: the parent tracks the lifetimes. The parent's
+own host sets `answer_ns` False while workers run (they answer; the parent
+still sees an NS from :: for an address it is testing).
+
 Answers: NS for one of our preferred addresses -> NA (solicited and
 override, with our link-layer address; to all-nodes when the solicitation
 came from ::); ICMPv6 echo request -> echo reply (RFC 4443 §4.2), from the
@@ -84,7 +100,7 @@ from .udp import UdpDatagram
 from .wire import Malformed, csum, sum_ok
 
 __all__ = ["Ipv6Host", "Ip6Config", "ETH_IPV6", "solicited_node", "multicast_mac", "ip6_str", "LINK_LOCAL",
-           "Static6", "parse_static6", "ip6_mode"]
+           "Static6", "parse_static6", "ip6_mode", "Delegated6"]
 
 ETH_IPV6 = 0x86DD
 NH_HBH, NH_TCP, NH_UDP, NH_ICMP6 = 0, 6, 17, 58
@@ -133,6 +149,18 @@ class Static6(NamedTuple):
 
     def __str__(self):
         return f"{ip6_str(self.addr)}/{self.prefix}"
+
+
+class Delegated6(NamedTuple):
+    """What a multi-worker parent acquired, for its workers (set_delegated): `addrs`
+    ((address, prefix length, how), ...), `routers` ((address, MAC or None), ...), `mtu`."""
+    addrs: tuple
+    routers: tuple = ()
+    mtu: int = 1500
+
+    def key(self):
+        """What the workers must be restarted for when it changes."""
+        return self.addrs, self.mtu
 
 
 def parse_static6(value: str, gateway: str | None = None, opt: str = "--ip6 ",
@@ -246,8 +274,32 @@ class Ipv6Host:
         self.static = None                  # a Static6 (set_static): no SLAAC, no DHCPv6
         self._gw_left = 0                   # neighbour solicitations left for the static gateway
         self._gw_at = float("inf")
+        self.delegated = None               # a Delegated6 (set_delegated): a worker, the parent decides
+        self.answer_ns = True               # False in a parent while its workers answer
 
     # ---------------------------------------------------------------- API
+
+    def set_delegated(self, d: Delegated6) -> None:
+        """Serve `d`'s addresses as they are (the parent did DAD); call before start()."""
+        self.delegated = d
+        self.mtu = min(self.link_mtu, max(1280, d.mtu))
+        for r, mac in d.routers:
+            self.routers[bytes(r)] = (mac, float("inf"))
+
+    def delegation(self) -> Delegated6:
+        """Our preferred addresses, routers and MTU, for the workers (a parent's call)."""
+        return Delegated6(tuple(sorted((x.addr, x.prefix, x.how) for x in self.addrs.values()
+                                       if x.state == "preferred")),
+                          tuple(sorted((r, m) for r, (m, _) in self.routers.items())), self.mtu)
+
+    def settled(self) -> bool:
+        """Nothing tentative, link-local preferred, and a router was heard from (and,
+        when it asked for DHCPv6, a leased address is ours): what a parent waits for."""
+        if self._ll() == UNSPEC or any(a.state == "tentative" for a in self.addrs.values()):
+            return False
+        if self.static is not None:
+            return True
+        return self._ra_seen and (not self._dhcp6_wanted or any(a.how == "dhcp6" for a in self.addrs.values()))
 
     def set_static(self, static: Static6) -> None:
         """Use `static` (parse_static6) instead of SLAAC/DHCPv6; call before start()."""
@@ -257,6 +309,14 @@ class Ipv6Host:
 
     def start(self, now: float) -> None:
         inf = float("inf")
+        if self.delegated is not None:       # preferred at once, no DAD, no MLD, no RS
+            self._ra_seen = True
+            for addr, plen, how in self.delegated.addrs:
+                a = _Addr(bytes(addr), bytes(addr) if how != "slaac" else bytes(addr[:8]), how, inf, inf, 0)
+                a.prefix, a.state = plen, "preferred"
+                self.addrs[a.addr] = a
+                self._groups.add(solicited_node(a.addr))
+            return
         self._new_address(LINK_LOCAL[:8], "link-local", inf, inf, 0, now)
         s = self.static
         if s is not None:                   # tentative like any other: DAD (RFC 4862 §5.4)
@@ -319,6 +379,8 @@ class Ipv6Host:
                 raise Malformed("nd_bad_hop_limit" if hop != 255 else "nd_bad_code", f"hop {hop} code {body[1]}")
             if t == RS:
                 self.counters["nd_rs_ignored"] += 1         # RFC 4861 §6.2.6: hosts discard
+            elif t == RA and self.delegated is not None:
+                self.counters["nd_ra_left_to_parent"] += 1
             elif t == NS:
                 self._ns(src_mac, src, dst, body, now)
             elif t == NA:
@@ -326,6 +388,9 @@ class Ipv6Host:
             else:
                 self._ra(src_mac, src, body, now)
         elif t == MLD_QUERY:
+            if self.delegated is not None:
+                self.counters["mld_query_left_to_parent"] += 1      # the parent joined, it reports
+                return
             self.counters["mld_queries"] += 1
             self._mld_report(self._groups - {ALL_NODES})
         elif t == 2:
@@ -490,6 +555,9 @@ class Ipv6Host:
             else:
                 self.counters["nd_ns_for_tentative_ignored"] += 1
             return
+        if not self.answer_ns:
+            self.counters["nd_ns_left_to_workers"] += 1
+            return
         if slla is not None and src != UNSPEC:
             self._learn(src, slla, now)
         na = bytes([NA, 0, 0, 0, 0x60 if src != UNSPEC else 0x20, 0, 0, 0]) + target + bytes([OPT_TLLA, 1]) + self.mac
@@ -609,6 +677,8 @@ class Ipv6Host:
         if not csum_ok and len(body) >= 8 and body[6:8] == b"\0\0":
             raise Malformed("udp6_zero_checksum")                 # RFC 8200 §8.1: mandatory over IPv6
         d = UdpDatagram.parse(body, src, dst, verify=not csum_ok)
+        if d.dport == 546 and self.delegated is not None:
+            raise Malformed("udp6_dhcp6_left_to_parent")          # the parent's client has it too
         if d.dport == 546 and self.dhcp6 is not None:
             if d.sport != 547:
                 raise Malformed("dhcp6_bad_source_port", str(d.sport))

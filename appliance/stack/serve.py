@@ -46,8 +46,12 @@ keeps every TCP connection on one worker), its own Stack, store mapping and
 secret: nothing is shared, no locks. Each worker reports on a pipe, one
 line each: readiness, its counters once a second (the parent keeps their
 sum as the live counters it hands to on_ready) and its counters at exit
-(the parent sums them for the result). With ip="dhcp" the parent also keeps
-the lease (lease.py) and restarts the workers on a new address. The
+(the parent sums them for the result). With ip="dhcp" or IPv6 the parent
+also runs the control plane (lease.py: the DHCP lease; link-local, SLAAC or
+DHCPv6 or static, DAD, MLD, RS/RA on a socket of its own), starts the
+workers on what it acquired (a static IPv4 address; an ipv6.Delegated6:
+no DAD, MLD, RS or DHCPv6 in the workers) and restarts them when that
+changes. With IPv6 the fanout rings take every protocol but ARP. The
 loop is kept flat (locals for every attribute it touches per batch) since
 it runs once per wake-up at full load.
 """
@@ -151,9 +155,12 @@ def make_stack(store, mac: bytes, ip: str | None, prefix: int, gateway, dev, con
     if ip is None:
         from .dhcp4 import DhcpConfig
         st.enable_dhcp(DhcpConfig(hostname=hostname))
-    if ip6 != "off":                # "auto", or an ipv6.Static6
+    if ip6 != "off":                # "auto", an ipv6.Static6, or a parent's ipv6.Delegated6
+        from .ipv6 import Delegated6
         st.enable_ipv6(ip6_secret(mac, iface))
-        if ip6 != "auto":
+        if isinstance(ip6, Delegated6):
+            st.ip6.set_delegated(ip6)
+        elif ip6 != "auto":
             st.ip6.set_static(ip6)
     return st
 
@@ -473,7 +480,8 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     (lease.py) and (re)starts the workers on the leased address.
     `ip6="auto"` (or an ipv6.Static6: that address, DAD, no SLAAC): the IPv6 control plane (ipv6.py: link-local + SLAAC
     addresses, DHCPv6 (dhcp6.py) when an RA says M=1, ND, ping -6; the site over TCP/IPv6 on the same port), its addresses
-    reported as "address6" events; one worker too.
+    reported as "address6" events. With several workers the parent runs it (lease.py) and waits
+    for it to settle (at most lease.SETTLE6 seconds) before starting them.
     `tls`: HTTPS beside HTTP (see make_stack); the TlsServer is made before the
     workers fork, so they share its session ticket keys (a client resumes on any)."""
     from ..content.store import Store
@@ -483,8 +491,6 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     from .ipv6 import Static6
     if ip6 not in ("off", "auto") and not isinstance(ip6, Static6):
         raise ValueError(f"ip6 must be off, auto or an ipv6.Static6, not {ip6!r}")
-    if ip6 != "off" and workers != 1:
-        raise ValueError(f"IPv6 runs in one stack instance: workers must be 1 with ip6={ip6}, not {workers}")
 
     if gateway:
         gateway = str(ipaddress.IPv4Address(gateway))
@@ -536,9 +542,10 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
             return _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, None, stopper,
                            wake_fd, ready, config, _cpu_for(0) if pin else None, observe=observe,
                            drain=drain, on_event=event, hostname=hostname, ip6=ip6, tls=tls)
-        if addr is None:
-            return _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd,
-                                       on_ready, info, pin, config, on_event, hostname, observe, drain, tls)
+        if addr is None or ip6 != "off":
+            return _serve_parent_workers(store_path, iface, hw, addr, prefix, gateway, ip6, mac_b, capture, workers,
+                                         stopper, wake_fd, on_ready, info, pin, config, on_event, hostname,
+                                         observe, drain, tls)
         return _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers,
                               stopper, wake_fd, on_ready, info, pin, config, observe, drain, tls=tls)
     finally:
@@ -551,68 +558,106 @@ def _cpu_for(i: int) -> int:
     return cpus[i % len(cpus)]
 
 
-def _serve_dhcp_workers(store_path, iface, hw, mac_b, capture, workers, stopper, wake_fd, on_ready, info,
-                        pin, config, on_event, hostname, observe=None, drain=0.0, tls=None) -> Counters:
-    """Several workers on a DHCP address: the parent acquires and keeps the lease
-    (lease.py), starts the workers on it, and restarts them when it changes or
-    is lost. on_ready fires once, with the first set of workers."""
+def _serve_parent_workers(store_path, iface, hw, addr, prefix, gateway, ip6, mac_b, capture, workers, stopper,
+                          wake_fd, on_ready, info, pin, config, on_event, hostname, observe=None, drain=0.0,
+                          tls=None) -> Counters:
+    """Several workers with a DHCP address or IPv6: the parent runs the control plane
+    (lease.py: the lease, IPv6 addresses and routers), waits for the lease and for
+    IPv6 to settle, starts the workers on what it holds (a static IPv4 address, an
+    ipv6.Delegated6), and restarts them when that changes or is lost. on_ready fires
+    once, with the first set of workers; later address events go to on_event."""
     from .iface import StackConfig
-    from .lease import ParentLease
-    lease = ParentLease(iface, mac_b or hw.mac, hw.mtu, hostname, time.monotonic())
-    lease.pending = None
+    from .lease import HOLD6, ParentControl
+    mac = mac_b or hw.mac
+    parent = ParentControl(iface, mac, hw.mtu, hostname, time.monotonic(), dhcp=addr is None, ip6=ip6,
+                           secret=ip6_secret(mac, iface) if ip6 != "off" else b"")
+    v4 = {"ev": None, "again": False}       # the lease; a new one after a loss is announced
+    running = {"key": None, "restart": False, "since": 0.0}
     total = Counters()
     live = Counters()            # one object across restarts: the on_ready holder keeps seeing it
-    first = True
+    first = [True]
+
+    def handle(evs):
+        for kind, ev in evs:
+            if kind == "address":
+                if ev["event"] in ("changed", "lost") or ev["ip"] and v4["ev"] is None:
+                    if running["key"] is not None:
+                        running["restart"] = True       # the workers serve the old address: start over
+                    if ev["event"] in ("changed", "lost") and on_event:
+                        on_event(kind, ev)
+                    v4["ev"] = ev if ev["ip"] else None
+                    v4["again"] = v4["again"] or not ev["ip"]
+            elif kind == "address6":
+                info["addresses"][:] = [a for a in info["addresses"] if a.get("ip6") != ev["ip6"]]
+                if ev["event"] == "acquired":
+                    info["addresses"].append(ev)
+                if not first[0] and on_event:
+                    on_event(kind, ev)
+            elif on_event:
+                on_event(kind, ev)
+        if running["key"] is not None and ip6 != "off" and parent.delegation().key() != running["key"] \
+                and time.monotonic() - running["since"] >= HOLD6:
+            running["restart"] = True           # an address came or went, the MTU changed
+
+    def started(r):
+        first[0] = False                        # the ready line is out: later address events are printed
+        if on_ready:
+            on_ready(r)
+
+    def ready_to_start(now):
+        return (addr is not None or v4["ev"] is not None) and parent.ip6_settled(now)
+
+    poller = select.poll()
+    poller.register(parent.fileno(), select.POLLIN)
+    if wake_fd >= 0:
+        poller.register(wake_fd, select.POLLIN)
     try:
         while not stopper():
-            ev = lease.pending or _wait_lease(lease, stopper, wake_fd, on_event)
-            if ev is None:
-                break
-            if not first and not lease.pending and on_event:
-                on_event("address", ev)                         # a new lease after a lost one
-            lease.pending = None
-            info["ip"], info["prefix"] = ev["ip"], ev["prefix"]
-            info["addresses"][:] = [ev]
-            gw = ev.get("gateway")
-            if gw and ipaddress.IPv4Address(gw) not in ipaddress.IPv4Interface(f"{ev['ip']}/{ev['prefix']}").network:
-                gw = None                   # an off-link gateway (/32 leases): replies go to the sender's MAC anyway
+            deadline, evs = parent.pump(time.monotonic())
+            handle(evs)
+            if not ready_to_start(time.monotonic()):
+                for fd, _ in poller.poll(max(0.0, min(deadline - time.monotonic(), 0.2)) * 1000.0 + 1):
+                    if fd == wake_fd:
+                        _drain(wake_fd)
+                continue
+            a, p, gw = addr, prefix, gateway
             cfg = config
-            if cfg is None and ev.get("mtu") and ev["mtu"] < hw.mtu:
-                cfg = StackConfig(mtu=ev["mtu"])            # option 26
-            total.merge(_serve_workers(store_path, iface, ev["ip"], ev["prefix"], gw, mac_b, capture, workers,
-                                       stopper, wake_fd, on_ready if first else None, info, pin, cfg,
-                                       observe=observe, drain=drain, lease=lease, on_event=on_event,
-                                       live=live, tls=tls))
-            first = False
+            if addr is None:
+                ev = v4["ev"]
+                if v4["again"] and on_event:
+                    on_event("address", ev)                     # a new lease after a lost one
+                v4["again"] = False
+                a, p, gw = ev["ip"], ev["prefix"], ev.get("gateway")
+                info["ip"], info["prefix"] = a, p
+                info["addresses"][:] = [x for x in info["addresses"] if "ip6" in x] + [ev]
+                if gw and ipaddress.IPv4Address(gw) not in ipaddress.IPv4Interface(f"{a}/{p}").network:
+                    gw = None               # an off-link gateway (/32 leases): replies go to the sender's MAC anyway
+                if cfg is None and ev.get("mtu") and ev["mtu"] < hw.mtu:
+                    cfg = StackConfig(mtu=ev["mtu"])            # option 26
+            d6 = parent.delegation()
+            running.update(key=d6.key() if d6 != "off" else (), restart=False, since=time.monotonic())
+            parent.serving = True
+            try:
+                total.merge(_serve_workers(store_path, iface, a, p, gw, mac_b, capture, workers, stopper, wake_fd,
+                                           started if first[0] else None, info, pin, cfg, observe=observe,
+                                           drain=drain, parent=parent, on_parent=handle, running=running,
+                                           live=live, tls=tls, ip6=d6))
+            finally:
+                parent.serving = False
+                running["key"] = None
     finally:
-        lease.close()
-    total.merge(lease.counters)
+        parent.close()
+    total.merge(parent.counters)
     total["workers"] = workers
     return total
 
 
-def _wait_lease(lease, stopper, wake_fd, on_event):
-    """Run the parent's DHCP client until it holds a lease: its "address" event (None if stopped)."""
-    poller = select.poll()
-    poller.register(lease.fileno(), select.POLLIN)
-    if wake_fd >= 0:
-        poller.register(wake_fd, select.POLLIN)
-    while not stopper():
-        deadline, evs = lease.pump(time.monotonic())
-        for kind, ev in evs:
-            if kind == "address" and ev["ip"]:
-                return ev
-            if kind != "address" and on_event:
-                on_event(kind, ev)
-        for fd, _ in poller.poll(max(0.0, min(deadline - time.monotonic(), MAX_WAIT)) * 1000.0 + 1):
-            if fd == wake_fd:
-                _drain(wake_fd)
-    return None
-
-
 def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, workers, stopper,
-                   wake_fd, on_ready, info, pin, config, observe=None, drain=0.0, lease=None, on_event=None,
-                   live=None, tls=None) -> Counters:
+                   wake_fd, on_ready, info, pin, config, observe=None, drain=0.0, parent=None, on_parent=None,
+                   running=None, live=None, tls=None, ip6="off") -> Counters:
+    """Fork the workers on `addr` (and `ip6`: "off" or an ipv6.Delegated6) and supervise
+    them until stopped; with `parent` (lease.ParentControl) pump it, hand its events to
+    `on_parent`, and stop the workers once that sets running["restart"]."""
     fanout = os.getpid() & 0xFFFF
     children = {}                # pid -> read end of its report pipe
     total = Counters()
@@ -633,7 +678,7 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                 os.close(r)
                 code = _child(w, i, store_path, iface, addr, prefix, gateway, mac_b,
                               f"{capture}.{i}" if capture else None, fanout, config,
-                              _cpu_for(i) if pin else None, observe, drain, tls)
+                              _cpu_for(i) if pin else None, observe, drain, tls, ip6)
                 os._exit(code)
             os.close(w)
             children[pid] = os.fdopen(r, "r")
@@ -644,31 +689,25 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
             by_fd[f.fileno()] = pid
         if wake_fd >= 0:
             poller.register(wake_fd, select.POLLIN)
-        if lease is not None:
-            poller.register(lease.fileno(), select.POLLIN)
+        if parent is not None:
+            poller.register(parent.fileno(), select.POLLIN)
         open_fds = set(by_fd)
         signalled = False
-        restart = False
         while open_fds:
-            if (stopper() or restart) and not signalled:
+            if (stopper() or running is not None and running["restart"]) and not signalled:
                 signalled = True
                 for pid in children:
                     _kill(pid, signal.SIGTERM)
             timeout = 200
-            if lease is not None:                       # the lease: renewal, rebinding, change, loss
-                deadline, evs = lease.pump(time.monotonic())
-                for kind, ev in evs:
-                    if kind == "address" and not restart and ev["event"] in ("changed", "lost"):
-                        restart = True                  # the workers serve the old address: start over
-                        lease.pending = ev if ev["ip"] else None
-                    if on_event and (kind != "address" or ev["event"] in ("changed", "lost")):
-                        on_event(kind, ev)
+            if parent is not None:                      # renewal, rebinding, RAs, change, loss
+                deadline, evs = parent.pump(time.monotonic())
+                on_parent(evs)
                 timeout = max(1.0, min(200.0, (deadline - time.monotonic()) * 1000.0))
             for fd, _ in poller.poll(timeout):
                 if fd == wake_fd:
                     _drain(wake_fd)
                     continue
-                if lease is not None and fd == lease.fileno():
+                if parent is not None and fd == parent.fileno():
                     continue                            # pumped at the top of the loop
                 line = children[by_fd[fd]].readline()
                 if not line:
@@ -685,8 +724,8 @@ def _serve_workers(store_path, iface, addr, prefix, gateway, mac_b, capture, wor
                     live.clear()
                     for part in last.values():
                         live.merge(part)
-                    if lease is not None:
-                        live.merge(lease.counters)      # the parent's DHCP client
+                    if parent is not None:
+                        live.merge(parent.counters)     # the parent's DHCP client and IPv6 host
                     live["workers"] = workers
                 elif kind == "COUNTERS":
                     part = json.loads(data)
@@ -730,7 +769,7 @@ def _die_with_parent():
 
 
 def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanout, config, cpu,
-           observe=None, drain=0.0, tls=None) -> int:
+           observe=None, drain=0.0, tls=None, ip6="off") -> int:
     out = os.fdopen(w, "w", buffering=1)
     _die_with_parent()
     try:
@@ -743,7 +782,7 @@ def _child(w, i, store_path, iface, addr, prefix, gateway, mac_b, capture, fanou
         def tick(stack, dev):
             out.write("LIVE " + json.dumps(dict(_collect(stack, dev))) + "\n")
         counters = _worker(store_path, iface, addr, prefix, gateway, mac_b, capture, fanout,
-                           stopper, wake_fd, ready, config, cpu, tick, observe, drain, i, tls=tls)
+                           stopper, wake_fd, ready, config, cpu, tick, observe, drain, i, ip6=ip6, tls=tls)
         out.write("COUNTERS " + json.dumps(dict(counters)) + "\n")
         return 0
     except BaseException as e:

@@ -223,12 +223,16 @@ def read_offload(name: str) -> Offload:
     return Offload(csum, csum and tso)
 
 
-def _syn_filter(port: int, syn: bool) -> bytes:
+def _syn_filter(port: int | None, syn: bool, no_arp: bool = False) -> bytes:
     """A classic BPF program (struct sock_filter[]) over the Ethernet frame:
     accept (whole frame) an IPv4 TCP segment to `port` with SYN and neither ACK
     nor RST, first fragment, any IHL, if `syn`; otherwise accept exactly the
-    other frames."""
+    other frames (but ARP, with `no_arp`: a fanout ring of all protocols beside
+    the ARP ring; `port` None: no SYN ring, only that)."""
     yes, no = (0x40000, 0) if syn else (0, 0x40000)
+    if port is None:
+        ins = [(0x28, 0, 0, 12), (0x15, 0, 1, 0x0806), (0x06, 0, 0, 0), (0x06, 0, 0, 0x40000)]
+        return b"".join(struct.pack("=HBBI", *i) for i in ins)
     ins = [(0x28, 0, 0, 12),             # ldh [12]            ethertype
            (0x15, 0, 11, 0x0800),        # jeq #IPv4, , no
            (0x30, 0, 0, 23),             # ldb [23]            protocol
@@ -243,6 +247,9 @@ def _syn_filter(port: int, syn: bool) -> bytes:
            (0x15, 0, 1, 0x02),           # jeq #SYN, , no
            (0x06, 0, 0, yes),            # ret #yes
            (0x06, 0, 0, no)]             # no: ret #no
+    if no_arp:
+        ins[1:1] = [(0x15, 13, 0, 0x0806)]       # jeq #ARP, drop (the relative jumps after it hold)
+        ins.append((0x06, 0, 0, 0))
     return b"".join(struct.pack("=HBBI", *i) for i in ins)
 
 
@@ -345,6 +352,9 @@ class TpacketDevice:
         # vouches for it, for a stack whose receive() takes csum_ok.
         self.trust_csum = False
         self.rx_csum_ok = []
+        # IPv6 (allmulti) with a fanout: the main ring takes every protocol but ARP
+        # (the ARP ring has it), not IPv4 only
+        self._all_protocols = allmulti and fanout is not None
         try:
             self._open(rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want, syn_port)
             if unicast is not None and bytes(unicast) != self.mac:
@@ -366,7 +376,7 @@ class TpacketDevice:
     # -- set-up ---------------------------------------------------------
 
     def _open(self, rx_frames, tx_frames, vnet, qdisc_bypass, fanout, want, syn_port):
-        proto = ETH_P_ALL if fanout is None else ETH_P_IP
+        proto = ETH_P_ALL if fanout is None or self._all_protocols else ETH_P_IP
         try:
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         except PermissionError:
@@ -418,13 +428,15 @@ class TpacketDevice:
         # Largest frame (without virtio header) a TX slot holds.
         self.max_frame = self.tx_size - TPACKET2_DATA - VNET_HDR_LEN
         if syn_port is None:
+            if self._all_protocols:
+                _attach_filter(s, _syn_filter(None, False, True))
             s.bind((self.iface, proto))
             if fanout is not None:
                 # The kernel adds a socket to a fanout group only once it is bound
                 # and running (fanout_add checks PACKET_SOCK_RUNNING), so after bind.
                 s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
         else:
-            _attach_filter(s, _syn_filter(syn_port, False))      # before bind: no SYN ever lands here
+            _attach_filter(s, _syn_filter(syn_port, False, self._all_protocols))   # before bind: no SYN lands here
             y = self._syn_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._socks.append(y)
             y.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
