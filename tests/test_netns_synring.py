@@ -123,6 +123,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
 dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+dev.syn_gate.pressure = True                           # as the serve loop sets it during a flood
 print("READY", flush=True)
 sys.stdin.readline()
 time.sleep(0.5)
@@ -134,8 +135,9 @@ dev.close()
 
 
 def test_syn_ring_keeps_an_evenly_spaced_sample_of_a_burst():
-    """400 SYNs wait in the SYN ring; one read keeps SYN_MIN of them (no other
-    frames came), one every 400 / SYN_MIN in arrival order from some offset,
+    """400 SYNs wait in the SYN ring; under pressure, one read keeps SYN_MIN of
+    them (no other frames came, none from a trusted source), one every
+    400 / SYN_MIN in arrival order from some offset,
     not the first few (tail drop), and hands the other slots back."""
     n = 400
     with netns.pair(subnet=67) as link:

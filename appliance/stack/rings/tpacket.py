@@ -57,11 +57,17 @@ get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
 connections' segments with the flood's) nor queue ahead of its frames.
-rx_batch empties the SYN ring on every call and keeps, after the main
-ring's frames, as many SYNs as it took other frames (at least SYN_MIN, at
-most syn_quota), evenly spaced from a random offset so that every SYN has
-the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
-kernel_syn_drops, only what arrives while the SYN ring is full). With
+rx_batch empties the SYN ring on every call (when the mmap says a frame
+waits: no system call) and keeps, after the main ring's frames, what the
+SYN gate (`syn_gate`, rings/base.py SynGate) lets through: every SYN of a
+source that completed a handshake before, and of the others a budget (up
+to SYN_MIN when the read took nothing else, else one per 8 main-ring
+frames plus 2,000/s), evenly drawn so that each has the same odds
+(rx_syn_shed counts the rest; the kernel drops, counted as
+kernel_syn_drops, only what arrives while the SYN ring is full). The loop
+waits on every socket's fd in one poll (`filenos`), not on an epoll
+around them: a nested wake-up per frame cost connection-per-request
+loads ~10 %. With
 `fanout` the SYN sockets form a second PACKET_FANOUT_HASH group; every worker
 joins both groups inside one lock (an abstract Unix socket name), so both
 groups list the workers in the same order and a flow's SYN and its later
@@ -73,14 +79,13 @@ import array
 import errno
 import fcntl
 import mmap
-import random
 import select
 import socket
 import struct
 import time
 
 from ..wire import csum
-from .base import Offload
+from .base import Offload, SynGate
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
@@ -102,8 +107,8 @@ PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
 SYN_FRAMES = 2048                 # SYN ring slots: ~30 ms of a 65k SYN/s flood between two reads
 SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
-SYN_QUOTA = 256                   # SYNs kept per rx_batch at most ...
-SYN_MIN = 8                       # ... and at least, or as many as main-ring frames in between
+SYN_QUOTA = 256                   # SYNs kept per rx_batch at most (SynGate.quota)
+SYN_MIN = 8                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -129,6 +134,7 @@ VNET = struct.Struct("=BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_sta
 REQ = struct.Struct("=IIII")      # struct tpacket_req
 STATUS = struct.Struct("=I")
 STATUS_LEN = struct.Struct("=II")
+MAC_OFF = struct.Struct("=H")     # tp_mac, at 16 in the tpacket2_hdr
 ZERO_VNET = bytes(VNET_HDR_LEN)
 ZERO4 = bytes(4)
 BE16 = struct.Struct("!H")
@@ -154,9 +160,6 @@ TX_FRAME_SMALL = 2048
 TX_BLOCK_SMALL = 1 << 16
 PENDING_MAX = 4096                # frames waiting for room before new ones are dropped
 _FULL = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
-
-
-_RNG = random.Random()     # which SYNs a read of the SYN ring keeps (seeded from the OS)
 
 
 class TpacketError(OSError):
@@ -334,7 +337,8 @@ class TpacketDevice:
         self._kstats = [0, 0, 0, 0]  # PACKET_STATISTICS summed over reads (see kernel_stats)
         self._syn_sock = None
         self._syn_ring = None
-        self.syn_quota = syn_quota
+        # which SYNs a read keeps (rings/base.py); serve binds its `trusted` to the stack's table
+        self.syn_gate = SynGate(quota=syn_quota, idle=SYN_MIN)
         self._rx = []
         self._mm = []
         self._epoll = None
@@ -470,6 +474,11 @@ class TpacketDevice:
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
 
+    def filenos(self) -> list:
+        """The fds of every RX ring (main, SYN, ARP), for one poll(): cheaper than
+        polling the epoll fd that fileno() gives (a second wake-up per frame)."""
+        return [s.fileno() for s in self._socks if s is not self._csock]     # (it receives nothing)
+
     def rx_batch(self, max_frames: int = 256) -> list:
         """Frames in the RX ring(s), as bytes.
 
@@ -529,14 +538,14 @@ class TpacketDevice:
         return out
 
     def _take_syns(self, out, others: int) -> int:
-        """Empty the SYN ring; append to `out` at most max(SYN_MIN, `others`)
-        (and syn_quota) of its SYNs, evenly spaced from a random offset: each
-        SYN that arrived since the last call is kept with the same odds,
-        whatever its place (the kernel's tail drop, reading only the first
-        few, would keep whichever burst comes right after a read, a flood's
-        burst far more often than a client's lone SYN). The others are
-        counted (rx_syn_shed) and their slots handed back unread. Returns how
-        many partial checksums were completed."""
+        """Empty the SYN ring; append to `out` the SYNs the gate lets through
+        (SynGate, rings/base.py: every SYN of a trusted source, and within the
+        budget for `others` main-ring frames an even draw of the rest, each
+        with the same odds whatever its place: the kernel's tail drop,
+        reading only the first few, would keep whichever burst comes right
+        after a read, a flood's burst far more often than a client's lone
+        SYN). The others are counted (rx_syn_shed) and their slots handed
+        back unread. Returns how many partial checksums were completed."""
         ring = self._syn_ring
         mm, slots, nr = ring.mm, ring.slots, ring.nr
         i = ring.head
@@ -551,13 +560,19 @@ class TpacketDevice:
         n = len(ready)
         if not n:
             return 0
-        allow = min(self.syn_quota, max(SYN_MIN, others))
+        gate = self.syn_gate
+        allow = gate.allow(others, time.monotonic())
         keep = ready
         if n > allow:
-            step = n / allow
-            start = _RNG.random() * n
-            keep = [ready[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
+            tp_mac = MAC_OFF.unpack_from
+            srcs = []
+            for off in ready:
+                st = off + tp_mac(mm, off + 16)[0] + 26
+                srcs.append(mm[st:st + 4])
+            keep = [ready[k] for k in gate.pick(srcs, allow)]
             self.counters["rx_syn_shed"] += n - len(keep)
+        else:
+            gate.spend(n)
         ncsum = 0
         trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
