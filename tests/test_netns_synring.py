@@ -29,6 +29,7 @@ import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings.tpacket import TpacketDevice
 dev = TpacketDevice(sys.argv[1], syn_port=80)
+dev.syn_gate.pressure = True            # the SYN ring apart from the main ring's max_frames
 print("READY", flush=True)
 sys.stdin.readline()                    # everything is sent
 time.sleep(0.5)

@@ -145,10 +145,8 @@ class SynGate:
         (arrival order) when there are more than `allow`: every trusted one
         (up to quota), and `allow` of the others evenly drawn. Spends."""
         trusted = self.trusted
-        keep = []
-        other = []
-        for k, s in enumerate(srcs):
-            (keep if s in trusted else other).append(k)
+        keep = [k for k, s in enumerate(srcs) if s in trusted]
+        other = [k for k, s in enumerate(srcs) if s not in trusted] if keep else list(range(len(srcs)))
         if len(keep) > self.quota:
             keep = keep[:self.quota]
         n = len(other)

@@ -57,17 +57,19 @@ get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
 connections' segments with the flood's) nor queue ahead of its frames.
-rx_batch empties the SYN ring on every call (when the mmap says a frame
-waits: no system call) and keeps, after the main ring's frames, what the
-SYN gate (`syn_gate`, rings/base.py SynGate) lets through: every SYN of a
-source that completed a handshake before, and of the others a budget (up
-to SYN_MIN when the read took nothing else, else one per 8 main-ring
-frames plus 2,000/s), evenly drawn so that each has the same odds
-(rx_syn_shed counts the rest; the kernel drops, counted as
+Without a flood rx_batch reads the SYN ring after the main ring like any
+other (a connection-per-request load pays nothing more for it). Under
+pressure (`syn_gate.pressure`, set by the serve loop while the stack's SYN
+backlog overflows) it empties the SYN ring on every call (when the mmap
+says a frame waits: no system call) and keeps, after the main ring's
+frames, what the SYN gate (`syn_gate`, rings/base.py SynGate) lets
+through: every SYN of a source that completed a handshake before, and of
+the others a budget (up to SYN_MIN when the read took nothing else, else
+one per 8 main-ring frames plus 2,000/s), evenly drawn so that each has
+the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
 kernel_syn_drops, only what arrives while the SYN ring is full). The loop
-waits on every socket's fd in one poll (`filenos`), not on an epoll
-around them: a nested wake-up per frame cost connection-per-request
-loads ~10 %. With
+waits on every socket's fd in one poll (`filenos`), not on the epoll fd
+around them (`fileno`), which costs a nested wake-up per frame. With
 `fanout` the SYN sockets form a second PACKET_FANOUT_HASH group; every worker
 joins both groups inside one lock (an abstract Unix socket name), so both
 groups list the workers in the same order and a flow's SYN and its later
@@ -340,6 +342,7 @@ class TpacketDevice:
         # which SYNs a read keeps (rings/base.py); serve binds its `trusted` to the stack's table
         self.syn_gate = SynGate(quota=syn_quota, idle=SYN_MIN)
         self._rx = []
+        self._rx_calm = []            # _rx and the SYN ring: what rx_batch reads when not under pressure
         self._mm = []
         self._epoll = None
         self._csock = None
@@ -463,6 +466,7 @@ class TpacketDevice:
             self._epoll = select.epoll()
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
+        self._rx_calm = self._rx + ([self._syn_ring] if self._syn_ring is not None else [])
         if syn_port is not None:
             if self._epoll is None:
                 self._epoll = select.epoll()
@@ -488,9 +492,10 @@ class TpacketDevice:
         once. Truncated frames (larger than a slot) and our own outgoing ones
         are counted and dropped; partial checksums are completed, or vouched
         for in rx_csum_ok with trust_csum. Runs once per wake-up: locals only.
-        The SYN ring (syn_port) is emptied last and adds a fair sample of its
-        SYNs (see _take_syns) on top of max_frames: a flood never takes the
-        main ring's share.
+        The SYN ring (syn_port) is read last: without pressure like the
+        others, within max_frames; under pressure (a flood: syn_gate.pressure)
+        it is emptied and adds what the gate keeps (see _take_syns) on top
+        of max_frames: a flood never takes the main ring's share.
         """
         zero = ZERO4
         out = []
@@ -502,7 +507,11 @@ class TpacketDevice:
         unpack = TPACKET2_HDR.unpack_from
         left = max_frames
         ncsum = 0
-        for ring in self._rx:
+        syn = self._syn_ring
+        # no flood: the SYN ring is read like the others, slot by slot (a connection-
+        # per-request load pays nothing for it); under pressure the gate chooses (_take_syns)
+        calm = syn is not None and not self.syn_gate.pressure
+        for ring in (self._rx_calm if calm else self._rx):
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
             taken = 0
@@ -528,8 +537,7 @@ class TpacketDevice:
                 mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
             left -= taken
-        syn = self._syn_ring
-        if syn is not None and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
+        if syn is not None and not calm and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
             ncsum += self._take_syns(out, max_frames - left)
         c = self.counters
         c["rx_frames"] += len(out)
@@ -564,12 +572,11 @@ class TpacketDevice:
         allow = gate.allow(others, time.monotonic())
         keep = ready
         if n > allow:
-            tp_mac = MAC_OFF.unpack_from
-            srcs = []
-            for off in ready:
-                st = off + tp_mac(mm, off + 12)[0] + 26
-                srcs.append(mm[st:st + 4])
-            keep = [ready[k] for k in gate.pick(srcs, allow)]
+            # the IPv4 sources: every frame here passed the filter (Ethernet, no VLAN
+            # tag), so the link header is 14 bytes and tp_mac the same in every slot
+            a = MAC_OFF.unpack_from(mm, ready[0] + 12)[0] + 26
+            b = a + 4
+            keep = [ready[k] for k in gate.pick([mm[o + a:o + b] for o in ready], allow)]
             self.counters["rx_syn_shed"] += n - len(keep)
         else:
             gate.spend(n)
@@ -829,6 +836,7 @@ class TpacketDevice:
             except BufferError:
                 pass
         self._rx = []
+        self._rx_calm = []
         if self._syn_ring is not None:
             try:
                 self._syn_ring.mv.release()
