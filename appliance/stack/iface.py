@@ -117,7 +117,7 @@ from .rings.base import GSO, Offload
 from .route import RouteTable, TableFull
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
 from .udp import UdpDatagram, UdpPorts
-from .wire import Malformed, csum, ip_bytes, sum_ok
+from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
 
