@@ -13,10 +13,19 @@ frame's source MAC, which nobody has): the cost of answering is paid, as
 on a real link. The sender shares the client cores with wrk, so the rate it
 reaches is measured and printed (`sent pps`): on a small machine it is
 below `--rate`. Not part of the default run.
+
+New clients: while wrk runs under the flood, FRESH clients, each from an
+address of the client namespace that never connected before (added for
+the pass, removed after), connect once, GET the file and check it; the
+time each takes to connect (the kernel's SYN retransmissions at 1, 3, 7 s
+included) says how a first-time client fares: wrk's own clients come
+from one address that has connected before. Their connect times are
+printed (median, how many within 1 s, how many failed within PROBE_S).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +37,38 @@ from .site import make_site
 
 SUBNET = 60
 SOURCES = 240
+FRESH = 16           # first-time clients per flooded pass
+PROBE_S = 8.0        # how long each may take (connect and reply)
+
+PROBE = r"""
+import json, socket, sys, threading, time
+server, path, size, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+srcs = sys.argv[5:]
+res = {}
+def one(src):
+    t0 = time.monotonic()
+    try:
+        s = socket.create_connection((server, 80), timeout=timeout, source_address=(src, 0))
+        tc = time.monotonic() - t0
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        buf = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            buf += d
+        s.close()
+        head, _, body = buf.partition(b"\r\n\r\n")
+        res[src] = tc if head.startswith(b"HTTP/1.1 200") and len(body) == size else None
+    except OSError:
+        res[src] = None
+ts = [threading.Thread(target=one, args=(a,)) for a in srcs]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+print(json.dumps([res[a] for a in srcs]))
+"""
 
 FLOOD = r"""
 import os, random, socket, struct, sys, time
@@ -79,33 +120,49 @@ def _mac(ns, ifname: str) -> str:
     return ns.run(["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
 
 
-def measure(link, running, dmac: str, f, mode: str, duration: int, rate: int, place: dict) -> dict:
+def measure(link, running, dmac: str, f, mode: str, duration: int, rate: int, place: dict, fresh: list) -> dict:
+    """One mode: wrk alone, then wrk under the flood with the `fresh` client addresses probing."""
+    from vm import netns
     url = f"{running.base_url}/{f.name}"
     common = dict(url=url, connections=32, threads=place["wrk_threads"], expected=f.size,
                   close=mode == "close", cpus=place["wrk_cpus"], check=False)
     wrk.run(link.client, wrk.job(duration=1, **common))                       # warm-up
     base = wrk.run(link.client, wrk.job(duration=duration, **common))
     flood = link.client.popen(["taskset", "-c", place["wrk_cpus"] or "0", sys.executable, "-c", FLOOD,
-                               link.client_if, dmac, link.server_ip, str(duration + 2), str(rate), str(SOURCES)],
+                               link.client_if, dmac, link.server_ip, str(max(duration, PROBE_S) + 2), str(rate),
+                               str(SOURCES)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    probe = None
+    for a in fresh:
+        netns.ip("addr", "add", f"{a}/32", "dev", link.client_if, ns=link.client.name)
     try:
         if flood.stdout.readline().strip() != "READY":
             raise RuntimeError("the flood sender did not start")
         flood.stdin.write("go\n")
         flood.stdin.flush()
         time.sleep(1.0)                     # backlog full, cookies on
+        probe = link.client.popen(["taskset", "-c", place["wrk_cpus"] or "0", sys.executable, "-c", PROBE,
+                                   link.server_ip, "/" + f.name, str(f.size), str(PROBE_S)] + fresh,
+                                  stdout=subprocess.PIPE, text=True)
         under = wrk.run(link.client, wrk.job(duration=duration, **common))
-        sent = float(flood.communicate(timeout=duration + 30)[0].strip() or 0)
+        times = json.loads(probe.communicate(timeout=PROBE_S + 30)[0])
+        sent = float(flood.communicate(timeout=PROBE_S + duration + 30)[0].strip() or 0)
     finally:
-        if flood.poll() is None:
-            flood.kill()
-            flood.wait()
+        for p in (flood, probe):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        for a in fresh:
+            netns.ip("addr", "del", f"{a}/32", "dev", link.client_if, ns=link.client.name, check=False)
 
     def rps(r):
         return r["requests"] / r["duration_s"] if r["duration_s"] else 0.0
     r0, r1 = rps(base), rps(under)
+    ok = sorted(t for t in times if t is not None)
     return {"mode": mode, "rps": r0, "rps_flood": r1, "ratio": r1 / r0 if r0 else 0.0, "sent_pps": sent,
-            "errors_flood": under["errors"], "errors": base["errors"]}
+            "errors_flood": under["errors"], "errors": base["errors"], "fresh": len(times),
+            "fresh_connect_s": times, "fresh_within_1s": sum(1 for t in ok if t < 1.0),
+            "fresh_failed": len(times) - len(ok), "fresh_median_s": ok[len(ok) // 2] if ok else None}
 
 
 def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str], size: int) -> dict:
@@ -129,12 +186,16 @@ def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str],
             else:
                 from .servers import APPLIANCE_MAC
                 dmac = APPLIANCE_MAC
-            for mode in modes:
-                m = measure(link, running, dmac, f, mode, duration, rate, place)
+            for k, mode in enumerate(modes):
+                base = link.server_ip.rsplit(".", 1)[0]
+                fresh = [f"{base}.{100 + k * FRESH + j}" for j in range(FRESH)]      # never seen before
+                m = measure(link, running, dmac, f, mode, duration, rate, place, fresh)
                 m["server"] = name
                 out.append(m)
+                med = f"{m['fresh_median_s']:.2f} s" if m["fresh_median_s"] is not None else "-"
                 log(f"synflood {name:9s} {mode:9s} {m['rps']:9.0f} req/s alone, {m['rps_flood']:9.0f} under "
-                    f"{m['sent_pps']:7.0f} SYN/s: {m['ratio']:.2f}x")
+                    f"{m['sent_pps']:7.0f} SYN/s: {m['ratio']:.2f}x; new clients: {m['fresh_within_1s']}/"
+                    f"{m['fresh']} within 1 s, median {med}, {m['fresh_failed']} failed")
         if running.counters is not None:
             counters[name] = running.counters
     return {"runs": out, "counters": counters, "rate": rate, "duration": duration, "size": size,
@@ -144,9 +205,11 @@ def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str],
 def table(res: dict) -> str:
     lines = [f"SYN flood from {res['sources']} spoofed sources, offered {res['rate']} SYN/s, "
              f"{res['size']}-byte file, 1 worker, {res['duration']} s per pass",
-             "", "| server | mode | alone req/s | under flood req/s | ratio | flood sent SYN/s |",
-             "|---|---|---:|---:|---:|---:|"]
+             "", "| server | mode | alone req/s | under flood req/s | ratio | flood sent SYN/s "
+             f"| new clients connected < 1 s (of {FRESH}) | their median connect | failed in {PROBE_S:.0f} s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in res["runs"]:
+        med = f"{m['fresh_median_s']:.2f} s" if m["fresh_median_s"] is not None else "-"
         lines.append(f"| {m['server']} | {m['mode']} | {m['rps']:.0f} | {m['rps_flood']:.0f} | {m['ratio']:.2f}x "
-                     f"| {m['sent_pps']:.0f} |")
+                     f"| {m['sent_pps']:.0f} | {m['fresh_within_1s']} | {med} | {m['fresh_failed']} |")
     return "\n".join(lines) + "\n"

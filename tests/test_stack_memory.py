@@ -82,7 +82,7 @@ def test_hostile_mix_memory_returns_to_start(small_bounds, tmp_path):
         # no growth from round to round (the caches are full in each: same size)
         assert max(after) - min(after) < 48, after
         # and with the bounded caches emptied, back at the start
-        for k in ("_tmpl_cache", "_conn_tmpl", "_opts_cache", "_mss_cache", "_hdr_cache"):
+        for k in ("_tmpl_cache", "_conn_tmpl", "_opts_cache", "_mss_cache", "_hdr_cache", "syn_trusted"):
             getattr(st, k).clear()
         st.isn._fcache.clear()
         st.arp._e.clear()

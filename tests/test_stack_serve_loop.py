@@ -109,19 +109,21 @@ def test_pcap_records_both_directions_as_on_the_wire(tmp_path):
 def test_overloaded_batch_puts_other_frames_first_and_keeps_a_fair_share_of_syns():
     import random
     from collections import Counter
-    from appliance.stack.serve import SYN_BUDGET, _shed_syns
+    from appliance.stack.rings.base import SynGate
+    from appliance.stack.serve import _shed_syns
 
-    def seg(i, flags):
-        return memoryview(bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=CLIENT_IP, dst=SERVER_IP) /
+    def seg(i, flags, src=CLIENT_IP):
+        return memoryview(bytes(Ether(src=CLIENT_MAC, dst=SERVER_MAC) / IP(src=src, dst=SERVER_IP) /
                                 TCP(sport=1000 + i, dport=80, flags=flags)))
-    allow = max(SYN_BUDGET, 40)
+    gate = SynGate(share=1, rng=random.Random(7))       # one SYN per other frame, no tokens (no time passes)
+    gate.pressure = True                                # (the stack's SYN backlog overflowed: a flood)
+    allow = 40
     template = [seg(i, "S" if i % 5 else "A") for i in range(200)]   # 160 SYNs, 40 ACKs
     kept = Counter()
-    rng = random.Random(7)
     for _ in range(400):
         frames = list(template)
         oks = [i % 2 == 0 for i in range(200)]
-        assert _shed_syns(frames, oks, rng=rng) == 160 - allow
+        assert _shed_syns(frames, oks, gate, 5.0) == 160 - allow
         order = [int.from_bytes(f[34:36], "big") - 1000 for f in frames]   # the source port
         # the other frames first, all of them, in arrival order; then the SYNs kept
         assert order[:40] == list(range(0, 200, 5))
@@ -134,9 +136,21 @@ def test_overloaded_batch_puts_other_frames_first_and_keeps_a_fair_share_of_syns
     # every SYN, first or last in the batch, is kept with the same odds (allow / 160 = 1/4)
     assert len(kept) == 160 and min(kept.values()) > 400 * allow / 160 * 0.6
     assert max(kept.values()) < 400 * allow / 160 * 1.4
-    # a connection-per-request load (a SYN among several other frames) is never shed
-    mixed = [seg(i, "S" if i % 4 == 0 else "A") for i in range(256)]
-    assert _shed_syns(mixed, None) == 0 and len(mixed) == 256
+    # the default gate: one untrusted SYN per 8 other frames; a source that completed a
+    # handshake before (the stack's syn_trusted) is never shed, wherever its SYNs are
+    gate = SynGate(rng=random.Random(7))
+    gate.pressure = True
+    gate.trusted[bytes([198, 18, 0, 9])] = None
+    mixed = [seg(i, "S", "198.19.0.%d" % (i % 200 + 1)) if i % 4 else seg(i, "S" if i % 8 else "A", "198.18.0.9")
+             for i in range(256)]
+    assert _shed_syns(mixed, None, gate, 5.0) == 192 - 4
+    srcs = [bytes(f[26:30]) for f in mixed]
+    assert srcs.count(bytes([198, 18, 0, 9])) == 64 and len(mixed) == 64 + 4      # 32 ACKs: 4 flood SYNs
+    assert [int.from_bytes(f[34:36], "big") - 1000 for f in mixed[:32]] == list(range(0, 256, 8))   # ACKs first
     # SYN-ACKs, RSTs and non-TCP frames are never shed
     other = [seg(i, "SA") for i in range(100)] + [seg(i, "R") for i in range(100)]
-    assert _shed_syns(other, None) == 0 and len(other) == 200
+    assert _shed_syns(other, None, gate, 5.0) == 0 and len(other) == 200
+    # no flood (no pressure): every SYN is kept, up to the gate's quota
+    gate.pressure = False
+    mixed = [seg(i, "S", "198.19.0.%d" % (i % 200 + 1)) if i % 4 else seg(i, "A") for i in range(256)]
+    assert _shed_syns(mixed, None, gate, 5.0) == 0 and len(mixed) == 256

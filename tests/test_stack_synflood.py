@@ -10,15 +10,19 @@ it has the previous reply) and, behind the burst, the SYNs of a few new
 clients (each retransmits its SYN every RETX passes until a SYN-ACK comes).
 FLOOD per pass is more than one batch: without shedding and draining the
 ring overflows, as a real flood does to a core that answers every SYN.
-What is measured is per pass, not wall time: replies delivered to each
-established client, SYN-ACKs sent, SYN attempts a new client needs.
+Returning clients (connection per request, each connected once before the
+flood) close every connection and open the next. What is measured is per
+pass, not wall time: replies delivered to each established client, SYN-ACKs
+sent against established frames served (the gate's budget, rings/base.py
+SynGate), SYN attempts a new or a returning client needs.
 """
 import random
 import struct
 
 from appliance.stack import serve
 from appliance.stack.rings.memory import MemoryLink
-from appliance.stack.serve import DRAIN, SYN_BUDGET, BATCH, parse_mac, run_loop
+from appliance.stack.rings.base import SynGate
+from appliance.stack.serve import DRAIN, BATCH, parse_mac, run_loop
 from appliance.stack.wire import csum
 
 from .stack_support import SERVER_IP, SERVER_MAC, make_stack, make_store
@@ -54,7 +58,9 @@ MSS = b"\x02\x04\x05\xb4"
 class Peer:
     """A client at 198.18.0.(10+i): a keep-alive client (`connected`) or a new one."""
 
-    def __init__(self, i: int):
+    def __init__(self, i: int, close: bool = False):
+        self.close = close          # connection per request: RST after each reply, then a new SYN
+        self.conns = 0              # connections that carried a reply
         self.ip = bytes([198, 18, 0, 10 + i])
         self.mac = bytes([2, 0, 0, 0, 1, i])
         self.port = 40000 + i
@@ -86,6 +92,15 @@ class Peer:
                     assert head.startswith(b"HTTP/1.1 200") and len(body) == n
                     self.buf = b""
                     self.replies.append(now_pass)
+                    if self.close:
+                        self.out.append(frame(self.ip, self.mac, self.port, self.seq, self.ack, 0x14))   # RST|ACK
+                        self.conns += 1
+                        self.port += 1              # the next connection: a new 4-tuple, a new ISN
+                        self.isn = (self.isn + 104729) & 0xFFFFFFFF
+                        self.seq = self.isn + 1
+                        self.state = "syn"
+                        self.out.append(self.syn())
+                        return
                     self.out.append(frame(self.ip, self.mac, self.port, self.seq, self.ack, 0x18, REQUEST))
                     self.seq += len(REQUEST)
 
@@ -97,11 +112,12 @@ class FloodWire:
         self.now = 1000.0
         self.passes = 0
         self.flooding = False
-        self.peers = {p.port: p for p in peers + new_peers}
+        self.peers = {p.ip: p for p in peers + new_peers}
         self.new = new_peers
         self.rng = random.Random(seed)
         self.ring_drops = 0
         self.answered = []          # SYNs answered (cookie or half-open), per pass
+        self.others = []            # frames of connections (not pure SYNs) arriving, per pass
         self._answered = 0
 
     def deliver(self):
@@ -120,8 +136,8 @@ class FloodWire:
             seq, ack = struct.unpack_from("!II", f, t + 4)
             flags = f[t + 13]
             data = f[t + ((f[t + 12] >> 4) << 2):14 + tl]
-            p = self.peers.get(dport) if f[30:34][:3] == b"\xc6\x12\x00" else None
-            if p is not None:
+            p = self.peers.get(f[30:34])
+            if p is not None and dport == p.port:
                 p.on_frame(seq, ack, flags, data, self.passes)
 
     def clock(self):
@@ -143,6 +159,7 @@ class FloodWire:
         for p in self.new:          # behind the burst: a retransmitted SYN of a client that waits
             if p.state == "syn" and self.passes % RETX == 0:
                 arrivals.append(p.syn())
+        self.others.append(sum(1 for f in arrivals if f[47] & 0x16 != 0x02))   # frames of connections
         q = self.link.to_dev
         for f in arrivals:
             if len(q) >= RING:
@@ -162,27 +179,38 @@ def _run(wire, passes):
     wire.deliver()
 
 
-def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones_in(tmp_path, monkeypatch):
+def _flood(tmp_path, monkeypatch, keepalive=KEEPALIVE, returning=0, new=NEW, passes=PASSES):
+    """Connect `keepalive` + `returning` clients, then flood for `passes` with `new`
+    clients trying to get in. Returns (stack, wire, keep-alive, returning, new, first flood pass)."""
     monkeypatch.setattr(serve, "_RNG", random.Random(3))       # which SYNs are kept: repeatable
     st = make_stack(make_store(tmp_path), syn_backlog=128)
     link = MemoryLink(mac=SMAC)
     link.dev.keep_raw = False
-    est = [Peer(i) for i in range(KEEPALIVE)]
-    new = [Peer(100 + i) for i in range(NEW)]
-    wire = FloodWire(link, st, est, [])
-    for p in est:                       # connect before the flood
+    est = [Peer(i) for i in range(keepalive)]
+    ret = [Peer(50 + i, close=True) for i in range(returning)]
+    wire = FloodWire(link, st, est + ret, [])
+    for p in est + ret:                 # connect before the flood
         link.peer.send(p.syn())
     _run(wire, 3)
-    assert all(p.state == "wait" and p.replies for p in est), [p.state for p in est]
-    for p in new:
-        wire.peers[p.port] = p
-    wire.new = new
+    assert all(p.replies for p in est + ret), [p.state for p in est + ret]
+    fresh = [Peer(100 + i) for i in range(new)]
+    for p in fresh:
+        wire.peers[p.ip] = p
+    wire.new = fresh
     wire.flooding = True
     start = wire.passes
-    _run(wire, PASSES)
-    end = wire.passes
+    for p in ret:
+        p.attempts = p.conns = 0
+    _run(wire, passes)
     c = st.counters
     assert c["drop_internal_error"] == 0 and c["loop_stack_errors"] == 0, st.last_error
+    return st, wire, est, ret, fresh, start
+
+
+def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones_in(tmp_path, monkeypatch):
+    st, wire, est, _, new, start = _flood(tmp_path, monkeypatch)
+    end = wire.passes
+    c = st.counters
     assert c["tcp_syncookies_sent"] > 0 and c["loop_syn_shed"] > 0
     # established clients: a complete reply in every pass of the flood, none lost in the ring
     # (each request arrives in one pass and is answered in it; the next one leaves after)
@@ -191,12 +219,17 @@ def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones
         missing = [k for k in range(start + 2, end) if k not in got]
         assert not missing, (p.port, len(missing), wire.ring_drops)
     assert c["tcp_rto"] == 0
-    # the flood's work per pass stays within the budget: SYNs answered per pass
-    allow = max(SYN_BUDGET, KEEPALIVE + NEW)
-    assert max(wire.answered[start + 1:]) == allow
+    # once the first pass of the flood has filled the backlog (pressure), the flood's work
+    # per pass stays within the gate's budget: one SYN per `share` frames of connections
+    # in the pass, plus the token bucket (`rate` per second, at most `burst`)
+    # (answered[k + 1]: what the pass that took others[k]'s arrivals answered)
+    assert st.under_pressure(wire.now) and wire.answered[start + 2] > 128
+    g = SynGate()
+    per_pass = [a - g.burst - o // g.share for a, o in zip(wire.answered[start + 3:], wire.others[start + 2:])]
+    assert max(per_pass) <= 0, per_pass
+    assert sum(wire.answered[start + 3:]) <= sum(wire.others[start + 2:]) // g.share + g.rate * PASSES * DT + g.burst
     # every new client, its SYN always behind the burst, gets in: each attempt is kept
-    # with probability allow / SYNs of the pass, 32/410 (13 attempts on average);
-    # all 4 within 100 attempts but for odds of 1e-3 (the draw is seeded: repeatable)
+    # with probability budget / SYNs of the pass (~16/410: 26 attempts on average)
     assert FLOOD <= DRAIN * BATCH
     assert all(p.replies for p in new), [(p.port, p.attempts, p.state) for p in new]
     assert max(p.attempts for p in new) <= 100, [p.attempts for p in new]
@@ -211,3 +244,81 @@ def test_syn_flood_keeps_established_clients_served_every_pass_and_lets_new_ones
         st.txq.clear()
     assert st.n_synrcvd == 0
     assert c["tcp_conns_open"] == KEEPALIVE + NEW, c["tcp_conns_open"]
+
+
+def test_syn_flood_answers_every_syn_of_a_returning_client_and_only_a_share_of_the_rest(tmp_path, monkeypatch):
+    """Connection-per-request clients that connected before the flood (their
+    sources are in the stack's syn_trusted) get a SYN-ACK to every SYN in the
+    pass it arrives, whatever the flood, so each pass serves them a request;
+    the spoofed SYNs get at most one per 8 frames of connections plus the
+    token bucket, so the flood's cost stays a share of the work served."""
+    st, wire, est, ret, _, start = _flood(tmp_path, monkeypatch, keepalive=24, returning=8, new=0, passes=100)
+    assert st.counters["loop_syn_shed"] > 80 * FLOOD
+    for p in ret:
+        assert p.conns >= 100 // 3 - 1, (p.conns, p.attempts)         # SYN, request, reply: one per 3 passes
+        assert p.attempts == p.conns + (p.state == "syn"), (p.conns, p.attempts)    # no SYN was shed
+    served = sum(wire.others[start + 2:])             # from the second pass: under pressure
+    answered = sum(wire.answered[start + 3:]) - sum(p.attempts for p in ret)
+    g = SynGate()
+    assert answered <= served // g.share + g.rate * 100 * DT + g.burst, (answered, served)
+    assert answered < served * 2 // 3            # (an equal share by count before: >= served)
+
+
+def test_cookie_synack_is_a_valid_frame_that_carries_a_valid_cookie(tmp_path):
+    """The flat cookie SYN-ACK (sums added up from the fields, not summed over
+    the bytes): scapy recomputes both checksums; the cookie decodes to the
+    peer's MSS rounded down to the table; ack = ISN + 1; MSS option ours."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+    from appliance.stack.isn import MSS_TABLE
+    from .stack_support import check_frame
+    st = make_stack(make_store(tmp_path), syncookies="always")
+    r = random.Random(9)
+    linux = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"
+    for k in range(300):
+        src = bytes([198, 19, r.randrange(256), r.randrange(256)])
+        sport, isn = r.randrange(1, 65536), r.choice((0, 0xFFFFFFFF, r.randrange(1 << 32)))
+        mss = r.choice((536, 1220, 1460, 1400, 9000, 600))
+        opts = r.choice((b"\x02\x04" + mss.to_bytes(2, "big"), b"", linux))
+        if opts is linux:
+            mss = 1460
+        elif not opts:
+            mss = 536
+        st.receive(frame(src, b"\x02\x66" + src[2:] + b"\0\0", sport, isn, 0, 0x02, opts=opts), 1000.0 + k)
+        (out,) = st.txq
+        st.txq.clear()
+        p = check_frame(out[0])
+        assert p[IP].src == SERVER_IP and p[IP].dst == ".".join(map(str, src)) and p[IP].flags == "DF"
+        assert p[TCP].sport == 80 and p[TCP].dport == sport and p[TCP].flags == "SA"
+        assert p[TCP].ack == (isn + 1) & 0xFFFFFFFF and p[TCP].options == [("MSS", 1460)]
+        assert p[Ether].dst == "02:66:" + ":".join(f"{b:02x}" for b in src[2:]) + ":00:00"
+        want = max(m for m in MSS_TABLE if m <= min(mss, 1460))
+        assert st.isn.check_cookie(src + SIP + struct.pack("!HH", sport, 80), isn, p[TCP].seq, 1000.0 + k) == want
+    assert st.counters["tcp_syncookies_sent"] == 300 and not st.conns
+
+
+def test_syn_gate_budget():
+    """SynGate (rings/base.py): idle reads keep `idle`; busy ones one per `share`
+    frames plus the token bucket; trusted sources always (up to quota), and
+    the untrusted ones drawn evenly."""
+    g = SynGate(rng=random.Random(1))
+    assert g.allow(0, 10.0) == g.quota                 # no flood: every SYN (up to quota)
+    g.pressure = True
+    assert g.allow(0, 10.0) == g.idle                  # nothing else in the read, no tokens yet
+    assert g.allow(80, 10.0) == 10                     # 80 frames: 10 SYNs
+    g.spend(10)
+    assert g.allow(80, 10.0 + 2 ** -8) == 10 + 7       # 3.9 ms of 2000/s: 7.8 tokens
+    g.spend(17)
+    assert g.allow(80, 10.0 + 2 ** -8) == 10           # spent
+    assert g.allow(80, 20.0) == 10 + g.burst           # the bucket holds at most `burst`
+    srcs = [bytes([198, 19, 0, k % 250]) for k in range(400)]
+    g.trusted[bytes([198, 19, 0, 7])] = None
+    keep = g.pick(srcs, 26)
+    trusted = [k for k in range(400) if k % 250 == 7]
+    assert set(trusted) <= set(keep) and len(keep) == len(trusted) + 26 and keep == sorted(keep)
+    others = [k for k in keep if k not in trusted]
+    gaps = {(b - a) % 400 for a, b in zip(others, others[1:] + others[:1])}
+    assert max(gaps) - min(gaps) <= 2, gaps            # evenly spaced over the read
+    assert g.allow(80, 20.0) == 10                     # the 16 tokens went to those beyond the share
+    g.quota = 1
+    assert g.pick(srcs, 0) == [7]                       # at most quota trusted SYNs a read

@@ -44,13 +44,15 @@ and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
 SYN floods (RFC 4987). The defence has three parts. (1) Before the stack:
-in an overloaded pass the serve loop (serve.py) drains the ring, hands the
-stack every segment of known connections first and only a bounded, evenly
-drawn share of the SYNs (each SYN kept with the same probability, so a
-real client's retransmitted SYN gets in with odds budget / SYNs per try).
-(2) Here, answering a SYN costs as little as possible: once the backlog
-is full, `_cookie_synack` packs the SYN-ACK and its two sums flat, with
-no state and no segment objects, on both the fast and the general path.
+a SynGate (rings/base.py; in the SYN ring or the serve loop) hands the
+stack segments of known connections first, every SYN of a source in
+`syn_trusted` (filled by `established`: it answered our SYN-ACK, so it is
+not spoofed) and of the other SYNs only a budget (a share of the frames
+served plus a token bucket), evenly drawn, so a new client's SYN gets in
+with odds budget / SYNs per try. (2) Here, answering a SYN costs as
+little as possible: once the backlog is full, `_cookie_synack` packs the
+SYN-ACK in one call with both sums added up from the fields, with no
+state and no segment objects, on both the fast and the general path.
 (3) Pressure: a full backlog puts the stack under pressure for
 `_PRESSURE_S` (10 s after it was last full). Meanwhile every SYN gets a
 cookie, even when half-open slots have freed up (no new half-open state
@@ -117,7 +119,7 @@ from .rings.base import GSO, Offload
 from .route import RouteTable, TableFull
 from .tcp import ACK, FIN, RST, SYN, Options, TcpSegment
 from .udp import UdpDatagram, UdpPorts
-from .wire import Malformed, csum, ip_bytes, sum_ok
+from .wire import Malformed, ip_bytes, sum_ok
 
 __all__ = ["Stack", "StackConfig", "imf_fixdate"]
 
@@ -141,6 +143,7 @@ TMPL_CACHE_MAX = 4096           # peer MAC + IP
 CONN_TMPL_MAX = 16384           # peer MAC + IP + port
 OPTS_CACHE_MAX = 16384          # (template, SYN-ACK options)
 MSS_CACHE_MAX = 1024            # peer's MSS option
+TRUSTED_MAX = 16384             # IPv4 sources that completed a handshake (syn_trusted)
 HDR_CACHE_MAX = 8192            # prebuilt response x Connection value (not client-keyed: the store's size)
 _IP6 = struct.Struct("!IHBB16s16s")                 # version/class/flow, payload length, next header, hops, src, dst
 _V4MAPPED = bytes(10) + b"\xff\xff"
@@ -238,6 +241,9 @@ class Stack:
         self.conns = {}             # raw 4-tuple (src ip, dst ip, sport, dport as received) -> Conn
         self.tw = {}                # TIME-WAIT: raw 4-tuple -> (expiry, snd_nxt, rcv_nxt, peer_mac)
         self.n_synrcvd = 0
+        # IPv4 source -> None: completed a handshake, so its SYNs pass the flood gate
+        # (rings/base.py SynGate; the serve loop hands it this table)
+        self.syn_trusted = {}
         self.arp = ArpCache(config.arp_ttl, config.arp_cache_size)
         self.date = None            # 29 bytes once set_date was called; until then the stored placeholder
         self.date_gen = 0
@@ -469,7 +475,8 @@ class Stack:
              "hdr_cache": (len(self._hdr_cache), HDR_CACHE_MAX), "tmpl_cache": (len(self._tmpl_cache), TMPL_CACHE_MAX),
              "conn_tmpl": (len(self._conn_tmpl), CONN_TMPL_MAX), "opts_cache": (len(self._opts_cache), OPTS_CACHE_MAX),
              "mss_cache": (len(self._mss_cache), MSS_CACHE_MAX), "arp": (len(self.arp), self.arp.size),
-             "isn_cache": (len(self.isn._fcache), _isn._FCACHE_MAX), "counters": (len(self.counters), None),
+             "isn_cache": (len(self.isn._fcache), _isn._FCACHE_MAX),
+             "syn_trusted": (len(self.syn_trusted), TRUSTED_MAX), "counters": (len(self.counters), None),
              "ooo_segments": (max((len(c.ooo) for c in self.conns.values()), default=0), cfg.ooo_segments),
              "ooo_bytes": (max((c.ooo_bytes for c in self.conns.values()), default=0), cfg.ooo_limit),
              "send_queue": (max((len(c.q) for c in self.conns.values()), default=0), None)}
@@ -824,6 +831,9 @@ class Stack:
             if hl == 40 and b[54] == 2 and b[55] == 4 and b[70:73] == b"\x01\x03\x03":
                 mss = (b[56] << 8) | b[57]                  # Linux: MSS, SACK-perm, TS, NOP, WS
                 ws = b[73] if b[73] < 14 else 14            # RFC 7323 §2.3
+            elif hl == 24 and b[54] == 2 and b[55] == 4:
+                mss = (b[56] << 8) | b[57]                  # MSS alone (many stacks, and floods)
+                ws = None
             elif hl > 20:
                 o = Options.parse(b[54:34 + hl])
                 mss, ws = o.mss, o.wscale
@@ -853,25 +863,38 @@ class Stack:
 
     def _cookie_synack(self, mac, ip, port, key, seq, peer_mss, now, dport=None) -> None:
         """Answer a SYN with a SYN cookie (isn.py) and keep no state: one packed
-        header, two sums. While the backlog is full (a flood) this is every
-        SYN's cost, so it is built flat rather than through the segment objects.
-        A full backlog puts the stack under pressure for _PRESSURE_S: every SYN
-        gets a cookie and half-open connections get fewer retries (synack_retries)."""
+        frame. While the backlog is full (a flood) this is every SYN's cost, so
+        it is built flat rather than through the segment objects, and both sums
+        are added up from the fields (RFC 1071: a 32-bit value read as one
+        integer is congruent mod 0xFFFF to the sum of its two 16-bit words)
+        instead of summing the packed bytes. A full backlog puts the stack
+        under pressure for _PRESSURE_S: every SYN gets a cookie and half-open
+        connections get fewer retries (synack_retries)."""
         cfg = self.cfg
         our = cfg.mtu - 40
         cookie = self.isn.cookie(key, seq, min(peer_mss or 536, our), now)
         self._cookies_until = now + 130.0               # a cookie is valid for 64-128 s
         if self.n_synrcvd >= cfg.syn_backlog and cfg.syncookies == "auto":
             self._pressure_until = now + _PRESSURE_S
-        h = bytearray(_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, 0, self.ipb, ip,
-                                 dport or cfg.port, port, cookie, (seq + 1) & MASK, 0x60, SYN | ACK, cfg.rcv_wnd, 0, 0,
-                                 0x02040000 | our))
-        h[24:26] = csum(h[14:34]).to_bytes(2, "big")
-        h[50:52] = csum(h[34:58], int.from_bytes(self.ipb + ip, "big") + PROTO_TCP + 24).to_bytes(2, "big")
-        self.txq.append((bytes(h), None, None))
+        ipb = self.ipb
+        addrs = int.from_bytes(ipb, "big") + int.from_bytes(ip, "big")
+        dport = dport or cfg.port
+        ack = (seq + 1) & MASK
+        wnd = cfg.rcv_wnd
+        # IPv4: 0x4500, length 44, id 0, DF, TTL 64 / TCP; TCP: pseudo header (protocol,
+        # length 24), ports, cookie, ack, offset 6 + SYN|ACK, window, MSS option
+        ip_sum = (-(0x4500 + 44 + 0x4000 + 0x4006 + addrs)) % 0xFFFF
+        tcp_sum = (-(addrs + PROTO_TCP + 24 + dport + port + cookie + ack + 0x6012 + wnd + 0x0204 + our)) % 0xFFFF
+        self.txq.append((_COOKIE_SA(mac, self.mac, ETH_IPV4, 0x45, 0, 44, 0, 0x4000, 64, PROTO_TCP, ip_sum, ipb, ip,
+                                    dport, port, cookie, ack, 0x60, SYN | ACK, wnd, tcp_sum, 0, 0x02040000 | our),
+                         None, None))
         cnt = self.counters
         cnt["tcp_out_segments"] += 1
         cnt["tcp_syncookies_sent"] += 1
+
+    def under_pressure(self, now: float) -> bool:
+        """A SYN flood: the backlog overflowed in the last _PRESSURE_S (or cookies "always")."""
+        return now < self._pressure_until
 
     def synack_retries(self, now: float) -> int:
         """SYN-ACK retransmissions a half-open connection gets before it is
@@ -965,6 +988,13 @@ class Stack:
     def established(self, c: Conn, from_syn_rcvd: bool = True) -> None:
         if from_syn_rcvd:
             self.n_synrcvd -= 1
+        # the source answered our SYN-ACK, so it is not spoofed: its SYNs pass the flood gate
+        k = c.key
+        if len(k) == 12:                           # IPv4 (the SYN ring's filter is IPv4 only)
+            t = self.syn_trusted
+            if len(t) >= TRUSTED_MAX:
+                t.clear()
+            t[k[:4]] = None
         self.counters["tcp_established"] += 1       # (its HTTP state comes with its first data: Conn._deliver)
 
     def remove(self, c: Conn) -> None:

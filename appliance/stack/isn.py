@@ -25,6 +25,7 @@ __all__ = ["IsnGenerator", "MSS_TABLE"]
 
 MSS_TABLE = (536, 1200, 1360, 1400, 1440, 1452, 1460, 8960)
 _SLOT = 64.0
+_MSS_IDX = {m: i for i, m in enumerate(MSS_TABLE)}     # the common MSS values: no search
 _FCACHE_MAX = 65536     # 4-tuples whose F() is kept (~100 bytes each)
 
 
@@ -57,10 +58,12 @@ class IsnGenerator:
         return int.from_bytes(h.digest(), "big")
 
     def cookie(self, tuple4: bytes, peer_isn: int, mss: int, now: float) -> int:
-        idx = 0
-        for i, m in enumerate(MSS_TABLE):
-            if m <= mss:
-                idx = i
+        idx = _MSS_IDX.get(mss)
+        if idx is None:
+            idx = 0
+            for i, m in enumerate(MSS_TABLE):
+                if m <= mss:
+                    idx = i
         t = int(now / _SLOT) & 31
         return (t << 27) | (idx << 24) | self._hash(tuple4, peer_isn, t, idx)
 

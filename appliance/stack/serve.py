@@ -16,26 +16,22 @@ batch loop until a signal or `stop_event`:
 One wake-up serves a whole batch; the loop only sleeps after a scan found
 the RX ring empty (and so handed every slot back; see rings/tpacket.py).
 
-Overload (a SYN flood). A full batch means frames arrive faster than they
-are handled, and once the RX ring is full the kernel drops whatever comes
-next: segments of established connections with the flood's SYNs. So a
-full batch is followed by more reads (up to DRAIN batches, the whole
-default ring) and the SYNs among them are shed before the stack sees them:
-a shed SYN costs one small copy and a few byte tests, an answered one a
-cookie and a SYN-ACK, so a pass that sheds keeps the ring draining. In
-what is kept, every other frame goes first, in arrival order (segments of
-known connections are never shed), then at most max(SYN_BUDGET, the other
-frames) SYNs. Those are every (SYNs / budget)-th SYN of the pass from a
-random offset: every SYN of the pass has the same chance, budget / SYNs,
-whatever its place in the ring (tail drop would favour whichever burst
-came first, and drop a SYN that arrives behind a burst every time).
-A legitimate client retransmitting its SYN thus gets a SYN-ACK with that
-probability per attempt (see _shed_syns). A connection-per-request load
-has several other frames per SYN and is never shed. Before all this, the
-device keeps pure SYNs on a ring of their own and adds to each batch, after
-the main ring's frames, a fair sample of them no larger than those frames
-(rings/tpacket.py), so a flood can neither fill nor delay the ring that
-established connections use.
+Overload (a SYN flood). Answering a SYN (a cookie and a SYN-ACK) costs as
+much as serving several segments of known connections, so which SYNs the
+stack sees is decided before it, by a SynGate (rings/base.py): every SYN
+from a source that completed a handshake before (the stack's syn_trusted:
+a spoofed source never does), and of the rest a budget, an even draw
+(each with the same odds whatever its place): up to 8 in a read that
+brought nothing else, else one per 8 frames of known connections plus a
+token bucket of 2,000 per second. The TPACKET device keeps pure SYNs on a
+ring of their own and gates them there (rings/tpacket.py), so a flood can
+neither fill nor delay the ring that established connections use, and
+shedding costs a few byte reads per SYN. For other devices, a full batch
+(frames arrive faster than they are handled, and once the RX ring is full
+the kernel drops at random) is followed by more reads (up to DRAIN
+batches, the whole default ring) and the loop gates the SYNs among them
+(_shed_syns): every other frame goes first, in arrival order, then the
+SYNs the gate keeps. The loop waits on the fds of every ring in one poll.
 Timers use time.monotonic(); the wall clock is read once a second for the
 Date header (`stack.set_date`). Signals are delivered through a wake-up
 pipe polled next to the ring, so SIGINT/SIGTERM end the wait at once.
@@ -66,6 +62,7 @@ import signal
 import time
 
 from .counters import Counters
+from .rings.base import SynGate
 
 __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
@@ -73,7 +70,6 @@ BATCH = 256          # frames taken from the RX ring per scan
 DRAIN = 4            # batches read in one pass while overloaded (the default ring: 1024 slots)
 MAX_WAIT = 1.0       # seconds; the Date header is refreshed at least this often
 PENDING_WAIT = 0.001  # seconds; the longest wait while frames wait for room in the TX ring
-SYN_BUDGET = 32      # SYNs always handled per overloaded pass, however many (see _shed_syns)
 
 
 class Ready:
@@ -195,9 +191,21 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     events = stack.events
     mono = clock
     poller = select.poll()
-    fd = dev.fileno()
-    if fd >= 0:
-        poller.register(fd, select.POLLIN)
+    # every ring's own fd (TPACKET: main, SYN, ARP) rather than an epoll around
+    # them: one poll, no nested wake-up per frame
+    fds = dev.filenos() if hasattr(dev, "filenos") else [dev.fileno()]
+    for fd in fds:
+        if fd >= 0:
+            poller.register(fd, select.POLLIN)
+    # SYNs: a device with a SYN ring has its own gate (rings/tpacket.py); for the
+    # others the overloaded passes go through this one. Both trust the sources
+    # the stack saw complete a handshake.
+    syn_gate = getattr(dev, "syn_gate", None)
+    gate = None
+    if not isinstance(syn_gate, SynGate):
+        syn_gate = gate = SynGate(rng=_RNG)
+    syn_gate.trusted = stack.syn_trusted
+    pressure = stack.under_pressure
     if wake_fd >= 0:
         poller.register(wake_fd, select.POLLIN)
     wait = poller.poll
@@ -213,6 +221,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
             if tick is not None:
                 tick()
+        syn_gate.pressure = pressure(now)       # the SYN budget applies during a flood only
         frames = rx(batch)
         fok = oks
         if len(frames) >= batch:        # (a TPACKET device adds a sample of its SYN ring to a batch)
@@ -229,7 +238,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
                     fok += oks
                 if len(more) < batch:
                     break
-            shed += _shed_syns(frames, fok)
+            if gate is not None:
+                shed += _shed_syns(frames, fok, gate, now)
         if fok is None:
             for f in frames:
                 try:
@@ -281,28 +291,25 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
 _RNG = random.Random()     # which SYNs an overloaded pass keeps (seeded from the OS)
 
 
-def _shed_syns(frames: list, oks, budget: int = SYN_BUDGET, rng=None) -> int:
+def _shed_syns(frames: list, oks, gate: SynGate, now: float) -> int:
     """Order an overloaded pass (in place, `oks` kept aligned): every frame
-    that is not an IPv4 TCP SYN (no ACK/RST) first, in arrival order, then at
-    most max(budget, those frames) of the SYNs, evenly spaced from a random
-    offset, so that each SYN is kept with the same probability, allow / SYNs.
-    Returns how many SYNs were dropped."""
+    that is not an IPv4 TCP SYN (no ACK/RST) first, in arrival order, then
+    the SYNs `gate` lets through for that many other frames (every one from
+    a trusted source, an even draw of the rest within the budget; see
+    SynGate). Returns how many SYNs were dropped."""
     flags = [len(f) > 47 and f[23] == 6 and f[14] == 0x45 and f[12] == 8 and f[13] == 0
              and f[47] & 0x16 == 0x02 for f in frames]
     syns = sum(flags)
     if not syns:
         return 0
     n = len(frames)
-    allow = max(budget, n - syns)
     keep = [k for k in range(n) if not flags[k]]
     si = [k for k in range(n) if flags[k]]
+    allow = gate.allow(n - syns, now)
     if syns > allow:
-        # every step-th SYN from a random offset: a random shift of an evenly spaced
-        # comb, so each SYN is kept with probability exactly allow / syns, and
-        # neighbours (one client's burst) do not share their fate
-        step = syns / allow
-        start = (rng or _RNG).random() * syns
-        si = [si[int(start + i * step) % syns] for i in range(allow)]
+        si = [si[j] for j in gate.pick([bytes(frames[k][26:30]) for k in si], allow)]
+    else:
+        gate.spend(syns)
     keep += si
     frames[:] = [frames[k] for k in keep]
     if oks is not None:

@@ -27,10 +27,15 @@ batch). A Frame is
 
 `Offload` says what the device can do; the stack only emits gso frames for
 capabilities that are set (csum for NEEDS_CSUM, tso for gso_size > 0).
+
+`SynGate` is the SYN-flood budget shared by the TPACKET SYN ring and the
+serve loop's overloaded passes: which pure SYNs of a read are handed to the
+stack and which are shed (see its docstring).
 """
+import random
 from typing import NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["Offload", "GSO", "Frame", "Device", "NO_OFFLOAD", "frame_bytes"]
+__all__ = ["Offload", "GSO", "Frame", "Device", "NO_OFFLOAD", "frame_bytes", "SynGate"]
 
 
 class Offload(NamedTuple):
@@ -72,3 +77,87 @@ class Device(Protocol):
 
     def tx_batch(self, frames: list) -> int:
         """Send `Frame` tuples; returns how many were sent (the rest may be retried)."""
+
+
+class SynGate:
+    """How many pure SYNs of one read the stack may answer, and which (RFC 4987).
+
+    Answering a SYN (a cookie and a SYN-ACK, ~5 µs of Python) costs as much
+    as serving several segments of an established connection, so a flood the
+    core cannot absorb must not get the core. Without `pressure` (the serve
+    loop sets it while the stack's SYN backlog has overflowed recently, see
+    Stack.under_pressure) every SYN is kept, up to `quota` a read. Under
+    pressure, per read, with `others` frames of known connections
+    (everything that is not a pure SYN) taken in it:
+
+    - SYNs from a trusted source are all kept (at most `quota`): `trusted` is
+      the stack's table of IPv4 sources that completed a handshake
+      (Stack.syn_trusted). A spoofed source never does: it cannot see our
+      SYN-ACK. So clients that connected before, a connection-per-request
+      load above all, are not shed with a flood. (An attacker who knows a
+      client's address can spoof it and get `quota` SYNs per read through.)
+    - Other SYNs get a budget: `idle` when the read had nothing else (the
+      core has nothing better to do, so an idle server answers a flood at
+      full speed), else one per `share` frames of known connections (a
+      share of the busy core's work) plus a token bucket of `rate` per
+      second (a floor for new clients whatever the load). Beyond the budget
+      they are shed, each with the same odds (budget / such SYNs of the
+      read): an evenly spaced comb from a random offset, so neither the
+      flood's bursts nor a lone client's place in the ring decides.
+
+    `now` is passed in (the ring reads the monotonic clock, tests a fake one).
+    """
+
+    def __init__(self, quota: int = 256, idle: int = 8, share: int = 8, rate: float = 2000.0,
+                 burst: int = 16, rng=None):
+        self.quota, self.idle, self.share, self.rate, self.burst = quota, idle, share, rate, burst
+        self.trusted = {}           # IPv4 source (4 bytes) -> None; Stack.syn_trusted once the loop binds it
+        self.pressure = False       # a flood: the budget applies (set by the serve loop every pass)
+        self.rng = rng or random.Random()
+        self._tokens = 0.0
+        self._t = None
+        self._base = 0
+
+    def allow(self, others: int, now: float) -> int:
+        """The untrusted SYNs this read may keep; then spend() what was kept."""
+        if not self.pressure:
+            self._base = self.quota
+            return self.quota
+        t = self._t
+        tok = self._tokens
+        if t is not None and now > t:
+            tok += (now - t) * self.rate
+            if tok > self.burst:
+                tok = self.burst
+        self._t = now
+        self._tokens = tok
+        base = self._base = self.idle if others <= 0 else others // self.share
+        a = base + int(tok)
+        return a if a < self.quota else self.quota
+
+    def spend(self, kept: int) -> None:
+        over = kept - self._base
+        if over > 0:
+            self._tokens -= over
+
+    def pick(self, srcs: list, allow: int) -> list:
+        """Indices (in order) of the SYNs to keep, from their 4-byte sources
+        (arrival order) when there are more than `allow`: every trusted one
+        (up to quota), and `allow` of the others evenly drawn. Spends."""
+        trusted = self.trusted
+        keep = [k for k, s in enumerate(srcs) if s in trusted]
+        other = [k for k, s in enumerate(srcs) if s not in trusted] if keep else list(range(len(srcs)))
+        if len(keep) > self.quota:
+            keep = keep[:self.quota]
+        n = len(other)
+        if n > allow:
+            if allow > 0:
+                step = n / allow
+                start = self.rng.random() * n
+                other = [other[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
+            else:
+                other = []
+        self.spend(len(other))
+        keep += other
+        keep.sort()
+        return keep

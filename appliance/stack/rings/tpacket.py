@@ -57,11 +57,19 @@ get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
 connections' segments with the flood's) nor queue ahead of its frames.
-rx_batch empties the SYN ring on every call and keeps, after the main
-ring's frames, as many SYNs as it took other frames (at least SYN_MIN, at
-most syn_quota), evenly spaced from a random offset so that every SYN has
+Without a flood rx_batch reads the SYN ring after the main ring like any
+other (a connection-per-request load pays nothing more for it). Under
+pressure (`syn_gate.pressure`, set by the serve loop while the stack's SYN
+backlog overflows) it empties the SYN ring on every call (when the mmap
+says a frame waits: no system call) and keeps, after the main ring's
+frames, what the SYN gate (`syn_gate`, rings/base.py SynGate) lets
+through: every SYN of a source that completed a handshake before, and of
+the others a budget (up to SYN_MIN when the read took nothing else, else
+one per 8 main-ring frames plus 2,000/s), evenly drawn so that each has
 the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
-kernel_syn_drops, only what arrives while the SYN ring is full). With
+kernel_syn_drops, only what arrives while the SYN ring is full). The loop
+waits on every socket's fd in one poll (`filenos`), not on the epoll fd
+around them (`fileno`), which costs a nested wake-up per frame. With
 `fanout` the SYN sockets form a second PACKET_FANOUT_HASH group; every worker
 joins both groups inside one lock (an abstract Unix socket name), so both
 groups list the workers in the same order and a flow's SYN and its later
@@ -73,14 +81,13 @@ import array
 import errno
 import fcntl
 import mmap
-import random
 import select
 import socket
 import struct
 import time
 
 from ..wire import csum
-from .base import Offload
+from .base import Offload, SynGate
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
@@ -101,10 +108,10 @@ PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
-SYN_FRAMES = 2048                 # SYN ring slots: ~30 ms of a 65k SYN/s flood between two reads
+SYN_FRAMES = 4096                 # SYN ring slots: ~60 ms of a 65k SYN/s flood between two reads (a busy host)
 SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
-SYN_QUOTA = 256                   # SYNs kept per rx_batch at most ...
-SYN_MIN = 8                       # ... and at least, or as many as main-ring frames in between
+SYN_QUOTA = 256                   # SYNs kept per rx_batch at most (SynGate.quota)
+SYN_MIN = 8                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -130,6 +137,7 @@ VNET = struct.Struct("=BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_sta
 REQ = struct.Struct("=IIII")      # struct tpacket_req
 STATUS = struct.Struct("=I")
 STATUS_LEN = struct.Struct("=II")
+MAC_OFF = struct.Struct("=H")     # tp_mac, at 12 in the tpacket2_hdr
 ZERO_VNET = bytes(VNET_HDR_LEN)
 ZERO4 = bytes(4)
 BE16 = struct.Struct("!H")
@@ -155,9 +163,6 @@ TX_FRAME_SMALL = 2048
 TX_BLOCK_SMALL = 1 << 16
 PENDING_MAX = 4096                # frames waiting for room before new ones are dropped
 _FULL = (errno.ENOBUFS, errno.EAGAIN, errno.EWOULDBLOCK)
-
-
-_RNG = random.Random()     # which SYNs a read of the SYN ring keeps (seeded from the OS)
 
 
 class TpacketError(OSError):
@@ -342,8 +347,10 @@ class TpacketDevice:
         self._kstats = [0, 0, 0, 0]  # PACKET_STATISTICS summed over reads (see kernel_stats)
         self._syn_sock = None
         self._syn_ring = None
-        self.syn_quota = syn_quota
+        # which SYNs a read keeps (rings/base.py); serve binds its `trusted` to the stack's table
+        self.syn_gate = SynGate(quota=syn_quota, idle=SYN_MIN)
         self._rx = []
+        self._rx_calm = []            # _rx and the SYN ring: what rx_batch reads when not under pressure
         self._mm = []
         self._epoll = None
         self._csock = None
@@ -478,6 +485,7 @@ class TpacketDevice:
             self._epoll = select.epoll()
             self._epoll.register(s.fileno(), select.EPOLLIN)
             self._epoll.register(a.fileno(), select.EPOLLIN)
+        self._rx_calm = self._rx + ([self._syn_ring] if self._syn_ring is not None else [])
         if syn_port is not None:
             if self._epoll is None:
                 self._epoll = select.epoll()
@@ -489,6 +497,11 @@ class TpacketDevice:
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
 
+    def filenos(self) -> list:
+        """The fds of every RX ring (main, SYN, ARP), for one poll(): cheaper than
+        polling the epoll fd that fileno() gives (a second wake-up per frame)."""
+        return [s.fileno() for s in self._socks if s is not self._csock]     # (it receives nothing)
+
     def rx_batch(self, max_frames: int = 256) -> list:
         """Frames in the RX ring(s), as bytes.
 
@@ -498,9 +511,10 @@ class TpacketDevice:
         once. Truncated frames (larger than a slot) and our own outgoing ones
         are counted and dropped; partial checksums are completed, or vouched
         for in rx_csum_ok with trust_csum. Runs once per wake-up: locals only.
-        The SYN ring (syn_port) is emptied last and adds a fair sample of its
-        SYNs (see _take_syns) on top of max_frames: a flood never takes the
-        main ring's share.
+        The SYN ring (syn_port) is read last: without pressure like the
+        others, within max_frames; under pressure (a flood: syn_gate.pressure)
+        it is emptied and adds what the gate keeps (see _take_syns) on top
+        of max_frames: a flood never takes the main ring's share.
         """
         zero = ZERO4
         out = []
@@ -512,7 +526,11 @@ class TpacketDevice:
         unpack = TPACKET2_HDR.unpack_from
         left = max_frames
         ncsum = 0
-        for ring in self._rx:
+        syn = self._syn_ring
+        # no flood: the SYN ring is read like the others, slot by slot (a connection-
+        # per-request load pays nothing for it); under pressure the gate chooses (_take_syns)
+        calm = syn is not None and not self.syn_gate.pressure
+        for ring in (self._rx_calm if calm else self._rx):
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
             taken = 0
@@ -538,8 +556,7 @@ class TpacketDevice:
                 mm[off:off + 4] = zero    # TP_STATUS_KERNEL: the slot is the kernel's again
             ring.head = i
             left -= taken
-        syn = self._syn_ring
-        if syn is not None and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
+        if syn is not None and not calm and syn.mm[syn.slots[syn.head]] & TP_STATUS_USER:   # SYNs waiting
             ncsum += self._take_syns(out, max_frames - left)
         c = self.counters
         c["rx_frames"] += len(out)
@@ -548,14 +565,14 @@ class TpacketDevice:
         return out
 
     def _take_syns(self, out, others: int) -> int:
-        """Empty the SYN ring; append to `out` at most max(SYN_MIN, `others`)
-        (and syn_quota) of its SYNs, evenly spaced from a random offset: each
-        SYN that arrived since the last call is kept with the same odds,
-        whatever its place (the kernel's tail drop, reading only the first
-        few, would keep whichever burst comes right after a read, a flood's
-        burst far more often than a client's lone SYN). The others are
-        counted (rx_syn_shed) and their slots handed back unread. Returns how
-        many partial checksums were completed."""
+        """Empty the SYN ring; append to `out` the SYNs the gate lets through
+        (SynGate, rings/base.py: every SYN of a trusted source, and within the
+        budget for `others` main-ring frames an even draw of the rest, each
+        with the same odds whatever its place: the kernel's tail drop,
+        reading only the first few, would keep whichever burst comes right
+        after a read, a flood's burst far more often than a client's lone
+        SYN). The others are counted (rx_syn_shed) and their slots handed
+        back unread. Returns how many partial checksums were completed."""
         ring = self._syn_ring
         mm, slots, nr = ring.mm, ring.slots, ring.nr
         i = ring.head
@@ -570,13 +587,18 @@ class TpacketDevice:
         n = len(ready)
         if not n:
             return 0
-        allow = min(self.syn_quota, max(SYN_MIN, others))
+        gate = self.syn_gate
+        allow = gate.allow(others, time.monotonic())
         keep = ready
         if n > allow:
-            step = n / allow
-            start = _RNG.random() * n
-            keep = [ready[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
+            # the IPv4 sources: every frame here passed the filter (Ethernet, no VLAN
+            # tag), so the link header is 14 bytes and tp_mac the same in every slot
+            a = MAC_OFF.unpack_from(mm, ready[0] + 12)[0] + 26
+            b = a + 4
+            keep = [ready[k] for k in gate.pick([mm[o + a:o + b] for o in ready], allow)]
             self.counters["rx_syn_shed"] += n - len(keep)
+        else:
+            gate.spend(n)
         ncsum = 0
         trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
@@ -833,6 +855,7 @@ class TpacketDevice:
             except BufferError:
                 pass
         self._rx = []
+        self._rx_calm = []
         if self._syn_ring is not None:
             try:
                 self._syn_ring.mv.release()
