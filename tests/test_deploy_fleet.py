@@ -6,8 +6,13 @@ byte, then, during a series of downloads on fresh connections, quits one
 guest through its QMP socket (the power cut of a cloud instance). HAProxy's
 own statistics (its admin socket) say when its health check took the
 guest out: from then on no request may fail, and every body must match
-the manifest. The command restarts the guest; once HAProxy has it UP
-again, it must take connections again. Ctrl-C then leaves no namespace,
+the manifest. Two idle keep-alive connections, one to each guest, are held
+across the kill: once the guest is out, HAProxy must have closed the one
+to it (a dead guest sends no FIN: left open, a client's next request, or
+the rest of a download, would hang until a timeout; that is how this test
+once stalled), and the other one must still serve byte for byte. The
+command restarts the guest; once HAProxy has it UP again, it must take
+connections again. Ctrl-C then leaves no namespace,
 QEMU or HAProxy behind.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import http.client
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -100,9 +106,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _keepalive(port: int, url: str) -> http.client.HTTPConnection:
+    """A connection through the balancer that served url and is kept open (HTTP/1.1 keep-alive)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn.request("GET", url, headers={"Accept-Encoding": "identity"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and not resp.will_close, (resp.status, resp.getheaders())
+    conn.body = resp.read()
+    return conn
+
+
 @pytest.mark.vm
-@pytest.mark.xfail(strict=False, reason="flaky: in 2 of 5 full suite runs the download series logged no "
-                   "request at all after the guest was taken down (a stuck client thread?); under diagnosis")
 def test_fleet_fails_over_and_takes_the_guest_back(image):
     from qemu.qmp.legacy import QEMUMonitorProtocol
     proc = subprocess.Popen([sys.executable, "-m", "vm", "fleet", str(image.folder), "-n", "2"], cwd=sup.REPO,
@@ -131,7 +145,12 @@ def test_fleet_fails_over_and_takes_the_guest_back(image):
 
         urls = sorted(image.urls)
         want = {u: check.expected(image, u, None)[0] for u in urls}
-        log: list[tuple[float, str, bool, str]] = []           # (start, url, ok, detail)
+        # two idle keep-alive connections: round-robin puts one on each guest (nothing else is open)
+        idle = [_keepalive(port, "/index.html"), _keepalive(port, "/index.html")]
+        assert all(hashlib.sha256(c.body).hexdigest() == want["/index.html"] for c in idle)
+        st = fleet.stats(stats_sock)
+        assert (st["app1"]["scur"], st["app2"]["scur"]) == ("1", "1"), {k: v["scur"] for k, v in st.items()}
+        log: list[tuple[float, str, bool, str, float]] = []     # (start, url, ok, detail, end)
         stop = threading.Event()
 
         def series():
@@ -142,9 +161,9 @@ def test_fleet_fails_over_and_takes_the_guest_back(image):
                 t = time.monotonic()
                 try:
                     ok = hashlib.sha256(_get(port, url)).hexdigest() == want[url]
-                    log.append((t, url, ok, "" if ok else "wrong body"))
+                    log.append((t, url, ok, "" if ok else "wrong body", time.monotonic()))
                 except (OSError, http.client.HTTPException, AssertionError) as e:
-                    log.append((t, url, False, f"{type(e).__name__}: {e}"))
+                    log.append((t, url, False, f"{type(e).__name__}: {e}", time.monotonic()))
         th = threading.Thread(target=series)
         th.start()
         try:
@@ -157,11 +176,23 @@ def test_fleet_fails_over_and_takes_the_guest_back(image):
                 qmp.close()
             except EOFError:                    # QEMU may exit before its reply
                 pass
-            deadline = time.monotonic() + 30
-            while fleet.stats(stats_sock)["app1"]["status"] == "UP":
-                assert time.monotonic() < deadline, "HAProxy never took app1 out"
-                time.sleep(0.1)
-            t_down = time.monotonic()
+            t_down = fleet.wait_status(stats_sock, "app1", "DOWN", 30)     # exactly: "UP 1/2" still gets traffic
+            # HAProxy closed the connection it had to the dead guest (which sends no FIN or RST:
+            # left open, the client's next request would hang); the one to the living guest
+            # still serves requests
+            ready, _, _ = select.select([c.sock for c in idle], [], [], 10)
+            assert len(ready) == 1, f"{len(ready)} of the 2 idle connections ended after app1 went DOWN"
+            cut = next(c for c in idle if c.sock in ready)
+            try:
+                assert cut.sock.recv(1) == b"", "data on the idle connection to the dead guest"
+            except ConnectionResetError:
+                pass
+            live = next(c for c in idle if c is not cut)
+            live.request("GET", "/about.html", headers={"Accept-Encoding": "identity"})
+            resp = live.getresponse()
+            assert resp.status == 200 and hashlib.sha256(resp.read()).hexdigest() == want["/about.html"]
+            for c in idle:
+                c.close()
             deadline = time.monotonic() + 400                     # the command boots it again
             while fleet.stats(stats_sock)["app1"]["status"] != "UP":
                 assert time.monotonic() < deadline, f"app1 never came back: {''.join(err)[-2000:]}"
@@ -172,10 +203,13 @@ def test_fleet_fails_over_and_takes_the_guest_back(image):
             stop.set()
             th.join(60)
         after_down = [r for r in log if r[0] >= t_down]
-        assert len(after_down) >= 20, len(after_down)
+        # a series that stalled (a request left hanging on the dead guest) logs too few
+        assert len(after_down) >= 20, (len(after_down), [(u, round(e - t, 1), d) for t, u, _, d, e in log[-3:]])
         failed = [r for r in after_down if not r[2]]
         assert not failed, failed[:5]
-        assert all(r[2] for r in log if r[0] < t_kill), [r for r in log if not r[2]][:5]
+        # before the kill everything served; a request in flight at the kill or started before
+        # HAProxy took the guest out may fail (the issue asks nothing of those)
+        assert all(r[2] for r in log if r[4] < t_kill), [r for r in log if not r[2] and r[4] < t_kill][:5]
         assert int(fleet.stats(stats_sock)["app1"]["stot"]) - back >= 3     # it takes traffic again
         assert any("app1 (198.18.60.11) stopped (QEMU exit" in l for l in err)
 

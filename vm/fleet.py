@@ -10,7 +10,14 @@ server keyword, setns(2) per connection). It balances TCP round-robin and
 checks every appliance with `GET /` each 500 ms: two failures take a
 server out, two successes put it back. A connection that cannot reach its
 server is retried on another one (`option redispatch`), so requests keep
-working while a dead appliance is still considered up.
+working while a dead appliance is still considered up. When a server is
+taken out, HAProxy closes the sessions it still had with it
+(`on-marked-down shutdown-sessions`): a dead guest sends no FIN or RST,
+so without that a client in the middle of a download from it would hang
+until a timeout (the client's, or `timeout server`) instead of seeing the
+connection end and trying again. HAProxy logs health changes and abnormal
+sessions (timeouts, cut ones; not the normal ones, which would grow the
+file without bound) to haproxy.log beside its admin socket.
 
 `Fleet.watch()` restarts a member whose QEMU exited (as an autoscaling
 group replaces an instance); the balancer puts it back once its checks
@@ -101,9 +108,16 @@ def haproxy_config(members: list[Member], ns: str, port: int, stats: Path) -> st
 global
     stats socket {stats} mode 600 level admin
     maxconn 4096
+    log stderr format iso local0 info
+    log stderr format iso local0 info
 
 defaults
     mode tcp
+    log global
+    option tcplog
+    option dontlog-normal
+    log global
+    option tcplog
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -118,7 +132,7 @@ backend appliances
     balance roundrobin
     option httpchk GET /
     http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
+    default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
 {servers}
 """
 
@@ -140,6 +154,19 @@ def stats(sock: Path) -> dict[str, dict]:
         if row.get("pxname") == "appliances" and row.get("svname") not in ("BACKEND", None):
             out[row["svname"]] = row
     return out
+
+
+def wait_status(sock: Path, server: str, status: str, timeout: float) -> float:
+    """Wait until HAProxy reports server exactly in status (UP, DOWN); the time it was seen.
+    Exactly: on the way down a server is "UP 1/2" (one check failed) and still gets traffic."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = stats(sock).get(server, {}).get("status")
+        if last == status:
+            return time.monotonic()
+        time.sleep(0.1)
+    raise VMError(f"HAProxy did not report {server} {status} within {timeout:.0f}s (last: {last})")
 
 
 @dataclass
@@ -178,15 +205,7 @@ class Fleet:
         return stats(self.stats_socket)
 
     def wait_status(self, server: str, status: str, timeout: float) -> float:
-        """Wait until HAProxy reports server in status (UP, DOWN); the time it was seen."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = self.stats().get(server, {}).get("status")
-            if last == status:
-                return time.monotonic()
-            time.sleep(0.1)
-        raise VMError(f"HAProxy did not report {server} {status} within {timeout:.0f}s (last: {last})")
+        return wait_status(self.stats_socket, server, status, timeout)
 
     def watch(self, timeout: float = 300) -> list[Member]:
         """Restart members whose QEMU exited; the ones restarted."""
