@@ -106,6 +106,53 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _vm_dir(pid: int) -> Path | None:
+    """The haboob-vm-* folder of a QEMU process (from its -qmp argument)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    m = next((re.search(rb"unix:(/\S+)/qmp\.sock", a) for a in argv if b"qmp.sock" in a), None)
+    return Path(m.group(1).decode()) if m else None
+
+
+@pytest.mark.vm
+def test_sigterm_while_booting_leaves_nothing_behind(image):
+    """SIGTERM (what a service manager sends) while the guests still boot, with SIGINT ignored as a
+    shell's background job has it: every QEMU, HAProxy, tap, the namespace and the folders go."""
+    fleets = set(Path("/tmp").glob("haboob-fleet-*"))
+    proc = subprocess.Popen([sys.executable, "-m", "vm", "fleet", str(image.folder), "-n", "2"], cwd=sup.REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        ours = f"hb{proc.pid % 1000000}"                      # vm.netns.unique: the fleet's namespace
+        deadline = time.monotonic() + 60
+        while True:                                           # both QEMU started, not yet ready
+            kids = _children(proc.pid)
+            dirs = [d for d in map(_vm_dir, kids) if d]
+            if len(dirs) == 2 and all((d / "serial.log").exists() for d in dirs):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        assert any(n.startswith(ours) for n in _netns())
+        kids = _children(proc.pid)                            # the QEMUs, and HAProxy if it started
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert "balancer:" not in out, "the fleet was up already: not a stop while booting"
+        assert "SIGTERM: stopped: appliances powered off, balancer and namespace removed" in err, err[-2000:]
+        assert not [n for n in _netns() if n.startswith(ours)]
+        assert set(Path("/tmp").glob("haboob-fleet-*")) <= fleets
+        for pid in kids:
+            assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} outlived vm fleet"
+        for d in dirs:
+            assert not d.exists(), d
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _keepalive(port: int, url: str) -> http.client.HTTPConnection:
     """A connection through the balancer that served url and is kept open (HTTP/1.1 keep-alive)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)

@@ -24,9 +24,12 @@ group replaces an instance); the balancer puts it back once its checks
 pass. Before anything starts, `preflight` refuses a fleet the machine
 cannot hold (memory, CPU: under TCG at most two guest vCPUs per host
 core) or a missing tool. Everything is torn down in reverse order on exit,
-also on Ctrl-C or error: the guests are powered off together (ACPI via
-QMP, QEMU killed after a grace time), then HAProxy, the taps, the bridge
-and the namespace.
+also on Ctrl-C, SIGTERM or error: the guests are powered off together
+(ACPI via QMP, QEMU killed after a grace time; a guest still booting is
+quit at once, as its PID 1 does not watch the power button yet), then
+HAProxy, the taps, the bridge and the namespace. The caller says which
+waits a signal may interrupt (`interruptible`, vm/stop.py's phases); a
+second signal kills every QEMU at once (`kill`).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from pathlib import Path
 
 from . import netns
 from .image import Image, VMError
-from .qemu import Machine, Options, _die_with_parent, free_port, kvm_usable
+from .qemu import READY, Machine, Options, _die_with_parent, free_port, kvm_usable
 
 SUBNET = "198.18.60"
 BRIDGE_IP = f"{SUBNET}.1/24"
@@ -177,6 +180,7 @@ class Fleet:
     memory: int | None = None
     port: int = 0
     echo: object = None                       # callable(str) for progress lines
+    interruptible: object = contextlib.nullcontext   # () -> context manager: a wait a signal may cut
     members: list[Member] = field(default_factory=list)
     ns: netns.Namespace | None = None
     haproxy: subprocess.Popen | None = None
@@ -251,12 +255,19 @@ class Fleet:
                                             stdout=log, stderr=log, start_new_session=True,
                                             preexec_fn=_die_with_parent)     # no balancer outlives us
             stack.callback(self._stop_haproxy)
-            for m in self.members:
-                ready = m.machine.wait_ready(ready_timeout)
-                self._say(f"{m.server} ready at {m.ip} ({ready['host_seconds']:.1f}s)")
-            for m in self.members:
-                self.wait_status(m.server, "UP", 30)
+            with self.interruptible():
+                for m in self.members:
+                    ready = m.machine.wait_ready(ready_timeout)
+                    self._say(f"{m.server} ready at {m.ip} ({ready['host_seconds']:.1f}s)")
+                for m in self.members:
+                    self.wait_status(m.server, "UP", 30)
             yield self
+
+    def kill(self) -> None:
+        """SIGKILL every QEMU now (from a signal handler: no waiting; the teardown's waits see them gone)."""
+        for m in self.members:
+            if m.machine is not None:
+                m.machine.kill()
 
     def _stop_haproxy(self) -> None:
         if self.haproxy and self.haproxy.poll() is None:
@@ -268,8 +279,12 @@ class Fleet:
                 self.haproxy.wait(5)
 
     def _stop_members(self) -> None:
-        """The ACPI power button to every guest at once, then wait; close() kills the late ones."""
-        running = [m.machine for m in self.members if m.machine and m.machine.proc.poll() is None]
+        """The ACPI power button to every booted guest at once, then wait; close() quits (QMP) or
+        kills the late ones and the ones still booting."""
+        running = [m.machine for m in self.members if m.machine and m.machine.proc and m.machine.proc.poll() is None]
+        for mach in running:
+            mach.poll_console()
+        running = [mach for mach in running if any(READY in line for line in mach.lines)]
         for mach in running:
             try:
                 mach.qmp("system_powerdown")
