@@ -112,15 +112,12 @@ global
     stats socket {stats} mode 600 level admin
     maxconn 4096
     log stderr format iso local0 info
-    log stderr format iso local0 info
 
 defaults
     mode tcp
     log global
     option tcplog
     option dontlog-normal
-    log global
-    option tcplog
     timeout connect 1s
     timeout client 30s
     timeout server 30s
