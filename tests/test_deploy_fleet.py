@@ -50,15 +50,21 @@ def _netns() -> set[str]:
     return {l.split()[0] for l in out.splitlines() if l.strip()}
 
 
+def _fleet_netns(pid: int) -> set[str]:
+    """The namespaces of the `vm fleet` process pid (vm.netns.unique names them; other tests on
+    the machine make theirs meanwhile)."""
+    return {n for n in _netns() if re.fullmatch(rf"hb{pid % 1000000}f\d+", n)}
+
+
 def test_too_large_a_fleet_is_refused_before_anything_starts(image, monkeypatch):
-    before = _netns()
-    proc = subprocess.run([sys.executable, "-m", "vm", "fleet", str(image.folder), "-n", "64"],
-                          capture_output=True, text=True, cwd=sup.REPO, timeout=60)
-    assert proc.returncode == 2, proc.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vm", "fleet", str(image.folder), "-n", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=sup.REPO)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
     cores = os.cpu_count()
     assert re.search(rf"-n 64: 64 appliances of 1 vCPU need 64 vCPUs; this machine has {cores} cores .*"
-                     rf"at most -n \d+", proc.stderr), proc.stderr
-    assert _netns() == before and "balancer" not in proc.stdout
+                     rf"at most -n \d+", err), err
+    assert not _fleet_netns(proc.pid) and "balancer" not in out and "booting" not in err
     # memory: what the guests and QEMU need against what is free
     monkeypatch.setattr(fleet, "mem_available_mb", lambda: 1000)
     with pytest.raises(VMError, match=r"-n 4: 4 appliances of 256 MB \(\+96 MB for QEMU each\) need 1408 MB; "
@@ -125,7 +131,6 @@ def test_sigterm_while_booting_leaves_nothing_behind(image):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        ours = f"hb{proc.pid % 1000000}"                      # vm.netns.unique: the fleet's namespace
         deadline = time.monotonic() + 60
         while True:                                           # both QEMU started, not yet ready
             kids = _children(proc.pid)
@@ -134,14 +139,14 @@ def test_sigterm_while_booting_leaves_nothing_behind(image):
                 break
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.05)
-        assert any(n.startswith(ours) for n in _netns())
+        assert _fleet_netns(proc.pid)
         kids = _children(proc.pid)                            # the QEMUs, and HAProxy if it started
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err[-2000:]
         assert "balancer:" not in out, "the fleet was up already: not a stop while booting"
         assert "SIGTERM: stopped: appliances powered off, balancer and namespace removed" in err, err[-2000:]
-        assert not [n for n in _netns() if n.startswith(ours)]
+        assert not _fleet_netns(proc.pid)
         assert set(Path("/tmp").glob("haboob-fleet-*")) <= fleets
         for pid in kids:
             assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} outlived vm fleet"
