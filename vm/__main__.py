@@ -377,21 +377,25 @@ def fleet(image, count, port, smp, memory, timeout):
     f = Fleet(img, count, smp=smp, memory=memory, port=port, echo=lambda m: click.echo(m, err=True))
     click.echo(f"booting {count} appliances ({'KVM' if kvm_usable() else 'TCG: no KVM here, slower'}) ...",
                err=True)
-    try:
-        with f.run(timeout):
-            click.echo(f"balancer: {f.url}")
-            click.echo(f"namespace: {f.ns.name}; HAProxy stats: {f.stats_socket}; members:")
-            for m in f.members:
-                click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
-            click.echo("Ctrl-C stops them all", err=True)
-            while True:
-                for m in f.watch():
+    with stop.Signals() as sig:           # SIGINT and SIGTERM alike, also when started with SIGINT ignored
+        sig.machine = f                   # a second signal kills every QEMU (Fleet.kill)
+        f.interruptible = sig.interruptible
+        try:
+            with f.run(timeout):
+                click.echo(f"balancer: {f.url}")
+                click.echo(f"namespace: {f.ns.name}; HAProxy stats: {f.stats_socket}; members:")
+                for m in f.members:
                     click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
-                if f.haproxy.poll() is not None:
-                    raise VMError(f"HAProxy exited ({f.haproxy.returncode})")
-                time.sleep(0.2)
-    except KeyboardInterrupt:
-        click.echo("stopped: appliances powered off, balancer and namespace removed", err=True)
+                click.echo("Ctrl-C stops them all", err=True)
+                while True:
+                    for m in f.watch():
+                        click.echo(f"  {m.server} {m.ip} qmp {m.machine.qmp_sock}")
+                    if f.haproxy.poll() is not None:
+                        raise VMError(f"HAProxy exited ({f.haproxy.returncode})")
+                    with sig.interruptible():
+                        time.sleep(0.2)
+        except stop.Stop:
+            click.echo(f"{sig.name}: stopped: appliances powered off, balancer and namespace removed", err=True)
 
 
 def main():

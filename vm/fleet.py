@@ -10,16 +10,26 @@ server keyword, setns(2) per connection). It balances TCP round-robin and
 checks every appliance with `GET /` each 500 ms: two failures take a
 server out, two successes put it back. A connection that cannot reach its
 server is retried on another one (`option redispatch`), so requests keep
-working while a dead appliance is still considered up.
+working while a dead appliance is still considered up. When a server is
+taken out, HAProxy closes the sessions it still had with it
+(`on-marked-down shutdown-sessions`): a dead guest sends no FIN or RST,
+so without that a client in the middle of a download from it would hang
+until a timeout (the client's, or `timeout server`) instead of seeing the
+connection end and trying again. HAProxy logs health changes and abnormal
+sessions (timeouts, cut ones; not the normal ones, which would grow the
+file without bound) to haproxy.log beside its admin socket.
 
 `Fleet.watch()` restarts a member whose QEMU exited (as an autoscaling
 group replaces an instance); the balancer puts it back once its checks
 pass. Before anything starts, `preflight` refuses a fleet the machine
 cannot hold (memory, CPU: under TCG at most two guest vCPUs per host
 core) or a missing tool. Everything is torn down in reverse order on exit,
-also on Ctrl-C or error: the guests are powered off together (ACPI via
-QMP, QEMU killed after a grace time), then HAProxy, the taps, the bridge
-and the namespace.
+also on Ctrl-C, SIGTERM or error: the guests are powered off together
+(ACPI via QMP, QEMU killed after a grace time; a guest still booting is
+quit at once, as its PID 1 does not watch the power button yet), then
+HAProxy, the taps, the bridge and the namespace. The caller says which
+waits a signal may interrupt (`interruptible`, vm/stop.py's phases); a
+second signal kills every QEMU at once (`kill`).
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ from pathlib import Path
 
 from . import netns
 from .image import Image, VMError
-from .qemu import Machine, Options, _die_with_parent, free_port, kvm_usable
+from .qemu import READY, Machine, Options, _die_with_parent, free_port, kvm_usable
 
 SUBNET = "198.18.60"
 BRIDGE_IP = f"{SUBNET}.1/24"
@@ -101,9 +111,13 @@ def haproxy_config(members: list[Member], ns: str, port: int, stats: Path) -> st
 global
     stats socket {stats} mode 600 level admin
     maxconn 4096
+    log stderr format iso local0 info
 
 defaults
     mode tcp
+    log global
+    option tcplog
+    option dontlog-normal
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -118,7 +132,7 @@ backend appliances
     balance roundrobin
     option httpchk GET /
     http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
+    default-server inter 500ms fall 2 rise 2 on-marked-down shutdown-sessions
 {servers}
 """
 
@@ -142,6 +156,19 @@ def stats(sock: Path) -> dict[str, dict]:
     return out
 
 
+def wait_status(sock: Path, server: str, status: str, timeout: float) -> float:
+    """Wait until HAProxy reports server exactly in status (UP, DOWN); the time it was seen.
+    Exactly: on the way down a server is "UP 1/2" (one check failed) and still gets traffic."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = stats(sock).get(server, {}).get("status")
+        if last == status:
+            return time.monotonic()
+        time.sleep(0.1)
+    raise VMError(f"HAProxy did not report {server} {status} within {timeout:.0f}s (last: {last})")
+
+
 @dataclass
 class Fleet:
     image: Image
@@ -150,6 +177,7 @@ class Fleet:
     memory: int | None = None
     port: int = 0
     echo: object = None                       # callable(str) for progress lines
+    interruptible: object = contextlib.nullcontext   # () -> context manager: a wait a signal may cut
     members: list[Member] = field(default_factory=list)
     ns: netns.Namespace | None = None
     haproxy: subprocess.Popen | None = None
@@ -178,15 +206,7 @@ class Fleet:
         return stats(self.stats_socket)
 
     def wait_status(self, server: str, status: str, timeout: float) -> float:
-        """Wait until HAProxy reports server in status (UP, DOWN); the time it was seen."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = self.stats().get(server, {}).get("status")
-            if last == status:
-                return time.monotonic()
-            time.sleep(0.1)
-        raise VMError(f"HAProxy did not report {server} {status} within {timeout:.0f}s (last: {last})")
+        return wait_status(self.stats_socket, server, status, timeout)
 
     def watch(self, timeout: float = 300) -> list[Member]:
         """Restart members whose QEMU exited; the ones restarted."""
@@ -232,12 +252,19 @@ class Fleet:
                                             stdout=log, stderr=log, start_new_session=True,
                                             preexec_fn=_die_with_parent)     # no balancer outlives us
             stack.callback(self._stop_haproxy)
-            for m in self.members:
-                ready = m.machine.wait_ready(ready_timeout)
-                self._say(f"{m.server} ready at {m.ip} ({ready['host_seconds']:.1f}s)")
-            for m in self.members:
-                self.wait_status(m.server, "UP", 30)
+            with self.interruptible():
+                for m in self.members:
+                    ready = m.machine.wait_ready(ready_timeout)
+                    self._say(f"{m.server} ready at {m.ip} ({ready['host_seconds']:.1f}s)")
+                for m in self.members:
+                    self.wait_status(m.server, "UP", 30)
             yield self
+
+    def kill(self) -> None:
+        """SIGKILL every QEMU now (from a signal handler: no waiting; the teardown's waits see them gone)."""
+        for m in self.members:
+            if m.machine is not None:
+                m.machine.kill()
 
     def _stop_haproxy(self) -> None:
         if self.haproxy and self.haproxy.poll() is None:
@@ -249,8 +276,12 @@ class Fleet:
                 self.haproxy.wait(5)
 
     def _stop_members(self) -> None:
-        """The ACPI power button to every guest at once, then wait; close() kills the late ones."""
-        running = [m.machine for m in self.members if m.machine and m.machine.proc.poll() is None]
+        """The ACPI power button to every booted guest at once, then wait; close() quits (QMP) or
+        kills the late ones and the ones still booting."""
+        running = [m.machine for m in self.members if m.machine and m.machine.proc and m.machine.proc.poll() is None]
+        for mach in running:
+            mach.poll_console()
+        running = [mach for mach in running if any(READY in line for line in mach.lines)]
         for mach in running:
             try:
                 mach.qmp("system_powerdown")
