@@ -408,9 +408,13 @@ class TlsMixin:
         """Decrypted request bytes to the HTTP layer while few replies wait."""
         st = self.st
         http = s.http
+        obj = s.obj
+        rx = s.rx
         while len(s.pending) < st.cfg.max_queued and not http.closed:
+            if not rx.pending and not obj.pending():
+                break                                       # (a read would only raise SSLWantReadError)
             try:
-                plain = s.obj.read(MAX_RECORD)
+                plain = obj.read(MAX_RECORD)
                 if not plain:
                     raise ssl.SSLZeroReturnError            # (how _ssl reports a received close_notify)
             except ssl.SSLWantReadError:
@@ -446,9 +450,8 @@ class TlsMixin:
                 if srv.hsts:
                     hdr = srv.hsts_header(bytes(hdr))
                 s.pending.append((hdr, body, r.close))
-        t = s.tx.read()                                     # e.g. a KeyUpdate answer
-        if t:
-            self._push(t)
+        if s.tx.pending:                                    # e.g. a KeyUpdate answer
+            self._push(s.tx.read())
 
     # --------------------------------------------------------------- send
 
@@ -508,7 +511,7 @@ class TlsMixin:
                     n = total - o
                 if o < hl:
                     e = o + n
-                    obj.write(hdr[o:e] if e <= hl else bytes(hdr[o:]) + bytes(body[:e - hl]))
+                    obj.write(hdr[o:e] if e <= hl else b"".join((hdr[o:], body[:e - hl])))   # one copy
                 else:
                     obj.write(body[o - hl:o - hl + n])
                 o += n
