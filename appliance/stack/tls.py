@@ -195,7 +195,9 @@ def cert_time(text: str, what: str = "certificate") -> int:
 
 def record_plan(total: int, small: int, nsmall: int = 8) -> list:
     """Plaintext bytes of each record of a `total`-byte response, as TlsConn._fill cuts
-    it: `nsmall` records of `small` bytes (SMSS - overhead), then 16 KB records."""
+    it: `nsmall` records of `small` bytes (SMSS - overhead), then 16 KB records.
+    `nsmall` is what the connection has left: `small_records` on a new (or idle) one,
+    0 on a busy keep-alive one."""
     out = []
     o = 0
     while o < total:
@@ -354,7 +356,7 @@ class TlsMixin:
         if s.rx.pending + len(data) > TLS_RX_MAX:
             self.abort("tls_rx_overflow")
             return True
-        s.rx.write(bytes(data))
+        s.rx.write(data)                                    # (the BIO copies: no bytes() first)
         queued = self.data_end
         if not s.done:
             try:
