@@ -502,8 +502,6 @@ class TlsMixin:
                 if s.nrec < nsmall:
                     n = s.small                             # one record that fills one segment
                     s.nrec += 1
-                elif o < hl:
-                    n = MAX_RECORD                          # the record that joins header and body
                 else:                                       # whole 16 KB records (OpenSSL cuts them)
                     n = _FILL_CHUNK - (written - w0)
                     n -= n % MAX_RECORD
