@@ -30,7 +30,7 @@ super(), i.e. Conn's or Conn6's) and so costs the plain-HTTP path nothing:
 Send queue and retransmission. With `ssl` a record cannot be re-encrypted
 under a chosen sequence number, so the ciphertext is kept: every chunk that
 OpenSSL writes becomes a dynamic item of the TCP send queue (conn.py's
-tuple with the ciphertext as its header block and no stored sums: the TCP
+tuple with the ciphertext as its body, a memoryview, no stored sums: the TCP
 checksum is computed in software, `tcp_tx_sw_csum`, or offloaded), resent
 from there by RTO/fast retransmit and freed when acked. The queue is
 bounded: plaintext is encrypted only while the unacknowledged+unsent
@@ -464,7 +464,9 @@ class TlsMixin:
         n = len(ct)
         start = self.data_end
         e = (start + n) & MASK
-        self.q.append((start, e, n, ct, n, _EMPTY, None, 0))
+        # as the body (a memoryview: segments are zero-copy slices), not as the header
+        # block, which _xmit copies into every segment's frame
+        self.q.append((start, e, n, b"", 0, memoryview(ct), None, 0))
         self.data_end = e
         self.st.counters["tls_bytes_ciphertext"] += n
 
