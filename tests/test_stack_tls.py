@@ -154,6 +154,48 @@ def test_dynamic_record_sizing(store, cert):
     assert any(len(p[TCP].payload) == conn.mss for p in segs)
 
 
+def test_small_records_only_at_start_and_after_idle(store, cert):
+    """Dynamic record sizing per connection (as ssl_dyn_rec): small records at the start
+    of a connection; a keep-alive response right after the previous one is cut in 16 KB
+    records; after more than dyn_rec_timeout (1 s) of idle, small records again. The
+    count runs across responses: a short response uses up only its own records."""
+    st = tls_stack(store, cert, tls_kw={"small_records": 4})
+    c = connect(st, cert)
+    conn = next(iter(st.conns.values()))
+    small = conn.mss - RECORD_OVERHEAD["TLSv1.3"]
+    big = expected(store, "/big.bin")
+    assert len(big) > 4 * small + MAX_RECORD
+
+    def get(path):
+        start = len(c.ciphertext)
+        n0 = len(c.frames)
+        c.plain = b""
+        c.request(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert c.plain == expected(store, path)
+        segs = [len(p[TCP].payload) for p in c.frames[n0:] if TCP in p and len(p[TCP].payload)]
+        return [n - 17 for t, n in records(c.ciphertext[start:]) if t == 23], segs
+
+    recs, segs = get("/big.bin")                             # a fresh connection: small first
+    assert recs == record_plan(len(big), small, 4) and recs[:4] == [small] * 4
+    assert segs[:4] == [conn.mss] * 4                        # each small record is one segment
+    c.advance(0.05)
+    recs, _ = get("/big.bin")                                # busy keep-alive: 16 KB records
+    assert recs == record_plan(len(big), small, 0) and recs[0] == MAX_RECORD
+    c.advance(1.5)                                           # idle > 1 s
+    page = expected(store, "/")
+    assert len(page) < small
+    recs, _ = get("/")                                       # uses one small record of the four
+    assert recs == [len(page)]
+    c.advance(0.05)
+    recs, segs = get("/big.bin")                             # three small ones left, then 16 KB
+    assert recs == record_plan(len(big), small, 3) and recs[:3] == [small] * 3
+    assert segs[:3] == [conn.mss] * 3
+    c.advance(0.05)
+    recs, _ = get("/big.bin")
+    assert recs == record_plan(len(big), small, 0)
+    assert st.counters["drop_internal_error"] == 0
+
+
 def test_loss_retransmission_byte_exact(store, cert):
     st = tls_stack(store, cert)
     c = connect(st, cert)
@@ -428,7 +470,8 @@ def test_encrypted_key_is_refused_not_prompted(tmp_path, cert):
 
 
 def test_large_response_records_are_whole_16k(tmp_path, cert):
-    """Across 64 KB encryption batches every record but the last of a response is full."""
+    """Across 64 KB encryption batches every record but the last of a response is full;
+    the second (pipelined) response has no small records (the connection is busy)."""
     from appliance.content.compiler import Options, compile_site
     from appliance.content.store import Store
     (tmp_path / "s").mkdir()
@@ -444,7 +487,7 @@ def test_large_response_records_are_whole_16k(tmp_path, cert):
     recs = [n - 17 for t, n in records(c.ciphertext[start:]) if t == 23]
     one = len(reference(big, raw)) // 2
     conn = next(iter(st.conns.values()))
-    assert recs == record_plan(one, conn.mss - 22, 3) * 2
+    assert recs == record_plan(one, conn.mss - 22, 3) + record_plan(one, conn.mss - 22, 0)
     assert recs.count(MAX_RECORD) >= 20
 
 

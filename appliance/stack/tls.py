@@ -30,7 +30,7 @@ super(), i.e. Conn's or Conn6's) and so costs the plain-HTTP path nothing:
 Send queue and retransmission. With `ssl` a record cannot be re-encrypted
 under a chosen sequence number, so the ciphertext is kept: every chunk that
 OpenSSL writes becomes a dynamic item of the TCP send queue (conn.py's
-tuple with the ciphertext as its header block and no stored sums: the TCP
+tuple with the ciphertext as its body, a memoryview, no stored sums: the TCP
 checksum is computed in software, `tcp_tx_sw_csum`, or offloaded), resent
 from there by RTO/fast retransmit and freed when acked. The queue is
 bounded: plaintext is encrypted only while the unacknowledged+unsent
@@ -41,14 +41,22 @@ read from the TLS object only while fewer than `max_queued` replies wait;
 beyond that the ciphertext waits in the receive BIO, bounded by
 `TLS_RX_MAX` (exceeded: the connection is reset, `tls_rx_overflow`).
 
-Record sizing (dynamic record sizing, as nginx's ssl_dyn_rec and Google's
-servers do): the first `small_records` records of each response carry
-exactly SMSS - overhead plaintext bytes, so that each record fills one TCP
-segment and the browser can decrypt the first bytes without waiting for a
-16 KB record's last segment; after that, full 16 KB records (least
-overhead). The overhead per record is fixed by the negotiated version and
-AEAD (`RECORD_OVERHEAD`), so the cut depends only on (SMSS, overhead) and
-is computed once per connection.
+Record sizing (dynamic record sizing, as Cloudflare's nginx ssl_dyn_rec
+patch and Google's servers do): the first `small_records` records of a
+connection, and again the first ones after it was idle (nothing written
+for more than `dyn_rec_timeout`, 1 s as ssl_dyn_rec_timeout), carry exactly
+SMSS - overhead plaintext bytes, so that each record fills one TCP segment
+and the browser can decrypt the first bytes without waiting for a 16 KB
+record's last segment (the congestion window is small then: after the
+handshake, and TCP restarts it after idle, RFC 5681 §4.1). On a busy
+keep-alive connection the window is open and responses are cut in full
+16 KB records (least overhead, fewest AEAD calls), as stock nginx does. The
+count runs per connection, across responses. The overhead per record is
+fixed by the negotiated version and AEAD (`RECORD_OVERHEAD`), so the cut
+depends only on (SMSS, overhead) and is computed once per connection.
+The ciphertext of one batch (small records and full ones alike) is one
+send-queue item: a small record is exactly SMSS, TCP cuts an item into
+SMSS segments from its start, so each still travels as one segment.
 
 Handshakes. One in progress has a deadline (`tls_handshake_timeout`, the
 connection is reset, `tls_handshake_timeout`), and at most `max_handshakes`
@@ -187,7 +195,9 @@ def cert_time(text: str, what: str = "certificate") -> int:
 
 def record_plan(total: int, small: int, nsmall: int = 8) -> list:
     """Plaintext bytes of each record of a `total`-byte response, as TlsConn._fill cuts
-    it: `nsmall` records of `small` bytes (SMSS - overhead), then 16 KB records."""
+    it: `nsmall` records of `small` bytes (SMSS - overhead), then 16 KB records.
+    `nsmall` is what the connection has left: `small_records` on a new (or idle) one,
+    0 on a busy keep-alive one."""
     out = []
     o = 0
     while o < total:
@@ -219,7 +229,7 @@ class TlsServer:
 
     def __init__(self, certfile: str, keyfile: str, *, num_tickets: int = 2, ticket_rotate: float = 43200.0,
                  max_handshakes: int = 1024, handshake_timeout: float = 10.0, queue_max: int = 262144,
-                 small_records: int = 8, hsts: int = 0, now: float = 0.0):
+                 small_records: int = 8, dyn_rec_timeout: float = 1.0, hsts: int = 0, now: float = 0.0):
         self.certfile = certfile
         self.keyfile = keyfile
         self.num_tickets = num_tickets
@@ -228,6 +238,7 @@ class TlsServer:
         self.handshake_timeout = handshake_timeout
         self.queue_max = queue_max
         self.small_records = small_records
+        self.dyn_rec_timeout = dyn_rec_timeout
         self.hsts = (b"Strict-Transport-Security: max-age=%d\r\n\r\n" % hsts) if hsts else b""
         self._hsts_cache = {}
         self.info = check_chain(certfile, keyfile)
@@ -290,7 +301,8 @@ class TlsServer:
 class _Session:
     """Per-connection TLS state: the SSLObject and its BIOs, the HTTP connection,
     the replies waiting to be encrypted and where in the first one we are."""
-    __slots__ = ("obj", "rx", "tx", "http", "done", "pending", "off", "nrec", "small", "shut", "failed")
+    __slots__ = ("obj", "rx", "tx", "http", "done", "pending", "off", "nrec", "small", "shut", "failed",
+                 "now", "last_wr")
 
     def __init__(self, srv: TlsServer, http):
         self.rx = ssl.MemoryBIO()
@@ -300,10 +312,12 @@ class _Session:
         self.done = False           # handshake complete
         self.pending = []           # (header bytes, body view, close) of replies not fully encrypted
         self.off = 0                # plaintext bytes of pending[0] already encrypted
-        self.nrec = 0               # records of pending[0] written so far
+        self.nrec = 0               # small records written since the start or the last idle period
         self.small = 0              # plaintext bytes of a small record (SMSS - overhead)
         self.shut = False           # close_notify written
         self.failed = False
+        self.now = 0.0              # the clock at the last segment received (_fill has none of its own)
+        self.last_wr = 0.0          # when plaintext was last encrypted (idle: dyn_rec_timeout)
 
 
 class TlsMixin:
@@ -335,13 +349,14 @@ class TlsMixin:
             cnt["tls_handshakes_started"] += 1
             t = self.t_req = now + srv.handshake_timeout
             st.arm(self, t)
+        s.now = now
         if s.failed or s.shut:
             cnt["tls_rx_data_ignored"] += 1
             return False
         if s.rx.pending + len(data) > TLS_RX_MAX:
             self.abort("tls_rx_overflow")
             return True
-        s.rx.write(bytes(data))
+        s.rx.write(data)                                    # (the BIO copies: no bytes() first)
         queued = self.data_end
         if not s.done:
             try:
@@ -395,9 +410,13 @@ class TlsMixin:
         """Decrypted request bytes to the HTTP layer while few replies wait."""
         st = self.st
         http = s.http
+        obj = s.obj
+        rx = s.rx
         while len(s.pending) < st.cfg.max_queued and not http.closed:
+            if not rx.pending and not obj.pending():
+                break                                       # (a read would only raise SSLWantReadError)
             try:
-                plain = s.obj.read(MAX_RECORD)
+                plain = obj.read(MAX_RECORD)
                 if not plain:
                     raise ssl.SSLZeroReturnError            # (how _ssl reports a received close_notify)
             except ssl.SSLWantReadError:
@@ -433,9 +452,8 @@ class TlsMixin:
                 if srv.hsts:
                     hdr = srv.hsts_header(bytes(hdr))
                 s.pending.append((hdr, body, r.close))
-        t = s.tx.read()                                     # e.g. a KeyUpdate answer
-        if t:
-            self._push(t)
+        if s.tx.pending:                                    # e.g. a KeyUpdate answer
+            self._push(s.tx.read())
 
     # --------------------------------------------------------------- send
 
@@ -446,63 +464,74 @@ class TlsMixin:
         n = len(ct)
         start = self.data_end
         e = (start + n) & MASK
-        self.q.append((start, e, n, ct, n, _EMPTY, None, 0))
+        # as the body (a memoryview: segments are zero-copy slices), not as the header
+        # block, which _xmit copies into every segment's frame
+        self.q.append((start, e, n, b"", 0, memoryview(ct), None, 0))
         self.data_end = e
         self.st.counters["tls_bytes_ciphertext"] += n
 
     def _fill(self) -> None:
-        """Encrypt pending replies while the ciphertext queue has room."""
+        """Encrypt pending replies while the ciphertext queue has room: per batch one
+        SSLObject.write per small record (one record each), one for the rest (OpenSSL
+        cuts it in 16 KB records), and one send-queue item."""
         s = self.tls
         if s is None or not s.done or s.failed:
             return
-        srv = self.st.tls
+        st = self.st
+        srv = st.tls
         wnd = self.snd_wnd + MAX_RECORD + 64
         limit = srv.queue_max if srv.queue_max < wnd else wnd
+        pending = s.pending
+        if not pending or ((self.data_end - self.snd_una) & MASK) >= limit:
+            if not pending and self.tls_close:
+                self._shutdown(s)
+            return
         obj = s.obj
         tx = s.tx
-        cnt = self.st.counters
-        pending = s.pending
         nsmall = srv.small_records
+        now = s.now
+        if now - s.last_wr > srv.dyn_rec_timeout:
+            s.nrec = 0                                      # idle: small records again (ssl_dyn_rec)
+        s.last_wr = now
+        written = 0
         while pending and ((self.data_end - self.snd_una) & MASK) < limit:
             hdr, body, close = pending[0]
             hl = len(hdr)
             total = hl + len(body)
             o = s.off
-            written = 0
-            # a batch of records: small ones (one per segment) first, then full ones
-            while o < total and written < _FILL_CHUNK:
-                small = s.nrec < nsmall
-                if small:
+            w0 = written
+            while o < total and written - w0 < _FILL_CHUNK:
+                if s.nrec < nsmall:
                     n = s.small                             # one record that fills one segment
                     s.nrec += 1
                 else:                                       # whole 16 KB records (OpenSSL cuts them)
-                    n = ((_FILL_CHUNK - written) // MAX_RECORD or 1) * MAX_RECORD
+                    n = _FILL_CHUNK - (written - w0)
+                    n -= n % MAX_RECORD
+                    if n < MAX_RECORD:
+                        n = MAX_RECORD
                 if n > total - o:
                     n = total - o
                 if o < hl:
                     e = o + n
-                    chunk = hdr[o:e] if e <= hl else bytes(hdr[o:]) + bytes(body[:e - hl])
+                    obj.write(hdr[o:e] if e <= hl else b"".join((hdr[o:], body[:e - hl])))   # one copy
                 else:
-                    chunk = body[o - hl:o - hl + n]
-                obj.write(chunk)
+                    obj.write(body[o - hl:o - hl + n])
                 o += n
                 written += n
-                if small:
-                    self._push(tx.read())                   # its own queue item: its own segment
-            cnt["tls_bytes_encrypted"] += written
-            self._push(tx.read())
             if o >= total:
                 pending.pop(0)
                 s.off = 0
-                s.nrec = 0
-                if self.st.obs is not None:
-                    self.st.obs.tls_sent(self, self.data_end, total, hl)   # its ciphertext ends here
+                self._push(tx.read())                       # its end in the ciphertext is known
+                if st.obs is not None:
+                    st.obs.tls_sent(self, self.data_end, total, hl)
                 if close:
                     pending.clear()
                     self.tls_close = True
                     break
             else:
                 s.off = o
+                self._push(tx.read())
+        st.counters["tls_bytes_encrypted"] += written
         if not pending and self.tls_close:
             self._shutdown(s)
 
@@ -522,6 +551,7 @@ class TlsMixin:
         Conn._acked(self, ack, now)         # Conn6 inherits it; per ACK, so no super() lookup
         s = self.tls
         if s is not None and s.pending:
+            s.now = now
             self._fill()
 
     def close(self) -> None:
