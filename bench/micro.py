@@ -65,7 +65,9 @@ def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: byte
     return SERVER_MAC + CLIENT_MAC + b"\x86\xdd" + _IP6.pack(0x60000000, len(tcp), 6, 64, CLIENT_IP6, dst) + tcp
 
 
-def make_stack(size: int, workdir: str, family: int = 4) -> tuple[Stack, str]:
+def make_stack(size: int, workdir: str, family: int = 4, tls=None) -> tuple[Stack, str]:
+    """A Stack serving one `size`-byte file (its path returned), IPv6 past DAD if
+    `family` is 6, HTTPS too with a TlsServer `tls` (bench/tls_micro.py)."""
     site = os.path.join(workdir, "site")
     os.makedirs(site, exist_ok=True)
     name = f"f{size}.bin"
@@ -74,7 +76,7 @@ def make_stack(size: int, workdir: str, family: int = 4) -> tuple[Stack, str]:
     out = os.path.join(workdir, "micro.store")
     compile_site(site, out, Options() if family == 4 else Options(mss=1440))
     st = Stack(Store.open(out), SERVER_MAC, "198.18.0.1", 24, None, Offload(csum=True, tso=True),
-               StackConfig(), secret=b"m" * 32)
+               StackConfig(), secret=b"m" * 32, tls=tls)
     if family == 6:
         import random
         st.enable_ipv6(b"m" * 32, rng=random.Random(1))

@@ -25,12 +25,10 @@ import subprocess
 import tempfile
 import time
 
-from appliance.stack.iface import Stack, StackConfig
-from appliance.stack.rings.base import Offload
 from appliance.stack.tls import TlsServer
 from appliance.stack.wire import csum
 
-from .micro import CLIENT_IP, CLIENT_IP6, CLIENT_MAC, SERVER_IP, SERVER_MAC, SYN_OPTS, make_stack as _plain_stack
+from .micro import CLIENT_IP, CLIENT_IP6, CLIENT_MAC, SERVER_IP, SERVER_MAC, SYN_OPTS, make_stack
 
 _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
@@ -160,19 +158,8 @@ class _Bench:
 
 def run(mode: str = "keepalive", size: int = 4096, requests: int = 2000, family: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        plain, path = _plain_stack(size, tmp, family)
         crt, key = _cert(tmp)
-        st = Stack(plain.store, SERVER_MAC, "198.18.0.1", 24, None, Offload(csum=True, tso=True), StackConfig(),
-                   secret=b"m" * 32, tls=TlsServer(crt, key))
-        if family == 6:
-            import random
-            st.enable_ipv6(b"m" * 32, rng=random.Random(1))
-            st.start(0.0)
-            t = 0.0
-            while t < 5.0:                  # DAD of the link-local address (fake clock)
-                t = max(t + 0.01, min(st.poll(t), 5.0))
-            st.txq.clear()
-        st.set_date(int(time.time()))
+        st, path = make_stack(size, tmp, family, tls=TlsServer(crt, key))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(crt)
         b = _Bench(st, family)
