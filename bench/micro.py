@@ -41,10 +41,11 @@ _IP = struct.Struct("!BBHHHBBH4s4s")
 _TCP = struct.Struct("!HHIIBBHHH")
 
 
-def frame4(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
+def frame4(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"",
+           dport: int = 80) -> bytes:
     """An Ethernet/IPv4/TCP frame from the client, checksums complete."""
     thl = 20 + len(opts)
-    tcp = _TCP.pack(sport, 80, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
+    tcp = _TCP.pack(sport, dport, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
     ck = csum(tcp, int.from_bytes(CLIENT_IP + SERVER_IP, "big") + 6 + len(tcp))    # with the pseudo header
     tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
     ip = bytearray(_IP.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, CLIENT_IP, SERVER_IP))
@@ -56,10 +57,11 @@ _IP6 = struct.Struct("!IHBB16s16s")
 CLIENT_IP6 = bytes.fromhex("fe800000000000000000000000000002")
 
 
-def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
+def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"",
+           dport: int = 80) -> bytes:
     """An Ethernet/IPv6/TCP frame from the client to `dst`, checksum complete."""
     thl = 20 + len(opts)
-    tcp = _TCP.pack(sport, 80, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
+    tcp = _TCP.pack(sport, dport, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
     ck = csum(tcp, int.from_bytes(CLIENT_IP6 + dst, "big") + 6 + len(tcp))
     tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
     return SERVER_MAC + CLIENT_MAC + b"\x86\xdd" + _IP6.pack(0x60000000, len(tcp), 6, 64, CLIENT_IP6, dst) + tcp

@@ -26,32 +26,8 @@ import tempfile
 import time
 
 from appliance.stack.tls import TlsServer
-from appliance.stack.wire import csum
 
-from .micro import CLIENT_IP, CLIENT_IP6, CLIENT_MAC, SERVER_IP, SERVER_MAC, SYN_OPTS, make_stack
-
-_IP = struct.Struct("!BBHHHBBH4s4s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_IP6 = struct.Struct("!IHBB16s16s")
-
-
-def frame(sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
-    thl = 20 + len(opts)
-    tcp = _TCP.pack(sport, 443, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
-    ck = csum(tcp, int.from_bytes(CLIENT_IP + SERVER_IP, "big") + 6 + len(tcp))
-    tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
-    ip = bytearray(_IP.pack(0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, CLIENT_IP, SERVER_IP))
-    ip[10:12] = csum(ip).to_bytes(2, "big")
-    return SERVER_MAC + CLIENT_MAC + b"\x08\x00" + bytes(ip) + tcp
-
-
-def frame6(dst: bytes, sport: int, seq: int, ack: int, flags: int, payload: bytes = b"", opts: bytes = b"") -> bytes:
-    """frame() over IPv6 to `dst`."""
-    thl = 20 + len(opts)
-    tcp = _TCP.pack(sport, 443, seq, ack, thl << 2, flags, 64240, 0, 0) + opts + payload
-    ck = csum(tcp, int.from_bytes(CLIENT_IP6 + dst, "big") + 6 + len(tcp))
-    tcp = tcp[:16] + ck.to_bytes(2, "big") + tcp[18:]
-    return SERVER_MAC + CLIENT_MAC + b"\x86\xdd" + _IP6.pack(0x60000000, len(tcp), 6, 64, CLIENT_IP6, dst) + tcp
+from .micro import SYN_OPTS, frame4, frame6, make_stack
 
 
 def _cert(d: str):
@@ -139,10 +115,10 @@ class _Bench:
         self.spent = 0.0
         if family == 6:
             ll = next(iter(st.ip6.addrs))
-            self.mk = lambda *a, **k: frame6(ll, *a, **k)      # noqa: E731
+            self.mk = lambda *a, **k: frame6(ll, *a, dport=443, **k)      # noqa: E731
             self.off = 20
         else:
-            self.mk = frame
+            self.mk = lambda *a, **k: frame4(*a, dport=443, **k)        # noqa: E731
             self.off = 0
 
     def deliver(self, f):
