@@ -91,23 +91,29 @@ def _ours(frames: list, sent: dict) -> dict:
     return got
 
 
+def _read_what_is_sent(link, script: str, frames: list) -> dict:
+    """Run `script` (a ring reader) in the server namespace, send `frames` from the
+    client's, and return the reader's last line, parsed (JSON)."""
+    reader = link.server.popen([sys.executable, "-c", script, link.server_if, ROOT],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "READY"
+        link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                        input=" ".join(f.hex() for f in frames), text=True, timeout=20)
+        out, err = reader.communicate("go\n", timeout=20)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else():
     with netns.pair(subnet=66) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
         sent = _frames(dmac, link.server_ip)
-        reader = link.server.popen([sys.executable, "-c", READER, link.server_if, ROOT],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert reader.stdout.readline().strip() == "READY"
-            link.client.run([sys.executable, "-c", SENDER, link.client_if],
-                            input=" ".join(f.hex() for f, _ in sent.values()), text=True, timeout=20)
-            out, err = reader.communicate("go\n", timeout=20)
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-        assert reader.returncode == 0, err
-        res = json.loads(out.strip().splitlines()[-1])
+        res = _read_what_is_sent(link, READER, [f for f, _ in sent.values()])
     syn, main = _ours(res["syn"], sent), _ours(res["main"], sent)
     assert sorted(syn) == [i for i, (_, s) in sent.items() if s]
     assert sorted(main) == [i for i, (_, s) in sent.items() if not s]
@@ -147,19 +153,7 @@ def test_syn_ring_keeps_an_evenly_spaced_sample_of_a_burst():
         frames = [bytes(Ether(src="02:00:00:00:01:00", dst=dmac) /
                         IP(src="198.18.200.9" if k % 20 == 3 else "198.18.200.8", dst=link.server_ip)
                         / TCP(sport=20000 + k, dport=80, flags="S")) for k in range(n)]
-        reader = link.server.popen([sys.executable, "-c", BURST, link.server_if, ROOT],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert reader.stdout.readline().strip() == "READY"
-            link.client.run([sys.executable, "-c", SENDER, link.client_if],
-                            input=" ".join(f.hex() for f in frames), text=True, timeout=20)
-            out, err = reader.communicate("go\n", timeout=20)
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-        assert reader.returncode == 0, err
-        res = json.loads(out.strip().splitlines()[-1])
+        res = _read_what_is_sent(link, BURST, frames)
     assert res["stats"]["kernel_syn_packets"] == n and res["stats"]["kernel_syn_drops"] == 0
     kept = [bytes.fromhex(h) for h in res["kept"]]
     assert len(kept) == 20 + res["min"] and res["counters"]["rx_syn_shed"] == n - 20 - res["min"]
