@@ -1,8 +1,8 @@
-"""The SYN ring (TpacketDevice syn_port): pure SYNs to the port there, every other frame on the main ring.
+"""The SYN ring (TpacketDevice syn_port): pure SYNs to the ports (80, 443) there, every other frame on the main ring.
 
 Crafted frames (scapy, each with its own source MAC 02:00:00:00:00:<id>)
 go from the client namespace through a veth to a TpacketDevice opened with
-syn_port=80 in the server namespace. The device is read only after all
+syn_port=(80, 443) in the server namespace. The device is read only after all
 were sent: rx_batch(0) takes nothing from the main ring, so it yields the
 SYN ring alone (emptied at once); then rx_batch drains the main ring. Each crafted frame must
 come back byte for byte from exactly the ring its kind belongs to.
@@ -28,12 +28,12 @@ READER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings.tpacket import TpacketDevice
-dev = TpacketDevice(sys.argv[1], syn_port=80)
+dev = TpacketDevice(sys.argv[1], syn_port=(80, 443))
 dev.syn_gate.pressure = True            # the SYN ring apart from the main ring's max_frames
 print("READY", flush=True)
 sys.stdin.readline()                    # everything is sent
 time.sleep(0.5)
-# max_frames 0: nothing from the main ring; the SYN ring is emptied (3 SYNs: none shed)
+# max_frames 0: nothing from the main ring; the SYN ring is emptied (4 SYNs: none shed)
 syn = [bytes(f).hex() for f in dev.rx_batch(0)]
 main = []
 while True:
@@ -73,6 +73,11 @@ def _frames(dmac: str, dst: str) -> dict:
         (IP(src=src, dst=dst) / UDP(sport=40011, dport=80) / Raw(b"\0" * 5 + b"\x02" + b"\0" * 10), False),
         (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40012, dport=80, flags="S"), False),
         (ARP(op=1, hwsrc="02:00:00:00:00:0d", psrc=src, pdst=dst), False),
+        # the second port (HTTPS): its pure SYNs there too, nothing else
+        (IP(src=src, dst=dst) / TCP(sport=40014, dport=443, flags="S"), True),
+        (IP(src=src, dst=dst) / TCP(sport=40015, dport=443, flags="SA"), False),
+        (IP(src=src, dst=dst) / TCP(sport=40016, dport=444, flags="S"), False),
+        (IP(src=src, dst=dst) / TCP(sport=40017, dport=443, flags="PA") / Raw(b"\x16\x03\x01"), False),
     ]
     out = {}
     for i, (pkt, syn) in enumerate(kinds, 1):
@@ -119,8 +124,8 @@ def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else()
     assert sorted(main) == [i for i, (_, s) in sent.items() if not s]
     for i, b in {**syn, **main}.items():
         assert b == sent[i][0], i                  # byte for byte, from its own slot
-    # only the three crafted SYNs ever reached the SYN ring (nothing else the kernel sent)
-    assert len(res["syn"]) == 3 and res["stats"]["kernel_syn_packets"] == 3
+    # only the crafted SYNs (3 to port 80, 1 to 443) ever reached the SYN ring (nothing else the kernel sent)
+    assert len(res["syn"]) == 4 and res["stats"]["kernel_syn_packets"] == 4
     assert res["stats"]["kernel_syn_drops"] == 0 and res["stats"]["kernel_rx_drops"] == 0
     assert res["counters"]["rx_syn_shed"] == 0
 

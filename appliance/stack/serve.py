@@ -325,10 +325,10 @@ def _drain(fd):
         pass
 
 
-def _open_device(iface, capture, fanout=None, unicast=None, allmulti=False):
+def _open_device(iface, capture, fanout=None, unicast=None, allmulti=False, syn_ports=(80,)):
     from .rings.tpacket import TpacketDevice
-    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=80,    # SYNs on a ring of their own
-                        allmulti=allmulti)                                      # IPv6: solicited-node groups
+    dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=syn_ports,  # SYNs on a ring of their own
+                        allmulti=allmulti)                                          # IPv6: solicited-node groups
     if capture:
         from .rings.pcap import PcapDevice
         dev = PcapDevice(dev, capture)
@@ -384,7 +384,10 @@ def _worker(store_path, iface, ip, prefix, gateway, mac, capture, fanout, stop, 
     store = Store.open(store_path, verify=False)      # serve() verified it before starting workers
     dev = None
     try:
-        dev = _open_device(iface, capture, fanout, unicast=mac, allmulti=ip6 != "off")
+        from .iface import StackConfig
+        cfg = config or StackConfig()           # the SYN ring takes the HTTPS port's SYNs too
+        dev = _open_device(iface, capture, fanout, unicast=mac, allmulti=ip6 != "off",
+                           syn_ports=(cfg.port, cfg.tls_port) if tls else (cfg.port,))
         stack = make_stack(store, mac or dev.mac, ip, prefix, gateway, dev, config, hostname, ip6, iface, tls)
         stack.start(time.monotonic())
         if stack.txq:

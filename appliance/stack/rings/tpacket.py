@@ -52,7 +52,8 @@ process) share the interface with PACKET_FANOUT_HASH (a flow hash keeps a TCP
 connection on one worker); ARP is not a flow, so each worker then also has a
 small RX-only ring bound to ETH_P_ARP that sees every ARP frame.
 
-With `syn_port`, pure SYNs (IPv4 TCP, SYN without ACK or RST, to that port)
+With `syn_port`, pure SYNs (IPv4 TCP, SYN without ACK or RST, to that port,
+or to any of a tuple of ports: HTTP and HTTPS)
 get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
@@ -228,34 +229,49 @@ def read_offload(name: str) -> Offload:
     return Offload(csum, csum and tso)
 
 
-def _syn_filter(port: int | None, syn: bool, no_arp: bool = False) -> bytes:
+def _syn_filter(port, syn: bool, no_arp: bool = False) -> bytes:
     """A classic BPF program (struct sock_filter[]) over the Ethernet frame:
-    accept (whole frame) an IPv4 TCP segment to `port` with SYN and neither ACK
-    nor RST, first fragment, any IHL, if `syn`; otherwise accept exactly the
-    other frames (but ARP, with `no_arp`: a fanout ring of all protocols beside
-    the ARP ring; `port` None: no SYN ring, only that)."""
+    accept (whole frame) an IPv4 TCP segment to `port` (an int, or a tuple of
+    them: HTTP and HTTPS) with SYN and neither ACK nor RST, first fragment,
+    any IHL, if `syn`; otherwise accept exactly the other frames (but ARP, with
+    `no_arp`: a fanout ring of all protocols beside the ARP ring; `port` None:
+    no SYN ring, only that)."""
     yes, no = (0x40000, 0) if syn else (0, 0x40000)
     if port is None:
         ins = [(0x28, 0, 0, 12), (0x15, 0, 1, 0x0806), (0x06, 0, 0, 0), (0x06, 0, 0, 0x40000)]
         return b"".join(struct.pack("=HBBI", *i) for i in ins)
-    ins = [(0x28, 0, 0, 12),             # ldh [12]            ethertype
-           (0x15, 0, 11, 0x0800),        # jeq #IPv4, , no
-           (0x30, 0, 0, 23),             # ldb [23]            protocol
-           (0x15, 0, 9, 6),              # jeq #TCP, , no
-           (0x28, 0, 0, 20),             # ldh [20]            fragment offset
-           (0x45, 7, 0, 0x1FFF),         # jset #0x1fff, no
-           (0xB1, 0, 0, 14),             # ldxb 4*([14]&0xf)   IHL
-           (0x48, 0, 0, 16),             # ldh [x+16]          destination port
-           (0x15, 0, 4, port),           # jeq #port, , no
-           (0x50, 0, 0, 27),             # ldb [x+27]          flags
-           (0x54, 0, 0, 0x16),           # and #(ACK|RST|SYN)
-           (0x15, 0, 1, 0x02),           # jeq #SYN, , no
-           (0x06, 0, 0, yes),            # ret #yes
-           (0x06, 0, 0, no)]             # no: ret #no
+    ports = (port,) if isinstance(port, int) else tuple(port)
+    # jump targets by label ("no", "flags", "drop"), resolved to relative offsets below
+    ins = [(0x28, 0, 0, 12)]                                # ldh [12]            ethertype
     if no_arp:
-        ins[1:1] = [(0x15, 13, 0, 0x0806)]       # jeq #ARP, drop (the relative jumps after it hold)
-        ins.append((0x06, 0, 0, 0))
-    return b"".join(struct.pack("=HBBI", *i) for i in ins)
+        ins.append((0x15, "drop", 0, 0x0806))               # jeq #ARP, drop
+    ins += [(0x15, 0, "no", 0x0800),                        # jeq #IPv4, , no
+            (0x30, 0, 0, 23),                               # ldb [23]            protocol
+            (0x15, 0, "no", 6),                             # jeq #TCP, , no
+            (0x28, 0, 0, 20),                               # ldh [20]            fragment offset
+            (0x45, "no", 0, 0x1FFF),                        # jset #0x1fff, no
+            (0xB1, 0, 0, 14),                               # ldxb 4*([14]&0xf)   IHL
+            (0x48, 0, 0, 16)]                               # ldh [x+16]          destination port
+    ins += [(0x15, "flags", 0, p) for p in ports[:-1]]      # jeq #port, flags
+    ins += [(0x15, 0, "no", ports[-1]),                     # jeq #port, , no
+            ("flags", 0x50, 0, 0, 27),                      # ldb [x+27]          flags
+            (0x54, 0, 0, 0x16),                             # and #(ACK|RST|SYN)
+            (0x15, 0, "no", 0x02),                          # jeq #SYN, , no
+            (0x06, 0, 0, yes),                              # ret #yes
+            ("no", 0x06, 0, 0, no)]                         # ret #no
+    if no_arp:
+        ins.append(("drop", 0x06, 0, 0, 0))
+    at = {}
+    for k, i in enumerate(ins):
+        if isinstance(i[0], str):
+            at[i[0]] = k
+            ins[k] = i[1:]
+    out = []
+    for k, (code, jt, jf, v) in enumerate(ins):
+        jt = at[jt] - k - 1 if isinstance(jt, str) else jt
+        jf = at[jf] - k - 1 if isinstance(jf, str) else jf
+        out.append(struct.pack("=HBBI", code, jt, jf, v))
+    return b"".join(out)
 
 
 def _attach_filter(s, prog: bytes) -> None:
@@ -328,7 +344,7 @@ class TpacketDevice:
     def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
                  offload: Offload | None = None, unicast: bytes | None = None,
-                 syn_port: int | None = None, syn_quota: int = SYN_QUOTA, allmulti: bool = False):
+                 syn_port: int | tuple | None = None, syn_quota: int = SYN_QUOTA, allmulti: bool = False):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
