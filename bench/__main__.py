@@ -271,7 +271,9 @@ def profile_cmd(size, mode, seconds, rate, connections, store, out):
 @click.option("--servers", callback=_csv, help="nginx,appliance [default: both].")
 @click.option("--size", default="4k", show_default=True, help="Size of the file requested.")
 @click.option("--store", type=click.Path(exists=True, dir_okay=False), help="A compiled store holding the bench file.")
-def synflood_cmd(rate, duration, modes, servers, size, store):
+@click.option("--replay", is_flag=True,
+              help="Send each spoofed SYN again every second (a flood that mimics retransmissions).")
+def synflood_cmd(rate, duration, modes, servers, size, store, replay):
     """Throughput of each server alone and under a spoofed SYN flood (bench/synflood.py):
     the ratio, next to nginx under the same flood. Not in the default run."""
     from . import synflood
@@ -290,11 +292,12 @@ def synflood_cmd(rate, duration, modes, servers, size, store):
     signal.signal(signal.SIGTERM, _sigterm)
     objs = {name: (Appliance(store=store) if name == "appliance" else SERVERS[name]()) for name in servers}
     with _work_dir("haboob-synflood-") as workdir:
-        res = synflood.run(objs, workdir, rate, duration, modes, size_b)
+        res = synflood.run(objs, workdir, rate, duration, modes, size_b, replay)
     click.echo(synflood.table(res))
     for name, c in res["counters"].items():
         keys = ("loop_syn_shed", "ring_rx_syn_shed", "ring_kernel_rx_drops", "ring_kernel_syn_drops",
-                "tcp_syncookies_sent", "tcp_syncookies_accepted", "tcp_synack_giveup", "tcp_rto")
+                "ring_rx_syn_retransmits", "tcp_syncookies_sent", "tcp_syncookies_accepted", "tcp_synack_giveup",
+                "tcp_rto")
         click.echo(f"{name} counters: " + ", ".join(f"{k} {c.get(k, 0)}" for k in keys))
 
 

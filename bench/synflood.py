@@ -71,27 +71,13 @@ print(json.dumps([res[a] for a in srcs]))
 """
 
 FLOOD = r"""
-import os, random, socket, struct, sys, time
-iface, dmac, dst = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), sys.argv[3]
-seconds, rate, nsrc = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-rng = random.Random(5)
+import socket, sys, time
+iface, path, seconds, rate = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 s.bind((iface, 0))
-def csum(b):
-    n = int.from_bytes(b + b"\0" * (len(b) & 1), "big")
-    return (-n) % 0xFFFF if n else 0xFFFF
-srcs = [bytes([198, 19, rng.randrange(256), rng.randrange(1, 255)]) for _ in range(nsrc)]
-dstb = socket.inet_aton(dst)
-frames = []
-for i in range(100000):             # distinct 4-tuples and ISNs: ~1 s of flood before one repeats
-    src = srcs[i % nsrc]
-    smac = bytes([2, 0x66]) + src
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 44, i & 0xFFFF, 0x4000, 64, 6, 0, src, dstb))
-    ip[10:12] = struct.pack("!H", csum(bytes(ip)))
-    tcp = bytearray(struct.pack("!HHIIBBHHH", rng.randrange(1024, 65536), 80, rng.randrange(1 << 32), 0,
-                                0x60, 0x02, 65535, 0, 0) + b"\x02\x04\x05\xb4")
-    tcp[16:18] = struct.pack("!H", csum(src + dstb + struct.pack("!BBH", 0, 6, len(tcp)) + bytes(tcp)))
-    frames.append(dmac + smac + b"\x08\x00" + bytes(ip) + bytes(tcp))
+data = open(path, "rb").read()
+size = int.from_bytes(data[:2], "big")
+frames = [data[k:k + size] for k in range(2, len(data), size)]
 print("READY", flush=True)
 sys.stdin.readline()
 n = 0
@@ -116,11 +102,49 @@ print(n / (time.monotonic() - t0), flush=True)
 """
 
 
+def _csum(b: bytes) -> int:
+    n = int.from_bytes(b + b"\0" * (len(b) & 1), "big")
+    return (-n) % 0xFFFF if n else 0xFFFF
+
+
+def flood_frames(path: str, dmac: str, dst: str, count: int, sources: int = SOURCES, seed: int = 5) -> None:
+    """Write `count` spoofed SYN frames to `path` (a 2-byte frame size, then the
+    frames): distinct 4-tuples and ISNs from `sources` addresses in
+    198.19.0.0/16, valid checksums, to `dmac`/`dst` port 80. The sender sends
+    them in a loop, so a SYN repeats only after count / rate seconds: with
+    more frames than the flood lasts, none does (a random flood, which a
+    client's retransmission can be told from); --replay makes it 1 s."""
+    import random
+    import socket
+    import struct
+    rng = random.Random(seed)
+    mac = bytes.fromhex(dmac.replace(":", ""))
+    srcs = [bytes([198, 19, rng.randrange(256), rng.randrange(1, 255)]) for _ in range(sources)]
+    dstb = socket.inet_aton(dst)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write((58).to_bytes(2, "big"))
+        for i in range(count):
+            src = srcs[i % sources]
+            ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 44, i & 0xFFFF, 0x4000, 64, 6, 0, src, dstb))
+            ip[10:12] = struct.pack("!H", _csum(bytes(ip)))
+            tcp = bytearray(struct.pack("!HHIIBBHHH", rng.randrange(1024, 65536), 80, rng.randrange(1 << 32), 0,
+                                        0x60, 0x02, 65535, 0, 0) + b"\x02\x04\x05\xb4")
+            tcp[16:18] = struct.pack("!H", _csum(src + dstb + struct.pack("!BBH", 0, 6, len(tcp)) + bytes(tcp)))
+            out.write(mac + bytes([2, 0x66]) + src + b"\x08\x00" + bytes(ip) + bytes(tcp))
+    os.replace(tmp, path)
+
+
 def _mac(ns, ifname: str) -> str:
     return ns.run(["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
 
 
-def measure(link, running, dmac: str, f, mode: str, duration: int, rate: int, place: dict, fresh: list) -> dict:
+def flood_seconds(duration: int) -> float:
+    """How long the flood of one pass lasts: 1 s before wrk, the pass or the probes, 1 s after."""
+    return max(duration, PROBE_S) + 2
+
+
+def measure(link, running, frames: str, f, mode: str, duration: int, rate: int, place: dict, fresh: list) -> dict:
     """One mode: wrk alone, then wrk under the flood with the `fresh` client addresses probing."""
     from vm import netns
     url = f"{running.base_url}/{f.name}"
@@ -129,8 +153,7 @@ def measure(link, running, dmac: str, f, mode: str, duration: int, rate: int, pl
     wrk.run(link.client, wrk.job(duration=1, **common))                       # warm-up
     base = wrk.run(link.client, wrk.job(duration=duration, **common))
     flood = link.client.popen(["taskset", "-c", place["wrk_cpus"] or "0", sys.executable, "-c", FLOOD,
-                               link.client_if, dmac, link.server_ip, str(max(duration, PROBE_S) + 2), str(rate),
-                               str(SOURCES)],
+                               link.client_if, frames, str(flood_seconds(duration)), str(rate)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     probe = None
     for a in fresh:
@@ -162,10 +185,12 @@ def measure(link, running, dmac: str, f, mode: str, duration: int, rate: int, pl
     return {"mode": mode, "rps": r0, "rps_flood": r1, "ratio": r1 / r0 if r0 else 0.0, "sent_pps": sent,
             "errors_flood": under["errors"], "errors": base["errors"], "fresh": len(times),
             "fresh_connect_s": times, "fresh_within_1s": sum(1 for t in ok if t < 1.0),
+            "fresh_within_2s": sum(1 for t in ok if t < 2.0),
             "fresh_failed": len(times) - len(ok), "fresh_median_s": ok[len(ok) // 2] if ok else None}
 
 
-def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str], size: int) -> dict:
+def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str], size: int,
+        replay: bool = False) -> dict:
     from vm import netns
     site_dir = os.path.join(workdir, "site")
     os.makedirs(site_dir, exist_ok=True)
@@ -186,30 +211,34 @@ def run(servers: dict, workdir: str, rate: int, duration: int, modes: list[str],
             else:
                 from .servers import APPLIANCE_MAC
                 dmac = APPLIANCE_MAC
+            frames = os.path.join(workdir, f"flood-{name}.bin")
+            flood_frames(frames, dmac, link.server_ip, rate if replay else int(rate * (flood_seconds(duration) + 1)))
             for k, mode in enumerate(modes):
                 base = link.server_ip.rsplit(".", 1)[0]
                 fresh = [f"{base}.{100 + k * FRESH + j}" for j in range(FRESH)]      # never seen before
-                m = measure(link, running, dmac, f, mode, duration, rate, place, fresh)
+                m = measure(link, running, frames, f, mode, duration, rate, place, fresh)
                 m["server"] = name
                 out.append(m)
                 med = f"{m['fresh_median_s']:.2f} s" if m["fresh_median_s"] is not None else "-"
                 log(f"synflood {name:9s} {mode:9s} {m['rps']:9.0f} req/s alone, {m['rps_flood']:9.0f} under "
                     f"{m['sent_pps']:7.0f} SYN/s: {m['ratio']:.2f}x; new clients: {m['fresh_within_1s']}/"
-                    f"{m['fresh']} within 1 s, median {med}, {m['fresh_failed']} failed")
+                    f"{m['fresh']} within 1 s, {m['fresh_within_2s']} within 2 s, median {med}, {m['fresh_failed']} failed")
         if running.counters is not None:
             counters[name] = running.counters
     return {"runs": out, "counters": counters, "rate": rate, "duration": duration, "size": size,
-            "sources": SOURCES}
+            "sources": SOURCES, "replay": replay}
 
 
 def table(res: dict) -> str:
-    lines = [f"SYN flood from {res['sources']} spoofed sources, offered {res['rate']} SYN/s, "
+    kind = "each SYN sent again every second (--replay)" if res.get("replay") else "no SYN repeated"
+    lines = [f"SYN flood from {res['sources']} spoofed sources, offered {res['rate']} SYN/s, {kind}, "
              f"{res['size']}-byte file, 1 worker, {res['duration']} s per pass",
              "", "| server | mode | alone req/s | under flood req/s | ratio | flood sent SYN/s "
-             f"| new clients connected < 1 s (of {FRESH}) | their median connect | failed in {PROBE_S:.0f} s |",
+             f"| new clients connected < 1 s / < 2 s (of {FRESH}) | their median connect | failed in {PROBE_S:.0f} s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in res["runs"]:
         med = f"{m['fresh_median_s']:.2f} s" if m["fresh_median_s"] is not None else "-"
         lines.append(f"| {m['server']} | {m['mode']} | {m['rps']:.0f} | {m['rps_flood']:.0f} | {m['ratio']:.2f}x "
-                     f"| {m['sent_pps']:.0f} | {m['fresh_within_1s']} | {med} | {m['fresh_failed']} |")
+                     f"| {m['sent_pps']:.0f} | {m['fresh_within_1s']} / {m.get('fresh_within_2s', '-')} | {med} "
+                     f"| {m['fresh_failed']} |")
     return "\n".join(lines) + "\n"
