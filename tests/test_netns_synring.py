@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -30,6 +31,7 @@ sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings.tpacket import TpacketDevice
 dev = TpacketDevice(sys.argv[1], syn_port=(80, 443))
 dev.syn_gate.pressure = True            # the SYN ring apart from the main ring's max_frames
+dev.syn_gate.idle = 8                   # (a read without main-ring frames keeps up to 8 untrusted SYNs)
 print("READY", flush=True)
 sys.stdin.readline()                    # everything is sent
 time.sleep(0.5)
@@ -174,3 +176,60 @@ def test_syn_ring_keeps_an_evenly_spaced_sample_of_a_burst():
     gaps = [b - a for a, b in zip(pos, pos[1:])] + [pos[0] + m - pos[-1]]   # around the ring
     step = m // res["min"]
     assert all(step - 1 <= g <= step + 1 for g in gaps), pos
+
+
+RETRY = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from appliance.stack.rings import tpacket
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+g = dev.syn_gate
+g.pressure = True                                      # a flood, and no budget for first SYNs:
+g.idle, g.rate, g.burst = 0, 0.0, 0                    # only retransmissions get through
+print("READY", flush=True)
+for k in range(2):
+    sys.stdin.readline()                               # a burst was sent
+    time.sleep(0.3)
+    kept = [bytes(f).hex() for f in dev.rx_batch(0)]
+    print(json.dumps({"kept": kept, "counters": dev.counters}), flush=True)
+dev.close()
+"""
+
+
+def test_syn_ring_lets_a_retransmitted_syn_through_a_flood_and_not_a_copy_at_once():
+    """Under pressure with no budget for first SYNs: a burst of 300 spoofed SYNs
+    with a client's SYN in it, twice (a copy at once is not a retransmission),
+    is all shed; ~1 s later the same SYN (addresses, ports, ISN) in a second
+    burst of new spoofed SYNs is the one SYN handed to the stack, byte for byte,
+    read through the real ring at the key's offsets."""
+    with netns.pair(subnet=68) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn(src, sport, seq):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=seq, flags="S", options=[("MSS", 1460)]))
+        client = syn("198.18.200.9", 41000, 123456789)
+        flood = [[syn(f"198.19.{r}.{k % 250 + 1}", 20000 + k, 1000 * k + r) for k in range(300)] for r in (1, 2)]
+        burst1 = flood[0][:150] + [client, client] + flood[0][150:]
+        burst2 = flood[1][:100] + [client] + flood[1][100:]
+        reader = link.server.popen([sys.executable, "-c", RETRY, link.server_if, ROOT], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        res = []
+        try:
+            assert reader.stdout.readline().strip() == "READY"
+            for burst in (burst1, burst2):
+                link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
+                reader.stdin.write("go\n")
+                reader.stdin.flush()
+                res.append(json.loads(reader.stdout.readline()))
+                time.sleep(0.7)
+            reader.communicate(timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    assert reader.returncode == 0
+    assert res[0]["kept"] == [] and res[0]["counters"]["rx_syn_shed"] == 302
+    assert [bytes.fromhex(h) for h in res[1]["kept"]] == [client]
+    assert res[1]["counters"]["rx_syn_shed"] == 302 + 300 and res[1]["counters"]["rx_syn_retransmits"] == 1

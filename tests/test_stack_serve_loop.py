@@ -136,9 +136,9 @@ def test_overloaded_batch_puts_other_frames_first_and_keeps_a_fair_share_of_syns
     # every SYN, first or last in the batch, is kept with the same odds (allow / 160 = 1/4)
     assert len(kept) == 160 and min(kept.values()) > 400 * allow / 160 * 0.6
     assert max(kept.values()) < 400 * allow / 160 * 1.4
-    # the default gate: one untrusted SYN per 8 other frames; a source that completed a
+    # a gate of one untrusted SYN per 8 other frames; a source that completed a
     # handshake before (the stack's syn_trusted) is never shed, wherever its SYNs are
-    gate = SynGate(rng=random.Random(7))
+    gate = SynGate(share=8, rate=0.0, burst=0, rng=random.Random(7))
     gate.pressure = True
     gate.trusted[bytes([198, 18, 0, 9])] = None
     mixed = [seg(i, "S", "198.19.0.%d" % (i % 200 + 1)) if i % 4 else seg(i, "S" if i % 8 else "A", "198.18.0.9")

@@ -18,6 +18,7 @@ SynGate), SYN attempts a new or a returning client needs.
 """
 import random
 import struct
+import sys
 
 from appliance.stack import serve
 from appliance.stack.rings.memory import MemoryLink
@@ -301,7 +302,7 @@ def test_syn_gate_budget():
     """SynGate (rings/base.py): idle reads keep `idle`; busy ones one per `share`
     frames plus the token bucket; trusted sources always (up to quota), and
     the untrusted ones drawn evenly."""
-    g = SynGate(rng=random.Random(1))
+    g = SynGate(idle=8, share=8, rate=2000.0, burst=16, rng=random.Random(1))
     assert g.allow(0, 10.0) == g.quota                 # no flood: every SYN (up to quota)
     g.pressure = True
     assert g.allow(0, 10.0) == g.idle                  # nothing else in the read, no tokens yet
@@ -322,3 +323,45 @@ def test_syn_gate_budget():
     assert g.allow(80, 20.0) == 10                     # the 16 tokens went to those beyond the share
     g.quota = 1
     assert g.pick(srcs, 0) == [7]                       # at most quota trusted SYNs a read
+
+
+def test_syn_flood_lets_a_new_client_in_on_its_first_retransmission(tmp_path, monkeypatch):
+    """With no budget at all for first SYNs (no share, no tokens, none when
+    idle), new clients that retransmit their SYN after 1 s as RFC 6298 §2
+    says (the same addresses, ports and ISN) are each answered on that
+    retransmission, and the flood's own SYNs, never repeated, never are."""
+    class NoBudget(SynGate):
+        def __init__(self, **kw):
+            super().__init__(idle=0, share=1 << 30, rate=0.0, burst=0, **kw)
+    monkeypatch.setattr(serve, "SynGate", NoBudget)
+    monkeypatch.setattr(sys.modules[__name__], "RETX", 100)   # 100 passes of DT: 1 s
+    st, wire, est, _, new, start = _flood(tmp_path, monkeypatch, passes=250)
+    c = st.counters
+    assert c["loop_syn_shed"] > 200 * FLOOD
+    assert all(p.replies for p in new), [(p.attempts, p.state) for p in new]
+    assert [p.attempts for p in new] == [2] * NEW                  # the first SYN shed, the second kept
+    assert c["loop_syn_retransmits"] == NEW
+    # under pressure nothing but the retransmissions (and known connections) got an answer
+    assert sum(wire.answered[start + 3:]) == NEW
+
+
+def test_syn_gate_retransmissions():
+    """SynGate's memory of shed SYNs: a repeat 0.5-10 s later is kept whatever
+    the budget, within retry_rate a second; a copy at once or after 10 s is not;
+    a trusted source needs no memory."""
+    g = SynGate(retry_rate=100.0, retry_burst=4, rng=random.Random(2))
+    g.pressure = True
+    key = bytes([198, 18, 0, 9]) + SIP + struct.pack("!HHI", 40000, 80, 12345)
+    assert g.pick([key, key], 0, 10.0) == []                       # shed, and the copy too
+    assert g.pick([key], 0, 10.2) == []                            # 0.2 s: not a retransmission
+    assert g.pick([b"x" * 16, key], 0, 11.2) == [1] and g.retransmits == 1     # 1 s: kept
+    assert g.pick([key], 0, 30.0) == []                            # 18.8 s: forgotten (then remembered)
+    assert g.pick([key], 0, 33.0) == [0]                           # 3 s after that: kept again
+    # a flood that replays its SYNs every 0.5 s: retry_burst (4) of each replay get in,
+    # min(retry_rate x 0.5 s, retry_burst); the rest are shed (and remembered again)
+    flood = [bytes([198, 19, k >> 8, k & 255]) + SIP + struct.pack("!HHI", k, 80, k) for k in range(1000)]
+    assert g.pick(flood, 0, 40.0) == []
+    kept = [len(g.pick(flood, 0, 40.5 + 0.5 * j)) for j in range(20)]
+    assert kept == [4] * 20 and g.retransmits == 2 + 80
+    g.trusted[key[:4]] = None                                      # a source that completed a handshake
+    assert g.pick([key, key], 0, 50.25) == [0, 1]

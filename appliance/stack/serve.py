@@ -286,6 +286,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     counters["loop_stack_errors"] += errors
     counters["loop_waits"] += wakeups
     counters["loop_syn_shed"] += shed
+    if gate is not None:
+        counters["loop_syn_retransmits"] += gate.retransmits
 
 
 _RNG = random.Random()     # which SYNs an overloaded pass keeps (seeded from the OS)
@@ -307,7 +309,7 @@ def _shed_syns(frames: list, oks, gate: SynGate, now: float) -> int:
     si = [k for k in range(n) if flags[k]]
     allow = gate.allow(n - syns, now)
     if syns > allow:
-        si = [si[j] for j in gate.pick([bytes(frames[k][26:30]) for k in si], allow)]
+        si = [si[j] for j in gate.pick([bytes(frames[k][26:42]) for k in si], allow, now)]
     else:
         gate.spend(syns)
     keep += si

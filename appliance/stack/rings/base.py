@@ -33,6 +33,7 @@ serve loop's overloaded passes: which pure SYNs of a read are handed to the
 stack and which are shed (see its docstring).
 """
 import random
+from array import array
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["Offload", "GSO", "Frame", "Device", "NO_OFFLOAD", "frame_bytes", "SynGate"]
@@ -96,6 +97,18 @@ class SynGate:
       SYN-ACK. So clients that connected before, a connection-per-request
       load above all, are not shed with a flood. (An attacker who knows a
       client's address can spoof it and get `quota` SYNs per read through.)
+    - A SYN that repeats one shed 0.5-10 s before (the same addresses, ports
+      and ISN: a client's retransmission after its initial RTO, 1 s by
+      RFC 6298 §2, up to 3 s on older stacks) is kept too, within its own
+      token bucket (`retry_rate` per second): a first-time client is in on
+      its first retransmission whatever the flood, while a random flood's
+      SYNs never repeat, and one that replays its SYNs gets at most
+      `retry_rate` answers a second. The memory is a table of RETRY_SLOTS
+      4-byte slots (a 24-bit fingerprint of the SYN's hash and its
+      quarter-second), two ways per hash, allocated at the first flood: a
+      SYN is forgotten once two later SYNs hashed to its pair of slots; at
+      65k SYN/s that is ~0.5 % of the retransmissions 1 s later (the next
+      one may still be recognised).
     - Other SYNs get a budget: `idle` when the read had nothing else (the
       core has nothing better to do, so an idle server answers a flood at
       full speed), else one per `share` frames of known connections (a
@@ -105,18 +118,29 @@ class SynGate:
       read): an evenly spaced comb from a random offset, so neither the
       flood's bursts nor a lone client's place in the ring decides.
 
-    `now` is passed in (the ring reads the monotonic clock, tests a fake one).
+    `pick` takes each SYN's `key`, its bytes 26-42 (IPv4 source and
+    destination, ports, sequence number); `now` is passed in (the ring reads
+    the monotonic clock, tests a fake one). `retransmits` counts the SYNs
+    kept as retransmissions.
     """
 
-    def __init__(self, quota: int = 256, idle: int = 8, share: int = 8, rate: float = 2000.0,
-                 burst: int = 16, rng=None):
+    RETRY_SLOTS = 1 << 20            # 4 MB once a flood was seen
+    RETRY_MIN, RETRY_MAX = 2, 40     # a repeat counts 0.5-10 s (quarter seconds) after the SYN it repeats
+
+    def __init__(self, quota: int = 256, idle: int = 2, share: int = 64, rate: float = 500.0,
+                 burst: int = 16, retry_rate: float = 4000.0, retry_burst: int = 64, rng=None):
         self.quota, self.idle, self.share, self.rate, self.burst = quota, idle, share, rate, burst
+        self.retry_rate, self.retry_burst = retry_rate, retry_burst
         self.trusted = {}           # IPv4 source (4 bytes) -> None; Stack.syn_trusted once the loop binds it
         self.pressure = False       # a flood: the budget applies (set by the serve loop every pass)
         self.rng = rng or random.Random()
+        self.retransmits = 0
         self._tokens = 0.0
         self._t = None
         self._base = 0
+        self._seen = None           # array('I') of RETRY_SLOTS: fingerprint << 8 | quarter second
+        self._rtokens = float(retry_burst)
+        self._rt = None
 
     def allow(self, others: int, now: float) -> int:
         """The untrusted SYNs this read may keep; then spend() what was kept."""
@@ -140,13 +164,51 @@ class SynGate:
         if over > 0:
             self._tokens -= over
 
-    def pick(self, srcs: list, allow: int) -> list:
-        """Indices (in order) of the SYNs to keep, from their 4-byte sources
-        (arrival order) when there are more than `allow`: every trusted one
-        (up to quota), and `allow` of the others evenly drawn. Spends."""
+    def pick(self, keys: list, allow: int, now: float = 0.0) -> list:
+        """Indices (in order) of the SYNs to keep, from their keys (arrival
+        order) when there are more than `allow`: every trusted one and every
+        recognised retransmission (up to quota, the latter within their
+        bucket), and `allow` of the others evenly drawn. Spends."""
         trusted = self.trusted
-        keep = [k for k, s in enumerate(srcs) if s in trusted]
-        other = [k for k, s in enumerate(srcs) if s not in trusted] if keep else list(range(len(srcs)))
+        seen = self._seen
+        if seen is None:
+            seen = self._seen = array("I", bytes(4 * self.RETRY_SLOTS))
+        mask = self.RETRY_SLOTS - 2
+        lo, hi = self.RETRY_MIN, self.RETRY_MAX
+        q = int(now * 4.0)
+        tick = q & 0xFF
+        rt = self._rt
+        rtok = self._rtokens
+        if rt is not None and now > rt:
+            rtok += (now - rt) * self.retry_rate
+            if rtok > self.retry_burst:
+                rtok = self.retry_burst
+        self._rt = now
+        keep = []
+        other = []
+        retried = 0
+        for k, key in enumerate(keys):
+            if key[:4] in trusted:
+                keep.append(k)
+                continue
+            h = hash(key)
+            i = h & mask                      # two ways, slots i and i + 1: newest first
+            fp = h >> 40 & 0xFFFFFF
+            v = seen[i]
+            if v >> 8 == fp or seen[i + 1] >> 8 == fp:     # (rare for a random flood)
+                u = v if v >> 8 == fp else seen[i + 1]
+                if lo <= (tick - u) & 0xFF <= hi and rtok >= 1.0:
+                    rtok -= 1.0
+                    retried += 1
+                    keep.append(k)
+                    continue
+            # remembered (a repeat over budget too: its next retransmission counts); the
+            # older way goes, so a SYN is forgotten once two later ones hashed there
+            seen[i + 1] = v
+            seen[i] = fp << 8 | tick
+            other.append(k)
+        self._rtokens = rtok
+        self.retransmits += retried
         if len(keep) > self.quota:
             keep = keep[:self.quota]
         n = len(other)

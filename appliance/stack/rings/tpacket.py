@@ -112,7 +112,7 @@ SO_ATTACH_FILTER = 26
 SYN_FRAMES = 4096                 # SYN ring slots: ~60 ms of a 65k SYN/s flood between two reads (a busy host)
 SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
 SYN_QUOTA = 256                   # SYNs kept per rx_batch at most (SynGate.quota)
-SYN_MIN = 8                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
+SYN_MIN = 2                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -351,6 +351,7 @@ class TpacketDevice:
         self.mac = info.mac
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0, rx_syn_shed=0,
+                             rx_syn_retransmits=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
                              tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
                              tx_direct_full=0, tx_deferred=0)
@@ -604,15 +605,18 @@ class TpacketDevice:
         if not n:
             return 0
         gate = self.syn_gate
-        allow = gate.allow(others, time.monotonic())
+        now = time.monotonic()
+        allow = gate.allow(others, now)
         keep = ready
         if n > allow:
-            # the IPv4 sources: every frame here passed the filter (Ethernet, no VLAN
-            # tag), so the link header is 14 bytes and tp_mac the same in every slot
+            # the SYNs' keys (IPv4 addresses, ports, ISN): every frame here passed the filter
+            # (Ethernet, no VLAN tag), so the link header is 14 bytes and tp_mac the same in every slot
             a = MAC_OFF.unpack_from(mm, ready[0] + 12)[0] + 26
-            b = a + 4
-            keep = [ready[k] for k in gate.pick([mm[o + a:o + b] for o in ready], allow)]
-            self.counters["rx_syn_shed"] += n - len(keep)
+            b = a + 16
+            keep = [ready[k] for k in gate.pick([mm[o + a:o + b] for o in ready], allow, now)]
+            c = self.counters
+            c["rx_syn_shed"] += n - len(keep)
+            c["rx_syn_retransmits"] = gate.retransmits
         else:
             gate.spend(n)
         ncsum = 0
