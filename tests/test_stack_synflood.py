@@ -346,22 +346,33 @@ def test_syn_flood_lets_a_new_client_in_on_its_first_retransmission(tmp_path, mo
 
 
 def test_syn_gate_retransmissions():
-    """SynGate's memory of shed SYNs: a repeat 0.5-10 s later is kept whatever
-    the budget, within retry_rate a second; a copy at once or after 10 s is not;
-    a trusted source needs no memory."""
+    """SynGate's memory of the SYNs it saw: a repeat 1-4 s later (an older
+    generation) is kept whatever the budget, once, within retry_rate a second;
+    a copy at once or after the memory is gone is not; a trusted source needs
+    no memory."""
     g = SynGate(retry_rate=100.0, retry_burst=4, rng=random.Random(2))
     g.pressure = True
     key = bytes([198, 18, 0, 9]) + SIP + struct.pack("!HHI", 40000, 80, 12345)
     assert g.pick([key, key], 0, 10.0) == []                       # shed, and the copy too
-    assert g.pick([key], 0, 10.2) == []                            # 0.2 s: not a retransmission
-    assert g.pick([b"x" * 16, key], 0, 11.2) == [1] and g.retransmits == 1     # 1 s: kept
-    assert g.pick([key], 0, 30.0) == []                            # 18.8 s: forgotten (then remembered)
-    assert g.pick([key], 0, 33.0) == [0]                           # 3 s after that: kept again
-    # a flood that replays its SYNs every 0.5 s: retry_burst (4) of each replay get in,
-    # min(retry_rate x 0.5 s, retry_burst); the rest are shed (and remembered again)
+    assert g.pick([key], 0, 10.2) == []                            # 0.2 s: the same generation
+    assert g.pick([b"x" * 16, key], 0, 11.2) == [1] and g.retransmits == 1     # 1.2 s: kept
+    assert g.pick([key], 0, 12.4) == []                            # answered once: not again
+    assert g.pick([b"y" * 16], 0, 13.0) == []
+    assert g.pick([b"y" * 16], 0, 20.0) == []                      # 7 s without a read: all forgotten
+    assert g.pick([b"y" * 16], 0, 21.0) == [0] and g.retransmits == 2     # (seen at 20.0: 1 s before)
+    # a flood that replays its SYNs every second: retry_burst (4) of each replay get in,
+    # min(retry_rate x 1 s, retry_burst), drawn evenly, each key once; the rest are shed
     flood = [bytes([198, 19, k >> 8, k & 255]) + SIP + struct.pack("!HHI", k, 80, k) for k in range(1000)]
     assert g.pick(flood, 0, 40.0) == []
-    kept = [len(g.pick(flood, 0, 40.5 + 0.5 * j)) for j in range(20)]
-    assert kept == [4] * 20 and g.retransmits == 2 + 80
+    got = [g.pick(flood, 0, 41.0 + j) for j in range(20)]
+    assert [len(k) for k in got] == [4] * 20 and g.retransmits == 2 + 80
+    # never the same SYN twice within 4 s (GENS + 1 generations)
+    assert all(len(set(got[j] + got[j + 1] + got[j + 2] + got[j + 3])) == 16 for j in range(17))
+    # memory stays bounded: at most GEN_MAX keys a generation, GENS + 1 generations
+    g.GEN_MAX = 500
+    for j in range(10):
+        g.pick([bytes([198, 20, j, k & 255, k >> 8]) + bytes(11) for k in range(400)], 0, 70.0 + j * 0.01)
+    assert len(g._cur) <= 500 + 400 and len(g._old) <= g.GENS
+    assert all(len(o) <= 500 + 400 for o in g._old)
     g.trusted[key[:4]] = None                                      # a source that completed a handshake
-    assert g.pick([key, key], 0, 50.25) == [0, 1]
+    assert g.pick([key, key], 0, 90.0) == [0, 1]

@@ -20,10 +20,12 @@ Overload (a SYN flood). Answering a SYN (a cookie and a SYN-ACK) costs as
 much as serving several segments of known connections, so which SYNs the
 stack sees is decided before it, by a SynGate (rings/base.py): every SYN
 from a source that completed a handshake before (the stack's syn_trusted:
-a spoofed source never does), and of the rest a budget, an even draw
-(each with the same odds whatever its place): up to 8 in a read that
-brought nothing else, else one per 8 frames of known connections plus a
-token bucket of 2,000 per second. The TPACKET device keeps pure SYNs on a
+a spoofed source never does), every retransmission of a SYN it shed
+before (a client's, 1 s later: a random flood never repeats a SYN; within
+a bucket of 4,000/s), and of the rest a budget, an even draw (each with
+the same odds whatever its place): up to 2 in a read that brought
+nothing else, else one per 64 frames of known connections plus a token
+bucket of 500 per second. The TPACKET device keeps pure SYNs on a
 ring of their own and gates them there (rings/tpacket.py), so a flood can
 neither fill nor delay the ring that established connections use, and
 shedding costs a few byte reads per SYN. For other devices, a full batch

@@ -33,10 +33,12 @@ serve loop's overloaded passes: which pure SYNs of a read are handed to the
 stack and which are shed (see its docstring).
 """
 import random
-from array import array
+from operator import itemgetter
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["Offload", "GSO", "Frame", "Device", "NO_OFFLOAD", "frame_bytes", "SynGate"]
+
+_SRC = itemgetter(slice(0, 4))      # a SYN key's IPv4 source
 
 
 class Offload(NamedTuple):
@@ -97,18 +99,22 @@ class SynGate:
       SYN-ACK. So clients that connected before, a connection-per-request
       load above all, are not shed with a flood. (An attacker who knows a
       client's address can spoof it and get `quota` SYNs per read through.)
-    - A SYN that repeats one shed 0.5-10 s before (the same addresses, ports
+    - A SYN that repeats one shed 1-4 s before (the same addresses, ports
       and ISN: a client's retransmission after its initial RTO, 1 s by
-      RFC 6298 §2, up to 3 s on older stacks) is kept too, within its own
-      token bucket (`retry_rate` per second): a first-time client is in on
+      RFC 6298 §2, 3 s on older stacks) is kept too, within a token bucket
+      of its own (`retry_rate` a second), once: a first-time client is in on
       its first retransmission whatever the flood, while a random flood's
-      SYNs never repeat, and one that replays its SYNs gets at most
-      `retry_rate` answers a second. The memory is a table of RETRY_SLOTS
-      4-byte slots (a 24-bit fingerprint of the SYN's hash and its
-      quarter-second), two ways per hash, allocated at the first flood: a
-      SYN is forgotten once two later SYNs hashed to its pair of slots; at
-      65k SYN/s that is ~0.5 % of the retransmissions 1 s later (the next
-      one may still be recognised).
+      SYNs never repeat, and one that replays them gets at most
+      `retry_rate` answers a second, each SYN answered once in 4 s. The memory:
+      the keys of the SYNs seen under pressure in generations of GEN_S
+      (1 s) or GEN_MAX keys, whichever ends first; a repeat counts when its
+      key is in one of the GENS older generations (not the current one: a
+      copy at once is no retransmission, unless a generation ended between
+      the two). All set operations, so a SYN
+      costs a few hash probes in C, not Python; at most (GENS + 1) x
+      GEN_MAX keys (~85 bytes each: 22 MB) are held, and beyond GEN_MAX
+      SYN/s the generations are shorter, so the oldest repeats are missed
+      first (a 1 s retransmission is still found up to ~190,000 SYN/s).
     - Other SYNs get a budget: `idle` when the read had nothing else (the
       core has nothing better to do, so an idle server answers a flood at
       full speed), else one per `share` frames of known connections (a
@@ -124,8 +130,9 @@ class SynGate:
     kept as retransmissions.
     """
 
-    RETRY_SLOTS = 1 << 20            # 4 MB once a flood was seen
-    RETRY_MIN, RETRY_MAX = 2, 40     # a repeat counts 0.5-10 s (quarter seconds) after the SYN it repeats
+    GEN_S = 1.0                      # a generation of remembered SYNs lasts at most 1 s,
+    GEN_MAX = 65536                  # and holds at most this many keys
+    GENS = 3                         # older generations a repeat is looked up in
 
     def __init__(self, quota: int = 256, idle: int = 2, share: int = 64, rate: float = 500.0,
                  burst: int = 16, retry_rate: float = 4000.0, retry_burst: int = 64, rng=None):
@@ -138,7 +145,11 @@ class SynGate:
         self._tokens = 0.0
         self._t = None
         self._base = 0
-        self._seen = None           # array('I') of RETRY_SLOTS: fingerprint << 8 | quarter second
+        self._cur = set()           # keys of the SYNs seen in this generation
+        self._cur_t = None          # when it began
+        self._old = []              # the GENS generations before, newest first
+        self._done = set()          # keys answered as retransmissions in this generation
+        self._done_old = []         # and in the GENS before
         self._rtokens = float(retry_burst)
         self._rt = None
 
@@ -164,51 +175,74 @@ class SynGate:
         if over > 0:
             self._tokens -= over
 
+    def _turn(self, now: float) -> None:
+        """A new generation when the current one is GEN_S old or GEN_MAX full;
+        everything is forgotten after GENS + 1 generations without a flood."""
+        t = self._cur_t
+        if t is not None and now - t < self.GEN_S and len(self._cur) < self.GEN_MAX:
+            return
+        if t is None or now - t >= (self.GENS + 1) * self.GEN_S:
+            self._old = []
+            self._done_old = []
+        else:
+            self._old = [self._cur] + self._old[:self.GENS - 1]
+            self._done_old = [self._done] + self._done_old[:self.GENS - 1]
+        self._cur = set()
+        self._done = set()
+        self._cur_t = now
+
     def pick(self, keys: list, allow: int, now: float = 0.0) -> list:
         """Indices (in order) of the SYNs to keep, from their keys (arrival
         order) when there are more than `allow`: every trusted one and every
-        recognised retransmission (up to quota, the latter within their
-        bucket), and `allow` of the others evenly drawn. Spends."""
+        retransmission (up to quota, the latter within their bucket), and
+        `allow` of the others evenly drawn. Spends."""
+        n = len(keys)
         trusted = self.trusted
-        seen = self._seen
-        if seen is None:
-            seen = self._seen = array("I", bytes(4 * self.RETRY_SLOTS))
-        mask = self.RETRY_SLOTS - 2
-        lo, hi = self.RETRY_MIN, self.RETRY_MAX
-        q = int(now * 4.0)
-        tick = q & 0xFF
-        rt = self._rt
-        rtok = self._rtokens
-        if rt is not None and now > rt:
-            rtok += (now - rt) * self.retry_rate
-            if rtok > self.retry_burst:
-                rtok = self.retry_burst
-        self._rt = now
-        keep = []
-        other = []
-        retried = 0
-        for k, key in enumerate(keys):
-            if key[:4] in trusted:
-                keep.append(k)
-                continue
-            h = hash(key)
-            i = h & mask                      # two ways, slots i and i + 1: newest first
-            fp = h >> 40 & 0xFFFFFF
-            v = seen[i]
-            if v >> 8 == fp or seen[i + 1] >> 8 == fp:     # (rare for a random flood)
-                u = v if v >> 8 == fp else seen[i + 1]
-                if lo <= (tick - u) & 0xFF <= hi and rtok >= 1.0:
-                    rtok -= 1.0
-                    retried += 1
-                    keep.append(k)
-                    continue
-            # remembered (a repeat over budget too: its next retransmission counts); the
-            # older way goes, so a SYN is forgotten once two later ones hashed there
-            seen[i + 1] = v
-            seen[i] = fp << 8 | tick
-            other.append(k)
-        self._rtokens = rtok
-        self.retransmits += retried
+        tf = list(map(trusted.__contains__, map(_SRC, keys))) if trusted else ()
+        if True in tf:
+            keep = [k for k in range(n) if tf[k]]
+            other = [k for k in range(n) if not tf[k]]
+            ukeys = [keys[k] for k in other]
+        else:
+            keep = []
+            other = list(range(n))
+            ukeys = keys
+        self._turn(now)
+        hits = None
+        for g in self._old:
+            h = g.intersection(ukeys)
+            if h:
+                hits = h if hits is None else hits | h
+        self._cur.update(ukeys)
+        if hits:
+            done = self._done
+            hits -= done
+            for d in self._done_old:
+                hits -= d
+        if hits:
+            rt = self._rt
+            rtok = self._rtokens
+            if rt is not None and now > rt:
+                rtok += (now - rt) * self.retry_rate
+                if rtok > self.retry_burst:
+                    rtok = self.retry_burst
+            self._rt = now
+            hj = [j for j, key in enumerate(ukeys) if key in hits]
+            m = len(hj)
+            take = min(m, int(rtok))
+            if take:
+                if take < m:            # an even draw here too: a replaying flood's place decides nothing
+                    step = m / take
+                    start = self.rng.random() * m
+                    hj = [hj[k] for k in sorted({int(start + j * step) % m for j in range(take)})]
+                self._rtokens = rtok - len(hj)
+                self.retransmits += len(hj)
+                done.update(ukeys[j] for j in hj)
+                keep += [other[j] for j in hj]
+                hs = set(hj)
+                other = [o for j, o in enumerate(other) if j not in hs]
+            else:
+                self._rtokens = rtok
         if len(keep) > self.quota:
             keep = keep[:self.quota]
         n = len(other)

@@ -64,10 +64,11 @@ pressure (`syn_gate.pressure`, set by the serve loop while the stack's SYN
 backlog overflows) it empties the SYN ring on every call (when the mmap
 says a frame waits: no system call) and keeps, after the main ring's
 frames, what the SYN gate (`syn_gate`, rings/base.py SynGate) lets
-through: every SYN of a source that completed a handshake before, and of
-the others a budget (up to SYN_MIN when the read took nothing else, else
-one per 8 main-ring frames plus 2,000/s), evenly drawn so that each has
-the same odds (rx_syn_shed counts the rest; the kernel drops, counted as
+through: every SYN of a source that completed a handshake before, every
+retransmission of a SYN it shed (within a bucket), and of the others a
+budget (up to SYN_MIN when the read took nothing else, else one per 64
+main-ring frames plus 500/s), evenly drawn so that each has the same odds
+(rx_syn_shed counts the rest; the kernel drops, counted as
 kernel_syn_drops, only what arrives while the SYN ring is full). The loop
 waits on every socket's fd in one poll (`filenos`), not on the epoll fd
 around them (`fileno`), which costs a nested wake-up per frame. With
