@@ -233,3 +233,57 @@ def test_syn_ring_lets_a_retransmitted_syn_through_a_flood_and_not_a_copy_at_onc
     assert res[0]["kept"] == [] and res[0]["counters"]["rx_syn_shed"] == 302
     assert [bytes.fromhex(h) for h in res[1]["kept"]] == [client]
     assert res[1]["counters"]["rx_syn_shed"] == 302 + 300 and res[1]["counters"]["rx_syn_retransmits"] == 1
+
+
+WRAP = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from appliance.stack.rings import tpacket
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+g = dev.syn_gate
+g.pressure = True
+g.idle, g.rate, g.burst = 0, 0.0, 0                    # only the trusted source's SYNs get through
+g.trusted[bytes([198, 18, 200, 9])] = None
+print("READY", flush=True)
+for k in range(int(sys.argv[3])):
+    sys.stdin.readline()
+    time.sleep(0.3)
+    kept = [bytes(f).hex() for f in dev.rx_batch(0)]
+    print(json.dumps({"kept": kept, "counters": dev.counters, "stats": dev.kernel_stats()}), flush=True)
+dev.close()
+"""
+
+
+def test_syn_ring_is_read_in_runs_across_its_end():
+    """Three bursts of 1,500 SYNs (4,500: past the 4,096 slots, so the reads wrap
+    around the ring's end), every 10th from a trusted source: each read hands
+    over exactly that burst's trusted SYNs, byte for byte and in order, and
+    gives every other slot back (nothing is dropped by the kernel)."""
+    rounds, per = 3, 1500
+    with netns.pair(subnet=69) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+        bursts = [[bytes(Ether(src="02:00:00:00:01:00", dst=dmac) /
+                         IP(src="198.18.200.9" if k % 10 == 4 else f"198.19.{r}.{k % 250 + 1}", dst=link.server_ip)
+                         / TCP(sport=10000 + k, dport=80, seq=r * 100000 + k, flags="S")) for k in range(per)]
+                  for r in range(rounds)]
+        reader = link.server.popen([sys.executable, "-c", WRAP, link.server_if, ROOT, str(rounds)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        res = []
+        try:
+            assert reader.stdout.readline().strip() == "READY"
+            for burst in bursts:
+                link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
+                reader.stdin.write("go\n")
+                reader.stdin.flush()
+                res.append(json.loads(reader.stdout.readline()))
+            reader.communicate(timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    assert reader.returncode == 0
+    for r, burst in enumerate(bursts):
+        assert [bytes.fromhex(h) for h in res[r]["kept"]] == [f for k, f in enumerate(burst) if k % 10 == 4]
+        assert res[r]["counters"]["rx_syn_shed"] == (r + 1) * per * 9 // 10
+    assert res[-1]["stats"]["kernel_syn_packets"] == rounds * per and res[-1]["stats"]["kernel_syn_drops"] == 0

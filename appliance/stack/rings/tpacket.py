@@ -83,6 +83,7 @@ import array
 import errno
 import fcntl
 import mmap
+import operator
 import select
 import socket
 import struct
@@ -142,6 +143,7 @@ STATUS_LEN = struct.Struct("=II")
 MAC_OFF = struct.Struct("=H")     # tp_mac, at 12 in the tpacket2_hdr
 ZERO_VNET = bytes(VNET_HDR_LEN)
 ZERO4 = bytes(4)
+_FIRST = operator.itemgetter(0)
 BE16 = struct.Struct("!H")
 
 SIOCGIFFLAGS = 0x8913
@@ -332,6 +334,24 @@ class _RxRing:
         self.nr = len(self.slots)
         self.mv = memoryview(mm)
         self.head = 0                 # next slot to look at
+        # Slots back to back (a block holds whole slots, as the SYN ring's do): the
+        # tp_status words can be read and handed back a run at a time, through a
+        # u32 view, in C rather than a slot at a time (see _take_syns).
+        size = req[2]
+        self.stride = size if self.slots == list(range(base, base + self.nr * size, size)) else 0
+        self.st = None
+        if self.stride and base % 4 == 0 and size % 4 == 0 and len(mm) % 4 == 0:
+            self.st = self.mv.cast("I")
+            self.zeros = memoryview(array.array("I", bytes(4 * self.nr)))
+        self.key_st = None            # (offset, struct) of the SYN keys, once a frame told tp_mac
+
+    def release(self):
+        for v in (self.st, self.mv):
+            if v is not None:
+                try:
+                    v.release()
+                except BufferError:
+                    pass
 
 
 class TpacketDevice:
@@ -477,6 +497,7 @@ class TpacketDevice:
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._mm.append(ymm)
             self._syn_ring = _RxRing(ymm, 0, yrx)
+            assert self._syn_ring.st is not None        # whole slots per block: read a run at a time
             if fanout is None:
                 y.bind((self.iface, proto))          # the SYN ring first: a SYN is never missed
                 s.bind((self.iface, proto))
@@ -592,51 +613,67 @@ class TpacketDevice:
         SYN). The others are counted (rx_syn_shed) and their slots handed
         back unread. Returns how many partial checksums were completed."""
         ring = self._syn_ring
-        mm, slots, nr = ring.mm, ring.slots, ring.nr
+        mm, nr, st, stride = ring.mm, ring.nr, ring.st, ring.stride
+        q = stride >> 2
+        # the runs of slots the kernel filled, from the head: tp_status is 0
+        # (TP_STATUS_KERNEL, as we hand it back) or TP_STATUS_USER with flags
+        spans = []
         i = ring.head
-        ready = []
-        while len(ready) < nr:
-            off = slots[i]
-            if not mm[off] & TP_STATUS_USER:
+        n = 0
+        while n < nr:
+            end = min(nr, i + 256, i + nr - n)          # a chunk, never past the ring's end
+            lst = st[i * q:end * q:q].tolist()
+            m = lst.index(0) if 0 in lst else len(lst)
+            if m:
+                spans.append((i, m))
+                n += m
+            i = i + m if i + m < nr else 0
+            if m < len(lst):                            # a slot the kernel still owns
                 break
-            ready.append(off)
-            i = i + 1 if i + 1 < nr else 0
         ring.head = i
-        n = len(ready)
         if not n:
             return 0
         gate = self.syn_gate
         now = time.monotonic()
         allow = gate.allow(others, now)
-        keep = ready
         if n > allow:
-            # the SYNs' keys (IPv4 addresses, ports, ISN): every frame here passed the filter
-            # (Ethernet, no VLAN tag), so the link header is 14 bytes and tp_mac the same in every slot
-            a = MAC_OFF.unpack_from(mm, ready[0] + 12)[0] + 26
-            b = a + 16
-            keep = [ready[k] for k in gate.pick([mm[o + a:o + b] for o in ready], allow, now)]
+            # the SYNs' keys (IPv4 addresses, ports, ISN), a run at a time in C: every
+            # frame here passed the filter (Ethernet, no VLAN tag), so the link header
+            # is 14 bytes and tp_mac the same in every slot
+            a = MAC_OFF.unpack_from(mm, spans[0][0] * stride + 12)[0] + 26
+            ks = ring.key_st
+            if ks is None or ks[0] != a:
+                ks = ring.key_st = (a, struct.Struct(f"{a}x16s{stride - a - 16}x"))
+            keys = []
+            mv = ring.mv
+            for i0, m in spans:
+                keys += map(_FIRST, ks[1].iter_unpack(mv[i0 * stride:(i0 + m) * stride]))
+            slots = [k for i0, m in spans for k in range(i0, i0 + m)]
+            keep = [slots[k] for k in gate.pick(keys, allow, now)]
             c = self.counters
             c["rx_syn_shed"] += n - len(keep)
             c["rx_syn_retransmits"] = gate.retransmits
         else:
             gate.spend(n)
+            keep = [k for i0, m in spans for k in range(i0, i0 + m)]
         ncsum = 0
         trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
-        for off in keep:
+        for k in keep:
+            off = k * stride
             status, length, snap, mac, _ = unpack(mm, off)
             if snap < length or mm[off + SLL_PKTTYPE] == PACKET_OUTGOING:
                 self._odd_frame(snap < length)
                 continue
-            st = off + mac
+            s0 = off + mac
             if trust:
                 self.rx_csum_ok.append(status & (TP_STATUS_CSUMNOTREADY | TP_STATUS_CSUM_VALID) != 0)
             elif status & TP_STATUS_CSUMNOTREADY:
-                ncsum += self._complete_csum(mm, ring.mv, st, snap)
-            out.append(mm[st:st + snap])
-        zero = ZERO4
-        for off in ready:
-            mm[off:off + 4] = zero    # TP_STATUS_KERNEL
+                ncsum += self._complete_csum(mm, ring.mv, s0, snap)
+            out.append(mm[s0:s0 + snap])
+        zeros = ring.zeros
+        for i0, m in spans:               # TP_STATUS_KERNEL, a run at a time
+            st[i0 * q:(i0 + m) * q:q] = zeros[:m]
         return ncsum
 
     def _odd_frame(self, truncated: bool):
@@ -878,10 +915,7 @@ class TpacketDevice:
         self._rx = []
         self._rx_calm = []
         if self._syn_ring is not None:
-            try:
-                self._syn_ring.mv.release()
-            except BufferError:
-                pass
+            self._syn_ring.release()
             self._syn_ring = None
         for mm in self._mm:
             try:
