@@ -374,5 +374,9 @@ def test_syn_gate_retransmissions():
         g.pick([bytes([198, 20, j, k & 255, k >> 8]) + bytes(11) for k in range(400)], 0, 70.0 + j * 0.01)
     assert len(g._cur) <= 500 + 400 and len(g._old) <= g.GENS
     assert all(len(o) <= 500 + 400 for o in g._old)
+    g.forget(70.5)
+    assert g._cur and g._old                                       # a flood may still be on
+    g.forget(74.1)
+    assert not g._cur and not g._old and g._cur_t is None          # 4 s on: forgotten
     g.trusted[key[:4]] = None                                      # a source that completed a handshake
     assert g.pick([key, key], 0, 90.0) == [0, 1]

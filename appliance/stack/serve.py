@@ -221,6 +221,7 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
             wall = time.time()
             set_date(int(wall))
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
+            syn_gate.forget(now)                # the SYNs a flood left in the gate's memory
             if tick is not None:
                 tick()
         syn_gate.pressure = pressure(now)       # the SYN budget applies during a flood only

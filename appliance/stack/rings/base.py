@@ -191,6 +191,14 @@ class SynGate:
         self._done = set()
         self._cur_t = now
 
+    def forget(self, now: float) -> None:
+        """Drop the memory of SYNs once a flood is over (the serve loop calls
+        this once a second: pick() alone only turns generations while SYNs come)."""
+        t = self._cur_t
+        if t is not None and now - t >= (self.GENS + 1) * self.GEN_S:
+            self._cur, self._old, self._done, self._done_old = set(), [], set(), []
+            self._cur_t = None
+
     def pick(self, keys: list, allow: int, now: float = 0.0) -> list:
         """Indices (in order) of the SYNs to keep, from their keys (arrival
         order) when there are more than `allow`: every trusted one and every
