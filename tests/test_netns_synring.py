@@ -287,3 +287,72 @@ def test_syn_ring_is_read_in_runs_across_its_end():
         assert [bytes.fromhex(h) for h in res[r]["kept"]] == [f for k, f in enumerate(burst) if k % 10 == 4]
         assert res[r]["counters"]["rx_syn_shed"] == (r + 1) * per * 9 // 10
     assert res[-1]["stats"]["kernel_syn_packets"] == rounds * per and res[-1]["stats"]["kernel_syn_drops"] == 0
+
+
+TRUST = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from appliance.stack.rings import tpacket
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+g = dev.syn_gate
+g.pressure = True
+g.idle, g.rate, g.burst = 0, 0.0, 0                    # no budget for the flood's SYNs
+changed = [dev.trust_sources([bytes([198, 18, 200, 9])]), dev.trust_sources([bytes([198, 18, 200, 9])])]
+print("READY", flush=True)
+res = []
+for k in range(2):
+    sys.stdin.readline()
+    time.sleep(0.3)
+    got = []
+    while True:
+        more = dev.rx_batch(256)
+        if not more:
+            break
+        got += [bytes(f).hex() for f in more]
+    res.append({"got": got, "stats": dict(dev.kernel_stats()), "counters": dict(dev.counters)})
+    changed.append(dev.trust_sources([]))              # the second burst: no source trusted by the filter
+    print(json.dumps(res[-1]), flush=True)
+print(json.dumps({"changed": changed}), flush=True)
+dev.close()
+"""
+
+
+def test_syn_ring_filter_sends_trusted_sources_syns_to_the_main_ring():
+    """trust_sources(): a trusted client's SYNs (and its ACK) come through the
+    main ring, in order and byte for byte, while a flood of 100 SYNs fills the
+    SYN ring and is shed (no budget); the same filter without the source sends
+    its SYNs to the SYN ring again (and, with no budget, they are shed too)."""
+    with netns.pair(subnet=70) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def seg(src, sport, flags):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=sport, flags=flags))
+        flood = [seg(f"198.19.0.{k % 250 + 1}", 20000 + k, "S") for k in range(100)]
+        client = [seg("198.18.200.9", 41000 + k, "S") for k in range(10)] + [seg("198.18.200.9", 41000, "A")]
+        burst = flood[:50] + client[:5] + flood[50:] + client[5:]
+        reader = link.server.popen([sys.executable, "-c", TRUST, link.server_if, ROOT], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        res = []
+        try:
+            assert reader.stdout.readline().strip() == "READY"
+            for _ in range(2):
+                link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
+                reader.stdin.write("go\n")
+                reader.stdin.flush()
+                res.append(json.loads(reader.stdout.readline()))
+            res.append(json.loads(reader.stdout.readline()))
+            reader.communicate(timeout=20)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    assert reader.returncode == 0
+    assert res[2]["changed"] == [True, False, True, False]
+    first, second = res[0], res[1]
+    assert [bytes.fromhex(h) for h in first["got"]] == client
+    assert first["stats"]["kernel_syn_packets"] == 100 and first["counters"]["rx_syn_shed"] == 100
+    assert [bytes.fromhex(h) for h in second["got"]] == client[-1:]          # only the ACK
+    assert second["stats"]["kernel_syn_packets"] == 2 * 100 + 10
+    assert second["counters"]["rx_syn_shed"] == 2 * 100 + 10

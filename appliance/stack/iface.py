@@ -994,7 +994,9 @@ class Stack:
             t = self.syn_trusted
             if len(t) >= TRUSTED_MAX:
                 t.clear()
-            t[k[:4]] = None
+            src = k[:4]
+            t.pop(src, None)                        # last in order: the serve loop hands the
+            t[src] = None                           # most recent to the SYN ring's filter
         self.counters["tcp_established"] += 1       # (its HTTP state comes with its first data: Conn._deliver)
 
     def remove(self, c: Conn) -> None:

@@ -62,9 +62,10 @@ import random
 import select
 import signal
 import time
+from itertools import islice
 
 from .counters import Counters
-from .rings.base import SynGate
+from .rings.base import TRUSTED_BPF, SynGate
 
 __all__ = ["serve", "run_loop", "Ready", "parse_mac", "BATCH"]
 
@@ -208,6 +209,9 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
         syn_gate = gate = SynGate(rng=_RNG)
     syn_gate.trusted = stack.syn_trusted
     pressure = stack.under_pressure
+    trust_sources = getattr(dev, "trust_sources", None)
+    if not callable(trust_sources):
+        trust_sources = None
     if wake_fd >= 0:
         poller.register(wake_fd, select.POLLIN)
     wait = poller.poll
@@ -222,6 +226,9 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
             set_date(int(wall))
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
             syn_gate.forget(now)                # the SYNs a flood left in the gate's memory
+            if trust_sources is not None and syn_gate.pressure:
+                # the sources that connected last: their SYNs go to the main ring, not the flood's
+                trust_sources(list(islice(reversed(stack.syn_trusted), TRUSTED_BPF)))
             if tick is not None:
                 tick()
         syn_gate.pressure = pressure(now)       # the SYN budget applies during a flood only

@@ -39,6 +39,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 __all__ = ["Offload", "GSO", "Frame", "Device", "NO_OFFLOAD", "frame_bytes", "SynGate"]
 
 _SRC = itemgetter(slice(0, 4))      # a SYN key's IPv4 source
+TRUSTED_BPF = 64                    # trusted sources a SYN ring's filters send to the main ring (tpacket)
 
 
 class Offload(NamedTuple):

@@ -90,7 +90,7 @@ import struct
 import time
 
 from ..wire import csum
-from .base import Offload, SynGate
+from .base import TRUSTED_BPF, Offload, SynGate
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
@@ -232,13 +232,15 @@ def read_offload(name: str) -> Offload:
     return Offload(csum, csum and tso)
 
 
-def _syn_filter(port, syn: bool, no_arp: bool = False) -> bytes:
+def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=()) -> bytes:
     """A classic BPF program (struct sock_filter[]) over the Ethernet frame:
     accept (whole frame) an IPv4 TCP segment to `port` (an int, or a tuple of
     them: HTTP and HTTPS) with SYN and neither ACK nor RST, first fragment,
     any IHL, if `syn`; otherwise accept exactly the other frames (but ARP, with
     `no_arp`: a fanout ring of all protocols beside the ARP ring; `port` None:
-    no SYN ring, only that)."""
+    no SYN ring, only that). A SYN from one of the `trusted` IPv4 sources
+    (4-byte addresses, up to 2 x TRUSTED_BPF) counts as another frame: it goes
+    to the main ring, ahead of a flood, and never waits in a full SYN ring."""
     yes, no = (0x40000, 0) if syn else (0, 0x40000)
     if port is None:
         ins = [(0x28, 0, 0, 12), (0x15, 0, 1, 0x0806), (0x06, 0, 0, 0), (0x06, 0, 0, 0x40000)]
@@ -259,8 +261,12 @@ def _syn_filter(port, syn: bool, no_arp: bool = False) -> bytes:
     ins += [(0x15, 0, "no", ports[-1]),                     # jeq #port, , no
             ("flags", 0x50, 0, 0, 27),                      # ldb [x+27]          flags
             (0x54, 0, 0, 0x16),                             # and #(ACK|RST|SYN)
-            (0x15, 0, "no", 0x02),                          # jeq #SYN, , no
-            (0x06, 0, 0, yes),                              # ret #yes
+            (0x15, 0, "no", 0x02)]                          # jeq #SYN, , no
+    if trusted:
+        ins.append((0x20, 0, 0, 26))                        # ld [26]             source address
+        assert len(trusted) <= 2 * TRUSTED_BPF          # (a jump reaches 255 instructions at most)
+        ins += [(0x15, "no", 0, int.from_bytes(a, "big")) for a in trusted]    # jeq #src, no
+    ins += [(0x06, 0, 0, yes),                              # ret #yes
             ("no", 0x06, 0, 0, no)]                         # ret #no
     if no_arp:
         ins.append(("drop", 0x06, 0, 0, 0))
@@ -372,7 +378,7 @@ class TpacketDevice:
         self.mac = info.mac
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0, rx_syn_shed=0,
-                             rx_syn_retransmits=0,
+                             rx_syn_retransmits=0, rx_trusted_bpf_updates=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
                              tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
                              tx_direct_full=0, tx_deferred=0)
@@ -481,6 +487,7 @@ class TpacketDevice:
                 # and running (fanout_add checks PACKET_SOCK_RUNNING), so after bind.
                 s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
         else:
+            self._syn_ports, self._bpf_trusted = syn_port, ()
             _attach_filter(s, _syn_filter(syn_port, False, self._all_protocols))   # before bind: no SYN lands here
             y = self._syn_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._socks.append(y)
@@ -535,6 +542,30 @@ class TpacketDevice:
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
+
+    def trust_sources(self, sources) -> bool:
+        """Send the SYNs of these IPv4 sources (4-byte addresses, the first
+        TRUSTED_BPF: the serve loop passes the stack's most recent syn_trusted
+        during a flood) to the main ring instead of the SYN ring: a client that
+        connects again and again (a connection-per-request load) is then read
+        before the flood and never lost when the SYN ring is full, and costs
+        the gate nothing. Both filters are replaced (SO_ATTACH_FILTER swaps a
+        program atomically), in an order that can duplicate a SYN in the swap
+        (the stack answers a duplicate) but never drop one. True if changed."""
+        if self._syn_sock is None:
+            return False
+        new = tuple(sources)[:TRUSTED_BPF]
+        old = self._bpf_trusted
+        if new == old:
+            return False
+        both = tuple(dict.fromkeys(old + new))[:2 * TRUSTED_BPF]
+        main = self._socks[0]
+        _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, both))
+        _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
+        _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, new))
+        self._bpf_trusted = new
+        self.counters["rx_trusted_bpf_updates"] += 1
+        return True
 
     def filenos(self) -> list:
         """The fds of every RX ring (main, SYN, ARP), for one poll(): cheaper than
