@@ -116,6 +116,32 @@ def _read_what_is_sent(link, script: str, frames: list) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _read_in_rounds(link, script: str, bursts: list, args=(), pause: float = 0.0, tail: int = 0) -> list:
+    """Run `script` (a ring reader) in the server namespace; for each burst, send it
+    from the client's, tell the reader, and take one JSON line from it (then wait
+    `pause`); then `tail` more lines. Returns the parsed lines."""
+    reader = link.server.popen([sys.executable, "-c", script, link.server_if, ROOT, *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    res = []
+    try:
+        assert reader.stdout.readline().strip() == "READY"
+        for burst in bursts:
+            link.client.run([sys.executable, "-c", SENDER, link.client_if],
+                            input=" ".join(f.hex() for f in burst), text=True, timeout=20)
+            reader.stdin.write("go\n")
+            reader.stdin.flush()
+            res.append(json.loads(reader.stdout.readline()))
+            time.sleep(pause)
+        res += [json.loads(reader.stdout.readline()) for _ in range(tail)]
+        err = reader.communicate(timeout=20)[1]
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert reader.returncode == 0, err
+    return res
+
+
 def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else():
     with netns.pair(subnet=66) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
@@ -212,24 +238,7 @@ def test_syn_ring_lets_a_retransmitted_syn_through_a_flood_and_not_a_copy_at_onc
         flood = [[syn(f"198.19.{r}.{k % 250 + 1}", 20000 + k, 1000 * k + r) for k in range(300)] for r in (1, 2)]
         burst1 = flood[0][:150] + [client, client] + flood[0][150:]
         burst2 = flood[1][:100] + [client] + flood[1][100:]
-        reader = link.server.popen([sys.executable, "-c", RETRY, link.server_if, ROOT], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        res = []
-        try:
-            assert reader.stdout.readline().strip() == "READY"
-            for burst in (burst1, burst2):
-                link.client.run([sys.executable, "-c", SENDER, link.client_if],
-                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
-                reader.stdin.write("go\n")
-                reader.stdin.flush()
-                res.append(json.loads(reader.stdout.readline()))
-                time.sleep(0.7)
-            reader.communicate(timeout=20)
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-    assert reader.returncode == 0
+        res = _read_in_rounds(link, RETRY, [burst1, burst2], pause=0.7)
     assert res[0]["kept"] == [] and res[0]["counters"]["rx_syn_shed"] == 302
     assert [bytes.fromhex(h) for h in res[1]["kept"]] == [client]
     assert res[1]["counters"]["rx_syn_shed"] == 302 + 300 and res[1]["counters"]["rx_syn_retransmits"] == 1
@@ -266,23 +275,7 @@ def test_syn_ring_is_read_in_runs_across_its_end():
                          IP(src="198.18.200.9" if k % 10 == 4 else f"198.19.{r}.{k % 250 + 1}", dst=link.server_ip)
                          / TCP(sport=10000 + k, dport=80, seq=r * 100000 + k, flags="S")) for k in range(per)]
                   for r in range(rounds)]
-        reader = link.server.popen([sys.executable, "-c", WRAP, link.server_if, ROOT, str(rounds)],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        res = []
-        try:
-            assert reader.stdout.readline().strip() == "READY"
-            for burst in bursts:
-                link.client.run([sys.executable, "-c", SENDER, link.client_if],
-                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
-                reader.stdin.write("go\n")
-                reader.stdin.flush()
-                res.append(json.loads(reader.stdout.readline()))
-            reader.communicate(timeout=20)
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-    assert reader.returncode == 0
+        res = _read_in_rounds(link, WRAP, bursts, args=(str(rounds),))
     for r, burst in enumerate(bursts):
         assert [bytes.fromhex(h) for h in res[r]["kept"]] == [f for k, f in enumerate(burst) if k % 10 == 4]
         assert res[r]["counters"]["rx_syn_shed"] == (r + 1) * per * 9 // 10
@@ -331,24 +324,7 @@ def test_syn_ring_filter_sends_trusted_sources_syns_to_the_main_ring():
         flood = [seg(f"198.19.0.{k % 250 + 1}", 20000 + k, "S") for k in range(100)]
         client = [seg("198.18.200.9", 41000 + k, "S") for k in range(10)] + [seg("198.18.200.9", 41000, "A")]
         burst = flood[:50] + client[:5] + flood[50:] + client[5:]
-        reader = link.server.popen([sys.executable, "-c", TRUST, link.server_if, ROOT], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        res = []
-        try:
-            assert reader.stdout.readline().strip() == "READY"
-            for _ in range(2):
-                link.client.run([sys.executable, "-c", SENDER, link.client_if],
-                                input=" ".join(f.hex() for f in burst), text=True, timeout=20)
-                reader.stdin.write("go\n")
-                reader.stdin.flush()
-                res.append(json.loads(reader.stdout.readline()))
-            res.append(json.loads(reader.stdout.readline()))
-            reader.communicate(timeout=20)
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-    assert reader.returncode == 0
+        res = _read_in_rounds(link, TRUST, [burst, burst], tail=1)
     assert res[2]["changed"] == [True, False, True, False]
     first, second = res[0], res[1]
     assert [bytes.fromhex(h) for h in first["got"]] == client
