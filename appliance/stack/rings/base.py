@@ -83,6 +83,15 @@ class Device(Protocol):
         """Send `Frame` tuples; returns how many were sent (the rest may be retried)."""
 
 
+def _refill(tokens: float, t, now: float, rate: float, burst: float) -> float:
+    """A token bucket's tokens at `now`, last filled at `t` (None: never)."""
+    if t is not None and now > t:
+        tokens += (now - t) * rate
+        if tokens > burst:
+            tokens = burst
+    return tokens
+
+
 class SynGate:
     """How many pure SYNs of one read the stack may answer, and which (RFC 4987).
 
@@ -159,14 +168,8 @@ class SynGate:
         if not self.pressure:
             self._base = self.quota
             return self.quota
-        t = self._t
-        tok = self._tokens
-        if t is not None and now > t:
-            tok += (now - t) * self.rate
-            if tok > self.burst:
-                tok = self.burst
+        tok = self._tokens = _refill(self._tokens, self._t, now, self.rate, self.burst)
         self._t = now
-        self._tokens = tok
         base = self._base = self.idle if others <= 0 else others // self.share
         a = base + int(tok)
         return a if a < self.quota else self.quota
@@ -191,6 +194,13 @@ class SynGate:
         self._cur = set()
         self._done = set()
         self._cur_t = now
+
+    def _comb(self, items: list, take: int) -> list:
+        """`take` of `items` (take < len), evenly spaced from a random offset, in order."""
+        n = len(items)
+        step = n / take
+        start = self.rng.random() * n
+        return [items[k] for k in sorted({int(start + j * step) % n for j in range(take)})]
 
     def forget(self, now: float) -> None:
         """Drop the memory of SYNs once a flood is over (the serve loop calls
@@ -229,21 +239,14 @@ class SynGate:
             for d in self._done_old:
                 hits -= d
         if hits:
-            rt = self._rt
-            rtok = self._rtokens
-            if rt is not None and now > rt:
-                rtok += (now - rt) * self.retry_rate
-                if rtok > self.retry_burst:
-                    rtok = self.retry_burst
+            rtok = _refill(self._rtokens, self._rt, now, self.retry_rate, self.retry_burst)
             self._rt = now
             hj = [j for j, key in enumerate(ukeys) if key in hits]
             m = len(hj)
             take = min(m, int(rtok))
             if take:
                 if take < m:            # an even draw here too: a replaying flood's place decides nothing
-                    step = m / take
-                    start = self.rng.random() * m
-                    hj = [hj[k] for k in sorted({int(start + j * step) % m for j in range(take)})]
+                    hj = self._comb(hj, take)
                 self._rtokens = rtok - len(hj)
                 self.retransmits += len(hj)
                 done.update(ukeys[j] for j in hj)
@@ -254,14 +257,8 @@ class SynGate:
                 self._rtokens = rtok
         if len(keep) > self.quota:
             keep = keep[:self.quota]
-        n = len(other)
-        if n > allow:
-            if allow > 0:
-                step = n / allow
-                start = self.rng.random() * n
-                other = [other[k] for k in sorted({int(start + j * step) % n for j in range(allow)})]
-            else:
-                other = []
+        if len(other) > allow:
+            other = self._comb(other, allow) if allow > 0 else []
         self.spend(len(other))
         keep += other
         keep.sort()
