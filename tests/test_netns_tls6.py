@@ -21,6 +21,7 @@ from appliance.stack.ipv6 import Ipv6Host
 from appliance.stack.serve import ip6_secret
 from tests.test_netns_ipv6 import MAC, _stop, ra_server
 from tests.test_netns_serve import running_server, site_files
+from tests.test_netns_tls import store  # noqa: F401  (the module-scoped store fixture)
 from tests.tls_support import make_ca, make_cert
 from vm import netns
 
@@ -37,15 +38,6 @@ def slaac_address(iface: str) -> str:
     net8 = ipaddress.IPv6Address(PREFIX).packed[:8]
     h = Ipv6Host(mac, Counters(), ip6_secret(mac, iface), None)
     return str(ipaddress.IPv6Address(net8 + h._iid(net8, 0)))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from appliance.content.compiler import compile_site
-    from tests.test_netns_serve import SITE
-    path = str(tmp_path_factory.mktemp("tls6-store") / "www.store")
-    compile_site(SITE, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -202,10 +202,8 @@ def test_redirect_over_ipv6_points_to_https_over_ipv6_which_answers(store, cert)
         b"\r\n\r\n", 1)[1])
 
 
-def test_access_log_https_lines_over_both_families(store, cert):
-    """One line per HTTPS response, written once its last record is acknowledged, with
-    the client's address of either family, tls=1 and the plaintext bytes (HSTS included);
-    plain HTTP over IPv6 beside it has tls=0."""
+def _logged(st):
+    """An Observer on `st` whose combined access log lines collect in a list: (observer, lines)."""
     from appliance.obs import Observer
     from appliance.obs.accesslog import AccessLog
     lines = []
@@ -213,8 +211,15 @@ def test_access_log_https_lines_over_both_families(store, cert):
     class Sink:
         def write(self, batch, now, wall):
             lines.extend(batch)
+    return Observer(st, log=AccessLog(Sink(), "combined", 1, st.counters)).install(), lines
+
+
+def test_access_log_https_lines_over_both_families(store, cert):
+    """One line per HTTPS response, written once its last record is acknowledged, with
+    the client's address of either family, tls=1 and the plaintext bytes (HSTS included);
+    plain HTTP over IPv6 beside it has tls=0."""
     st = stack(store, cert, tls_kw={"hsts": 600})
-    obs = Observer(st, log=AccessLog(Sink(), "combined", 1, st.counters)).install()
+    obs, lines = _logged(st)
     c6 = connect6(st, cert, port=41080)
     c6.request(b"GET /big.bin HTTP/1.1\r\nHost: t\r\nUser-Agent: six\r\n\r\n"
                b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -245,15 +250,8 @@ def test_access_log_https_lines_over_both_families(store, cert):
 def test_access_log_https_reply_never_encrypted_is_logged_when_reset(store, cert):
     """A reply still waiting to be encrypted (the ciphertext queue is full) when the
     client resets: logged at the next tick with the bytes acknowledged (none)."""
-    from appliance.obs import Observer
-    from appliance.obs.accesslog import AccessLog
-    lines = []
-
-    class Sink:
-        def write(self, batch, now, wall):
-            lines.extend(batch)
     st = stack(store, cert, tls_kw={"queue_max": 4096})
-    obs = Observer(st, log=AccessLog(Sink(), "combined", 1, st.counters)).install()
+    obs, lines = _logged(st)
     c = connect6(st, cert, port=41090)
     c.tls.write(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n" * 2)
     c.send_bytes(c.co.read())                            # not ACKed: the second waits in the store
