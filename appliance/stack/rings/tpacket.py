@@ -334,22 +334,23 @@ def _slots(base: int, req: tuple) -> list:
 class _RxRing:
     """One RX ring (slots of `size` bytes at `base` in an mmap)."""
 
-    def __init__(self, mm, base, req):
+    def __init__(self, mm, base, req, runs: bool = False):
         self.mm = mm
         self.slots = _slots(base, req)
         self.nr = len(self.slots)
         self.mv = memoryview(mm)
         self.head = 0                 # next slot to look at
-        # Slots back to back (a block holds whole slots, as the SYN ring's do): the
-        # tp_status words can be read and handed back a run at a time, through a
-        # u32 view, in C rather than a slot at a time (see _take_syns).
-        size = req[2]
-        self.stride = size if self.slots == list(range(base, base + self.nr * size, size)) else 0
         self.st = None
-        if self.stride and base % 4 == 0 and size % 4 == 0 and len(mm) % 4 == 0:
+        if runs:
+            # (the SYN ring) slots back to back, a block holding whole slots: the
+            # tp_status words are read and handed back a run at a time, through a
+            # u32 view, in C rather than a slot at a time (see _take_syns)
+            self.stride = size = req[2]
+            if self.slots != list(range(base, base + self.nr * size, size)) or (base | size | len(mm)) % 4:
+                raise ValueError(f"ring of {size}-byte slots: not back to back")
             self.st = self.mv.cast("I")
             self.zeros = memoryview(array.array("I", bytes(4 * self.nr)))
-        self.key_st = None            # (offset, struct) of the SYN keys, once a frame told tp_mac
+            self.key_st = None        # (offset, struct) of the SYN keys, once a frame told tp_mac
 
     def release(self):
         for v in (self.st, self.mv):
@@ -503,8 +504,7 @@ class TpacketDevice:
             y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._mm.append(ymm)
-            self._syn_ring = _RxRing(ymm, 0, yrx)
-            assert self._syn_ring.st is not None        # whole slots per block: read a run at a time
+            self._syn_ring = _RxRing(ymm, 0, yrx, runs=True)
             if fanout is None:
                 y.bind((self.iface, proto))          # the SYN ring first: a SYN is never missed
                 s.bind((self.iface, proto))
@@ -556,9 +556,9 @@ class TpacketDevice:
             return False
         new = tuple(sources)[:TRUSTED_BPF]
         old = self._bpf_trusted
-        if new == old:
+        if set(new) == set(old):          # (the same sources in another order: the same filters)
             return False
-        both = tuple(dict.fromkeys(old + new))[:2 * TRUSTED_BPF]
+        both = tuple(dict.fromkeys(old + new))
         main = self._socks[0]
         _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, both))
         _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
@@ -939,10 +939,7 @@ class TpacketDevice:
 
     def close(self):
         for r in self._rx:
-            try:
-                r.mv.release()
-            except BufferError:
-                pass
+            r.release()
         self._rx = []
         self._rx_calm = []
         if self._syn_ring is not None:
