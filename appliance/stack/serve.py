@@ -27,8 +27,10 @@ the same odds whatever its place): up to 2 in a read that brought
 nothing else, else one per 64 frames of known connections plus a token
 bucket of 500 per second. The TPACKET device keeps pure SYNs on a
 ring of their own and gates them there (rings/tpacket.py), so a flood can
-neither fill nor delay the ring that established connections use, and
-shedding costs a few byte reads per SYN. For other devices, a full batch
+neither fill nor delay the ring that established connections use, and a
+shed SYN never reaches the stack; during a flood the loop also hands the
+sources that connected last to the device (trust_sources: their SYNs take
+the main ring) once a second. For other devices, a full batch
 (frames arrive faster than they are handled, and once the RX ring is full
 the kernel drops at random) is followed by more reads (up to DRAIN
 batches, the whole default ring) and the loop gates the SYNs among them

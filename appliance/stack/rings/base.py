@@ -109,22 +109,22 @@ class SynGate:
       SYN-ACK. So clients that connected before, a connection-per-request
       load above all, are not shed with a flood. (An attacker who knows a
       client's address can spoof it and get `quota` SYNs per read through.)
-    - A SYN that repeats one shed 1-4 s before (the same addresses, ports
+    - A SYN that repeats one seen 1-4 s before (the same addresses, ports
       and ISN: a client's retransmission after its initial RTO, 1 s by
-      RFC 6298 §2, 3 s on older stacks) is kept too, within a token bucket
-      of its own (`retry_rate` a second), once: a first-time client is in on
-      its first retransmission whatever the flood, while a random flood's
-      SYNs never repeat, and one that replays them gets at most
-      `retry_rate` answers a second, each SYN answered once in 4 s. The memory:
-      the keys of the SYNs seen under pressure in generations of GEN_S
-      (1 s) or GEN_MAX keys, whichever ends first; a repeat counts when its
-      key is in one of the GENS older generations (not the current one: a
-      copy at once is no retransmission, unless a generation ended between
-      the two). All set operations, so a SYN
-      costs a few hash probes in C, not Python; at most (GENS + 1) x
-      GEN_MAX keys (~85 bytes each: 22 MB) are held, and beyond GEN_MAX
-      SYN/s the generations are shorter, so the oldest repeats are missed
-      first (a 1 s retransmission is still found up to ~190,000 SYN/s).
+      RFC 6298 §2, 3 s on older stacks) is kept too, once in 4 s, within a
+      token bucket of its own (`retry_rate` a second): a first-time client
+      is in on its first retransmission whatever the flood, while a random
+      flood's SYNs never repeat, and one that replays them gets at most
+      `retry_rate` answers a second. The memory: the keys of the SYNs seen
+      under pressure, in generations of GEN_S (1 s) or GEN_MAX keys,
+      whichever ends first; a repeat counts when its key is in one of the
+      GENS older generations (not the current one: a copy sent at once is
+      no retransmission, unless a generation ended between the two). Set
+      operations, so a SYN costs a few hash probes in C; at most
+      (GENS + 1) x GEN_MAX keys (~85 bytes each: 22 MB) are held, and
+      beyond GEN_MAX SYN/s the generations are shorter, so the oldest
+      repeats are missed first (a 1 s one is still found up to ~190,000
+      SYN/s).
     - Other SYNs get a budget: `idle` when the read had nothing else (the
       core has nothing better to do, so an idle server answers a flood at
       full speed), else one per `share` frames of known connections (a
