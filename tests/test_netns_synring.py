@@ -29,7 +29,7 @@ READER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings.tpacket import TpacketDevice
-dev = TpacketDevice(sys.argv[1], syn_port=(80, 443))
+dev = TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=False)
 dev.syn_gate.pressure = True            # the SYN ring apart from the main ring's max_frames
 dev.syn_gate.idle = 8                   # (a read without main-ring frames keeps up to 8 untrusted SYNs)
 print("READY", flush=True)
@@ -130,7 +130,11 @@ def _read_in_rounds(link, script: str, bursts: list, args=(), pause: float = 0.0
                             input=" ".join(f.hex() for f in burst), text=True, timeout=20)
             reader.stdin.write("go\n")
             reader.stdin.flush()
-            res.append(json.loads(reader.stdout.readline()))
+            line = reader.stdout.readline()
+            if not line:                                # the reader died: say why
+                reader.stdin.close()
+                pytest.fail("the ring reader failed: " + reader.stderr.read()[-2000:])
+            res.append(json.loads(line))
             time.sleep(pause)
         res += [json.loads(reader.stdout.readline()) for _ in range(tail)]
         err = reader.communicate(timeout=20)[1]
@@ -162,7 +166,7 @@ BURST = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
-dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80, kernel_gate=False)
 dev.syn_gate.pressure = True                           # as the serve loop sets it during a flood
 dev.syn_gate.trusted[bytes([198, 18, 200, 9])] = None  # a source that completed a handshake before
 print("READY", flush=True)
@@ -208,7 +212,7 @@ RETRY = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
-dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80, kernel_gate=False)
 g = dev.syn_gate
 g.pressure = True                                      # a flood, and no budget for first SYNs:
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # only retransmissions get through
@@ -248,7 +252,7 @@ WRAP = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
-dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80, kernel_gate=False)
 g = dev.syn_gate
 g.pressure = True
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # only the trusted source's SYNs get through
@@ -286,7 +290,7 @@ TRUST = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
-dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80)
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=80, kernel_gate=False)
 g = dev.syn_gate
 g.pressure = True
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # no budget for the flood's SYNs
@@ -332,3 +336,123 @@ def test_syn_ring_filter_sends_trusted_sources_syns_to_the_main_ring():
     assert [bytes.fromhex(h) for h in second["got"]] == client[-1:]          # only the ACK
     assert second["stats"]["kernel_syn_packets"] == 2 * 100 + 10
     assert second["counters"]["rx_syn_shed"] == 2 * 100 + 10
+
+
+# -- the kernel gate (rings/ebpf.py): the SYN ring's eBPF filter under pressure --------------
+
+KGATE = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+from appliance.stack.rings import tpacket
+args = json.loads(sys.argv[3])
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=args["gate"])
+g = dev.syn_gate
+g.pressure = True                                      # as the serve loop sets it during a flood
+g.idle, g.rate, g.burst = 0, 0.0, 0                    # (the Python gate would keep nothing)
+dev.rx_batch(0)                                        # the first read under pressure swaps the filter
+trusted = [bytes(map(int, a.split("."))) for a in args.get("trusted", [])]
+if trusted:
+    dev.trust_sources(trusted)
+print("READY", flush=True)
+for k in range(args["rounds"]):
+    sys.stdin.readline()
+    time.sleep(0.3)
+    syn = [bytes(f).hex() for f in dev.rx_batch(0)]    # the SYN ring alone
+    main = []
+    while True:
+        more = dev.rx_batch(256)
+        if not more:
+            break
+        main += [bytes(f).hex() for f in more]
+    print(json.dumps({"syn": syn, "main": main, "gate": dev._kgate is not None, "stats": dev.kernel_stats(),
+                      "counters": dev.counters}), flush=True)
+    action = args.get("after", {}).get(str(k))
+    if action == "calm":                               # the flood is over: the classic filter again
+        g.pressure = False
+        dev.rx_batch(0)
+    elif action == "untrust":
+        dev.trust_sources([])
+dev.close()
+"""
+
+
+def _kgate_rounds(link, bursts, pause=0.0, **args):
+    args.setdefault("rounds", len(bursts))
+    return _read_in_rounds(link, KGATE, bursts, args=(json.dumps(args),), pause=pause)
+
+
+def test_kernel_gate_sorts_frames_exactly_as_the_classic_filter():
+    """Under pressure (a budget for all): the crafted frames of every kind reach
+    exactly the rings they reach without the gate, byte for byte; the kernel
+    gate kept the 4 SYNs as first SYNs and shed nothing."""
+    with netns.pair(subnet=71) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+        sent = _frames(dmac, link.server_ip)
+        res, = _kgate_rounds(link, [[f for f, _ in sent.values()]], gate={"burst": 100})
+    assert res["gate"]
+    syn, main = _ours(res["syn"], sent), _ours(res["main"], sent)
+    assert sorted(syn) == [i for i, (_, s) in sent.items() if s]
+    assert sorted(main) == [i for i, (_, s) in sent.items() if not s]
+    for i, b in {**syn, **main}.items():
+        assert b == sent[i][0], i
+    st = res["stats"]
+    assert st["kernel_syn_packets"] == 4 and st["kernel_syn_first_kept"] == 4 and st["kernel_syn_shed"] == 0
+    assert res["counters"]["rx_kernel_gates"] == 1 and res["counters"]["rx_syn_shed"] == 0
+
+
+def test_kernel_gate_sheds_a_flood_in_the_kernel_and_lets_a_retransmission_through():
+    """A first-SYN budget of one: of a burst of 300 spoofed SYNs with a client's
+    SYN (twice: a copy at once) in it, only the burst's first SYN reaches the
+    ring, the rest never does (kernel_syn_shed; the ring saw one packet).
+    ~1 s later the client's SYN again, in a burst of new spoofed SYNs, is the
+    one SYN in the ring, byte for byte (a retransmission); sent once more at
+    once it is shed (answered once). When the flood is over the classic filter
+    is back, the gate's maps closed: every SYN reaches the ring again."""
+    with netns.pair(subnet=72) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn(src, sport, seq):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=seq, flags="S", options=[("MSS", 1460)]))
+        client = syn("198.18.200.9", 41000, 123456789)
+        flood = [[syn(f"198.19.{r}.{k % 250 + 1}", 20000 + k, 1000 * k + r) for k in range(300)] for r in range(4)]
+        bursts = [flood[0][:150] + [client, client] + flood[0][150:],
+                  flood[1][:100] + [client] + flood[1][100:],
+                  [client] + flood[2][:50],
+                  flood[3][:20]]
+        res = _kgate_rounds(link, bursts, pause=0.7, gate={"rate": 0.001, "burst": 1, "retry_min": 0.5},
+                            after={"2": "calm"})
+    got = [[bytes.fromhex(h) for h in r["syn"]] for r in res]
+    assert got[0] == [flood[0][0]]                      # the budget's one SYN
+    assert got[1] == [client]                           # the retransmission
+    assert got[2] == []                                 # answered once
+    calm = [bytes.fromhex(h) for h in res[3]["main"]]   # (a calm read takes the SYN ring with the others)
+    assert got[3] == [] and sorted(calm) == sorted(flood[3][:20]) and not res[3]["gate"]
+    st = [r["stats"] for r in res]
+    assert [s["kernel_syn_packets"] for s in st] == [1, 2, 2, 22]
+    assert [s["kernel_syn_shed"] for s in st] == [301, 601, 652, 652]
+    assert st[3]["kernel_syn_retransmits"] == 1 and st[3]["kernel_syn_first_kept"] == 1
+    assert all(r["main"] == [] for r in res[:3]) and res[3]["counters"]["rx_syn_shed"] == 0
+
+
+def test_kernel_gate_leaves_trusted_sources_syns_to_the_main_ring():
+    """trust_sources() under the kernel gate: a trusted client's SYNs come through
+    the main ring while the flood around them is shed in the kernel; once the
+    source is no longer trusted its SYNs meet the (spent) budget and are shed."""
+    with netns.pair(subnet=73) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def seg(src, sport, flags, seq=0):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=seq or sport, flags=flags))
+        flood = [[seg(f"198.19.{r}.{k % 250 + 1}", 20000 + k, "S", 7 + r) for k in range(100)] for r in range(2)]
+        client = [seg("198.18.200.9", 41000 + k, "S") for k in range(10)] + [seg("198.18.200.9", 41000, "A")]
+        bursts = [flood[r][:50] + client[:5] + flood[r][50:] + client[5:] for r in range(2)]
+        res = _kgate_rounds(link, bursts, gate={"rate": 0.001, "burst": 1}, trusted=["198.18.200.9"],
+                            after={"0": "untrust"})
+    first, second = res
+    assert [bytes.fromhex(h) for h in first["main"]] == client
+    assert [bytes.fromhex(h) for h in first["syn"]] == [flood[0][0]]
+    assert first["stats"]["kernel_syn_trusted"] == 10 and first["stats"]["kernel_syn_shed"] == 99
+    assert [bytes.fromhex(h) for h in second["main"]] == client[-1:]          # only the ACK
+    assert second["syn"] == [] and second["stats"]["kernel_syn_shed"] == 99 + 110

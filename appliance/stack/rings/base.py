@@ -195,7 +195,7 @@ class SynGate:
         self._done = set()
         self._cur_t = now
 
-    def _comb(self, items: list, take: int) -> list:
+    def sample(self, items: list, take: int) -> list:
         """`take` of `items` (take < len), evenly spaced from a random offset, in order."""
         n = len(items)
         step = n / take
@@ -246,7 +246,7 @@ class SynGate:
             take = min(m, int(rtok))
             if take:
                 if take < m:            # an even draw here too: a replaying flood's place decides nothing
-                    hj = self._comb(hj, take)
+                    hj = self.sample(hj, take)
                 self._rtokens = rtok - len(hj)
                 self.retransmits += len(hj)
                 done.update(ukeys[j] for j in hj)
@@ -258,7 +258,7 @@ class SynGate:
         if len(keep) > self.quota:
             keep = keep[:self.quota]
         if len(other) > allow:
-            other = self._comb(other, allow) if allow > 0 else []
+            other = self.sample(other, allow) if allow > 0 else []
         self.spend(len(other))
         keep += other
         keep.sort()

@@ -91,6 +91,7 @@ import time
 
 from ..wire import csum
 from .base import TRUSTED_BPF, Offload, SynGate
+from .ebpf import COUNTERS as KGATE_COUNTERS, KernelSynGate
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
@@ -372,14 +373,16 @@ class TpacketDevice:
     def __init__(self, iface: str, *, rx_frames: int = 1024, tx_frames: int = 120,
                  vnet: bool = True, qdisc_bypass: bool = True, fanout: int | None = None,
                  offload: Offload | None = None, unicast: bytes | None = None,
-                 syn_port: int | tuple | None = None, syn_quota: int = SYN_QUOTA, allmulti: bool = False):
+                 syn_port: int | tuple | None = None, syn_quota: int = SYN_QUOTA, allmulti: bool = False,
+                 kernel_gate: bool | dict = True):
         info = interface_info(iface)
         self.iface = iface
         self.ifindex = info.index
         self.mac = info.mac
         self.mtu = info.mtu
         self.counters = dict(rx_frames=0, rx_truncated=0, rx_outgoing=0, rx_csum_completed=0, rx_syn_shed=0,
-                             rx_syn_retransmits=0, rx_trusted_bpf_updates=0,
+                             rx_syn_retransmits=0, rx_trusted_bpf_updates=0, rx_kernel_gates=0,
+                             rx_kernel_gate_errors=0,
                              tx_frames=0, tx_bytes=0, tx_kicks=0, tx_kick_errors=0, tx_ring_waits=0,
                              tx_copied=0, tx_dropped_full=0, tx_dropped_error=0, tx_oversize=0, tx_direct=0,
                              tx_direct_full=0, tx_deferred=0)
@@ -394,6 +397,14 @@ class TpacketDevice:
         self._syn_ring = None
         # which SYNs a read keeps (rings/base.py); serve binds its `trusted` to the stack's table
         self.syn_gate = SynGate(quota=syn_quota, idle=SYN_MIN)
+        # under pressure, the SYN ring's filter is an eBPF program that sheds in the
+        # kernel (rings/ebpf.py); False: the classic filter and the Python gate only;
+        # a dict: KernelSynGate's keyword arguments (tests: other budgets)
+        self.kernel_gate = bool(kernel_gate)
+        self._kgate_args = kernel_gate if isinstance(kernel_gate, dict) else {}
+        self._kgate = None
+        self.kernel_gate_error = None
+        self._kstats_gate = {}        # the counters of the kernel gates closed so far
         self._rx = []
         self._rx_calm = []            # _rx and the SYN ring: what rx_batch reads when not under pressure
         self._mm = []
@@ -480,6 +491,7 @@ class TpacketDevice:
         # Largest frame (without virtio header) a TX slot holds.
         self.max_frame = self.tx_size - TPACKET2_DATA - VNET_HDR_LEN
         if syn_port is None:
+            self.kernel_gate = False
             if self._all_protocols:
                 _attach_filter(s, _syn_filter(None, False, True))
             s.bind((self.iface, proto))
@@ -500,6 +512,11 @@ class TpacketDevice:
             except OSError:
                 pass
             _attach_filter(y, _syn_filter(syn_port, True))
+            if self.kernel_gate:
+                try:                  # can this kernel load the gate? (its maps are made under pressure only)
+                    KernelSynGate(syn_port, recent=16).close()
+                except OSError as e:
+                    self.kernel_gate, self.kernel_gate_error = False, str(e)
             yrx = _ring(SYN_FRAMES, SYN_FRAME, 1 << 16)
             y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -561,7 +578,10 @@ class TpacketDevice:
         both = tuple(dict.fromkeys(old + new))
         main = self._socks[0]
         _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, both))
-        _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
+        if self._kgate is not None:       # (its trusted map: entries come and go one by one)
+            self._kgate.set_trusted(new)
+        else:
+            _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
         _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, new))
         self._bpf_trusted = new
         self.counters["rx_trusted_bpf_updates"] += 1
@@ -600,6 +620,8 @@ class TpacketDevice:
         # no flood: the SYN ring is read like the others, slot by slot (a connection-
         # per-request load pays nothing for it); under pressure the gate chooses (_take_syns)
         calm = syn is not None and not self.syn_gate.pressure
+        if self.kernel_gate and calm is (self._kgate is not None):     # a flood began or ended
+            self._swap_gate(not calm)
         for ring in (self._rx_calm if calm else self._rx):
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
@@ -665,6 +687,13 @@ class TpacketDevice:
         if not n:
             return 0
         gate = self.syn_gate
+        if self._kgate is not None:
+            # the kernel chose (rings/ebpf.py): all of it, up to quota a read
+            keep = [k for i0, m in spans for k in range(i0, i0 + m)]
+            if n > gate.quota:
+                keep = gate.sample(keep, gate.quota)
+                self.counters["rx_syn_shed"] += n - len(keep)
+            return self._hand_syns(ring, spans, keep, out)
         now = time.monotonic()
         allow = gate.allow(others, now)
         if n > allow:
@@ -687,6 +716,12 @@ class TpacketDevice:
         else:
             gate.spend(n)
             keep = [k for i0, m in spans for k in range(i0, i0 + m)]
+        return self._hand_syns(ring, spans, keep, out)
+
+    def _hand_syns(self, ring, spans, keep, out) -> int:
+        """Append the SYNs of slots `keep` to `out`, hand every slot of `spans` back."""
+        mm, st, stride = ring.mm, ring.st, ring.stride
+        q = stride >> 2
         ncsum = 0
         trust = self.trust_csum
         unpack = TPACKET2_HDR.unpack_from
@@ -706,6 +741,37 @@ class TpacketDevice:
         for i0, m in spans:               # TP_STATUS_KERNEL, a run at a time
             st[i0 * q:(i0 + m) * q:q] = zeros[:m]
         return ncsum
+
+    def _swap_gate(self, on: bool) -> None:
+        """Under pressure, the SYN ring's filter becomes a kernel gate (rings/ebpf.py),
+        with fresh maps (~23 MB, a flood's only); after it, the classic filter again.
+        SO_ATTACH_BPF and SO_ATTACH_FILTER swap atomically, and both programs leave
+        the same trusted sources to the main ring: no SYN is lost or doubled."""
+        y = self._syn_sock
+        if on:
+            g = None
+            try:
+                g = KernelSynGate(self._syn_ports, **self._kgate_args)
+                g.set_trusted(self._bpf_trusted)
+                g.attach(y)
+            except OSError as e:          # (out of memory, say): the Python gate alone
+                if g is not None:
+                    g.close()
+                self.kernel_gate, self.kernel_gate_error = False, str(e)
+                self.counters["rx_kernel_gate_errors"] += 1
+                return
+            self._kgate = g
+            self.counters["rx_kernel_gates"] += 1
+        else:
+            g, self._kgate = self._kgate, None
+            _attach_filter(y, _syn_filter(self._syn_ports, True, False, self._bpf_trusted))
+            self._close_gate(g)
+
+    def _close_gate(self, g) -> None:
+        k = self._kstats_gate
+        for name, v in g.stats().items():
+            k[name] = k.get(name, 0) + v
+        g.close()
 
     def _odd_frame(self, truncated: bool):
         self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
@@ -935,9 +1001,15 @@ class TpacketDevice:
         out = {"kernel_rx_packets": k[0], "kernel_rx_drops": k[1]}
         if self._syn_sock is not None:
             out["kernel_syn_packets"], out["kernel_syn_drops"] = k[2], k[3]
+            live = self._kgate.stats() if self._kgate is not None else {}
+            for name in KGATE_COUNTERS:       # (the kernel gate's: those it shed never reached the ring)
+                out[name] = self._kstats_gate.get(name, 0) + live.get(name, 0)
         return out
 
     def close(self):
+        if self._kgate is not None:
+            self._kgate.close()
+            self._kgate = None
         for r in self._rx:
             r.release()
         self._rx = []

@@ -1,0 +1,385 @@
+"""The SYN ring's gate in the kernel: an eBPF socket filter with maps.
+
+Theory of operation: under a SYN flood the SYN gate in Python (rings/base.py
+SynGate) sheds almost every SYN, but only after the kernel copied it into the
+SYN ring and Python read its key: ~2.5 µs of the core per spoofed SYN, ~16 %
+of it at 65,000 SYN/s. `KernelSynGate` moves that decision in front of the
+ring. Its program (SO_ATTACH_BPF on the SYN socket, run in the softirq that
+delivers the frame, JIT-compiled) first accepts exactly what the classic
+filter of the SYN ring accepts (tpacket.py _syn_filter: an IPv4 TCP SYN,
+neither ACK nor RST, first fragment, to one of our ports); then, only while
+Python says the stack is under pressure (`set_pressure`, on the serve loop's
+transitions):
+
+- a SYN from a source in the `trusted` map is dropped here: the main ring's
+  filter takes it (tpacket.py trust_sources keeps both in step);
+- a SYN that repeats one seen 1-4 s before (the same addresses, ports and
+  ISN, the frame's bytes 26-42 as SynGate keys it: a client's retransmission
+  after its initial RTO, RFC 6298 §2) is kept, once, within a token bucket
+  of its own; the memory is an LRU hash of the keys seen under pressure
+  (RECENT entries, ~4 s of a 65,000 SYN/s flood; beyond, the oldest are
+  forgotten first);
+- every other SYN is kept within a token bucket of first SYNs, and shed
+  beyond it.
+
+What reaches the ring under pressure is then a few thousand SYNs a second
+at most, each of which the stack answers; nothing is sorted in Python. The
+buckets are GCRA (a theoretical arrival time per bucket, RFC 2697's token
+bucket in another form): no division in the program. Their state lives in
+one array element that Python rewrites only on a pressure transition; the
+softirqs of several CPUs may race on it, which can only let a few more SYNs
+through. Counters (array element 1) are added atomically.
+
+The program is assembled here (no compiler in the image) from the eBPF
+instruction set (Documentation/bpf/standardization/instruction-set.rst),
+loaded with the bpf(2) system call through ctypes. A kernel without it (no
+CONFIG_BPF_SYSCALL, a seccomp filter, no root) raises OSError in the
+constructor, and the device keeps the classic filter and the Python gate.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import socket
+import struct
+
+__all__ = ["KernelSynGate", "RECENT"]
+
+RECENT = 1 << 18                    # SYN keys remembered under pressure (LRU): ~4 s at 65,000 SYN/s
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 1, 2, 3, 5
+MAP_HASH, MAP_ARRAY, MAP_LRU_HASH = 1, 2, 9
+PROG_SOCKET_FILTER = 1
+SO_ATTACH_BPF = 50
+ACCEPT = 0x40000                    # a socket filter returns the bytes to keep: the whole frame
+
+# the configuration element (0): Python writes it; the buckets' state lives in it too
+CFG = struct.Struct("=10Q")
+C_PRESSURE, C_F_INT, C_F_TAU, C_F_TAT, C_R_INT, C_R_TAU, C_R_TAT, C_R_MIN, C_R_MAX = (8 * k for k in range(9))
+# the counters element (1): the program adds to it
+COUNTERS = ("kernel_syn_first_kept", "kernel_syn_retransmits", "kernel_syn_shed", "kernel_syn_trusted")
+K_FIRST, K_RETRY, K_SHED, K_TRUSTED = (8 * k for k in range(4))
+
+# eBPF opcodes (<linux/bpf_common.h>, <linux/bpf.h>)
+LD, LDX, ST, STX, ALU64, JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
+W, H, B, DW = 0x00, 0x08, 0x10, 0x18
+ABS, IND, MEM, ATOMIC, IMM = 0x20, 0x40, 0x60, 0xC0, 0x00
+K, X = 0x00, 0x08
+ADD, SUB, AND, OR, LSH, MOV = 0x00, 0x10, 0x50, 0x40, 0x60, 0xB0
+JA, JEQ, JGT, JGE, JSET, JNE, CALL, EXIT, JLT = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0x90, 0xA0
+F_LOOKUP, F_UPDATE, F_KTIME = 1, 2, 5
+PSEUDO_MAP_FD = 1
+
+
+class _Asm:
+    """Instructions with labels: a jump's target is a label, resolved at the end."""
+
+    def __init__(self):
+        self.ins = []              # [code, dst, src, off (int or label), imm]
+        self.at = {}
+
+    def label(self, name):
+        self.at[name] = len(self.ins)
+
+    def fresh(self) -> str:
+        self.n = getattr(self, "n", 0) + 1
+        return f".L{self.n}"
+
+    def op(self, code, dst=0, src=0, off=0, imm=0):
+        self.ins.append([code, dst, src, off, imm])
+
+    def ld_map(self, dst, fd):     # a 64-bit immediate: the map's fd, replaced by the kernel
+        self.op(LD | DW | IMM, dst, PSEUDO_MAP_FD, 0, fd)
+        self.op(0)
+
+    def jmp(self, op, dst, imm, to, reg=False):
+        self.op(JMP | op | (X if reg else K), dst, imm if reg else 0, to, 0 if reg else imm)
+
+    def goto(self, to):
+        self.op(JMP | JA, off=to)
+
+    def call(self, fn):
+        self.op(JMP | CALL, imm=fn)
+
+    def ret(self, value):
+        self.op(ALU64 | MOV | K, 0, imm=value)
+        self.op(JMP | EXIT)
+
+    def code(self) -> bytes:
+        out = []
+        for k, (code, dst, src, off, imm) in enumerate(self.ins):
+            if isinstance(off, str):
+                off = self.at[off] - k - 1
+            out.append(struct.pack("<BBhi", code, dst | (src << 4), off, imm))
+        return b"".join(out)
+
+
+def _sys_bpf():
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2): no system call number known for {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def bpf(cmd: int, attr: bytes) -> int:
+        buf = ctypes.create_string_buffer(attr, 128)
+        r = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(128))
+        if r < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"bpf(2) command {cmd}: {os.strerror(e)}")
+        return r
+    return bpf
+
+
+class _Map:
+    def __init__(self, bpf, kind, key_size, value_size, entries, name):
+        self.bpf, self.key_size, self.value_size = bpf, key_size, value_size
+        self.fd = bpf(BPF_MAP_CREATE, struct.pack("=7I16s", kind, key_size, value_size, entries, 0, 0, 0,
+                                                  name.encode()[:15]))
+
+    def _op(self, cmd, key: bytes, value=None, flags=0):
+        k = ctypes.create_string_buffer(key, self.key_size)
+        v = ctypes.create_string_buffer(value or b"", self.value_size)
+        va = 0 if cmd == BPF_MAP_DELETE_ELEM else ctypes.addressof(v)    # (the kernel wants 0 there)
+        self.bpf(cmd, struct.pack("=IIQQQ", self.fd, 0, ctypes.addressof(k), va, flags))
+        return v.raw
+
+    def get(self, key: bytes) -> bytes:
+        return self._op(BPF_MAP_LOOKUP_ELEM, key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._op(BPF_MAP_UPDATE_ELEM, key, value)
+
+    def delete(self, key: bytes) -> None:
+        try:
+            self._op(BPF_MAP_DELETE_ELEM, key)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str) -> None:
+    """One token bucket (r8: the configuration element, r7: now): jump to
+    `over` when it is empty, else take a token. GCRA: with TAT = max(TAT,
+    now), a SYN conforms while TAT - now <= tau (burst - 1 intervals); it
+    then pushes TAT one interval on."""
+    a.op(LDX | MEM | DW, 1, 8, tat)                 # r1 = tat
+    a.jmp(JGE, 1, 7, f"{over}_late", reg=True)      # if tat >= now: keep it
+    a.op(ALU64 | MOV | X, 1, 7)                     # tat = now
+    a.label(f"{over}_late")
+    a.op(ALU64 | MOV | X, 2, 1)
+    a.op(ALU64 | SUB | X, 2, 7)                     # r2 = tat - now
+    a.op(LDX | MEM | DW, 3, 8, tau)
+    a.jmp(JGT, 2, 3, over, reg=True)
+    a.op(LDX | MEM | DW, 3, 8, interval)
+    a.op(ALU64 | ADD | X, 1, 3)
+    a.op(STX | MEM | DW, 8, 1, tat)                 # tat += interval
+
+
+def _count(a: _Asm, counters_fd: int, field: int) -> None:
+    """counters[field] += 1 (an atomic add: the softirqs of several CPUs)."""
+    done = a.fresh()
+    a.op(ST | MEM | W, 10, 0, -36, 1)               # key 1
+    a.ld_map(1, counters_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-36)
+    a.call(F_LOOKUP)
+    a.jmp(JEQ, 0, 0, done)
+    a.op(ALU64 | MOV | K, 1, imm=1)
+    a.op(STX | ATOMIC | DW, 0, 1, field, ADD)       # lock *(u64 *)(r0 + field) += r1
+    a.label(done)
+
+
+def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int) -> bytes:
+    a = _Asm()
+    a.op(ALU64 | MOV | X, 6, 1)                     # r6 = the skb (LD_ABS/LD_IND read through it)
+    # exactly tpacket.py _syn_filter(ports, True) without trusted sources; a
+    # read past the frame's end returns 0 (drop)
+    a.op(LD | ABS | H, imm=12)
+    a.jmp(JNE, 0, 0x0800, "drop")                   # IPv4
+    a.op(LD | ABS | B, imm=23)
+    a.jmp(JNE, 0, 6, "drop")                        # TCP
+    a.op(LD | ABS | H, imm=20)
+    a.jmp(JSET, 0, 0x1FFF, "drop")                  # the first fragment
+    a.op(LD | ABS | B, imm=14)
+    a.op(ALU64 | AND | K, 0, imm=0xF)
+    a.op(ALU64 | LSH | K, 0, imm=2)
+    a.op(ALU64 | MOV | X, 7, 0)                     # r7 = IHL in bytes
+    a.op(LD | IND | H, 0, 7, imm=16)                # destination port
+    for p in ports[:-1]:
+        a.jmp(JEQ, 0, p, "flags")
+    a.jmp(JNE, 0, ports[-1], "drop")
+    a.label("flags")
+    a.op(LD | IND | B, 0, 7, imm=27)
+    a.op(ALU64 | AND | K, 0, imm=0x16)
+    a.jmp(JNE, 0, 0x02, "drop")                     # SYN, neither ACK nor RST
+    # the key: bytes 26-42 as four words at r10-16 (host order: compared with itself only)
+    for k, off in enumerate((26, 30, 34, 38)):
+        a.op(LD | ABS | W, imm=off)
+        a.op(STX | MEM | W, 10, 0, -16 + 4 * k)
+    a.op(ST | MEM | W, 10, 0, -20, 0)               # key 0: the configuration
+    a.ld_map(1, cfg_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-20)
+    a.call(F_LOOKUP)
+    a.jmp(JEQ, 0, 0, "accept")
+    a.op(ALU64 | MOV | X, 8, 0)                     # r8 = the configuration
+    a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
+    a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
+    a.ld_map(1, trusted_fd)                         # a trusted source: the main ring has it
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.call(F_LOOKUP)
+    a.jmp(JEQ, 0, 0, "untrusted")
+    _count(a, cfg_fd, K_TRUSTED)
+    a.goto("drop")
+    a.label("untrusted")
+    a.call(F_KTIME)
+    a.op(ALU64 | MOV | X, 7, 0)                     # r7 = now (ns)
+    a.ld_map(1, recent_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.call(F_LOOKUP)
+    a.jmp(JEQ, 0, 0, "new")
+    a.op(ALU64 | MOV | X, 9, 0)                     # r9 = the entry: first seen (ns) | answered (bit 0)
+    a.op(LDX | MEM | DW, 1, 9, 0)
+    a.op(ALU64 | MOV | X, 2, 7)
+    a.op(ALU64 | SUB | X, 2, 1)                     # r2 = its age
+    a.op(LDX | MEM | DW, 3, 8, C_R_MAX)
+    a.jmp(JGT, 2, 3, "renew", reg=True)             # (or seen "later" on another CPU's clock)
+    a.op(LDX | MEM | DW, 3, 8, C_R_MIN)
+    a.jmp(JLT, 2, 3, "first", reg=True)             # a copy sent at once: no retransmission
+    a.jmp(JSET, 1, 1, "first")                      # answered once already
+    _gcra(a, C_R_TAT, C_R_INT, C_R_TAU, "first")
+    a.op(LDX | MEM | DW, 1, 9, 0)
+    a.op(ALU64 | OR | K, 1, imm=1)
+    a.op(STX | MEM | DW, 9, 1, 0)                   # answered
+    _count(a, cfg_fd, K_RETRY)
+    a.goto("accept")
+    a.label("renew")                                # older than the window: seen afresh
+    a.op(ALU64 | MOV | X, 1, 7)
+    a.op(ALU64 | AND | K, 1, imm=-2)
+    a.op(STX | MEM | DW, 9, 1, 0)
+    a.goto("first")
+    a.label("new")
+    a.op(ALU64 | MOV | X, 1, 7)
+    a.op(ALU64 | AND | K, 1, imm=-2)
+    a.op(STX | MEM | DW, 10, 1, -32)
+    a.ld_map(1, recent_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.op(ALU64 | MOV | X, 3, 10)
+    a.op(ALU64 | ADD | K, 3, imm=-32)
+    a.op(ALU64 | MOV | K, 4, imm=0)                 # BPF_ANY
+    a.call(F_UPDATE)
+    a.label("first")
+    _gcra(a, C_F_TAT, C_F_INT, C_F_TAU, "shed")
+    _count(a, cfg_fd, K_FIRST)
+    a.label("accept")
+    a.ret(ACCEPT)
+    a.label("shed")
+    _count(a, cfg_fd, K_SHED)
+    a.label("drop")
+    a.ret(0)
+    return a.code()
+
+
+class KernelSynGate:
+    """The SYN ring's socket filter with its maps (see the module's theory).
+
+    `ports`: our ports (HTTP, HTTPS); `rate`/`burst`: the first-SYN bucket
+    under pressure, `retry_rate`/`retry_burst`: the retransmissions'; a
+    repeat counts `retry_min`-`retry_max` seconds after the SYN it repeats.
+    """
+
+    def __init__(self, ports, *, rate: float = 500.0, burst: int = 16, retry_rate: float = 4000.0,
+                 retry_burst: int = 64, retry_min: float = 0.5, retry_max: float = 4.0,
+                 recent: int = RECENT, trusted_max: int = 256, pressure: bool = True):
+        ports = (ports,) if isinstance(ports, int) else tuple(ports)
+        if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+            raise ValueError(f"KernelSynGate: ports must be 1-65535, not {ports!r}")
+        self.pressure = bool(pressure)
+        self.prog_fd = -1
+        self._maps = []
+        bpf = self._bpf = _sys_bpf()
+        try:
+            self._cfg = self._map(MAP_ARRAY, 4, CFG.size, 2, "haboob_syn_cfg")
+            self._trusted = self._map(MAP_HASH, 4, 4, trusted_max, "haboob_trusted")
+            self._recent = self._map(MAP_LRU_HASH, 16, 8, recent, "haboob_syn_seen")
+            self._params = (round(1e9 / rate), round(1e9 / retry_rate), burst, retry_burst,
+                            round(retry_min * 1e9), round(retry_max * 1e9))
+            self._write_cfg()
+            code = _program(ports, self._cfg.fd, self._trusted.fd, self._recent.fd)
+            self.prog_fd = self._load(code)
+        except BaseException:
+            self.close()
+            raise
+        self.trusted = set()
+
+    def _map(self, *args) -> _Map:
+        m = _Map(self._bpf, *args)
+        self._maps.append(m)
+        return m
+
+    def _load(self, code: bytes) -> int:
+        insns = ctypes.create_string_buffer(code, len(code))
+        lic = ctypes.create_string_buffer(b"Dual BSD/GPL")
+        attr = lambda log, size: struct.pack("=IIQQIIQII16s", PROG_SOCKET_FILTER, len(code) // 8,
+                                             ctypes.addressof(insns), ctypes.addressof(lic), 1 if size else 0,
+                                             size, log, 0, 0, b"haboob_syn_gate")
+        try:
+            return self._bpf(BPF_PROG_LOAD, attr(0, 0))
+        except OSError as e:
+            if e.errno != errno.EACCES and e.errno != errno.EINVAL:
+                raise
+            log = ctypes.create_string_buffer(1 << 16)
+            try:
+                self._bpf(BPF_PROG_LOAD, attr(ctypes.addressof(log), len(log)))
+            except OSError:
+                pass
+            tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+            raise OSError(e.errno, "the kernel refused the SYN gate's eBPF program: " + " / ".join(tail)) from None
+
+    def _write_cfg(self) -> None:
+        fi, ri, fb, rb, rmin, rmax = self._params
+        # (the buckets start full: TAT 0)
+        self._cfg.put(struct.pack("=I", 0), CFG.pack(int(self.pressure), fi, (fb - 1) * fi, 0, ri, (rb - 1) * ri, 0,
+                                                      rmin, rmax, 0))
+
+    def attach(self, sock) -> None:
+        """Replace `sock`'s filter with the program (an atomic swap, as SO_ATTACH_FILTER)."""
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, self.prog_fd)
+
+    def set_pressure(self, on: bool) -> None:
+        """Gate (on, from the start by default) or pass every SYN (off); the buckets start full again."""
+        self.pressure = bool(on)
+        self._write_cfg()
+
+    def set_trusted(self, sources) -> None:
+        """The IPv4 sources (4-byte addresses) whose SYNs this ring leaves to the main ring."""
+        new = set(map(bytes, sources))
+        for a in self.trusted - new:
+            self._trusted.delete(struct.pack("=I", int.from_bytes(a, "big")))
+        for a in new - self.trusted:
+            self._trusted.put(struct.pack("=I", int.from_bytes(a, "big")), b"\1\0\0\0")
+        self.trusted = new
+
+    def stats(self) -> dict:
+        """The program's counters since it was loaded."""
+        v = struct.unpack_from("=4Q", self._cfg.get(struct.pack("=I", 1)))
+        return dict(zip(COUNTERS, v))
+
+    def close(self) -> None:
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1
+        for m in self._maps:
+            m.close()
+        self._maps = []
