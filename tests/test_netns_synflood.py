@@ -138,9 +138,11 @@ def test_established_connection_keeps_being_served_under_full_rate_flood(store):
         c = srv.counters
     print(out, c)
     assert int(out) > 5                          # without a separate SYN ring or shedding: about 2
-    # The flood's SYNs went to their own ring, most of them beyond what the
-    # stack takes per pass (shed there); the main ring, which carries the
-    # established connection's segments, never dropped a frame.
-    assert c["ring_kernel_syn_packets"] > 10000 and c["ring_rx_syn_shed"] > c["ring_kernel_syn_packets"] // 2, c
+    # The flood's SYNs were sorted out of the main ring and, under pressure,
+    # shed in the kernel by the SYN ring's eBPF gate (rings/ebpf.py): most never
+    # reached the ring; the main ring, which carries the established
+    # connection's segments, never dropped a frame.
+    assert c["ring_rx_kernel_gates"] == 1 and c.get("ring_rx_kernel_gate_errors", 0) == 0, c
+    assert c["ring_kernel_syn_shed"] > 100000 and c["ring_kernel_syn_shed"] > 10 * c["ring_kernel_syn_packets"], c
     assert c["ring_kernel_rx_packets"] > 0 and c.get("ring_kernel_rx_drops", 0) == 0, c
     assert c.get("drop_internal_error", 0) == 0, c
