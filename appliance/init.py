@@ -626,7 +626,7 @@ def boot() -> None:
             "port": info.get("port", s["port"]),
             "urls": info.get("urls"), "ms_since_boot": ms_since_boot(),
             "iface": nic["iface"], "driver": nic["driver"], "mac": info.get("mac", nic["mac"]),
-            "offload": off, "workers": s["workers"], "metrics_port": info.get("metrics_port", 0), "drivers_loaded": loaded,
+            "offload": off, "syn_gate": info.get("syn_gate"), "workers": s["workers"], "metrics_port": info.get("metrics_port", 0), "drivers_loaded": loaded,
             "entropy_wait_ms": waited, "phases_ms": phases,
             **({"https": info["https"]} if "https" in info else {})}))
 

@@ -154,6 +154,7 @@ def test_ready_line_names_address_and_offloads(served):
     assert srv.ready["ip"] == link.server_ip
     assert srv.ready["urls"] > 10
     assert srv.ready["offload"] == {"csum": True, "tso": True}
+    assert srv.ready["syn_gate"] == "kernel"            # the SYN ring sheds floods in the kernel
 
 
 def test_curl_gets_index_and_404(served):

@@ -41,6 +41,7 @@ def test_user_networking(image, tmp_path):
         assert ready["ip"] == "198.18.0.15" and ready["port"] == 80
         assert ready["driver"] == "virtio_net" and ready["mac"] == "52:54:00:12:34:56"
         assert ready["ms_since_boot"] > 0
+        assert ready["syn_gate"] == "kernel", ready      # Debian's kernel loads the SYN ring's eBPF gate
         assert_all_ok(check.fetch_all(image, s.host, s.port, site=sup.EXAMPLE))
         assert_all_ok(check.curl_all(image, s.base_url, site=sup.EXAMPLE))
         # slirp's router advertisement (ipv6-net=2001:2:0:1::/64): a SLAAC address after DAD

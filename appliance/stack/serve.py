@@ -339,6 +339,14 @@ def _drain(fd):
         pass
 
 
+def _syn_gate_kind() -> str:
+    """How the SYN ring sheds a flood here: "kernel" (its eBPF gate, rings/ebpf.py),
+    or "python: why" where this kernel refuses the program."""
+    from .rings.ebpf import unavailable
+    why = unavailable()
+    return "kernel" if why is None else f"python: {why}"
+
+
 def _open_device(iface, capture, fanout=None, unicast=None, allmulti=False, syn_ports=(80,)):
     from .rings.tpacket import TpacketDevice
     dev = TpacketDevice(iface, fanout=fanout, unicast=unicast, syn_port=syn_ports,  # SYNs on a ring of their own
@@ -529,7 +537,7 @@ def serve(store_path: str, iface: str, ip: str, gateway: str | None = None, mac:
     info = {"ip": addr, "prefix": prefix if addr else None, "addresses": addresses, "port": 80, "urls": urls,
             "iface": iface,
             "mac": ":".join(f"{b:02x}" for b in (mac_b or hw.mac)),
-            "offload": read_offload(iface)._asdict(), "workers": workers}
+            "offload": read_offload(iface)._asdict(), "workers": workers, "syn_gate": _syn_gate_kind()}
     if observe and observe.get("metrics_port"):
         info["metrics_port"] = int(observe["metrics_port"])
     stopper = _Stopper(stop_event, drain > 0)

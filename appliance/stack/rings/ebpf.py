@@ -45,7 +45,7 @@ import platform
 import socket
 import struct
 
-__all__ = ["KernelSynGate", "RECENT"]
+__all__ = ["KernelSynGate", "RECENT", "unavailable"]
 
 RECENT = 1 << 18                    # SYN keys remembered under pressure (LRU): ~4 s at 65,000 SYN/s
 
@@ -383,3 +383,13 @@ class KernelSynGate:
         for m in self._maps:
             m.close()
         self._maps = []
+
+
+def unavailable():
+    """None if this kernel loads the gate (a tiny one, made and closed at once),
+    else why not (the error's text)."""
+    try:
+        KernelSynGate(80, recent=16, trusted_max=1).close()
+    except OSError as e:
+        return str(e)
+    return None

@@ -92,6 +92,7 @@ import time
 from ..wire import csum
 from .base import TRUSTED_BPF, Offload, SynGate
 from .ebpf import COUNTERS as KGATE_COUNTERS, KernelSynGate
+from .ebpf import unavailable as kernel_gate_unavailable
 
 __all__ = ["TpacketDevice", "TpacketError", "InterfaceInfo", "interface_info", "read_offload"]
 
@@ -512,11 +513,9 @@ class TpacketDevice:
             except OSError:
                 pass
             _attach_filter(y, _syn_filter(syn_port, True))
-            if self.kernel_gate:
-                try:                  # can this kernel load the gate? (its maps are made under pressure only)
-                    KernelSynGate(syn_port, recent=16).close()
-                except OSError as e:
-                    self.kernel_gate, self.kernel_gate_error = False, str(e)
+            if self.kernel_gate:      # can this kernel load the gate? (its maps are made under pressure only)
+                self.kernel_gate_error = kernel_gate_unavailable()
+                self.kernel_gate = self.kernel_gate_error is None
             yrx = _ring(SYN_FRAMES, SYN_FRAME, 1 << 16)
             y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
