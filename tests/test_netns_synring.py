@@ -349,6 +349,8 @@ dev = tpacket.TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=args["g
 g = dev.syn_gate
 g.pressure = True                                      # as the serve loop sets it during a flood
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # (the Python gate would keep nothing)
+for a in args.get("known", []):                        # sources that completed a handshake (Stack.syn_trusted)
+    g.trusted[bytes(map(int, a.split(".")))] = None
 dev.rx_batch(0)                                        # the first read under pressure swaps the filter
 trusted = [bytes(map(int, a.split("."))) for a in args.get("trusted", [])]
 if trusted:
@@ -453,7 +455,7 @@ def test_kernel_gate_leaves_trusted_sources_syns_to_the_main_ring():
     first, second = res
     assert [bytes.fromhex(h) for h in first["main"]] == client
     assert [bytes.fromhex(h) for h in first["syn"]] == [flood[0][0]]
-    assert first["stats"]["kernel_syn_trusted"] == 10 and first["stats"]["kernel_syn_shed"] == 99
+    assert first["stats"]["kernel_syn_to_main"] == 10 and first["stats"]["kernel_syn_shed"] == 99
     assert [bytes.fromhex(h) for h in second["main"]] == client[-1:]          # only the ACK
     assert second["syn"] == [] and second["stats"]["kernel_syn_shed"] == 99 + 110
 
@@ -541,3 +543,24 @@ def test_kernel_gate_memory_is_bounded_and_forgets_the_oldest_first():
     assert [bytes.fromhex(h) for h in res[0]["syn"]] == flood[:1]
     assert [bytes.fromhex(h) for h in res[1]["syn"]] == [late]
     assert res[1]["stats"]["kernel_syn_retransmits"] == 1 and res[1]["stats"]["kernel_syn_shed"] == 2001 + 1
+
+
+def test_kernel_gate_keeps_every_syn_of_a_source_that_completed_a_handshake():
+    """The stack's other trusted sources (syn_trusted, beyond the main ring's
+    filter): under the kernel gate with no budget left, each of their SYNs
+    reaches the SYN ring, in order and byte for byte, while the flood around
+    them is shed."""
+    with netns.pair(subnet=76) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn(src, sport):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=sport, flags="S"))
+        flood = [syn(f"198.19.0.{k % 250 + 1}", 20000 + k) for k in range(300)]
+        known = [syn("198.18.200.11", 42000 + k) for k in range(5)] + [syn("198.18.200.12", 43000)]
+        burst = flood[:1] + known[:3] + flood[1:150] + known[3:] + flood[150:]
+        res, = _kgate_rounds(link, [burst], gate={"rate": 0.001, "burst": 1},
+                             known=["198.18.200.11", "198.18.200.12"])
+    assert [bytes.fromhex(h) for h in res["syn"]] == flood[:1] + known
+    st = res["stats"]
+    assert st["kernel_syn_trusted"] == 6 and st["kernel_syn_shed"] == 299 and st["kernel_syn_to_main"] == 0

@@ -11,8 +11,10 @@ neither ACK nor RST, first fragment, to one of our ports); then, only while
 Python says the stack is under pressure (`set_pressure`, on the serve loop's
 transitions):
 
-- a SYN from a source in the `trusted` map is dropped here: the main ring's
-  filter takes it (tpacket.py trust_sources keeps both in step);
+- a SYN from a source in the `trusted` map (sources that completed a
+  handshake: a spoofed one never can) is kept whatever the budget, or,
+  for the few the main ring's filter takes (tpacket.py trust_sources
+  keeps both in step), dropped here;
 - a SYN that repeats one seen 1-4 s before (the same addresses, ports and
   ISN, the frame's bytes 26-42 as SynGate keys it: a client's retransmission
   after its initial RTO, RFC 6298 §2) is kept, once, within a token bucket
@@ -60,8 +62,10 @@ ACCEPT = 0x40000                    # a socket filter returns the bytes to keep:
 CFG = struct.Struct("=10Q")
 C_PRESSURE, C_F_INT, C_F_TAU, C_F_TAT, C_R_INT, C_R_TAU, C_R_TAT, C_R_MIN, C_R_MAX = (8 * k for k in range(9))
 # the counters element (1): the program adds to it
-COUNTERS = ("kernel_syn_first_kept", "kernel_syn_retransmits", "kernel_syn_shed", "kernel_syn_trusted")
-K_FIRST, K_RETRY, K_SHED, K_TRUSTED = (8 * k for k in range(4))
+COUNTERS = ("kernel_syn_first_kept", "kernel_syn_retransmits", "kernel_syn_shed", "kernel_syn_trusted",
+            "kernel_syn_to_main")
+K_FIRST, K_RETRY, K_SHED, K_TRUSTED, K_MAIN = (8 * k for k in range(5))
+MAIN, KEEP = 1, 2                   # a trusted source's value: the main ring takes its SYNs / keep them here
 
 # eBPF opcodes (<linux/bpf_common.h>, <linux/bpf.h>)
 LD, LDX, ST, STX, ALU64, JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
@@ -233,13 +237,18 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int) -> byte
     a.op(ALU64 | MOV | X, 8, 0)                     # r8 = the configuration
     a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
     a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
-    a.ld_map(1, trusted_fd)                         # a trusted source: the main ring has it
+    a.ld_map(1, trusted_fd)                         # a trusted source?
     a.op(ALU64 | MOV | X, 2, 10)
     a.op(ALU64 | ADD | K, 2, imm=-16)
     a.call(F_LOOKUP)
     a.jmp(JEQ, 0, 0, "untrusted")
-    _count(a, cfg_fd, K_TRUSTED)
+    a.op(LDX | MEM | W, 1, 0, 0)
+    a.jmp(JNE, 1, MAIN, "keep")
+    _count(a, cfg_fd, K_MAIN)                       # the main ring has it
     a.goto("drop")
+    a.label("keep")
+    _count(a, cfg_fd, K_TRUSTED)
+    a.goto("accept")
     a.label("untrusted")
     a.call(F_KTIME)
     a.op(ALU64 | MOV | X, 7, 0)                     # r7 = now (ns)
@@ -301,7 +310,7 @@ class KernelSynGate:
 
     def __init__(self, ports, *, rate: float = 500.0, burst: int = 16, retry_rate: float = 4000.0,
                  retry_burst: int = 64, retry_min: float = 0.5, retry_max: float = 4.0,
-                 recent: int = RECENT, trusted_max: int = 256, pressure: bool = True):
+                 recent: int = RECENT, trusted_max: int = 1024, pressure: bool = True):
         ports = (ports,) if isinstance(ports, int) else tuple(ports)
         if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
             raise ValueError(f"KernelSynGate: ports must be 1-65535, not {ports!r}")
@@ -321,7 +330,7 @@ class KernelSynGate:
         except BaseException:
             self.close()
             raise
-        self.trusted = set()
+        self.trusted = {}           # what the trusted map holds: source -> MAIN or KEEP
 
     def _map(self, *args) -> _Map:
         m = _Map(self._bpf, *args)
@@ -362,18 +371,27 @@ class KernelSynGate:
         self.pressure = bool(on)
         self._write_cfg()
 
-    def set_trusted(self, sources) -> None:
-        """The IPv4 sources (4-byte addresses) whose SYNs this ring leaves to the main ring."""
-        new = set(map(bytes, sources))
-        for a in self.trusted - new:
-            self._trusted.delete(struct.pack("=I", int.from_bytes(a, "big")))
-        for a in new - self.trusted:
-            self._trusted.put(struct.pack("=I", int.from_bytes(a, "big")), b"\1\0\0\0")
-        self.trusted = new
+    def set_trusted(self, main, keep=()) -> None:
+        """The IPv4 sources (4-byte addresses) whose SYNs the main ring takes
+        (`main`: dropped here) and those whose SYNs are kept whatever the
+        budget (`keep`, the others that completed a handshake; at most
+        trusted_max in all). Only the differences reach the map, one entry
+        at a time."""
+        want = dict.fromkeys(keep, KEEP)
+        want.update(dict.fromkeys(main, MAIN))
+        have = self.trusted
+        key = lambda a: struct.pack("=I", int.from_bytes(a, "big"))      # (LD_ABS gives host order)
+        for a in [a for a in have if a not in want]:
+            self._trusted.delete(key(a))
+            del have[a]
+        for a, v in want.items():
+            if have.get(a) != v:
+                self._trusted.put(key(a), struct.pack("=I", v))
+                have[a] = v
 
     def stats(self) -> dict:
         """The program's counters since it was loaded."""
-        v = struct.unpack_from("=4Q", self._cfg.get(struct.pack("=I", 1)))
+        v = struct.unpack_from(f"={len(COUNTERS)}Q", self._cfg.get(struct.pack("=I", 1)))
         return dict(zip(COUNTERS, v))
 
     def close(self) -> None:

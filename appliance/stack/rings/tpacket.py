@@ -88,6 +88,7 @@ import select
 import socket
 import struct
 import time
+from itertools import islice
 
 from ..wire import csum
 from .base import TRUSTED_BPF, Offload, SynGate
@@ -117,6 +118,7 @@ SYN_FRAMES = 4096                 # SYN ring slots: ~60 ms of a 65k SYN/s flood 
 SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers) after the tpacket header
 SYN_QUOTA = 256                   # SYNs kept per rx_batch at most (SynGate.quota)
 SYN_MIN = 2                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
+KGATE_TRUSTED = 16384 + TRUSTED_BPF   # the kernel gate's trusted sources: the stack's syn_trusted (TRUSTED_MAX)
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -573,12 +575,14 @@ class TpacketDevice:
         new = tuple(sources)[:TRUSTED_BPF]
         old = self._bpf_trusted
         if set(new) == set(old):          # (the same sources in another order: the same filters)
+            if self._kgate is not None:
+                self._kgate_trust(new)    # (those that connected since)
             return False
         both = tuple(dict.fromkeys(old + new))
         main = self._socks[0]
         _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, both))
         if self._kgate is not None:       # (its trusted map: entries come and go one by one)
-            self._kgate.set_trusted(new)
+            self._kgate_trust(new)
         else:
             _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
         _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, new))
@@ -741,6 +745,16 @@ class TpacketDevice:
             st[i0 * q:(i0 + m) * q:q] = zeros[:m]
         return ncsum
 
+    def _kgate_trust(self, main) -> None:
+        """The kernel gate's trusted map: `main` (the main ring's filter has them)
+        and the most recent others of syn_gate.trusted (the stack's syn_trusted)."""
+        keep = islice(reversed(self.syn_gate.trusted), KGATE_TRUSTED - TRUSTED_BPF)
+        try:
+            self._kgate.set_trusted(main, keep)
+        except OSError as e:              # (a full map cannot happen by construction; never stop the loop)
+            self.kernel_gate_error = str(e)
+            self.counters["rx_kernel_gate_errors"] += 1
+
     def _swap_gate(self, on: bool) -> None:
         """Under pressure, the SYN ring's filter becomes a kernel gate (rings/ebpf.py),
         with fresh maps (~23 MB, a flood's only); after it, the classic filter again.
@@ -750,16 +764,17 @@ class TpacketDevice:
         if on:
             g = None
             try:
-                g = KernelSynGate(self._syn_ports, **self._kgate_args)
-                g.set_trusted(self._bpf_trusted)
+                g = KernelSynGate(self._syn_ports, **{"trusted_max": KGATE_TRUSTED, **self._kgate_args})
+                self._kgate = g
+                self._kgate_trust(self._bpf_trusted)
                 g.attach(y)
             except OSError as e:          # (out of memory, say): the Python gate alone
+                self._kgate = None
                 if g is not None:
                     g.close()
                 self.kernel_gate, self.kernel_gate_error = False, str(e)
                 self.counters["rx_kernel_gate_errors"] += 1
                 return
-            self._kgate = g
             self.counters["rx_kernel_gates"] += 1
         else:
             g, self._kgate = self._kgate, None
