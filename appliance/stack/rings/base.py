@@ -28,9 +28,11 @@ batch). A Frame is
 `Offload` says what the device can do; the stack only emits gso frames for
 capabilities that are set (csum for NEEDS_CSUM, tso for gso_size > 0).
 
-`SynGate` is the SYN-flood budget shared by the TPACKET SYN ring and the
-serve loop's overloaded passes: which pure SYNs of a read are handed to the
-stack and which are shed (see its docstring).
+`SynGate` is the SYN-flood budget shared by the TPACKET SYN ring (where the
+kernel refuses its eBPF gate, rings/ebpf.py, which applies the same policy
+in front of the ring) and the serve loop's overloaded passes: which pure
+SYNs of a read are handed to the stack and which are shed (see its
+docstring).
 """
 import random
 from operator import itemgetter

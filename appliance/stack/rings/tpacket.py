@@ -61,14 +61,18 @@ connections' segments with the flood's) nor queue ahead of its frames.
 Without a flood rx_batch reads the SYN ring after the main ring like any
 other (a connection-per-request load pays nothing more for it). Under
 pressure (`syn_gate.pressure`, set by the serve loop while the stack's SYN
-backlog overflows) it empties the SYN ring on every call (when the mmap
-says a frame waits: no system call) and keeps, after the main ring's
-frames, what the SYN gate (`syn_gate`, rings/base.py SynGate) lets
-through: every SYN of a source that completed a handshake before, every
-retransmission of a SYN it shed (within a bucket), and of the others a
-budget (up to SYN_MIN when the read took nothing else, else one per 64
-main-ring frames plus 500/s), evenly drawn so that each has the same odds
-(rx_syn_shed counts the rest; the kernel drops, counted as
+backlog overflows) the SYN socket's filter becomes the kernel gate
+(rings/ebpf.py, `kernel_gate`; the classic filter again when the flood is
+over), which sheds in the kernel what Python would have shed, and
+rx_batch empties the SYN ring on every call (when the mmap says a frame
+waits: no system call) and hands over, after the main ring's frames,
+what it holds (up to SYN_QUOTA). Where the kernel refuses the gate, the
+SYN gate in Python (`syn_gate`, rings/base.py SynGate) chooses from the
+ring instead: every SYN of a source that completed a handshake before,
+every retransmission of a SYN it shed (within a bucket), and of the
+others a budget (up to SYN_MIN when the read took nothing else, else one
+per 64 main-ring frames plus 500/s), evenly drawn so that each has the
+same odds (rx_syn_shed counts the rest; the kernel drops, counted as
 kernel_syn_drops, only what arrives while the SYN ring is full). The loop
 waits on every socket's fd in one poll (`filenos`), not on the epoll fd
 around them (`fileno`), which costs a nested wake-up per frame. With
