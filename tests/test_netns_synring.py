@@ -15,7 +15,7 @@ import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -57,7 +57,8 @@ for h in sys.stdin.read().split():
 
 
 def _frames(dmac: str, dst: str) -> dict:
-    """id -> (frame bytes, belongs on the SYN ring)."""
+    """id -> (frame bytes, belongs on the SYN ring: True, False, or "v6" where the
+    kernel gate is there to shed IPv6 SYNs)."""
     src = "198.18.200.7"
     kinds = [
         (IP(src=src, dst=dst) / TCP(sport=40001, dport=80, flags="S"), True),
@@ -73,13 +74,22 @@ def _frames(dmac: str, dst: str) -> dict:
         # a later fragment whose first bytes look like a SYN to port 80
         (IP(src=src, dst=dst, proto=6, frag=100) / Raw(bytes(TCP(sport=40010, dport=80, flags="S"))), False),
         (IP(src=src, dst=dst) / UDP(sport=40011, dport=80) / Raw(b"\0" * 5 + b"\x02" + b"\0" * 10), False),
-        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40012, dport=80, flags="S"), False),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40012, dport=80, flags="S"), "v6"),
         (ARP(op=1, hwsrc="02:00:00:00:00:0d", psrc=src, pdst=dst), False),
         # the second port (HTTPS): its pure SYNs there too, nothing else
         (IP(src=src, dst=dst) / TCP(sport=40014, dport=443, flags="S"), True),
         (IP(src=src, dst=dst) / TCP(sport=40015, dport=443, flags="SA"), False),
         (IP(src=src, dst=dst) / TCP(sport=40016, dport=444, flags="S"), False),
         (IP(src=src, dst=dst) / TCP(sport=40017, dport=443, flags="PA") / Raw(b"\x16\x03\x01"), False),
+        # IPv6: pure SYNs to either port, TCP right behind the fixed header
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40018, dport=443, flags="S",
+                                                      options=[("MSS", 1440)]), "v6"),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40019, dport=80, flags="SA"), False),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40020, dport=81, flags="S"), False),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40021, dport=80, flags="SR"), False),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / IPv6ExtHdrHopByHop() / TCP(sport=40022, dport=80, flags="S"),
+         False),
+        (IPv6(src="2001:2::7", dst="2001:2::1") / TCP(sport=40023, dport=80, flags="PA") / Raw(b"GET /"), False),
     ]
     out = {}
     for i, (pkt, syn) in enumerate(kinds, 1):
@@ -152,8 +162,8 @@ def test_syn_ring_gets_pure_syns_to_the_port_and_the_main_ring_everything_else()
         sent = _frames(dmac, link.server_ip)
         res = _read_what_is_sent(link, READER, [f for f, _ in sent.values()])
     syn, main = _ours(res["syn"], sent), _ours(res["main"], sent)
-    assert sorted(syn) == [i for i, (_, s) in sent.items() if s]
-    assert sorted(main) == [i for i, (_, s) in sent.items() if not s]
+    assert sorted(syn) == [i for i, (_, s) in sent.items() if s is True]
+    assert sorted(main) == [i for i, (_, s) in sent.items() if s is not True]   # IPv6 SYNs too: no kernel gate
     for i, b in {**syn, **main}.items():
         assert b == sent[i][0], i                  # byte for byte, from its own slot
     # only the crafted SYNs (3 to port 80, 1 to 443) ever reached the SYN ring (nothing else the kernel sent)
@@ -341,7 +351,7 @@ def test_syn_ring_filter_sends_trusted_sources_syns_to_the_main_ring():
 # -- the kernel gate (rings/ebpf.py): the SYN ring's eBPF filter under pressure --------------
 
 KGATE = r"""
-import json, sys, time
+import ipaddress, json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
 args = json.loads(sys.argv[3])
@@ -350,7 +360,7 @@ g = dev.syn_gate
 g.pressure = True                                      # as the serve loop sets it during a flood
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # (the Python gate would keep nothing)
 for a in args.get("known", []):                        # sources that completed a handshake (Stack.syn_trusted)
-    g.trusted[bytes(map(int, a.split(".")))] = None
+    g.trusted[ipaddress.ip_address(a).packed] = None
 dev.rx_batch(0)                                        # the first read under pressure swaps the filter
 trusted = [bytes(map(int, a.split("."))) for a in args.get("trusted", [])]
 if trusted:
@@ -385,20 +395,21 @@ def _kgate_rounds(link, bursts, pause=0.0, **args):
 
 def test_kernel_gate_sorts_frames_exactly_as_the_classic_filter():
     """Under pressure (a budget for all): the crafted frames of every kind reach
-    exactly the rings they reach without the gate, byte for byte; the kernel
-    gate kept the 4 SYNs as first SYNs and shed nothing."""
+    exactly the rings they reach without the gate, byte for byte, and the
+    pure IPv6 SYNs the SYN ring too; the kernel gate kept the 6 SYNs as first
+    SYNs and shed nothing."""
     with netns.pair(subnet=71) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
         sent = _frames(dmac, link.server_ip)
         res, = _kgate_rounds(link, [[f for f, _ in sent.values()]], gate={"burst": 100})
     assert res["gate"]
     syn, main = _ours(res["syn"], sent), _ours(res["main"], sent)
-    assert sorted(syn) == [i for i, (_, s) in sent.items() if s]
+    assert sorted(syn) == [i for i, (_, s) in sent.items() if s]          # the IPv6 SYNs as well
     assert sorted(main) == [i for i, (_, s) in sent.items() if not s]
     for i, b in {**syn, **main}.items():
         assert b == sent[i][0], i
     st = res["stats"]
-    assert st["kernel_syn_packets"] == 4 and st["kernel_syn_first_kept"] == 4 and st["kernel_syn_shed"] == 0
+    assert st["kernel_syn_packets"] == 6 and st["kernel_syn_first_kept"] == 6 and st["kernel_syn_shed"] == 0
     assert res["counters"]["rx_kernel_gates"] == 1 and res["counters"]["rx_syn_shed"] == 0
 
 
@@ -468,6 +479,10 @@ def _fate(f: bytes, ports=(80, 443)) -> str:
             raise IndexError
         return int.from_bytes(f[off:off + n], "big")
     try:
+        if load(12, 2) == 0x86DD:                       # IPv6 (the kernel gate's SYN ring has them)
+            if load(20, 1) != 6 or load(56, 2) not in ports:
+                return "main"
+            return "syn" if load(67, 1) & 0x16 == 0x02 else "main"
         if load(12, 2) != 0x0800 or load(23, 1) != 6 or load(20, 2) & 0x1FFF:
             return "main"
         x = 4 * (load(14, 1) & 0xF)
@@ -479,8 +494,8 @@ def _fate(f: bytes, ports=(80, 443)) -> str:
 
 
 def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them():
-    """1,200 SYNs to 80/443 (random IP options) mutated at random (bytes of the
-    Ethernet, IP and TCP headers flipped, frames cut short) go through the
+    """1,200 SYNs to 80/443 (IPv4 with random IP options, and IPv6) mutated at
+    random (bytes of the Ethernet, IP and TCP headers flipped, frames cut short) go through the
     kernel gate under pressure (a budget for all): every frame is in the ring
     a reference model of the filters gives it (or in none when a read runs
     past its end), byte for byte; the program never fails a frame."""
@@ -490,14 +505,19 @@ def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
         sent = {}
         bursts = []
-        for r in range(3):
+        for r in range(4):                      # (fewer SYNs a round than the 256 a read hands over)
             burst = []
-            for k in range(400):
-                i = r * 400 + k
+            for k in range(300):
+                i = r * 300 + k
                 opts = bytes(rng.randrange(256) for _ in range(4 * rng.randrange(3)))
-                pkt = (IP(src=f"198.19.{rng.randrange(256)}.{rng.randrange(1, 255)}", dst=link.server_ip,
-                          options=opts) / TCP(sport=rng.randrange(1024, 65536), dport=rng.choice((80, 443)),
-                                              seq=rng.randrange(1 << 32), flags="S", options=[("MSS", 1460)]))
+                tcp = TCP(sport=rng.randrange(1024, 65536), dport=rng.choice((80, 443)),
+                          seq=rng.randrange(1 << 32), flags="S", options=[("MSS", 1460)])
+                if k % 3 == 2:
+                    pkt = IPv6(src=f"2001:2:0:{rng.randrange(1 << 16):x}::{rng.randrange(1, 1 << 16):x}",
+                               dst="2001:2::1") / tcp
+                else:
+                    pkt = IP(src=f"198.19.{rng.randrange(256)}.{rng.randrange(1, 255)}", dst=link.server_ip,
+                             options=opts) / tcp
                 f = bytearray(bytes(Ether(src="02:00:ff:00:%02x:%02x" % (i >> 8, i & 255), dst=dmac) / pkt))
                 for _ in range(rng.randrange(4)):
                     f[rng.randrange(12, len(f))] = rng.randrange(256)
@@ -524,6 +544,7 @@ def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them
     assert main == {i for i, v in fate.items() if v == "main"}
     assert len(syn) > 300 and len(main) > 150 and 0 < sum(v == "none" for v in fate.values()) < 300
     assert res[-1]["stats"]["kernel_syn_shed"] == 0 and res[-1]["stats"]["kernel_syn_drops"] == 0
+    assert res[-1]["counters"]["rx_syn_shed"] == 0
 
 
 def test_kernel_gate_memory_is_bounded_and_forgets_the_oldest_first():
@@ -564,3 +585,28 @@ def test_kernel_gate_keeps_every_syn_of_a_source_that_completed_a_handshake():
     assert [bytes.fromhex(h) for h in res["syn"]] == flood[:1] + known
     st = res["stats"]
     assert st["kernel_syn_trusted"] == 6 and st["kernel_syn_shed"] == 299 and st["kernel_syn_to_main"] == 0
+
+
+def test_kernel_gate_sheds_an_ipv6_flood_and_keeps_ipv6_retransmissions_and_known_sources():
+    """IPv6 SYNs take the SYN ring with the kernel gate: of an IPv6 flood only the
+    budget's one SYN gets through; a known IPv6 source's SYNs (syn_trusted, 16
+    bytes) all do; a client's SYN shed in the first burst is kept ~1 s later
+    (a retransmission: the same addresses, ports and ISN)."""
+    with netns.pair(subnet=77) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn6(src, sport, seq):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IPv6(src=src, dst="2001:2::1")
+                         / TCP(sport=sport, dport=443, seq=seq, flags="S", options=[("MSS", 1440)]))
+        flood = [[syn6(f"2001:2:0:{r + 1:x}::{k + 1:x}", 20000 + k, k) for k in range(200)] for r in range(2)]
+        client = syn6("2001:2:0:99::9", 41000, 987654321)
+        known = [syn6("2001:2:0:77::7", 42000 + k, k) for k in range(3)]
+        bursts = [flood[0][:1] + [client] + flood[0][1:100] + known + flood[0][100:],
+                  flood[1][:50] + [client] + flood[1][50:]]
+        res = _kgate_rounds(link, bursts, pause=0.7, gate={"rate": 0.001, "burst": 1}, known=["2001:2:0:77::7"])
+    got = [[bytes.fromhex(h) for h in r["syn"]] for r in res]
+    assert got[0] == flood[0][:1] + known
+    assert got[1] == [client]
+    st = res[1]["stats"]
+    assert st["kernel_syn_trusted"] == 3 and st["kernel_syn_retransmits"] == 1 and st["kernel_syn_shed"] == 200 + 200
+    assert all(r["main"] == [] for r in res)

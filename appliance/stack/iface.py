@@ -143,7 +143,7 @@ TMPL_CACHE_MAX = 4096           # peer MAC + IP
 CONN_TMPL_MAX = 16384           # peer MAC + IP + port
 OPTS_CACHE_MAX = 16384          # (template, SYN-ACK options)
 MSS_CACHE_MAX = 1024            # peer's MSS option
-TRUSTED_MAX = 16384             # IPv4 sources that completed a handshake (syn_trusted)
+TRUSTED_MAX = 16384             # IPv4 and IPv6 sources that completed a handshake (syn_trusted)
 HDR_CACHE_MAX = 8192            # prebuilt response x Connection value (not client-keyed: the store's size)
 _IP6 = struct.Struct("!IHBB16s16s")                 # version/class/flow, payload length, next header, hops, src, dst
 _V4MAPPED = bytes(10) + b"\xff\xff"
@@ -990,13 +990,12 @@ class Stack:
             self.n_synrcvd -= 1
         # the source answered our SYN-ACK, so it is not spoofed: its SYNs pass the flood gate
         k = c.key
-        if len(k) == 12:                           # IPv4 (the SYN ring's filter is IPv4 only)
-            t = self.syn_trusted
-            if len(t) >= TRUSTED_MAX:
-                t.clear()
-            src = k[:4]
-            t.pop(src, None)                        # last in order: the serve loop hands the
-            t[src] = None                           # most recent to the SYN ring's filter
+        t = self.syn_trusted
+        if len(t) >= TRUSTED_MAX:
+            t.clear()
+        src = k[:4] if len(k) == 12 else k[:16]     # IPv4 or IPv6 (the kernel gate's trusted maps)
+        t.pop(src, None)                            # last in order: the serve loop hands the
+        t[src] = None                               # most recent to the SYN ring's filter
         self.counters["tcp_established"] += 1       # (its HTTP state comes with its first data: Conn._deliver)
 
     def remove(self, c: Conn) -> None:

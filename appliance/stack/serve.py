@@ -230,7 +230,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
             syn_gate.forget(now)                # the SYNs a flood left in the gate's memory
             if trust_sources is not None and syn_gate.pressure:
                 # the sources that connected last: their SYNs go to the main ring, not the flood's
-                trust_sources(list(islice(reversed(stack.syn_trusted), TRUSTED_BPF)))
+                # (IPv4 ones: the classic filters' jeq compares one word)
+                trust_sources(list(islice((a for a in reversed(stack.syn_trusted) if len(a) == 4), TRUSTED_BPF)))
             if tick is not None:
                 tick()
         syn_gate.pressure = pressure(now)       # the SYN budget applies during a flood only

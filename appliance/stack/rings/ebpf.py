@@ -7,16 +7,19 @@ of it at 65,000 SYN/s. `KernelSynGate` moves that decision in front of the
 ring. Its program (SO_ATTACH_BPF on the SYN socket, run in the softirq that
 delivers the frame, JIT-compiled) first accepts exactly what the classic
 filter of the SYN ring accepts (tpacket.py _syn_filter: an IPv4 TCP SYN,
-neither ACK nor RST, first fragment, to one of our ports); then, only while
-Python says the stack is under pressure (`set_pressure`, on the serve loop's
-transitions):
+neither ACK nor RST, first fragment, to one of our ports; with `ipv6` an
+IPv6 one too, TCP the first next header); then, while `pressure` is set
+(the device attaches the program when the serve loop reports a flood and
+puts the classic filter back after it):
 
 - a SYN from a source in the `trusted` map (sources that completed a
   handshake: a spoofed one never can) is kept whatever the budget, or,
   for the few the main ring's filter takes (tpacket.py trust_sources
   keeps both in step), dropped here;
-- a SYN that repeats one seen 1-4 s before (the same addresses, ports and
-  ISN, the frame's bytes 26-42 as SynGate keys it: a client's retransmission
+- a SYN that repeats one seen 0.5-4 s before (the same addresses, ports and
+  ISN: for IPv4 the frame's bytes 26-42 as SynGate keys it, for IPv6 the
+  source's four words folded into one by XOR, our address's last word, the
+  ports and the ISN; a client's retransmission
   after its initial RTO, RFC 6298 §2) is kept, once, within a token bucket
   of its own; the memory is an LRU hash of the keys seen under pressure
   (RECENT entries, ~4 s of a 65,000 SYN/s flood; beyond, the oldest are
@@ -72,7 +75,7 @@ LD, LDX, ST, STX, ALU64, JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 ABS, IND, MEM, ATOMIC, IMM = 0x20, 0x40, 0x60, 0xC0, 0x00
 K, X = 0x00, 0x08
-ADD, SUB, AND, OR, LSH, MOV = 0x00, 0x10, 0x50, 0x40, 0x60, 0xB0
+ADD, SUB, AND, OR, LSH, XOR, MOV = 0x00, 0x10, 0x50, 0x40, 0x60, 0xA0, 0xB0
 JA, JEQ, JGT, JGE, JSET, JNE, CALL, EXIT, JLT = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0x90, 0xA0
 F_LOOKUP, F_UPDATE, F_KTIME = 1, 2, 5
 PSEUDO_MAP_FD = 1
@@ -201,12 +204,14 @@ def _count(a: _Asm, counters_fd: int, field: int) -> None:
     a.label(done)
 
 
-def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int) -> bytes:
+def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int, trusted6_fd: int | None) -> bytes:
     a = _Asm()
     a.op(ALU64 | MOV | X, 6, 1)                     # r6 = the skb (LD_ABS/LD_IND read through it)
-    # exactly tpacket.py _syn_filter(ports, True) without trusted sources; a
-    # read past the frame's end returns 0 (drop)
+    # exactly tpacket.py _syn_filter(ports, True, ipv6=trusted6_fd is not None) without
+    # trusted sources; a read past the frame's end returns 0 (drop)
     a.op(LD | ABS | H, imm=12)
+    if trusted6_fd is not None:
+        a.jmp(JEQ, 0, 0x86DD, "v6")
     a.jmp(JNE, 0, 0x0800, "drop")                   # IPv4
     a.op(LD | ABS | B, imm=23)
     a.jmp(JNE, 0, 6, "drop")                        # TCP
@@ -228,6 +233,35 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int) -> byte
     for k, off in enumerate((26, 30, 34, 38)):
         a.op(LD | ABS | W, imm=off)
         a.op(STX | MEM | W, 10, 0, -16 + 4 * k)
+    a.op(ALU64 | MOV | K, 9, imm=4)                 # r9 = the family
+    if trusted6_fd is not None:
+        a.goto("cfg")
+        a.label("v6")                               # IPv6, TCP the first next header
+        a.op(LD | ABS | B, imm=20)
+        a.jmp(JNE, 0, 6, "drop")
+        a.op(LD | ABS | H, imm=56)
+        for p in ports[:-1]:
+            a.jmp(JEQ, 0, p, "flags6")
+        a.jmp(JNE, 0, ports[-1], "drop")
+        a.label("flags6")
+        a.op(LD | ABS | B, imm=67)
+        a.op(ALU64 | AND | K, 0, imm=0x16)
+        a.jmp(JNE, 0, 0x02, "drop")
+        # the source at r10-56 (the trusted6 key); the key: the source's words
+        # folded by XOR, our address's low word, the ports, the ISN
+        for k in range(4):
+            a.op(LD | ABS | W, imm=22 + 4 * k)
+            a.op(STX | MEM | W, 10, 0, -56 + 4 * k)
+        for k, off in enumerate((50, 54, 58), 1):
+            a.op(LD | ABS | W, imm=off)
+            a.op(STX | MEM | W, 10, 0, -16 + 4 * k)
+        a.op(LDX | MEM | W, 1, 10, -56)
+        for k in range(1, 4):
+            a.op(LDX | MEM | W, 2, 10, -56 + 4 * k)
+            a.op(ALU64 | XOR | X, 1, 2)
+        a.op(STX | MEM | W, 10, 1, -16)
+        a.op(ALU64 | MOV | K, 9, imm=6)
+    a.label("cfg")
     a.op(ST | MEM | W, 10, 0, -20, 0)               # key 0: the configuration
     a.ld_map(1, cfg_fd)
     a.op(ALU64 | MOV | X, 2, 10)
@@ -237,6 +271,15 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int) -> byte
     a.op(ALU64 | MOV | X, 8, 0)                     # r8 = the configuration
     a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
     a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
+    if trusted6_fd is not None:
+        a.jmp(JNE, 9, 6, "trusted4")
+        a.ld_map(1, trusted6_fd)                    # a trusted IPv6 source (never the main ring's)
+        a.op(ALU64 | MOV | X, 2, 10)
+        a.op(ALU64 | ADD | K, 2, imm=-56)
+        a.call(F_LOOKUP)
+        a.jmp(JEQ, 0, 0, "untrusted")
+        a.goto("keep")
+    a.label("trusted4")
     a.ld_map(1, trusted_fd)                         # a trusted source?
     a.op(ALU64 | MOV | X, 2, 10)
     a.op(ALU64 | ADD | K, 2, imm=-16)
@@ -310,7 +353,7 @@ class KernelSynGate:
 
     def __init__(self, ports, *, rate: float = 500.0, burst: int = 16, retry_rate: float = 4000.0,
                  retry_burst: int = 64, retry_min: float = 0.5, retry_max: float = 4.0,
-                 recent: int = RECENT, trusted_max: int = 1024, pressure: bool = True):
+                 recent: int = RECENT, trusted_max: int = 1024, pressure: bool = True, ipv6: bool = False):
         ports = (ports,) if isinstance(ports, int) else tuple(ports)
         if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
             raise ValueError(f"KernelSynGate: ports must be 1-65535, not {ports!r}")
@@ -321,11 +364,13 @@ class KernelSynGate:
         try:
             self._cfg = self._map(MAP_ARRAY, 4, CFG.size, 2, "haboob_syn_cfg")
             self._trusted = self._map(MAP_HASH, 4, 4, trusted_max, "haboob_trusted")
+            self._trusted6 = self._map(MAP_HASH, 16, 4, trusted_max, "haboob_trusted6") if ipv6 else None
             self._recent = self._map(MAP_LRU_HASH, 16, 8, recent, "haboob_syn_seen")
             self._params = (round(1e9 / rate), round(1e9 / retry_rate), burst, retry_burst,
                             round(retry_min * 1e9), round(retry_max * 1e9))
             self._write_cfg()
-            code = _program(ports, self._cfg.fd, self._trusted.fd, self._recent.fd)
+            code = _program(ports, self._cfg.fd, self._trusted.fd, self._recent.fd,
+                            self._trusted6.fd if ipv6 else None)
             self.prog_fd = self._load(code)
         except BaseException:
             self.close()
@@ -377,17 +422,20 @@ class KernelSynGate:
         budget (`keep`, the others that completed a handshake; at most
         trusted_max in all). Only the differences reach the map, one entry
         at a time."""
-        want = dict.fromkeys(keep, KEEP)
+        six = self._trusted6 is not None
+        want = {a: KEEP for a in keep if len(a) == 4 or six and len(a) == 16}
         want.update(dict.fromkeys(main, MAIN))
         have = self.trusted
-        key = lambda a: struct.pack("=I", int.from_bytes(a, "big"))      # (LD_ABS gives host order)
         for a in [a for a in have if a not in want]:
-            self._trusted.delete(key(a))
+            self._which(a).delete(_addr_key(a))
             del have[a]
         for a, v in want.items():
             if have.get(a) != v:
-                self._trusted.put(key(a), struct.pack("=I", v))
+                self._which(a).put(_addr_key(a), struct.pack("=I", v))
                 have[a] = v
+
+    def _which(self, a: bytes) -> _Map:
+        return self._trusted if len(a) == 4 else self._trusted6
 
     def stats(self) -> dict:
         """The program's counters since it was loaded."""
@@ -403,11 +451,16 @@ class KernelSynGate:
         self._maps = []
 
 
+def _addr_key(a: bytes) -> bytes:
+    """An address as the program stores it: its words in host order (LD_ABS converts)."""
+    return struct.pack(f"={len(a) // 4}I", *struct.unpack(f"!{len(a) // 4}I", a))
+
+
 def unavailable():
     """None if this kernel loads the gate (a tiny one, made and closed at once),
     else why not (the error's text)."""
     try:
-        KernelSynGate(80, recent=16, trusted_max=1).close()
+        KernelSynGate(80, recent=16, trusted_max=1, ipv6=True).close()
     except OSError as e:
         return str(e)
     return None

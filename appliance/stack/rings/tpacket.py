@@ -240,11 +240,13 @@ def read_offload(name: str) -> Offload:
     return Offload(csum, csum and tso)
 
 
-def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=()) -> bytes:
+def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=(), ipv6: bool = False) -> bytes:
     """A classic BPF program (struct sock_filter[]) over the Ethernet frame:
     accept (whole frame) an IPv4 TCP segment to `port` (an int, or a tuple of
     them: HTTP and HTTPS) with SYN and neither ACK nor RST, first fragment,
-    any IHL, if `syn`; otherwise accept exactly the other frames (but ARP, with
+    any IHL, or with `ipv6` such an IPv6 segment (TCP the first next header:
+    one behind extension headers stays with the others), if `syn`;
+    otherwise accept exactly the other frames (but ARP, with
     `no_arp`: a fanout ring of all protocols beside the ARP ring; `port` None:
     no SYN ring, only that). A SYN from one of the `trusted` IPv4 sources
     (4-byte addresses, up to 2 x TRUSTED_BPF) counts as another frame: it goes
@@ -258,7 +260,7 @@ def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=()) -> bytes:
     ins = [(0x28, 0, 0, 12)]                                # ldh [12]            ethertype
     if no_arp:
         ins.append((0x15, "drop", 0, 0x0806))               # jeq #ARP, drop
-    ins += [(0x15, 0, "no", 0x0800),                        # jeq #IPv4, , no
+    ins += [(0x15, 0, "v6" if ipv6 else "no", 0x0800),      # jeq #IPv4, , v6|no
             (0x30, 0, 0, 23),                               # ldb [23]            protocol
             (0x15, 0, "no", 6),                             # jeq #TCP, , no
             (0x28, 0, 0, 20),                               # ldh [20]            fragment offset
@@ -274,7 +276,18 @@ def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=()) -> bytes:
         ins.append((0x20, 0, 0, 26))                        # ld [26]             source address
         assert len(trusted) <= 2 * TRUSTED_BPF          # (a jump reaches 255 instructions at most)
         ins += [(0x15, "no", 0, int.from_bytes(a, "big")) for a in trusted]    # jeq #src, no
-    ins += [(0x06, 0, 0, yes),                              # ret #yes
+    if ipv6:
+        ins += [(0x05, 0, 0, "yes"),                        # ja yes
+                ("v6", 0x15, 0, "no", 0x86DD),              # jeq #IPv6, , no
+                (0x30, 0, 0, 20),                           # ldb [20]            next header
+                (0x15, 0, "no", 6),                         # jeq #TCP, , no
+                (0x28, 0, 0, 56)]                           # ldh [56]            destination port
+        ins += [(0x15, "flags6", 0, p) for p in ports[:-1]]
+        ins += [(0x15, 0, "no", ports[-1]),
+                ("flags6", 0x30, 0, 0, 67),                 # ldb [67]            flags
+                (0x54, 0, 0, 0x16),
+                (0x15, 0, "no", 0x02)]
+    ins += [("yes", 0x06, 0, 0, yes),                       # ret #yes
             ("no", 0x06, 0, 0, no)]                         # ret #no
     if no_arp:
         ins.append(("drop", 0x06, 0, 0, 0))
@@ -287,6 +300,7 @@ def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=()) -> bytes:
     for k, (code, jt, jf, v) in enumerate(ins):
         jt = at[jt] - k - 1 if isinstance(jt, str) else jt
         jf = at[jf] - k - 1 if isinstance(jf, str) else jf
+        v = at[v] - k - 1 if isinstance(v, str) else v      # (ja's target)
         out.append(struct.pack("=HBBI", code, jt, jf, v))
     return b"".join(out)
 
@@ -411,6 +425,7 @@ class TpacketDevice:
         self._kgate_args = kernel_gate if isinstance(kernel_gate, dict) else {}
         self._kgate = None
         self.kernel_gate_error = None
+        self._syn6 = False            # IPv6 SYNs take the SYN ring too (see _open)
         self._kstats_gate = {}        # the counters of the kernel gates closed so far
         self._rx = []
         self._rx_calm = []            # _rx and the SYN ring: what rx_batch reads when not under pressure
@@ -508,7 +523,13 @@ class TpacketDevice:
                 s.setsockopt(SOL_PACKET, PACKET_FANOUT, (fanout & 0xFFFF) | (PACKET_FANOUT_HASH << 16))
         else:
             self._syn_ports, self._bpf_trusted = syn_port, ()
-            _attach_filter(s, _syn_filter(syn_port, False, self._all_protocols))   # before bind: no SYN lands here
+            if self.kernel_gate:      # can this kernel load the gate? (its maps are made under pressure only)
+                self.kernel_gate_error = kernel_gate_unavailable()
+                self.kernel_gate = self.kernel_gate_error is None
+            # IPv6 SYNs take the SYN ring too where the kernel gate sheds them (the
+            # Python gate keys SYNs by IPv4 offsets only)
+            self._syn6 = self.kernel_gate and proto == ETH_P_ALL
+            _attach_filter(s, self._filter(False))       # before bind: no SYN lands here
             y = self._syn_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             self._socks.append(y)
             y.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
@@ -518,10 +539,7 @@ class TpacketDevice:
                 y.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:
                 pass
-            _attach_filter(y, _syn_filter(syn_port, True))
-            if self.kernel_gate:      # can this kernel load the gate? (its maps are made under pressure only)
-                self.kernel_gate_error = kernel_gate_unavailable()
-                self.kernel_gate = self.kernel_gate_error is None
+            _attach_filter(y, self._filter(True))
             yrx = _ring(SYN_FRAMES, SYN_FRAME, 1 << 16)
             y.setsockopt(SOL_PACKET, PACKET_RX_RING, REQ.pack(*yrx))
             ymm = mmap.mmap(y.fileno(), yrx[0] * yrx[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -562,6 +580,10 @@ class TpacketDevice:
 
     # -- Device ---------------------------------------------------------
 
+    def _filter(self, syn: bool, trusted=()) -> bytes:
+        """The classic filter of the SYN ring (`syn`) or of the main ring."""
+        return _syn_filter(self._syn_ports, syn, not syn and self._all_protocols, trusted, self._syn6)
+
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
 
@@ -584,12 +606,12 @@ class TpacketDevice:
             return False
         both = tuple(dict.fromkeys(old + new))
         main = self._socks[0]
-        _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, both))
+        _attach_filter(main, self._filter(False, both))
         if self._kgate is not None:       # (its trusted map: entries come and go one by one)
             self._kgate_trust(new)
         else:
-            _attach_filter(self._syn_sock, _syn_filter(self._syn_ports, True, False, new))
-        _attach_filter(main, _syn_filter(self._syn_ports, False, self._all_protocols, new))
+            _attach_filter(self._syn_sock, self._filter(True, new))
+        _attach_filter(main, self._filter(False, new))
         self._bpf_trusted = new
         self.counters["rx_trusted_bpf_updates"] += 1
         return True
@@ -768,7 +790,8 @@ class TpacketDevice:
         if on:
             g = None
             try:
-                g = KernelSynGate(self._syn_ports, **{"trusted_max": KGATE_TRUSTED, **self._kgate_args})
+                g = KernelSynGate(self._syn_ports, **{"trusted_max": KGATE_TRUSTED, "ipv6": self._syn6,
+                                                      **self._kgate_args})
                 self._kgate = g
                 self._kgate_trust(self._bpf_trusted)
                 g.attach(y)
@@ -782,7 +805,7 @@ class TpacketDevice:
             self.counters["rx_kernel_gates"] += 1
         else:
             g, self._kgate = self._kgate, None
-            _attach_filter(y, _syn_filter(self._syn_ports, True, False, self._bpf_trusted))
+            _attach_filter(y, self._filter(True, self._bpf_trusted))
             self._close_gate(g)
 
     def _close_gate(self, g) -> None:
