@@ -44,12 +44,12 @@ and dropped). Segments for other ports, or non-SYNs without a connection,
 get a RST (RFC 9293 §3.10.7.1) — never in answer to a RST.
 
 SYN floods (RFC 4987). The defence has three parts. (1) Before the stack:
-a SynGate (rings/base.py; in the SYN ring or the serve loop) hands the
-stack segments of known connections first, every SYN of a source in
-`syn_trusted` (filled by `established`: it answered our SYN-ACK, so it is
-not spoofed) and of the other SYNs only a budget (a share of the frames
-served plus a token bucket), evenly drawn, so a new client's SYN gets in
-with odds budget / SYNs per try. (2) Here, answering a SYN costs as
+the SYN ring's kernel gate (rings/ebpf.py) or a SynGate (rings/base.py; in
+the SYN ring or the serve loop) hands the stack segments of known
+connections first, every SYN of a source in `syn_trusted` (IPv4 and IPv6
+sources filled by `established`: it answered our SYN-ACK, so it is not
+spoofed), retransmissions, and of the other SYNs only a budget, so a new
+client's SYN gets in on its first retransmission at the latest. (2) Here, answering a SYN costs as
 little as possible: once the backlog is full, `_cookie_synack` packs the
 SYN-ACK in one call with both sums added up from the fields, with no
 state and no segment objects, on both the fast and the general path.

@@ -26,11 +26,13 @@ a bucket of 4,000/s), and of the rest a budget, an even draw (each with
 the same odds whatever its place): up to 2 in a read that brought
 nothing else, else one per 64 frames of known connections plus a token
 bucket of 500 per second. The TPACKET device keeps pure SYNs on a
-ring of their own and gates them there (rings/tpacket.py), so a flood can
-neither fill nor delay the ring that established connections use, and a
-shed SYN never reaches the stack; during a flood the loop also hands the
-sources that connected last to the device (trust_sources: their SYNs take
-the main ring) once a second. For other devices, a full batch
+ring of their own and gates them there (rings/tpacket.py), with the same
+policy in the kernel where it loads the eBPF gate (rings/ebpf.py), so a
+flood can neither fill nor delay the ring that established connections
+use, and a shed SYN never reaches the stack (with the kernel gate, never
+Python); during a flood the loop also hands the sources that connected
+last to the device once a second (trust_sources: their SYNs take the main
+ring; with the kernel gate, the other trusted sources' SYNs are kept). For other devices, a full batch
 (frames arrive faster than they are handled, and once the RX ring is full
 the kernel drops at random) is followed by more reads (up to DRAIN
 batches, the whole default ring) and the loop gates the SYNs among them
