@@ -13,22 +13,24 @@ from appliance.stack.rings import ebpf
 
 
 def _key(a: bytes) -> bytes:
-    return struct.pack("=I", int.from_bytes(a, "big"))
+    return struct.pack(f"={len(a) // 4}I", *struct.unpack(f"!{len(a) // 4}I", a))
 
 
 def test_trusted_map_holds_exactly_what_was_asked_in_two_kinds():
-    g = ebpf.KernelSynGate((80, 443), recent=64, trusted_max=8)
+    g = ebpf.KernelSynGate((80, 443), recent=64, trusted_max=8, ipv6=True)
+    main, keep = ebpf.TRUSTED.pack(ebpf.MAIN, 0, 0), ebpf.TRUSTED.pack(ebpf.KEEP, 0, 0)
     try:
         a, b, c = b"\xc6\x12\x00\x01", b"\xc6\x12\x00\x02", b"\xc6\x12\x00\x03"
-        g.set_trusted([a], [b, c])
-        assert [g._trusted.get(_key(x)) for x in (a, b, c)] == [struct.pack("=I", ebpf.MAIN)] + \
-            [struct.pack("=I", ebpf.KEEP)] * 2
-        g.set_trusted([b], [c, b])                        # b moves to the main ring; a goes
-        assert g._trusted.get(_key(b)) == struct.pack("=I", ebpf.MAIN)
-        assert g._trusted.get(_key(c)) == struct.pack("=I", ebpf.KEEP)
-        with pytest.raises(OSError) as e:
-            g._trusted.get(_key(a))
-        assert e.value.errno == errno.ENOENT
+        net6 = bytes.fromhex("2001000200000077")         # an IPv6 /64 (8 bytes: Stack.syn_trusted's)
+        g.set_trusted([a], [b, c, net6, bytes(16)])      # (a 16-byte entry is no /64: left out)
+        assert [g._trusted.get(_key(x)) for x in (a, b, c)] == [main, keep, keep]
+        assert g._trusted6.get(_key(net6)) == keep
+        g.set_trusted([b], [c, b])                        # b moves to the main ring; a and the /64 go
+        assert g._trusted.get(_key(b)) == main and g._trusted.get(_key(c)) == keep
+        for m, x in ((g._trusted, a), (g._trusted6, net6)):
+            with pytest.raises(OSError) as e:
+                m.get(_key(x))
+            assert e.value.errno == errno.ENOENT
         assert g.trusted == {b: ebpf.MAIN, c: ebpf.KEEP}
         # the map is bounded: more sources than it holds is an error, not a silent loss
         with pytest.raises(OSError):
@@ -40,10 +42,16 @@ def test_trusted_map_holds_exactly_what_was_asked_in_two_kinds():
     g.close()                                             # twice is harmless
 
 
-def test_bad_ports_are_named():
+def test_bad_arguments_are_named():
     for bad in ((), (0,), (80, 70000), ("80",)):
         with pytest.raises(ValueError, match="ports must be 1-65535"):
             ebpf.KernelSynGate(bad)
+    for kw, what in (({"rate": 0}, "rate must be above 0"), ({"keep_rate": -1.0}, "keep_rate must be above 0"),
+                     ({"burst": 0}, "burst must be an integer of at least 1"),
+                     ({"recent": 2.5}, "recent must be an integer"),
+                     ({"retry_min": 5.0}, "retry_min < retry_max")):
+        with pytest.raises(ValueError, match=what):
+            ebpf.KernelSynGate(80, **kw)
 
 
 def test_a_program_the_verifier_refuses_says_why():

@@ -134,7 +134,9 @@ def _read_in_rounds(link, script: str, bursts: list, args=(), pause: float = 0.0
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     res = []
     try:
-        assert reader.stdout.readline().strip() == "READY"
+        if reader.stdout.readline().strip() != "READY":
+            reader.stdin.close()
+            pytest.fail("the ring reader failed: " + reader.stderr.read()[-2000:])
         for burst in bursts:
             link.client.run([sys.executable, "-c", SENDER, link.client_if],
                             input=" ".join(f.hex() for f in burst), text=True, timeout=20)
@@ -355,12 +357,14 @@ import ipaddress, json, sys, time
 sys.path.insert(0, sys.argv[2])
 from appliance.stack.rings import tpacket
 args = json.loads(sys.argv[3])
-dev = tpacket.TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=args["gate"])
+dev = tpacket.TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=args.get("gate", True))
+tpacket.KGATE_LINGER = args.get("linger", tpacket.KGATE_LINGER)
 g = dev.syn_gate
-g.pressure = True                                      # as the serve loop sets it during a flood
+g.pressure = not args.get("start_calm")                # as the serve loop sets it during a flood
 g.idle, g.rate, g.burst = 0, 0.0, 0                    # (the Python gate would keep nothing)
 for a in args.get("known", []):                        # sources that completed a handshake (Stack.syn_trusted)
-    g.trusted[ipaddress.ip_address(a).packed] = None
+    p = ipaddress.ip_address(a).packed
+    g.trusted[p[:8] if len(p) == 16 else p] = None     # (IPv6: the /64)
 dev.rx_batch(0)                                        # the first read under pressure swaps the filter
 trusted = [bytes(map(int, a.split("."))) for a in args.get("trusted", [])]
 if trusted:
@@ -369,6 +373,8 @@ print("READY", flush=True)
 for k in range(args["rounds"]):
     sys.stdin.readline()
     time.sleep(0.3)
+    if args.get("before", {}).get(str(k)) == "pressure":
+        g.pressure = True
     syn = [bytes(f).hex() for f in dev.rx_batch(0)]    # the SYN ring alone
     main = []
     while True:
@@ -376,14 +382,19 @@ for k in range(args["rounds"]):
         if not more:
             break
         main += [bytes(f).hex() for f in more]
-    print(json.dumps({"syn": syn, "main": main, "gate": dev._kgate is not None, "stats": dev.kernel_stats(),
-                      "counters": dev.counters}), flush=True)
-    action = args.get("after", {}).get(str(k))
-    if action == "calm":                               # the flood is over: the classic filter again
-        g.pressure = False
-        dev.rx_batch(0)
-    elif action == "untrust":
-        dev.trust_sources([])
+    print(json.dumps({"syn": syn, "main": main, "gate": dev._kgate is not None, "on": dev._kgate_on,
+                      "syn6": dev._syn6, "stats": dev.kernel_stats(), "counters": dev.counters}), flush=True)
+    for action in args.get("after", {}).get(str(k), "").split():
+        if action == "calm":                           # the flood is over: the gate passes every SYN
+            g.pressure = False
+            dev.rx_batch(0)
+        elif action == "housekeep":                    # (once a second in the serve loop)
+            dev.housekeep()
+        elif action == "pressure":
+            g.pressure = True
+            dev.rx_batch(0)
+        elif action == "untrust":
+            dev.trust_sources([])
 dev.close()
 """
 
@@ -420,7 +431,8 @@ def test_kernel_gate_sheds_a_flood_in_the_kernel_and_lets_a_retransmission_throu
     ~1 s later the client's SYN again, in a burst of new spoofed SYNs, is the
     one SYN in the ring, byte for byte (a retransmission); sent once more at
     once it is shed (answered once). When the flood is over the classic filter
-    is back, the gate's maps closed: every SYN reaches the ring again."""
+    is back (housekeep(), the linger over), the gate's maps closed: every SYN
+    reaches the ring again."""
     with netns.pair(subnet=72) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
@@ -434,7 +446,7 @@ def test_kernel_gate_sheds_a_flood_in_the_kernel_and_lets_a_retransmission_throu
                   [client] + flood[2][:50],
                   flood[3][:20]]
         res = _kgate_rounds(link, bursts, pause=0.7, gate={"rate": 0.001, "burst": 1, "retry_min": 0.5},
-                            after={"2": "calm"})
+                            after={"2": "calm housekeep"}, linger=0.0)
     got = [[bytes.fromhex(h) for h in r["syn"]] for r in res]
     assert got[0] == [flood[0][0]]                      # the budget's one SYN
     assert got[1] == [client]                           # the retransmission
@@ -488,7 +500,10 @@ def _fate(f: bytes, ports=(80, 443)) -> str:
         x = 4 * (load(14, 1) & 0xF)
         if load(x + 16, 2) not in ports:
             return "main"
-        return "syn" if load(x + 27, 1) & 0x16 == 0x02 else "main"
+        if load(x + 27, 1) & 0x16 != 0x02:
+            return "main"
+        load(41, 1)                                     # (the SYN key's last byte: bytes 26-42)
+        return "syn"
     except IndexError:
         return "none"
 
@@ -610,3 +625,68 @@ def test_kernel_gate_sheds_an_ipv6_flood_and_keeps_ipv6_retransmissions_and_know
     st = res[1]["stats"]
     assert st["kernel_syn_trusted"] == 3 and st["kernel_syn_retransmits"] == 1 and st["kernel_syn_shed"] == 200 + 200
     assert all(r["main"] == [] for r in res)
+
+
+def test_kernel_gate_bounds_each_trusted_source_and_lingers_after_a_flood():
+    """A known source (syn_trusted) gets its own bucket in the kernel: of 40 SYNs
+    at once, keep_burst (8) are kept, the rest meet the spent budget and are
+    shed. When the flood ends the gate stays, passing every SYN but those the
+    main ring's filter takes (one copy each), until housekeep() after the
+    linger; a new flood then gets a new gate."""
+    with netns.pair(subnet=78) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn(src, sport):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=sport, flags="S"))
+        flood = [syn(f"198.19.0.{k % 250 + 1}", 20000 + k) for k in range(100)]
+        known = [syn("198.18.200.11", 42000 + k) for k in range(40)]
+        main = [syn("198.18.200.9", 43000 + k) for k in range(5)]
+        bursts = [flood[:1] + known + flood[1:],
+                  flood[:30] + main,                    # the flood is over, the gate lingers
+                  flood[30:40],                         # after housekeep: the classic filter
+                  flood[40:41]]                         # a new flood
+        res = _kgate_rounds(link, bursts, gate={"rate": 0.001, "burst": 1, "keep_burst": 8},
+                            known=["198.18.200.11", "198.18.200.9"], trusted=["198.18.200.9"],
+                            after={"0": "calm", "1": "housekeep", "2": "pressure"}, linger=0.0)
+    got = [[bytes.fromhex(h) for h in r["syn"] + r["main"]] for r in res]
+    assert got[0] == flood[:1] + known[:8]
+    assert res[0]["stats"]["kernel_syn_trusted"] == 8 and res[0]["stats"]["kernel_syn_shed"] == 32 + 99
+    assert res[1]["gate"] and not res[1]["on"]
+    assert sorted(got[1]) == sorted(flood[:30] + main)   # every SYN, the trusted ones once (main ring)
+    assert [bytes.fromhex(h) for h in res[1]["main"]][:5] == main
+    assert not res[2]["gate"] and sorted(got[2]) == sorted(flood[30:40])
+    assert res[3]["gate"] and res[3]["on"] and res[3]["counters"]["rx_kernel_gates"] == 2   # a new gate
+
+
+def test_kernel_gate_sorts_what_the_ring_held_before_it_through_the_python_gate():
+    """SYNs that waited in the ring when the flood began (let in by the classic
+    filter) go through the Python gate once (no budget here: all shed), not
+    to the stack unsorted."""
+    with netns.pair(subnet=79) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+        flood = [bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=f"198.19.1.{k % 250 + 1}",
+                                                                     dst=link.server_ip)
+                       / TCP(sport=20000 + k, dport=80, seq=k, flags="S")) for k in range(300)]
+        res, = _kgate_rounds(link, [flood], start_calm=True, before={"0": "pressure"})
+    assert res["gate"] and res["syn"] == [] and res["main"] == []
+    assert res["counters"]["rx_syn_shed"] == 300 and res["stats"]["kernel_syn_packets"] == 300
+
+
+def test_without_the_kernel_gates_maps_ipv6_syns_go_back_to_the_main_ring():
+    """Where the gate's maps cannot be made (here: too large, E2BIG), the device
+    counts the error, keeps the Python gate for IPv4 SYNs (the trusted
+    source's kept, the flood's shed) and sends IPv6 SYNs to the main ring."""
+    with netns.pair(subnet=80) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def seg(ip):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / ip / TCP(sport=41000, dport=80, flags="S"))
+        flood = [seg(IP(src=f"198.19.1.{k + 1}", dst=link.server_ip)) for k in range(50)]
+        v4, v6 = seg(IP(src="198.18.200.11", dst=link.server_ip)), seg(IPv6(src="2001:2::9", dst="2001:2::1"))
+        res, = _kgate_rounds(link, [flood[:25] + [v4, v6] + flood[25:]], gate={"recent": 1 << 30},
+                             known=["198.18.200.11"])
+    assert not res["gate"] and not res["syn6"] and res["counters"]["rx_kernel_gate_errors"] >= 1
+    assert [bytes.fromhex(h) for h in res["syn"]] == [v4]
+    assert [bytes.fromhex(h) for h in res["main"]] == [v6]
+    assert res["counters"]["rx_syn_shed"] == 50

@@ -143,7 +143,7 @@ TMPL_CACHE_MAX = 4096           # peer MAC + IP
 CONN_TMPL_MAX = 16384           # peer MAC + IP + port
 OPTS_CACHE_MAX = 16384          # (template, SYN-ACK options)
 MSS_CACHE_MAX = 1024            # peer's MSS option
-TRUSTED_MAX = 16384             # IPv4 and IPv6 sources that completed a handshake (syn_trusted)
+TRUSTED_MAX = 16384             # IPv4 sources and IPv6 /64s that completed a handshake (syn_trusted)
 HDR_CACHE_MAX = 8192            # prebuilt response x Connection value (not client-keyed: the store's size)
 _IP6 = struct.Struct("!IHBB16s16s")                 # version/class/flow, payload length, next header, hops, src, dst
 _V4MAPPED = bytes(10) + b"\xff\xff"
@@ -993,7 +993,9 @@ class Stack:
         t = self.syn_trusted
         if len(t) >= TRUSTED_MAX:
             t.clear()
-        src = k[:4] if len(k) == 12 else k[:16]     # IPv4 or IPv6 (the kernel gate's trusted maps)
+        # IPv4: the address; IPv6: its /64 (one network, one entry: a host picks any
+        # address in its /64, and a farm of them cannot crowd the table out)
+        src = k[:4] if len(k) == 12 else k[:8]
         t.pop(src, None)                            # last in order: the serve loop hands the
         t[src] = None                               # most recent to the SYN ring's filter
         self.counters["tcp_established"] += 1       # (its HTTP state comes with its first data: Conn._deliver)

@@ -216,6 +216,9 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
     trust_sources = getattr(dev, "trust_sources", None)
     if not callable(trust_sources):
         trust_sources = None
+    housekeep = getattr(dev, "housekeep", None)         # (TPACKET: the kernel gate's end)
+    if not callable(housekeep):
+        housekeep = None
     if wake_fd >= 0:
         poller.register(wake_fd, select.POLLIN)
     wait = poller.poll
@@ -230,6 +233,8 @@ def run_loop(stack, dev, stop, wake_fd: int = -1, batch: int = BATCH, tick=None,
             set_date(int(wall))
             next_date = now + (1.0 - (wall % 1.0)) + 0.0005
             syn_gate.forget(now)                # the SYNs a flood left in the gate's memory
+            if housekeep is not None:
+                housekeep()
             if trust_sources is not None and syn_gate.pressure:
                 # the sources that connected last: their SYNs go to the main ring, not the flood's
                 # (IPv4 ones: the classic filters' jeq compares one word)

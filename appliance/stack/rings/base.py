@@ -106,8 +106,9 @@ class SynGate:
     (everything that is not a pure SYN) taken in it:
 
     - SYNs from a trusted source are all kept (at most `quota`): `trusted` is
-      the stack's table of IPv4 sources that completed a handshake
-      (Stack.syn_trusted). A spoofed source never does: it cannot see our
+      the stack's table of sources that completed a handshake
+      (Stack.syn_trusted; this gate keys IPv4 SYNs only, so its 4-byte
+      entries). A spoofed source never does: it cannot see our
       SYN-ACK. So clients that connected before, a connection-per-request
       load above all, are not shed with a flood. (An attacker who knows a
       client's address can spoof it and get `quota` SYNs per read through.)
@@ -151,6 +152,7 @@ class SynGate:
         self.quota, self.idle, self.share, self.rate, self.burst = quota, idle, share, rate, burst
         self.retry_rate, self.retry_burst = retry_rate, retry_burst
         self.trusted = {}           # IPv4 source (4 bytes) -> None; Stack.syn_trusted once the loop binds it
+                                    # (which also holds IPv6 /64s, 8 bytes: for the kernel gate)
         self.pressure = False       # a flood: the budget applies (set by the serve loop every pass)
         self.rng = rng or random.Random()
         self.retransmits = 0

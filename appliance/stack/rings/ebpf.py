@@ -62,8 +62,12 @@ SO_ATTACH_BPF = 50
 ACCEPT = 0x40000                    # a socket filter returns the bytes to keep: the whole frame
 
 # the configuration element (0): Python writes it; the buckets' state lives in it too
-CFG = struct.Struct("=10Q")
-C_PRESSURE, C_F_INT, C_F_TAU, C_F_TAT, C_R_INT, C_R_TAU, C_R_TAT, C_R_MIN, C_R_MAX = (8 * k for k in range(9))
+CFG = struct.Struct("=12Q")
+C_PRESSURE, C_F_INT, C_F_TAU, C_F_TAT, C_R_INT, C_R_TAU, C_R_TAT, C_R_MIN, C_R_MAX, C_K_INT, C_K_TAU = \
+    (8 * k for k in range(11))
+# a trusted source's entry: its kind (MAIN or KEEP) and its bucket's TAT
+TRUSTED = struct.Struct("=IIQ")
+T_TAT = 8
 # the counters element (1): the program adds to it
 COUNTERS = ("kernel_syn_first_kept", "kernel_syn_retransmits", "kernel_syn_shed", "kernel_syn_trusted",
             "kernel_syn_to_main")
@@ -172,12 +176,12 @@ class _Map:
             self.fd = -1
 
 
-def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str) -> None:
-    """One token bucket (r8: the configuration element, r7: now): jump to
-    `over` when it is empty, else take a token. GCRA: with TAT = max(TAT,
-    now), a SYN conforms while TAT - now <= tau (burst - 1 intervals); it
-    then pushes TAT one interval on."""
-    a.op(LDX | MEM | DW, 1, 8, tat)                 # r1 = tat
+def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str, tat_reg: int = 8) -> None:
+    """One token bucket (r8: the configuration element, its TAT at
+    `tat_reg` + `tat`; r7: now): jump to `over` when it is empty, else take
+    a token. GCRA: with TAT = max(TAT, now), a SYN conforms while TAT - now
+    <= tau (burst - 1 intervals); it then pushes TAT one interval on."""
+    a.op(LDX | MEM | DW, 1, tat_reg, tat)           # r1 = tat
     a.jmp(JGE, 1, 7, f"{over}_late", reg=True)      # if tat >= now: keep it
     a.op(ALU64 | MOV | X, 1, 7)                     # tat = now
     a.label(f"{over}_late")
@@ -187,7 +191,7 @@ def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str) -> None:
     a.jmp(JGT, 2, 3, over, reg=True)
     a.op(LDX | MEM | DW, 3, 8, interval)
     a.op(ALU64 | ADD | X, 1, 3)
-    a.op(STX | MEM | DW, 8, 1, tat)                 # tat += interval
+    a.op(STX | MEM | DW, tat_reg, 1, tat)           # tat += interval
 
 
 def _count(a: _Asm, counters_fd: int, field: int) -> None:
@@ -269,32 +273,37 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int, trusted
     a.call(F_LOOKUP)
     a.jmp(JEQ, 0, 0, "accept")
     a.op(ALU64 | MOV | X, 8, 0)                     # r8 = the configuration
-    a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
-    a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
+    a.call(F_KTIME)
+    a.op(ALU64 | MOV | X, 7, 0)                     # r7 = now (ns)
     if trusted6_fd is not None:
         a.jmp(JNE, 9, 6, "trusted4")
-        a.ld_map(1, trusted6_fd)                    # a trusted IPv6 source (never the main ring's)
+        a.ld_map(1, trusted6_fd)                    # a trusted IPv6 /64 (never the main ring's)
         a.op(ALU64 | MOV | X, 2, 10)
         a.op(ALU64 | ADD | K, 2, imm=-56)
-        a.call(F_LOOKUP)
-        a.jmp(JEQ, 0, 0, "untrusted")
-        a.goto("keep")
+        a.goto("trusted")
     a.label("trusted4")
-    a.ld_map(1, trusted_fd)                         # a trusted source?
-    a.op(ALU64 | MOV | X, 2, 10)
+    a.ld_map(1, trusted_fd)                         # a trusted source? (with or without a flood:
+    a.op(ALU64 | MOV | X, 2, 10)                    # the main ring's filter has its MAIN ones)
     a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.label("trusted")
     a.call(F_LOOKUP)
     a.jmp(JEQ, 0, 0, "untrusted")
-    a.op(LDX | MEM | W, 1, 0, 0)
+    a.op(ALU64 | MOV | X, 9, 0)                     # r9 = its entry: kind, TAT
+    a.op(LDX | MEM | W, 1, 9, 0)
     a.jmp(JNE, 1, MAIN, "keep")
     _count(a, cfg_fd, K_MAIN)                       # the main ring has it
     a.goto("drop")
     a.label("keep")
+    a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
+    a.jmp(JEQ, 1, 0, "accept")
+    # a bucket per source: one spoofing a known address gets no more than it
+    _gcra(a, T_TAT, C_K_INT, C_K_TAU, "flood", tat_reg=9)
     _count(a, cfg_fd, K_TRUSTED)
     a.goto("accept")
     a.label("untrusted")
-    a.call(F_KTIME)
-    a.op(ALU64 | MOV | X, 7, 0)                     # r7 = now (ns)
+    a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
+    a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
+    a.label("flood")
     a.ld_map(1, recent_fd)
     a.op(ALU64 | MOV | X, 2, 10)
     a.op(ALU64 | ADD | K, 2, imm=-16)
@@ -348,26 +357,41 @@ class KernelSynGate:
 
     `ports`: our ports (HTTP, HTTPS); `rate`/`burst`: the first-SYN bucket
     under pressure, `retry_rate`/`retry_burst`: the retransmissions'; a
-    repeat counts `retry_min`-`retry_max` seconds after the SYN it repeats.
+    repeat counts `retry_min`-`retry_max` seconds after the SYN it repeats;
+    `keep_rate`/`keep_burst`: each trusted source's own bucket (a busy
+    client is in the main ring's filter; this bounds what spoofing a known
+    address gets); `ipv6`: IPv6 SYNs too (trusted by /64).
     """
 
     def __init__(self, ports, *, rate: float = 500.0, burst: int = 16, retry_rate: float = 4000.0,
                  retry_burst: int = 64, retry_min: float = 0.5, retry_max: float = 4.0,
-                 recent: int = RECENT, trusted_max: int = 1024, pressure: bool = True, ipv6: bool = False):
+                 keep_rate: float = 1000.0, keep_burst: int = 128, recent: int = RECENT,
+                 trusted_max: int = 1024, pressure: bool = True, ipv6: bool = False):
         ports = (ports,) if isinstance(ports, int) else tuple(ports)
         if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
             raise ValueError(f"KernelSynGate: ports must be 1-65535, not {ports!r}")
+        for name, v in (("rate", rate), ("retry_rate", retry_rate), ("keep_rate", keep_rate)):
+            if not v > 0:
+                raise ValueError(f"KernelSynGate: {name} must be above 0, not {v!r}")
+        for name, v in (("burst", burst), ("retry_burst", retry_burst), ("keep_burst", keep_burst),
+                        ("recent", recent), ("trusted_max", trusted_max)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"KernelSynGate: {name} must be an integer of at least 1, not {v!r}")
+        if not 0 <= retry_min < retry_max:
+            raise ValueError(f"KernelSynGate: need 0 <= retry_min < retry_max, not {retry_min!r}, {retry_max!r}")
         self.pressure = bool(pressure)
         self.prog_fd = -1
         self._maps = []
         bpf = self._bpf = _sys_bpf()
+        _lift_memlock()
         try:
             self._cfg = self._map(MAP_ARRAY, 4, CFG.size, 2, "haboob_syn_cfg")
-            self._trusted = self._map(MAP_HASH, 4, 4, trusted_max, "haboob_trusted")
-            self._trusted6 = self._map(MAP_HASH, 16, 4, trusted_max, "haboob_trusted6") if ipv6 else None
+            self._trusted = self._map(MAP_HASH, 4, TRUSTED.size, trusted_max, "haboob_trusted")
+            self._trusted6 = self._map(MAP_HASH, 8, TRUSTED.size, trusted_max, "haboob_trusted6") if ipv6 else None
             self._recent = self._map(MAP_LRU_HASH, 16, 8, recent, "haboob_syn_seen")
-            self._params = (round(1e9 / rate), round(1e9 / retry_rate), burst, retry_burst,
-                            round(retry_min * 1e9), round(retry_max * 1e9))
+            ns = lambda r: max(1, round(1e9 / r))
+            self._params = (ns(rate), ns(retry_rate), burst, retry_burst, round(retry_min * 1e9),
+                            round(retry_max * 1e9), ns(keep_rate), keep_burst)
             self._write_cfg()
             code = _program(ports, self._cfg.fd, self._trusted.fd, self._recent.fd,
                             self._trusted6.fd if ipv6 else None)
@@ -395,17 +419,17 @@ class KernelSynGate:
                 raise
             log = ctypes.create_string_buffer(1 << 16)
             try:
-                self._bpf(BPF_PROG_LOAD, attr(ctypes.addressof(log), len(log)))
+                os.close(self._bpf(BPF_PROG_LOAD, attr(ctypes.addressof(log), len(log))))
             except OSError:
                 pass
             tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
             raise OSError(e.errno, "the kernel refused the SYN gate's eBPF program: " + " / ".join(tail)) from None
 
     def _write_cfg(self) -> None:
-        fi, ri, fb, rb, rmin, rmax = self._params
+        fi, ri, fb, rb, rmin, rmax, ki, kb = self._params
         # (the buckets start full: TAT 0)
         self._cfg.put(struct.pack("=I", 0), CFG.pack(int(self.pressure), fi, (fb - 1) * fi, 0, ri, (rb - 1) * ri, 0,
-                                                      rmin, rmax, 0))
+                                                      rmin, rmax, ki, (kb - 1) * ki, 0))
 
     def attach(self, sock) -> None:
         """Replace `sock`'s filter with the program (an atomic swap, as SO_ATTACH_FILTER)."""
@@ -418,12 +442,13 @@ class KernelSynGate:
 
     def set_trusted(self, main, keep=()) -> None:
         """The IPv4 sources (4-byte addresses) whose SYNs the main ring takes
-        (`main`: dropped here) and those whose SYNs are kept whatever the
-        budget (`keep`, the others that completed a handshake; at most
-        trusted_max in all). Only the differences reach the map, one entry
+        (`main`: dropped here) and the sources whose SYNs are kept within
+        their own bucket whatever the flood (`keep`, the others that
+        completed a handshake: 4-byte IPv4 addresses and, with `ipv6`, 8-byte
+        IPv6 /64 prefixes; at most trusted_max of each). Only the differences reach the map, one entry
         at a time."""
         six = self._trusted6 is not None
-        want = {a: KEEP for a in keep if len(a) == 4 or six and len(a) == 16}
+        want = {a: KEEP for a in keep if len(a) == 4 or six and len(a) == 8}
         want.update(dict.fromkeys(main, MAIN))
         have = self.trusted
         for a in [a for a in have if a not in want]:
@@ -431,7 +456,7 @@ class KernelSynGate:
             del have[a]
         for a, v in want.items():
             if have.get(a) != v:
-                self._which(a).put(_addr_key(a), struct.pack("=I", v))
+                self._which(a).put(_addr_key(a), TRUSTED.pack(v, 0, 0))
                 have[a] = v
 
     def _which(self, a: bytes) -> _Map:
@@ -449,6 +474,19 @@ class KernelSynGate:
         for m in self._maps:
             m.close()
         self._maps = []
+
+
+def _lift_memlock() -> None:
+    """Before Linux 5.11 a map's memory counts against RLIMIT_MEMLOCK (often
+    64 KB): lift it, as libbpf does (a kernel that charges the memory
+    cgroup instead ignores it)."""
+    try:
+        import resource
+        inf = resource.RLIM_INFINITY
+        if resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] != inf:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (inf, inf))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _addr_key(a: bytes) -> bytes:

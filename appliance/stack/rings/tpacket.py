@@ -53,8 +53,8 @@ connection on one worker); ARP is not a flow, so each worker then also has a
 small RX-only ring bound to ETH_P_ARP that sees every ARP frame.
 
 With `syn_port`, pure SYNs (IPv4 TCP, SYN without ACK or RST, to that port,
-or to any of a tuple of ports: HTTP and HTTPS)
-get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
+or to any of a tuple of ports: HTTP and HTTPS; IPv6 ones too where the
+kernel gate can be loaded) get their own small RX-only ring: a classic BPF filter (SO_ATTACH_FILTER) on
 each socket sends them there and everything else to the main ring, so a SYN
 flood can neither fill the main ring (the kernel then drops established
 connections' segments with the flood's) nor queue ahead of its frames.
@@ -123,6 +123,8 @@ SYN_FRAME = 512                   # holds any SYN (at most 134 bytes of headers)
 SYN_QUOTA = 256                   # SYNs kept per rx_batch at most (SynGate.quota)
 SYN_MIN = 2                       # untrusted SYNs kept by a read without main-ring frames (SynGate.idle)
 KGATE_TRUSTED = 16384 + TRUSTED_BPF   # the kernel gate's trusted sources: the stack's syn_trusted (TRUSTED_MAX)
+KGATE_LINGER = 30.0               # s the kernel gate stays (passing every SYN) after a flood
+KGATE_RETRY = 30.0                # s before another try when its maps could not be made
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -271,7 +273,9 @@ def _syn_filter(port, syn: bool, no_arp: bool = False, trusted=(), ipv6: bool = 
     ins += [(0x15, 0, "no", ports[-1]),                     # jeq #port, , no
             ("flags", 0x50, 0, 0, 27),                      # ldb [x+27]          flags
             (0x54, 0, 0, 0x16),                             # and #(ACK|RST|SYN)
-            (0x15, 0, "no", 0x02)]                          # jeq #SYN, , no
+            (0x15, 0, "no", 0x02),                          # jeq #SYN, , no
+            (0x30, 0, 0, 41)]                               # ldb [41]: the end of the key the kernel
+                                                            # gate reads (IHL < 5: drop, as it does)
     if trusted:
         ins.append((0x20, 0, 0, 26))                        # ld [26]             source address
         assert len(trusted) <= 2 * TRUSTED_BPF          # (a jump reaches 255 instructions at most)
@@ -425,6 +429,10 @@ class TpacketDevice:
         self._kgate_args = kernel_gate if isinstance(kernel_gate, dict) else {}
         self._kgate = None
         self.kernel_gate_error = None
+        self._kgate_on = False        # the kernel gate exists and gates (under pressure)
+        self._kgate_fresh = False     # just swapped in: what the ring held before goes through syn_gate
+        self._kgate_off_t = 0.0       # when the last flood ended (the gate lingers KGATE_LINGER)
+        self._kgate_retry = 0.0       # after a failed swap, not before this
         self._syn6 = False            # IPv6 SYNs take the SYN ring too (see _open)
         self._kstats_gate = {}        # the counters of the kernel gates closed so far
         self._rx = []
@@ -649,8 +657,8 @@ class TpacketDevice:
         # no flood: the SYN ring is read like the others, slot by slot (a connection-
         # per-request load pays nothing for it); under pressure the gate chooses (_take_syns)
         calm = syn is not None and not self.syn_gate.pressure
-        if self.kernel_gate and calm is (self._kgate is not None):     # a flood began or ended
-            self._swap_gate(not calm)
+        if self.kernel_gate and calm is self._kgate_on:               # a flood began or ended
+            self._turn_gate(not calm)
         for ring in (self._rx_calm if calm else self._rx):
             mm, mv, slots, nr = ring.mm, ring.mv, ring.slots, ring.nr
             i = ring.head
@@ -716,13 +724,14 @@ class TpacketDevice:
         if not n:
             return 0
         gate = self.syn_gate
-        if self._kgate is not None:
+        if self._kgate_on and not self._kgate_fresh:
             # the kernel chose (rings/ebpf.py): all of it, up to quota a read
             keep = [k for i0, m in spans for k in range(i0, i0 + m)]
             if n > gate.quota:
                 keep = gate.sample(keep, gate.quota)
                 self.counters["rx_syn_shed"] += n - len(keep)
             return self._hand_syns(ring, spans, keep, out)
+        self._kgate_fresh = False         # (the SYNs queued before the kernel gate came: this gate's)
         now = time.monotonic()
         allow = gate.allow(others, now)
         if n > allow:
@@ -781,38 +790,64 @@ class TpacketDevice:
             self.kernel_gate_error = str(e)
             self.counters["rx_kernel_gate_errors"] += 1
 
-    def _swap_gate(self, on: bool) -> None:
-        """Under pressure, the SYN ring's filter becomes a kernel gate (rings/ebpf.py),
-        with fresh maps (~23 MB, a flood's only); after it, the classic filter again.
-        SO_ATTACH_BPF and SO_ATTACH_FILTER swap atomically, and both programs leave
-        the same trusted sources to the main ring: no SYN is lost or doubled."""
-        y = self._syn_sock
-        if on:
-            g = None
-            try:
-                g = KernelSynGate(self._syn_ports, **{"trusted_max": KGATE_TRUSTED, "ipv6": self._syn6,
-                                                      **self._kgate_args})
-                self._kgate = g
-                self._kgate_trust(self._bpf_trusted)
-                g.attach(y)
-            except OSError as e:          # (out of memory, say): the Python gate alone
-                self._kgate = None
-                if g is not None:
-                    g.close()
-                self.kernel_gate, self.kernel_gate_error = False, str(e)
-                self.counters["rx_kernel_gate_errors"] += 1
-                return
-            self.counters["rx_kernel_gates"] += 1
-        else:
-            g, self._kgate = self._kgate, None
-            _attach_filter(y, self._filter(True, self._bpf_trusted))
-            self._close_gate(g)
+    def _turn_gate(self, on: bool) -> None:
+        """A flood began (`on`) or ended. The SYN ring's filter becomes the kernel
+        gate (rings/ebpf.py) with fresh maps (~25 MB: a flood's only), or the
+        gate there starts gating again; after the flood it passes every SYN, and
+        housekeep() puts the classic filter back KGATE_LINGER later (so that a
+        flood that comes and goes keeps its maps and its memory of SYNs).
+        SO_ATTACH_BPF swaps a filter atomically, and both programs leave the
+        same trusted sources to the main ring: no SYN is lost or doubled."""
+        g = self._kgate
+        if not on:
+            g.set_pressure(False)
+            self._kgate_on = False
+            self._kgate_off_t = time.monotonic()
+            return
+        if g is not None:
+            g.set_pressure(True)
+            self._kgate_on = True
+            return
+        now = time.monotonic()
+        if now < self._kgate_retry:
+            return
+        try:
+            g = KernelSynGate(self._syn_ports, **{"trusted_max": KGATE_TRUSTED, "ipv6": self._syn6,
+                                                  **self._kgate_args})
+        except (OSError, ValueError) as e:    # (out of memory, say): the Python gate, and again later
+            self.kernel_gate_error = str(e)
+            self.counters["rx_kernel_gate_errors"] += 1
+            self._kgate_retry = now + KGATE_RETRY
+            if self._syn6:                    # IPv6 SYNs back to the main ring (the Python gate keys
+                self._syn6 = False            # IPv4 offsets), the main ring first: never lost
+                _attach_filter(self._socks[0], self._filter(False, self._bpf_trusted))
+                _attach_filter(self._syn_sock, self._filter(True, self._bpf_trusted))
+            return
+        self._kgate = g
+        self._kgate_trust(self._bpf_trusted)
+        g.attach(self._syn_sock)
+        ring = self._syn_ring             # SYNs the classic filter let in wait there: the Python gate's
+        self._kgate_fresh = bool(ring.mm[ring.slots[ring.head]] & TP_STATUS_USER)
+        self._kgate_on = True
+        self.counters["rx_kernel_gates"] += 1
+
+    def housekeep(self) -> None:
+        """Once a second (the serve loop): the kernel gate goes KGATE_LINGER after a
+        flood, its maps freed, and the classic filter is back."""
+        g = self._kgate
+        if g is None or self._kgate_on or time.monotonic() - self._kgate_off_t < KGATE_LINGER:
+            return
+        self._kgate = None
+        _attach_filter(self._syn_sock, self._filter(True, self._bpf_trusted))
+        self._close_gate(g)
 
     def _close_gate(self, g) -> None:
         k = self._kstats_gate
-        for name, v in g.stats().items():
-            k[name] = k.get(name, 0) + v
-        g.close()
+        try:
+            for name, v in g.stats().items():
+                k[name] = k.get(name, 0) + v
+        finally:
+            g.close()
 
     def _odd_frame(self, truncated: bool):
         self.counters["rx_truncated" if truncated else "rx_outgoing"] += 1
