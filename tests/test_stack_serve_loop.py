@@ -154,3 +154,37 @@ def test_overloaded_batch_puts_other_frames_first_and_keeps_a_fair_share_of_syns
     gate.pressure = False
     mixed = [seg(i, "S", "198.19.0.%d" % (i % 200 + 1)) if i % 4 else seg(i, "A") for i in range(256)]
     assert _shed_syns(mixed, None, gate, 5.0) == 0 and len(mixed) == 256
+
+
+def test_loop_hands_a_tpacket_device_its_ipv4_trusted_sources_and_housekeeps_once_a_second(tmp_path):
+    """Under pressure, once a second: trust_sources() gets the most recent IPv4
+    sources of syn_trusted (not its IPv6 /64s: the classic filters compare one
+    word) and housekeep() runs (the kernel gate's end after a flood)."""
+    store = make_store(tmp_path)
+    link = MemoryLink(mac=parse_mac(SERVER_MAC))
+    st = make_stack(store)
+    st._pressure_until = float("inf")                 # a flood
+    v4a, v4b, net6 = bytes([198, 18, 0, 7]), bytes([198, 18, 0, 8]), bytes.fromhex("2001000200000077")
+    for a in (v4a, net6, v4b):
+        st.syn_trusted[a] = None
+    calls = {"trust": [], "housekeep": 0}
+
+    class Dev:
+        def __getattr__(self, name):
+            return getattr(link.dev, name)
+
+        def trust_sources(self, sources):
+            calls["trust"].append(list(sources))
+
+        def housekeep(self):
+            calls["housekeep"] += 1
+    t = [100.0]
+
+    def clock():
+        t[0] += 0.25
+        return t[0]
+    run_loop(st, Dev(), _stop_after(12), clock=clock)
+    # (the once-a-second block follows the wall clock's seconds: with a fake monotonic
+    # clock it runs more often, but every time with both calls)
+    assert calls["housekeep"] >= 2 and len(calls["trust"]) == calls["housekeep"]
+    assert all(s == [v4b, v4a] for s in calls["trust"])     # the newest first, IPv4 only
