@@ -185,6 +185,6 @@ def test_loop_hands_a_tpacket_device_its_ipv4_trusted_sources_and_housekeeps_onc
         return t[0]
     run_loop(st, Dev(), _stop_after(12), clock=clock)
     # (the once-a-second block follows the wall clock's seconds: with a fake monotonic
-    # clock it runs more often, but every time with both calls)
-    assert calls["housekeep"] >= 2 and len(calls["trust"]) == calls["housekeep"]
+    # clock it runs more often; the first pass has not seen the pressure yet)
+    assert calls["housekeep"] >= 2 and len(calls["trust"]) == calls["housekeep"] - 1
     assert all(s == [v4b, v4a] for s in calls["trust"])     # the newest first, IPv4 only
