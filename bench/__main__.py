@@ -296,7 +296,8 @@ def synflood_cmd(rate, duration, modes, servers, size, store, replay):
     click.echo(synflood.table(res))
     for name, c in res["counters"].items():
         keys = ("loop_syn_shed", "ring_rx_syn_shed", "ring_kernel_syn_shed", "ring_kernel_syn_first_kept",
-                "ring_kernel_syn_retransmits", "ring_kernel_syn_trusted", "ring_rx_kernel_gates",
+                "ring_kernel_syn_retransmits", "ring_kernel_syn_trusted", "ring_kernel_syn_to_main",
+                "ring_rx_kernel_gates",
                 "ring_rx_kernel_gate_errors", "ring_kernel_rx_drops", "ring_kernel_syn_drops",
                 "ring_rx_syn_retransmits", "ring_rx_trusted_bpf_updates", "tcp_syncookies_sent",
                 "tcp_syncookies_accepted", "tcp_synack_giveup", "tcp_rto")
