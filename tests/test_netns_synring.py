@@ -361,7 +361,7 @@ dev = tpacket.TpacketDevice(sys.argv[1], syn_port=(80, 443), kernel_gate=args.ge
 tpacket.KGATE_LINGER = args.get("linger", tpacket.KGATE_LINGER)
 g = dev.syn_gate
 g.pressure = not args.get("start_calm")                # as the serve loop sets it during a flood
-g.idle, g.rate, g.burst = 0, 0.0, 0                    # (the Python gate would keep nothing)
+g.idle, g.rate, g.burst = args.get("py_idle", 0), 0.0, 0   # (the Python gate would keep nothing)
 for a in args.get("known", []):                        # sources that completed a handshake (Stack.syn_trusted)
     p = ipaddress.ip_address(a).packed
     g.trusted[p[:8] if len(p) == 16 else p] = None     # (IPv6: the /64)
@@ -483,15 +483,16 @@ def test_kernel_gate_leaves_trusted_sources_syns_to_the_main_ring():
     assert second["syn"] == [] and second["stats"]["kernel_syn_shed"] == 99 + 110
 
 
-def _fate(f: bytes, ports=(80, 443)) -> str:
+def _fate(f: bytes, ports=(80, 443), v6: bool = True) -> str:
     """Where the two filters put frame `f`: "syn" (the SYN ring), "main", or
-    "none" (a load past its end: both drop it), step by step as they read it."""
+    "none" (a load past its end: both drop it), step by step as they read it;
+    `v6`: IPv6 SYNs take the SYN ring (the kernel gate is there)."""
     def load(off, n):
         if off + n > len(f):
             raise IndexError
         return int.from_bytes(f[off:off + n], "big")
     try:
-        if load(12, 2) == 0x86DD:                       # IPv6 (the kernel gate's SYN ring has them)
+        if v6 and load(12, 2) == 0x86DD:                # IPv6 (the kernel gate's SYN ring has them)
             if load(20, 1) != 6 or load(56, 2) not in ports:
                 return "main"
             return "syn" if load(67, 1) & 0x16 == 0x02 else "main"
@@ -508,12 +509,14 @@ def _fate(f: bytes, ports=(80, 443)) -> str:
         return "none"
 
 
-def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-gate", "classic"])
+def test_fuzz_mutated_frames_land_where_a_model_of_the_filters_puts_them(kernel):
     """1,200 SYNs to 80/443 (IPv4 with random IP options, and IPv6) mutated at
-    random (bytes of the Ethernet, IP and TCP headers flipped, frames cut short) go through the
-    kernel gate under pressure (a budget for all): every frame is in the ring
-    a reference model of the filters gives it (or in none when a read runs
-    past its end), byte for byte; the program never fails a frame."""
+    random (bytes of the Ethernet, IP and TCP headers flipped, frames cut
+    short) go through the kernel gate under pressure, or the classic filters
+    (a budget for all): every frame is in the ring one reference model of
+    both gives it (or in none when a read runs past its end), byte for
+    byte; the program never fails a frame."""
     import random
     rng = random.Random(11)
     with netns.pair(subnet=74) as link:
@@ -541,7 +544,7 @@ def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them
                 sent[i] = bytes(f)
                 burst.append(bytes(f))
             bursts.append(burst)
-        res = _kgate_rounds(link, bursts, gate={"burst": 100000})
+        res = _kgate_rounds(link, bursts, gate={"burst": 100000} if kernel else False, py_idle=1000)
 
     def ours(frames):
         got = {}
@@ -554,7 +557,7 @@ def test_kernel_gate_fuzz_mutated_frames_land_where_the_classic_filter_puts_them
         return got
     syn = {i for r in res for i in ours(r["syn"])}
     main = {i for r in res for i in ours(r["main"])}
-    fate = {i: _fate(f) for i, f in sent.items()}
+    fate = {i: _fate(f, v6=kernel) for i, f in sent.items()}
     assert syn == {i for i, v in fate.items() if v == "syn"}
     assert main == {i for i, v in fate.items() if v == "main"}
     assert len(syn) > 300 and len(main) > 150 and 0 < sum(v == "none" for v in fate.values()) < 300

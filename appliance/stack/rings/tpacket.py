@@ -66,7 +66,7 @@ backlog overflows) the SYN socket's filter becomes the kernel gate
 over), which sheds in the kernel what Python would have shed, and
 rx_batch empties the SYN ring on every call (when the mmap says a frame
 waits: no system call) and hands over, after the main ring's frames,
-what it holds (up to SYN_QUOTA). Where the kernel refuses the gate, the
+what it holds (all: the kernel's buckets bound it). Where the kernel refuses the gate, the
 SYN gate in Python (`syn_gate`, rings/base.py SynGate) chooses from the
 ring instead: every SYN of a source that completed a handshake before,
 every retransmission of a SYN it shed (within a bucket), and of the
@@ -725,12 +725,9 @@ class TpacketDevice:
             return 0
         gate = self.syn_gate
         if self._kgate_on and not self._kgate_fresh:
-            # the kernel chose (rings/ebpf.py): all of it, up to quota a read
-            keep = [k for i0, m in spans for k in range(i0, i0 + m)]
-            if n > gate.quota:
-                keep = gate.sample(keep, gate.quota)
-                self.counters["rx_syn_shed"] += n - len(keep)
-            return self._hand_syns(ring, spans, keep, out)
+            # the kernel chose (rings/ebpf.py), within its buckets: all of it (a
+            # retransmission it let through is answered once, so none is shed here)
+            return self._hand_syns(ring, spans, [k for i0, m in spans for k in range(i0, i0 + m)], out)
         self._kgate_fresh = False         # (the SYNs queued before the kernel gate came: this gate's)
         now = time.monotonic()
         allow = gate.allow(others, now)
@@ -807,6 +804,7 @@ class TpacketDevice:
         if g is not None:
             g.set_pressure(True)
             self._kgate_on = True
+            self._kgate_fresh = self._syn_waiting()   # (let in while it passed every SYN)
             return
         now = time.monotonic()
         if now < self._kgate_retry:
@@ -826,10 +824,13 @@ class TpacketDevice:
         self._kgate = g
         self._kgate_trust(self._bpf_trusted)
         g.attach(self._syn_sock)
-        ring = self._syn_ring             # SYNs the classic filter let in wait there: the Python gate's
-        self._kgate_fresh = bool(ring.mm[ring.slots[ring.head]] & TP_STATUS_USER)
+        self._kgate_fresh = self._syn_waiting()       # SYNs the classic filter let in: the Python gate's
         self._kgate_on = True
         self.counters["rx_kernel_gates"] += 1
+
+    def _syn_waiting(self) -> bool:
+        ring = self._syn_ring
+        return bool(ring.mm[ring.slots[ring.head]] & TP_STATUS_USER)
 
     def housekeep(self) -> None:
         """Once a second (the serve loop): the kernel gate goes KGATE_LINGER after a
