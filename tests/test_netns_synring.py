@@ -693,3 +693,23 @@ def test_without_the_kernel_gates_maps_ipv6_syns_go_back_to_the_main_ring():
     assert [bytes.fromhex(h) for h in res["syn"]] == [v4]
     assert [bytes.fromhex(h) for h in res["main"]] == [v6]
     assert res["counters"]["rx_syn_shed"] == 50
+
+
+def test_kernel_gate_remembers_the_syns_it_passes_while_it_lingers():
+    """After a flood the gate passes every SYN but remembers it: a client's SYN
+    sent then (which a ring full of a resuming flood may drop) is known as a
+    retransmission when it comes again under pressure, ~1 s later."""
+    with netns.pair(subnet=81) as link:
+        dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
+
+        def syn(src, sport, seq):
+            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
+                         / TCP(sport=sport, dport=80, seq=seq, flags="S"))
+        client = syn("198.18.200.9", 41000, 4242)
+        flood = [syn(f"198.19.2.{k % 250 + 1}", 20000 + k, k) for k in range(100)]
+        res = _kgate_rounds(link, [flood[:50], [client], flood[50:] + [client]], pause=0.7,
+                            gate={"rate": 0.001, "burst": 1}, after={"0": "calm", "1": "pressure"})
+    got = [[bytes.fromhex(h) for h in r["syn"] + r["main"]] for r in res]
+    assert got[0] == flood[:1] and got[1] == [client]          # passed while the gate lingered
+    # (the first-SYN bucket starts full again with the pressure: the flood's first SYN)
+    assert got[2] == [flood[50], client] and res[2]["stats"]["kernel_syn_retransmits"] == 1

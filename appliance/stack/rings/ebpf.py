@@ -27,6 +27,10 @@ puts the classic filter back after it):
 - every other SYN is kept within a token bucket of first SYNs, and shed
   beyond it.
 
+Without pressure (the gate lingers after a flood) every SYN passes, and its
+key is remembered: a ring full of a resuming flood may drop it, and its
+retransmission is then known.
+
 What reaches the ring under pressure is then a few thousand SYNs a second
 at most, each of which the stack answers; nothing is sorted in Python. The
 buckets are GCRA (a theoretical arrival time per bucket, RFC 2697's token
@@ -194,6 +198,20 @@ def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str, tat_reg: int = 
     a.op(STX | MEM | DW, tat_reg, 1, tat)           # tat += interval
 
 
+def _remember(a: _Asm, recent_fd: int) -> None:
+    """recent[key at r10-16] = now (r7), not answered."""
+    a.op(ALU64 | MOV | X, 1, 7)
+    a.op(ALU64 | AND | K, 1, imm=-2)
+    a.op(STX | MEM | DW, 10, 1, -32)
+    a.ld_map(1, recent_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.op(ALU64 | MOV | X, 3, 10)
+    a.op(ALU64 | ADD | K, 3, imm=-32)
+    a.op(ALU64 | MOV | K, 4, imm=0)                 # BPF_ANY
+    a.call(F_UPDATE)
+
+
 def _count(a: _Asm, counters_fd: int, field: int) -> None:
     """counters[field] += 1 (an atomic add: the softirqs of several CPUs)."""
     done = a.fresh()
@@ -302,7 +320,16 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int, trusted
     a.goto("accept")
     a.label("untrusted")
     a.op(LDX | MEM | DW, 1, 8, C_PRESSURE)
-    a.jmp(JEQ, 1, 0, "accept")                      # no flood: every SYN
+    a.jmp(JNE, 1, 0, "flood")
+    # no flood (the gate lingers after one): every SYN, remembered, so that if
+    # the ring drops it (full as a flood resumes) its retransmission is known
+    a.ld_map(1, recent_fd)
+    a.op(ALU64 | MOV | X, 2, 10)
+    a.op(ALU64 | ADD | K, 2, imm=-16)
+    a.call(F_LOOKUP)
+    a.jmp(JNE, 0, 0, "accept")
+    _remember(a, recent_fd)
+    a.goto("accept")
     a.label("flood")
     a.ld_map(1, recent_fd)
     a.op(ALU64 | MOV | X, 2, 10)
@@ -330,16 +357,7 @@ def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int, trusted
     a.op(STX | MEM | DW, 9, 1, 0)
     a.goto("first")
     a.label("new")
-    a.op(ALU64 | MOV | X, 1, 7)
-    a.op(ALU64 | AND | K, 1, imm=-2)
-    a.op(STX | MEM | DW, 10, 1, -32)
-    a.ld_map(1, recent_fd)
-    a.op(ALU64 | MOV | X, 2, 10)
-    a.op(ALU64 | ADD | K, 2, imm=-16)
-    a.op(ALU64 | MOV | X, 3, 10)
-    a.op(ALU64 | ADD | K, 3, imm=-32)
-    a.op(ALU64 | MOV | K, 4, imm=0)                 # BPF_ANY
-    a.call(F_UPDATE)
+    _remember(a, recent_fd)
     a.label("first")
     _gcra(a, C_F_TAT, C_F_INT, C_F_TAU, "shed")
     _count(a, cfg_fd, K_FIRST)
