@@ -32,6 +32,9 @@ def test_trusted_map_holds_exactly_what_was_asked_in_two_kinds():
                 m.get(_key(x))
             assert e.value.errno == errno.ENOENT
         assert g.trusted == {b: ebpf.MAIN, c: ebpf.KEEP}
+        g._trusted.batch = False                          # a kernel without BPF_MAP_UPDATE_BATCH (< 5.6)
+        g.set_trusted([b], [c, a])
+        assert g._trusted.get(_key(a)) == keep and g.trusted == {a: ebpf.KEEP, b: ebpf.MAIN, c: ebpf.KEEP}
         # the map is bounded: more sources than it holds is an error, not a silent loss
         with pytest.raises(OSError):
             g.set_trusted([], [bytes([198, 18, 1, k]) for k in range(20)])

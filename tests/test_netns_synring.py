@@ -108,6 +108,16 @@ def _ours(frames: list, sent: dict) -> dict:
     return got
 
 
+def _segs(dmac: str, dst: str, **fixed):
+    """A maker of crafted TCP frames to the server (IPv6 when the source is):
+    seg(src, sport, seq=sport, flags="S", **more TCP fields)."""
+    def seg(src, sport, seq=None, flags="S", **kw):
+        ip = IPv6(src=src, dst="2001:2::1") if ":" in src else IP(src=src, dst=dst)
+        tcp = {"sport": sport, "dport": 80, "seq": sport if seq is None else seq, "flags": flags, **fixed, **kw}
+        return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / ip / TCP(**tcp))
+    return seg
+
+
 def _read_what_is_sent(link, script: str, frames: list) -> dict:
     """Run `script` (a ring reader) in the server namespace, send `frames` from the
     client's, and return the reader's last line, parsed (JSON)."""
@@ -247,9 +257,7 @@ def test_syn_ring_lets_a_retransmitted_syn_through_a_flood_and_not_a_copy_at_onc
     with netns.pair(subnet=68) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport, seq):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=seq, flags="S", options=[("MSS", 1460)]))
+        syn = _segs(dmac, link.server_ip, options=[("MSS", 1460)])
         client = syn("198.18.200.9", 41000, 123456789)
         flood = [[syn(f"198.19.{r}.{k % 250 + 1}", 20000 + k, 1000 * k + r) for k in range(300)] for r in (1, 2)]
         burst1 = flood[0][:150] + [client, client] + flood[0][150:]
@@ -436,9 +444,7 @@ def test_kernel_gate_sheds_a_flood_in_the_kernel_and_lets_a_retransmission_throu
     with netns.pair(subnet=72) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport, seq):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=seq, flags="S", options=[("MSS", 1460)]))
+        syn = _segs(dmac, link.server_ip, options=[("MSS", 1460)])
         client = syn("198.18.200.9", 41000, 123456789)
         flood = [[syn(f"198.19.{r}.{k % 250 + 1}", 20000 + k, 1000 * k + r) for k in range(300)] for r in range(4)]
         bursts = [flood[0][:150] + [client, client] + flood[0][150:],
@@ -467,9 +473,10 @@ def test_kernel_gate_leaves_trusted_sources_syns_to_the_main_ring():
     with netns.pair(subnet=73) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
+        mk = _segs(dmac, link.server_ip)
+
         def seg(src, sport, flags, seq=0):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=seq or sport, flags=flags))
+            return mk(src, sport, seq or sport, flags)
         flood = [[seg(f"198.19.{r}.{k % 250 + 1}", 20000 + k, "S", 7 + r) for k in range(100)] for r in range(2)]
         client = [seg("198.18.200.9", 41000 + k, "S") for k in range(10)] + [seg("198.18.200.9", 41000, "A")]
         bursts = [flood[r][:50] + client[:5] + flood[r][50:] + client[5:] for r in range(2)]
@@ -572,9 +579,7 @@ def test_kernel_gate_memory_is_bounded_and_forgets_the_oldest_first():
     with netns.pair(subnet=75) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport, seq):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=seq, flags="S"))
+        syn = _segs(dmac, link.server_ip)
         early, late = syn("198.18.200.9", 41000, 111), syn("198.18.200.10", 41001, 222)
         flood = [syn(f"198.19.{k // 250}.{k % 250 + 1}", 20000 + k, k) for k in range(2000)]
         res = _kgate_rounds(link, [flood[:1] + [early] + flood[1:] + [late], [early, late]], pause=0.7,
@@ -592,9 +597,7 @@ def test_kernel_gate_keeps_every_syn_of_a_source_that_completed_a_handshake():
     with netns.pair(subnet=76) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=sport, flags="S"))
+        syn = _segs(dmac, link.server_ip)
         flood = [syn(f"198.19.0.{k % 250 + 1}", 20000 + k) for k in range(300)]
         known = [syn("198.18.200.11", 42000 + k) for k in range(5)] + [syn("198.18.200.12", 43000)]
         burst = flood[:1] + known[:3] + flood[1:150] + known[3:] + flood[150:]
@@ -613,9 +616,7 @@ def test_kernel_gate_sheds_an_ipv6_flood_and_keeps_ipv6_retransmissions_and_know
     with netns.pair(subnet=77) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn6(src, sport, seq):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IPv6(src=src, dst="2001:2::1")
-                         / TCP(sport=sport, dport=443, seq=seq, flags="S", options=[("MSS", 1440)]))
+        syn6 = _segs(dmac, link.server_ip, dport=443, options=[("MSS", 1440)])
         flood = [[syn6(f"2001:2:0:{r + 1:x}::{k + 1:x}", 20000 + k, k) for k in range(200)] for r in range(2)]
         client = syn6("2001:2:0:99::9", 41000, 987654321)
         known = [syn6("2001:2:0:77::7", 42000 + k, k) for k in range(3)]
@@ -639,9 +640,7 @@ def test_kernel_gate_bounds_each_trusted_source_and_lingers_after_a_flood():
     with netns.pair(subnet=78) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=sport, flags="S"))
+        syn = _segs(dmac, link.server_ip)
         flood = [syn(f"198.19.0.{k % 250 + 1}", 20000 + k) for k in range(100)]
         known = [syn("198.18.200.11", 42000 + k) for k in range(40)]
         main = [syn("198.18.200.9", 43000 + k) for k in range(5)]
@@ -702,9 +701,7 @@ def test_kernel_gate_remembers_the_syns_it_passes_while_it_lingers():
     with netns.pair(subnet=81) as link:
         dmac = link.server.run(["cat", f"/sys/class/net/{link.server_if}/address"]).stdout.strip()
 
-        def syn(src, sport, seq):
-            return bytes(Ether(src="02:00:00:00:01:00", dst=dmac) / IP(src=src, dst=link.server_ip)
-                         / TCP(sport=sport, dport=80, seq=seq, flags="S"))
+        syn = _segs(dmac, link.server_ip)
         client = syn("198.18.200.9", 41000, 4242)
         flood = [syn(f"198.19.2.{k % 250 + 1}", 20000 + k, k) for k in range(100)]
         res = _kgate_rounds(link, [flood[:50], [client], flood[50:] + [client]], pause=0.7,

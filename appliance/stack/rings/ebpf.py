@@ -60,6 +60,7 @@ RECENT = 1 << 18                    # SYN keys remembered under pressure (LRU): 
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 1, 2, 3, 5
+BPF_MAP_UPDATE_BATCH = 26
 MAP_HASH, MAP_ARRAY, MAP_LRU_HASH = 1, 2, 9
 PROG_SOCKET_FILTER = 1
 SO_ATTACH_BPF = 50
@@ -151,6 +152,7 @@ def _sys_bpf():
 class _Map:
     def __init__(self, bpf, kind, key_size, value_size, entries, name):
         self.bpf, self.key_size, self.value_size = bpf, key_size, value_size
+        self.batch = True           # until the kernel says it has no BPF_MAP_UPDATE_BATCH
         self.fd = bpf(BPF_MAP_CREATE, struct.pack("=7I16s", kind, key_size, value_size, entries, 0, 0, 0,
                                                   name.encode()[:15]))
 
@@ -163,6 +165,25 @@ class _Map:
 
     def get(self, key: bytes) -> bytes:
         return self._op(BPF_MAP_LOOKUP_ELEM, key)
+
+    def put_many(self, items: list) -> None:
+        """Several (key, value) pairs in one system call (BPF_MAP_UPDATE_BATCH,
+        Linux 5.6), or one at a time where the kernel has no batches."""
+        if not items:
+            return
+        if self.batch:
+            keys = ctypes.create_string_buffer(b"".join(k for k, _ in items))
+            values = ctypes.create_string_buffer(b"".join(v for _, v in items))
+            try:
+                self.bpf(BPF_MAP_UPDATE_BATCH, struct.pack("=QQQQIIQQ", 0, 0, ctypes.addressof(keys),
+                                                           ctypes.addressof(values), len(items), self.fd, 0, 0))
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                self.batch = False
+        for k, v in items:
+            self.put(k, v)
 
     def put(self, key: bytes, value: bytes) -> None:
         self._op(BPF_MAP_UPDATE_ELEM, key, value)
@@ -463,8 +484,8 @@ class KernelSynGate:
         (`main`: dropped here) and the sources whose SYNs are kept within
         their own bucket whatever the flood (`keep`, the others that
         completed a handshake: 4-byte IPv4 addresses and, with `ipv6`, 8-byte
-        IPv6 /64 prefixes; at most trusted_max of each). Only the differences reach the map, one entry
-        at a time."""
+        IPv6 /64 prefixes; at most trusted_max of each). Only the differences
+        reach the maps (the new entries in one batch per map)."""
         six = self._trusted6 is not None
         want = {a: KEEP for a in keep if len(a) == 4 or six and len(a) == 8}
         want.update(dict.fromkeys(main, MAIN))
@@ -472,10 +493,13 @@ class KernelSynGate:
         for a in [a for a in have if a not in want]:
             self._which(a).delete(_addr_key(a))
             del have[a]
+        put = {}
         for a, v in want.items():
             if have.get(a) != v:
-                self._which(a).put(_addr_key(a), TRUSTED.pack(v, 0, 0))
+                put.setdefault(len(a), []).append((_addr_key(a), TRUSTED.pack(v, 0, 0)))
                 have[a] = v
+        for n, items in put.items():
+            (self._trusted if n == 4 else self._trusted6).put_many(items)
 
     def _which(self, a: bytes) -> _Map:
         return self._trusted if len(a) == 4 else self._trusted6
