@@ -39,31 +39,26 @@ one array element that Python rewrites only on a pressure transition; the
 softirqs of several CPUs may race on it, which can only let a few more SYNs
 through. Counters (array element 1) are added atomically.
 
-The program is assembled here (no compiler in the image) from the eBPF
-instruction set (Documentation/bpf/standardization/instruction-set.rst),
-loaded with the bpf(2) system call through ctypes. A kernel without it (no
+The program is assembled here (no compiler in the image) and loaded with
+the bpf(2) system call through ctypes (rings/bpfsys.py). A kernel without it (no
 CONFIG_BPF_SYSCALL, a seccomp filter, no root) raises OSError in the
 constructor, and the device keeps the classic filter and the Python gate.
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import platform
 import socket
 import struct
+
+from .bpfsys import (ABS, ADD, ALU64, AND, ATOMIC, B, DW, F_KTIME, F_LOOKUP, F_UPDATE, H, IND, JEQ, JGE,
+                     JGT, JLT, JNE, JSET, K, LD, LDX, LSH, MAP_ARRAY, MAP_HASH, MAP_LRU_HASH, MEM, MOV, OR,
+                     PROG_SOCKET_FILTER, SO_ATTACH_BPF, ST, STX, SUB, W, X, XOR, Asm, Map, lift_memlock,
+                     load_program, sys_bpf)
 
 __all__ = ["KernelSynGate", "RECENT", "unavailable"]
 
 RECENT = 1 << 18                    # SYN keys remembered under pressure (LRU): ~4 s at 65,000 SYN/s
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_MAP_CREATE, BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM, BPF_PROG_LOAD = 0, 1, 2, 3, 5
-BPF_MAP_UPDATE_BATCH = 26
-MAP_HASH, MAP_ARRAY, MAP_LRU_HASH = 1, 2, 9
-PROG_SOCKET_FILTER = 1
-SO_ATTACH_BPF = 50
 ACCEPT = 0x40000                    # a socket filter returns the bytes to keep: the whole frame
 
 # the configuration element (0): Python writes it; the buckets' state lives in it too
@@ -79,129 +74,10 @@ COUNTERS = ("kernel_syn_first_kept", "kernel_syn_retransmits", "kernel_syn_shed"
 K_FIRST, K_RETRY, K_SHED, K_TRUSTED, K_MAIN = (8 * k for k in range(5))
 MAIN, KEEP = 1, 2                   # a trusted source's value: the main ring takes its SYNs / keep them here
 
-# eBPF opcodes (<linux/bpf_common.h>, <linux/bpf.h>)
-LD, LDX, ST, STX, ALU64, JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
-W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-ABS, IND, MEM, ATOMIC, IMM = 0x20, 0x40, 0x60, 0xC0, 0x00
-K, X = 0x00, 0x08
-ADD, SUB, AND, OR, LSH, XOR, MOV = 0x00, 0x10, 0x50, 0x40, 0x60, 0xA0, 0xB0
-JA, JEQ, JGT, JGE, JSET, JNE, CALL, EXIT, JLT = 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0x90, 0xA0
-F_LOOKUP, F_UPDATE, F_KTIME = 1, 2, 5
-PSEUDO_MAP_FD = 1
 
 
-class _Asm:
-    """Instructions with labels: a jump's target is a label, resolved at the end."""
 
-    def __init__(self):
-        self.ins = []              # [code, dst, src, off (int or label), imm]
-        self.at = {}
-
-    def label(self, name):
-        self.at[name] = len(self.ins)
-
-    def fresh(self) -> str:
-        self.n = getattr(self, "n", 0) + 1
-        return f".L{self.n}"
-
-    def op(self, code, dst=0, src=0, off=0, imm=0):
-        self.ins.append([code, dst, src, off, imm])
-
-    def ld_map(self, dst, fd):     # a 64-bit immediate: the map's fd, replaced by the kernel
-        self.op(LD | DW | IMM, dst, PSEUDO_MAP_FD, 0, fd)
-        self.op(0)
-
-    def jmp(self, op, dst, imm, to, reg=False):
-        self.op(JMP | op | (X if reg else K), dst, imm if reg else 0, to, 0 if reg else imm)
-
-    def goto(self, to):
-        self.op(JMP | JA, off=to)
-
-    def call(self, fn):
-        self.op(JMP | CALL, imm=fn)
-
-    def ret(self, value):
-        self.op(ALU64 | MOV | K, 0, imm=value)
-        self.op(JMP | EXIT)
-
-    def code(self) -> bytes:
-        out = []
-        for k, (code, dst, src, off, imm) in enumerate(self.ins):
-            if isinstance(off, str):
-                off = self.at[off] - k - 1
-            out.append(struct.pack("<BBhi", code, dst | (src << 4), off, imm))
-        return b"".join(out)
-
-
-def _sys_bpf():
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf(2): no system call number known for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def bpf(cmd: int, attr: bytes) -> int:
-        buf = ctypes.create_string_buffer(attr, 128)
-        r = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(128))
-        if r < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"bpf(2) command {cmd}: {os.strerror(e)}")
-        return r
-    return bpf
-
-
-class _Map:
-    def __init__(self, bpf, kind, key_size, value_size, entries, name):
-        self.bpf, self.key_size, self.value_size = bpf, key_size, value_size
-        self.batch = True           # until the kernel says it has no BPF_MAP_UPDATE_BATCH
-        self.fd = bpf(BPF_MAP_CREATE, struct.pack("=7I16s", kind, key_size, value_size, entries, 0, 0, 0,
-                                                  name.encode()[:15]))
-
-    def _op(self, cmd, key: bytes, value=None, flags=0):
-        k = ctypes.create_string_buffer(key, self.key_size)
-        v = ctypes.create_string_buffer(value or b"", self.value_size)
-        va = 0 if cmd == BPF_MAP_DELETE_ELEM else ctypes.addressof(v)    # (the kernel wants 0 there)
-        self.bpf(cmd, struct.pack("=IIQQQ", self.fd, 0, ctypes.addressof(k), va, flags))
-        return v.raw
-
-    def get(self, key: bytes) -> bytes:
-        return self._op(BPF_MAP_LOOKUP_ELEM, key)
-
-    def put_many(self, items: list) -> None:
-        """Several (key, value) pairs in one system call (BPF_MAP_UPDATE_BATCH,
-        Linux 5.6), or one at a time where the kernel has no batches."""
-        if not items:
-            return
-        if self.batch:
-            keys = ctypes.create_string_buffer(b"".join(k for k, _ in items))
-            values = ctypes.create_string_buffer(b"".join(v for _, v in items))
-            try:
-                self.bpf(BPF_MAP_UPDATE_BATCH, struct.pack("=QQQQIIQQ", 0, 0, ctypes.addressof(keys),
-                                                           ctypes.addressof(values), len(items), self.fd, 0, 0))
-                return
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-                self.batch = False
-        for k, v in items:
-            self.put(k, v)
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self._op(BPF_MAP_UPDATE_ELEM, key, value)
-
-    def delete(self, key: bytes) -> None:
-        try:
-            self._op(BPF_MAP_DELETE_ELEM, key)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str, tat_reg: int = 8) -> None:
+def _gcra(a: Asm, tat: int, interval: int, tau: int, over: str, tat_reg: int = 8) -> None:
     """One token bucket (r8: the configuration element, its TAT at
     `tat_reg` + `tat`; r7: now): jump to `over` when it is empty, else take
     a token. GCRA: with TAT = max(TAT, now), a SYN conforms while TAT - now
@@ -219,7 +95,7 @@ def _gcra(a: _Asm, tat: int, interval: int, tau: int, over: str, tat_reg: int = 
     a.op(STX | MEM | DW, tat_reg, 1, tat)           # tat += interval
 
 
-def _remember(a: _Asm, recent_fd: int) -> None:
+def _remember(a: Asm, recent_fd: int) -> None:
     """recent[key at r10-16] = now (r7), not answered."""
     a.op(ALU64 | MOV | X, 1, 7)
     a.op(ALU64 | AND | K, 1, imm=-2)
@@ -233,7 +109,7 @@ def _remember(a: _Asm, recent_fd: int) -> None:
     a.call(F_UPDATE)
 
 
-def _count(a: _Asm, counters_fd: int, field: int) -> None:
+def _count(a: Asm, counters_fd: int, field: int) -> None:
     """counters[field] += 1 (an atomic add: the softirqs of several CPUs)."""
     done = a.fresh()
     a.op(ST | MEM | W, 10, 0, -36, 1)               # key 1
@@ -248,7 +124,7 @@ def _count(a: _Asm, counters_fd: int, field: int) -> None:
 
 
 def _program(ports: tuple, cfg_fd: int, trusted_fd: int, recent_fd: int, trusted6_fd: int | None) -> bytes:
-    a = _Asm()
+    a = Asm()
     a.op(ALU64 | MOV | X, 6, 1)                     # r6 = the skb (LD_ABS/LD_IND read through it)
     # exactly tpacket.py _syn_filter(ports, True, ipv6=trusted6_fd is not None) without
     # trusted sources; a read past the frame's end returns 0 (drop)
@@ -421,8 +297,8 @@ class KernelSynGate:
         self.pressure = bool(pressure)
         self.prog_fd = -1
         self._maps = []
-        bpf = self._bpf = _sys_bpf()
-        _lift_memlock()
+        self._bpf = sys_bpf()
+        lift_memlock()
         try:
             self._cfg = self._map(MAP_ARRAY, 4, CFG.size, 2, "haboob_syn_cfg")
             self._trusted = self._map(MAP_HASH, 4, TRUSTED.size, trusted_max, "haboob_trusted")
@@ -434,35 +310,16 @@ class KernelSynGate:
             self._write_cfg()
             code = _program(ports, self._cfg.fd, self._trusted.fd, self._recent.fd,
                             self._trusted6.fd if ipv6 else None)
-            self.prog_fd = self._load(code)
+            self.prog_fd = load_program(self._bpf, code, PROG_SOCKET_FILTER, "haboob_syn_gate")
         except BaseException:
             self.close()
             raise
         self.trusted = {}           # what the trusted map holds: source -> MAIN or KEEP
 
-    def _map(self, *args) -> _Map:
-        m = _Map(self._bpf, *args)
+    def _map(self, *args) -> Map:
+        m = Map(self._bpf, *args)
         self._maps.append(m)
         return m
-
-    def _load(self, code: bytes) -> int:
-        insns = ctypes.create_string_buffer(code, len(code))
-        lic = ctypes.create_string_buffer(b"Dual BSD/GPL")
-        attr = lambda log, size: struct.pack("=IIQQIIQII16s", PROG_SOCKET_FILTER, len(code) // 8,
-                                             ctypes.addressof(insns), ctypes.addressof(lic), 1 if size else 0,
-                                             size, log, 0, 0, b"haboob_syn_gate")
-        try:
-            return self._bpf(BPF_PROG_LOAD, attr(0, 0))
-        except OSError as e:
-            if e.errno != errno.EACCES and e.errno != errno.EINVAL:
-                raise
-            log = ctypes.create_string_buffer(1 << 16)
-            try:
-                os.close(self._bpf(BPF_PROG_LOAD, attr(ctypes.addressof(log), len(log))))
-            except OSError:
-                pass
-            tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
-            raise OSError(e.errno, "the kernel refused the SYN gate's eBPF program: " + " / ".join(tail)) from None
 
     def _write_cfg(self) -> None:
         fi, ri, fb, rb, rmin, rmax, ki, kb = self._params
@@ -501,7 +358,7 @@ class KernelSynGate:
         for n, items in put.items():
             (self._trusted if n == 4 else self._trusted6).put_many(items)
 
-    def _which(self, a: bytes) -> _Map:
+    def _which(self, a: bytes) -> Map:
         return self._trusted if len(a) == 4 else self._trusted6
 
     def stats(self) -> dict:
@@ -517,18 +374,6 @@ class KernelSynGate:
             m.close()
         self._maps = []
 
-
-def _lift_memlock() -> None:
-    """Before Linux 5.11 a map's memory counts against RLIMIT_MEMLOCK (often
-    64 KB): lift it, as libbpf does (a kernel that charges the memory
-    cgroup instead ignores it)."""
-    try:
-        import resource
-        inf = resource.RLIM_INFINITY
-        if resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] != inf:
-            resource.setrlimit(resource.RLIMIT_MEMLOCK, (inf, inf))
-    except (ImportError, ValueError, OSError):
-        pass
 
 
 def _addr_key(a: bytes) -> bytes:
