@@ -89,6 +89,7 @@ def fake_device(nslots=4):
     dev._mm = []
     dev._epoll = None
     dev.mtu = 1500
+    dev._kgate = None                  # (no SYN ring: housekeep has nothing to do)
     dev.rx_batch = lambda max_frames=256: []
     dev.fileno = lambda: -1
     return dev, k
