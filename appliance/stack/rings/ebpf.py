@@ -46,6 +46,7 @@ constructor, and the device keeps the classic filter and the Python gate.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -381,9 +382,11 @@ def _addr_key(a: bytes) -> bytes:
     return struct.pack(f"={len(a) // 4}I", *struct.unpack(f"!{len(a) // 4}I", a))
 
 
+@functools.cache
 def unavailable():
     """None if this kernel loads the gate (a tiny one, made and closed at once),
-    else why not (the error's text)."""
+    else why not (the error's text). Once a process: serve() asks before it
+    forks the workers, whose devices then know without loading it again."""
     try:
         KernelSynGate(80, recent=16, trusted_max=1, ipv6=True).close()
     except OSError as e:
